@@ -1,0 +1,87 @@
+"""
+Poor man's configurator, nanoGPT-style, but strict. Each stage script keeps its settings as plain
+module globals and then calls
+
+    from configurator import configure
+    config = configure(globals())
+
+which reads sys.argv:
+
+    python tokenizer.py config/tokenizer_tiny.py --batch_size=8 --compile=False
+
+- Arguments without `--` are config files: plain Python assignments, executed in a scratch
+  namespace; every name they assign must already be a setting.
+- `--key=value` overrides a setting; the value is parsed as a Python literal, falling back to a
+  plain string (so `--out_dir=out/x` needs no quotes).
+- Unknown keys and wrong types are refused, naming the valid keys. An int is accepted where a float
+  is expected (`--lr=1` means 1.0); nothing else is coerced.
+
+A setting is any global whose name does not start with '_' and whose value is an int, float, bool,
+str, tuple, dict or None. configure() returns the resolved settings as a dict (to be printed and
+saved in the checkpoint).
+"""
+import ast
+import sys
+
+SETTING_TYPES = (bool, int, float, str, tuple, dict, type(None))
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def settings_of(g):
+    return {k: v for k, v in g.items()
+            if not k.startswith('_') and type(v) in SETTING_TYPES}
+
+
+def _check(key, value, current, valid, origin):
+    if key not in valid:
+        raise ConfigError(f"{origin}: unknown config key '{key}'. Valid keys: {', '.join(sorted(valid))}")
+    old = current[key]
+    if old is None or value is None:  # a None default means "any type, or unset"
+        return value
+    if type(old) is float and type(value) is int:  # int -> float is the one allowed widening
+        return float(value)
+    if type(old) is tuple and type(value) is list:
+        value = tuple(value)
+    if type(value) is not type(old):
+        raise ConfigError(f"{origin}: config key '{key}' expects {type(old).__name__} "
+                          f"(default {old!r}), got {type(value).__name__} {value!r}")
+    return value
+
+
+def _parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string such as out/tokenizer or cuda
+
+
+def configure(g, argv=None, verbose=True):
+    """Apply config files and --key=value overrides from argv to the globals dict g, in place."""
+    argv = sys.argv[1:] if argv is None else argv
+    current = settings_of(g)
+    valid = set(current)
+    for arg in argv:
+        if not arg.startswith('--'):  # a config file
+            try:
+                with open(arg) as f:
+                    src = f.read()
+            except OSError as e:
+                raise ConfigError(f"cannot read config file '{arg}': {e.strerror}") from None
+            scope = {}
+            exec(compile(src, arg, 'exec'), {}, scope)
+            for key, value in scope.items():
+                if key.startswith('_') or type(value).__name__ == 'module':
+                    continue
+                current[key] = _check(key, value, current, valid, f"config file '{arg}'")
+        else:
+            if '=' not in arg:
+                raise ConfigError(f"argument '{arg}' must look like --key=value")
+            key, text = arg[2:].split('=', 1)
+            current[key] = _check(key, _parse_value(text), current, valid, f"argument '{arg}'")
+    g.update(current)
+    if verbose:  # the resolved config, one grep-able line (scripts also save it with each checkpoint)
+        print('config: ' + ' '.join(f'{k}={current[k]!r}' for k in sorted(current)))
+    return dict(current)
