@@ -1,0 +1,547 @@
+"""
+Shared model code. Stage 1 (HiTokSR tokenizer, SPEC.md sec. 1): transformer blocks with RMSNorm,
+SwiGLU and 2D RoPE; ViT encoder/decoder; grouped VQ with straight-through estimator; group
+masking; PatchGAN discriminator and GAN losses; optimizer/param helpers. Later stages add their
+classes below their own section headers.
+
+Shape suffixes follow VAR: `z_BChw` is (B, C, h, w); h, w is the token grid (H/p, W/p).
+"""
+import math
+from dataclasses import dataclass, asdict, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Transformer building blocks (SPEC sec. 1: RMSNorm, SwiGLU, 2D RoPE everywhere)
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in float32 so bf16 activations do not lose the mean square
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def swiglu_hidden(dim, mlp_ratio):
+    # 2/3 of the GELU-MLP width so a SwiGLU (3 matrices) has the params of a 4x MLP (2 matrices)
+    return int(2 * mlp_ratio * dim / 3)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # value
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # out (residual projection)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def rope_2d(h, w, head_dim, base=10000.0, device=None):
+    """Angles of 2D RoPE for an (h, w) grid flattened row-major (t = r*w + c).
+    Head dims are rotated as interleaved pairs (2j, 2j+1), i.e. complex numbers x_2j + i x_2j+1.
+    Pairs j < head_dim/4 (dims [0, head_dim/2)) rotate with the row index, the rest with the column
+    index, each axis with frequencies base^(-j / (head_dim/4)).
+    Returns cos, sin: (h*w, head_dim/2) float32."""
+    if head_dim % 4 != 0:
+        raise ValueError(f"rope_2d: head_dim={head_dim} must be divisible by 4 (2 axes x pairs)")
+    n_freq = head_dim // 4
+    inv_freq = base ** (-torch.arange(n_freq, dtype=torch.float64, device=device) / n_freq)
+    t = torch.arange(h * w, device=device)
+    row, col = (t // w).double(), (t % w).double()
+    ang = torch.cat([row[:, None] * inv_freq, col[:, None] * inv_freq], dim=1)  # (T, hd/2)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs of x (..., T, hs) by the angles of cos/sin (T, hs/2).
+    (x0 + i x1) * e^{i a}: computed in float32, returned in x's dtype."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (..., T, hs/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, n_head):
+        super().__init__()
+        if dim % n_head != 0:
+            raise ValueError(f"Attention: dim={dim} must be divisible by n_head={n_head}")
+        self.n_head = n_head
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)  # residual projection
+
+    def forward(self, x, rope=None, n_prefix=0, attn_mask=None):
+        """x: (B, T, dim) with T = n_prefix + h*w. The first n_prefix tokens (e.g. CLS tokens of the
+        generator) carry no position and are not rotated. rope = (cos, sin) from rope_2d or None.
+        attn_mask: optional bool/float mask broadcastable to (B, nh, T, T) (True = attend)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        # q, k, v: (B, nh, T, hs)
+        if rope is not None:
+            cos, sin = rope
+            if cos.shape[0] != T - n_prefix:
+                raise ValueError(f"Attention: rope covers {cos.shape[0]} positions but the sequence "
+                                 f"has {T - n_prefix} spatial tokens (T={T}, n_prefix={n_prefix})")
+            q = torch.cat([q[:, :, :n_prefix], apply_rope(q[:, :, n_prefix:], cos, sin)], dim=2)
+            k = torch.cat([k[:, :, :n_prefix], apply_rope(k[:, :, n_prefix:], cos, sin)], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. mod = (gamma, beta), each broadcastable to (B, T, dim), turns
+    both norms into SFT modulation norm(x) * (1 + gamma) + beta (SPEC sec. 2, generator)."""
+    def __init__(self, dim, n_head, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, n_head)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
+
+    def _norm(self, norm, x, mod):
+        return norm(x) if mod is None else norm(x) * (1 + mod[0]) + mod[1]  # mod = (gamma, beta)
+
+    def forward(self, x, rope=None, mod=None, n_prefix=0, attn_mask=None):
+        x = x + self.attn(self._norm(self.norm1, x, mod), rope, n_prefix, attn_mask)
+        x = x + self.mlp(self._norm(self.norm2, x, mod))
+        return x
+
+
+def init_transformer_weights(module, depth):
+    """nanoGPT init: Linear N(0, 0.02), zero bias; residual projections scaled by 1/sqrt(2*depth)."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            std = 0.02 / math.sqrt(2 * depth) if name.endswith(('attn.proj', 'mlp.w2')) else 0.02
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+# -----------------------------------------------------------------------------
+# ViT encoder / decoder (SPEC sec. 1: patchify by p, ViT blocks, linear to C and back)
+
+class ViTEncoder(nn.Module):
+    def __init__(self, patch, width, depth, n_head, latent_dim, mlp_ratio=4.0, rope_base=10000.0):
+        super().__init__()
+        self.patch, self.n_head, self.rope_base = patch, n_head, rope_base
+        self.patchify = nn.Conv2d(3, width, patch, stride=patch)
+        self.blocks = nn.ModuleList([Block(width, n_head, mlp_ratio) for _ in range(depth)])
+        self.norm = RMSNorm(width)
+        self.to_latent = nn.Linear(width, latent_dim)
+        init_transformer_weights(self, depth)
+
+    def forward(self, x):
+        """x: (B, 3, H, W) in [0, 1] -> z: (B, C, H/p, W/p)."""
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] % self.patch or x.shape[3] % self.patch:
+            raise ValueError(f"ViTEncoder: expected images (B, 3, H, W) with H, W multiples of "
+                             f"patch={self.patch}, got shape {tuple(x.shape)}")
+        B, _, H, W = x.shape
+        h, w = H // self.patch, W // self.patch
+        t = self.patchify(x * 2 - 1).flatten(2).transpose(1, 2)  # (B, h*w, width), input in [-1,1]
+        rope = rope_2d(h, w, t.shape[-1] // self.n_head, self.rope_base, x.device)
+        for blk in self.blocks:
+            t = blk(t, rope)
+        z = self.to_latent(self.norm(t))  # (B, h*w, C)
+        return z.transpose(1, 2).reshape(B, -1, h, w)
+
+
+class ViTDecoder(nn.Module):
+    """Output is unbounded (no sigmoid): it lands in ~[0, 1] because the targets are in [0, 1];
+    clamp to [0, 1] only for evaluation / saving images."""
+    def __init__(self, patch, width, depth, n_head, latent_dim, mlp_ratio=4.0, rope_base=10000.0):
+        super().__init__()
+        self.patch, self.n_head, self.rope_base = patch, n_head, rope_base
+        self.from_latent = nn.Linear(latent_dim, width)
+        self.blocks = nn.ModuleList([Block(width, n_head, mlp_ratio) for _ in range(depth)])
+        self.norm = RMSNorm(width)
+        self.to_pixels = nn.Linear(width, 3 * patch * patch)
+        init_transformer_weights(self, depth)
+
+    def forward(self, z):
+        """z: (B, C, h, w) -> x: (B, 3, h*p, w*p)."""
+        if z.dim() != 4 or z.shape[1] != self.from_latent.in_features:
+            raise ValueError(f"ViTDecoder: expected latents (B, {self.from_latent.in_features}, h, w), "
+                             f"got shape {tuple(z.shape)}")
+        B, C, h, w = z.shape
+        t = self.from_latent(z.flatten(2).transpose(1, 2))  # (B, h*w, width)
+        rope = rope_2d(h, w, t.shape[-1] // self.n_head, self.rope_base, z.device)
+        for blk in self.blocks:
+            t = blk(t, rope)
+        px = self.to_pixels(self.norm(t))  # (B, h*w, 3*p*p), channel-major inside a patch
+        p = self.patch
+        px = px.view(B, h, w, 3, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, 3, h, p, w, p)
+        return px.reshape(B, 3, h * p, w * p)
+
+# -----------------------------------------------------------------------------
+# Grouped vector quantization (SPEC sec. 1)
+
+def _dist_on():
+    return dist.is_available() and dist.is_initialized()
+
+
+def code_counts(idx_BGhw, codebook_size):
+    """How often each code was chosen: (B, G, h, w) long -> (G, K) float."""
+    G = idx_BGhw.shape[1]
+    idx_GN = idx_BGhw.transpose(0, 1).reshape(G, -1)
+    counts = torch.zeros(G, codebook_size, device=idx_BGhw.device)
+    return counts.scatter_add_(1, idx_GN, torch.ones_like(idx_GN, dtype=counts.dtype))
+
+
+def stats_from_counts(counts_GK):
+    """Per group: utilisation = fraction of the K codes used at least once; perplexity =
+    exp(entropy of the code frequencies) (K for uniform use, 1 for a collapsed codebook)."""
+    p = counts_GK / counts_GK.sum(1, keepdim=True).clamp_min(1)
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1)
+    return {'util': (counts_GK > 0).float().mean(1), 'perplexity': entropy.exp()}  # each (G,)
+
+
+def usage_stats(idx_BGhw, codebook_size):
+    """Per-group utilisation and perplexity of a batch of indices. One batch sees at most B*h*w
+    codes: accumulate code_counts over several batches for a K-sized estimate."""
+    return stats_from_counts(code_counts(idx_BGhw, codebook_size))
+
+
+class GroupedVQ(nn.Module):
+    """G independent codebooks e^g (K, C/G); group g owns channels [g*C/G, (g+1)*C/G).
+
+    Collapse remedies (both one flag), applied in training mode at the start of forward, before
+    the lookup, using the current batch's encoder vectors z^g as the pool of replacements:
+    - data_init: on the first training call every code becomes a random encoder vector of its group
+      (VQGAN-LC / k-means++-lite); buffer `initialized` records it (saved in checkpoints).
+    - restart_dead: buffer `hits` (G, K) counts how often each code was chosen; every
+      `restart_every` training calls, codes with hits < dead_threshold over that window are
+      replaced by random encoder vectors (+ 1% noise so duplicates can split), and hits reset
+      (Jukebox / SoundStream style). The replacement is written with torch.where, so there is no
+      host sync and RNG use is the same every call: deterministic given torch's global RNG.
+    Under DDP, counts are all-reduced and rank 0's codebook is broadcast after replacement, so all
+    ranks keep identical codes. Optimizer moments of a replaced code are left as they are."""
+    def __init__(self, latent_dim, groups, codebook_size, beta=0.25, data_init=True,
+                 restart_dead=True, restart_every=100, dead_threshold=1.0):
+        super().__init__()
+        if latent_dim % groups:
+            raise ValueError(f"GroupedVQ: groups={groups} must divide latent_dim={latent_dim}")
+        self.C, self.G, self.K, self.d = latent_dim, groups, codebook_size, latent_dim // groups
+        self.beta, self.data_init, self.restart_dead = beta, data_init, restart_dead
+        self.restart_every, self.dead_threshold = restart_every, dead_threshold
+        # taming init U(-1/K, 1/K); overwritten by data_init on the first training batch
+        self.codebook = nn.Parameter(torch.empty(groups, codebook_size, self.d).uniform_(
+            -1.0 / codebook_size, 1.0 / codebook_size))  # (G, K, d)
+        self.codebook._no_weight_decay = True  # read by param_groups
+        self.register_buffer('initialized', torch.tensor(False))
+        self.register_buffer('hits', torch.zeros(groups, codebook_size))
+        self.register_buffer('calls', torch.zeros((), dtype=torch.long))
+
+    def _flat(self, z_BChw):
+        B, C, h, w = z_BChw.shape
+        z = z_BChw.float().reshape(B, self.G, self.d, h, w).permute(1, 0, 3, 4, 2)  # (G, B, h, w, d)
+        return z.reshape(self.G, -1, self.d)  # (G, N, d), N = B*h*w
+
+    def _unflat(self, x_GNd, B, h, w):
+        return x_GNd.view(self.G, B, h, w, self.d).permute(1, 0, 4, 2, 3).reshape(B, self.C, h, w)
+
+    @torch.no_grad()
+    def _replace_codes(self, z_GNd):
+        G, N, _ = z_GNd.shape
+        pick = torch.randint(N, (G, self.K), device=z_GNd.device)
+        new_GKd = torch.gather(z_GNd, 1, pick[..., None].expand(-1, -1, self.d))
+        new_GKd = new_GKd + 0.01 * z_GNd.std() * torch.randn_like(new_GKd)
+        replace_GK = torch.zeros(G, self.K, dtype=torch.bool, device=z_GNd.device)
+        if self.data_init:
+            replace_GK |= ~self.initialized
+            self.initialized.fill_(True)
+        if self.restart_dead:
+            due = (self.calls > 0) & (self.calls % self.restart_every == 0)
+            replace_GK |= due & (self.hits < self.dead_threshold)
+            self.hits.mul_((~due).float())  # start a new counting window
+        new_GKd = new_GKd.to(self.codebook.dtype)
+        self.codebook.copy_(torch.where(replace_GK[..., None], new_GKd, self.codebook))
+        if _dist_on():
+            dist.broadcast(self.codebook.data, src=0)
+        return replace_GK.sum(1)  # (G,)
+
+    def forward(self, z_BChw):
+        """z: (B, C, h, w) -> zq_ste (B, C, h, w), idx (B, G, h, w) long, commit_loss scalar, stats.
+        commit_loss = sum_g [ mean||sg[z^g] - e^g_q||^2 + beta * mean||z^g - sg[e^g_q]||^2 ], the
+        means over that group's B*h*w*d elements (the sum over g is SPEC's sum over groups)."""
+        B, C, h, w = z_BChw.shape
+        if C != self.C:
+            raise ValueError(f"GroupedVQ: expected {self.C} latent channels, got {C}")
+        z_GNd = self._flat(z_BChw)
+        n_replaced = torch.zeros(self.G, dtype=torch.long, device=z_BChw.device)
+        if self.training and (self.data_init or self.restart_dead):
+            n_replaced = self._replace_codes(z_GNd.detach())
+        # nearest code via ||z||^2 - 2 z.e + ||e||^2 in float32 (autocast off: bf16 would mis-rank)
+        idx = []
+        with torch.no_grad(), torch.autocast(z_BChw.device.type, enabled=False):
+            for g in range(self.G):
+                e_Kd = self.codebook[g].float()
+                d_NK = (z_GNd[g].pow(2).sum(1, keepdim=True) - 2 * z_GNd[g] @ e_Kd.t()
+                        + e_Kd.pow(2).sum(1)[None])
+                idx.append(d_NK.argmin(1))
+        idx_GN = torch.stack(idx)
+        zhat_GNd = self.codebook[torch.arange(self.G, device=idx_GN.device)[:, None], idx_GN].float()
+        commit = ((zhat_GNd - z_GNd.detach()).pow(2).mean((1, 2))  # moves codes to the encoder
+                  + self.beta * (z_GNd - zhat_GNd.detach()).pow(2).mean((1, 2))).sum()  # commits encoder
+        zhat_BChw = self._unflat(zhat_GNd, B, h, w).to(z_BChw.dtype)
+        zq_BChw = z_BChw + (zhat_BChw - z_BChw).detach()  # straight-through estimator
+        idx_BGhw = idx_GN.view(self.G, B, h, w).transpose(0, 1).contiguous()
+        counts = code_counts(idx_BGhw, self.K)
+        if self.training:
+            if _dist_on():
+                dist.all_reduce(counts)
+            self.hits.add_(counts)
+            self.calls.add_(1)
+        stats = stats_from_counts(counts)
+        stats['n_replaced'] = n_replaced
+        return zq_BChw, idx_BGhw, commit, stats
+
+    def lookup(self, idx_BGhw):
+        """idx (B, G, h, w) long -> zhat (B, C, h, w)."""
+        if idx_BGhw.dim() != 4 or idx_BGhw.shape[1] != self.G:
+            raise ValueError(f"GroupedVQ.lookup: expected indices (B, {self.G}, h, w), "
+                             f"got {tuple(idx_BGhw.shape)}")
+        g = torch.arange(self.G, device=idx_BGhw.device)[None, :, None, None]
+        zhat = self.codebook[g, idx_BGhw]  # (B, G, h, w, d)
+        B, G, h, w, d = zhat.shape
+        return zhat.permute(0, 1, 4, 2, 3).reshape(B, self.C, h, w)
+
+    def codes_from_onehot(self, w_BGhwK):
+        """Soft/one-hot weights (B, G, h, w, K) -> sum_k w_k e^g_k: (B, C, h, w). With the
+        straight-through one-hot of SPEC sec. 2 this equals lookup(argmax) in the forward pass."""
+        zhat = torch.einsum('bghwk,gkd->bgdhw', w_BGhwK.to(self.codebook.dtype), self.codebook)
+        B, G, d, h, w = zhat.shape
+        return zhat.reshape(B, self.C, h, w)
+
+# -----------------------------------------------------------------------------
+# Group masking (SPEC sec. 1)
+
+def sample_active_groups(B, G, p_full=0.9, generator=None, device=None):
+    """Number of active groups per sample, (B,) long: G with prob. p_full, else uniform in 1..G-1.
+    G == 1 always gives 1."""
+    if G == 1:
+        return torch.ones(B, dtype=torch.long, device=device)
+    full = torch.rand(B, generator=generator, device=device) < p_full
+    partial = torch.randint(1, G, (B,), generator=generator, device=device)
+    return torch.where(full, torch.full_like(partial, G), partial)
+
+
+def mask_groups(zq_BChw, k, G):
+    """Keep groups 1..k (channels [0, k*C/G)) and zero the rest. k: int or (B,) long."""
+    B, C = zq_BChw.shape[:2]
+    if C % G:
+        raise ValueError(f"mask_groups: G={G} must divide C={C}")
+    k = torch.as_tensor(k, device=zq_BChw.device).expand(B)
+    group_of_ch = torch.arange(C, device=zq_BChw.device) // (C // G)  # (C,)
+    keep = (group_of_ch[None] < k[:, None]).to(zq_BChw.dtype)  # (B, C)
+    return zq_BChw * keep[:, :, None, None]
+
+# -----------------------------------------------------------------------------
+# Tokenizer (stage 1)
+
+@dataclass
+class TokenizerConfig:
+    patch: int = 16           # HR pixels per token side (p)
+    latent_dim: int = 32      # C
+    groups: int = 4           # G (1 = vanilla VQ ablation)
+    codebook_size: int = 4096  # K codes per group
+    enc_width: int = 768
+    enc_depth: int = 12
+    enc_heads: int = 12
+    dec_width: int = 768
+    dec_depth: int = 12
+    dec_heads: int = 12
+    mlp_ratio: float = 4.0    # SwiGLU hidden = 2/3 * mlp_ratio * width
+    rope_base: float = 10000.0
+    beta: float = 0.25        # commitment weight inside L_commit
+    vq_data_init: bool = True
+    vq_restart_dead: bool = True
+    vq_restart_every: int = 100     # training calls per dead-code window
+    vq_dead_threshold: float = 1.0  # dead = chosen fewer times than this in the window
+
+    def __post_init__(self):
+        def bad(key, want):
+            raise ValueError(f"TokenizerConfig.{key}={getattr(self, key)!r}: {want}")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, (int, float) if f.type is float else f.type) or (
+                    isinstance(v, bool) and f.type is not bool):
+                bad(f.name, f"expected {f.type.__name__}")
+        for key in ('patch', 'latent_dim', 'groups', 'enc_width', 'enc_heads', 'dec_width',
+                    'dec_heads', 'vq_restart_every'):
+            if getattr(self, key) < 1:
+                bad(key, "must be >= 1")
+        for key in ('enc_depth', 'dec_depth'):
+            if getattr(self, key) < 0:
+                bad(key, "must be >= 0")
+        if self.latent_dim % self.groups:
+            bad('groups', f"must divide latent_dim={self.latent_dim}")
+        if self.codebook_size < 2:
+            bad('codebook_size', "must be >= 2")
+        for w, hkey in (('enc_width', 'enc_heads'), ('dec_width', 'dec_heads')):
+            width, heads = getattr(self, w), getattr(self, hkey)
+            if width % heads or (width // heads) % 4:
+                bad(hkey, f"must divide {w}={width} into heads of a size divisible by 4 (2D RoPE)")
+        if self.beta < 0:
+            bad('beta', "must be >= 0")
+        if self.mlp_ratio <= 0:
+            bad('mlp_ratio', "must be > 0")
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TokenizerConfig: unknown keys {unknown}; valid keys: {sorted(known)}")
+        return cls(**d)
+
+
+class Tokenizer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        self.encoder = ViTEncoder(c.patch, c.enc_width, c.enc_depth, c.enc_heads, c.latent_dim,
+                                  c.mlp_ratio, c.rope_base)
+        self.quantizer = GroupedVQ(c.latent_dim, c.groups, c.codebook_size, c.beta, c.vq_data_init,
+                                   c.vq_restart_dead, c.vq_restart_every, c.vq_dead_threshold)
+        self.decoder = ViTDecoder(c.patch, c.dec_width, c.dec_depth, c.dec_heads, c.latent_dim,
+                                  c.mlp_ratio, c.rope_base)
+
+    @property
+    def model_args(self):
+        return asdict(self.config)  # Tokenizer(TokenizerConfig(**model_args)) rebuilds it
+
+    @property
+    def last_layer(self):
+        return self.decoder.to_pixels.weight  # for adaptive_gan_weight
+
+    def encode(self, x):
+        """x (B, 3, H, W) -> zq_ste (B, C, h, w), idx (B, G, h, w), commit_loss, stats."""
+        return self.quantizer(self.encoder(x))
+
+    def decode(self, zq_BChw):
+        return self.decoder(zq_BChw)
+
+    def decode_indices(self, idx_BGhw, k=None):
+        """Decode from indices; k (int or (B,)) active groups decodes a prefix (coarse image)."""
+        z = self.quantizer.lookup(idx_BGhw)
+        if k is not None:
+            z = mask_groups(z, k, self.config.groups)
+        return self.decoder(z)
+
+    def forward(self, x, k=None):
+        """-> xrec (B, 3, H, W), idx (B, G, h, w), commit_loss, stats. Quantize before masking so
+        the commitment loss covers all groups (SPEC sec. 1)."""
+        zq, idx, commit, stats = self.encode(x)
+        if k is not None:
+            zq = mask_groups(zq, k, self.config.groups)
+        return self.decoder(zq), idx, commit, stats
+
+# -----------------------------------------------------------------------------
+# PatchGAN discriminator and GAN losses (VQGAN / taming-transformers)
+
+class PatchDiscriminator(nn.Module):
+    """taming's NLayerDiscriminator (pix2pix PatchGAN): 4x4 convs, stride 2 for n_layers, then
+    two stride-1 convs; 256x256 -> 30x30 logits for n_layers=3. GroupNorm (default) instead of
+    BatchNorm: batch statistics at batch 1-4 are noisy and differ between real and fake batches;
+    norm='batch' gives taming's original."""
+    def __init__(self, in_ch=3, ndf=64, n_layers=3, norm='group'):
+        super().__init__()
+        if norm not in ('group', 'batch'):
+            raise ValueError(f"PatchDiscriminator: norm={norm!r}, expected 'group' or 'batch'")
+        mk_norm = (lambda ch: nn.GroupNorm(math.gcd(32, ch), ch)) if norm == 'group' else nn.BatchNorm2d
+        layers = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        ch = ndf
+        for n in range(1, n_layers + 1):
+            out = ndf * min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), mk_norm(out),
+                       nn.LeakyReLU(0.2, True)]
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():  # taming weights_init
+            if isinstance(m, (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d)):
+                nn.init.normal_(m.weight, 0.0 if isinstance(m, nn.Conv2d) else 1.0, 0.02)
+            if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        """x (B, 3, H, W) in [0, 1] -> logits (B, 1, h', w')."""
+        return self.main(x * 2 - 1)
+
+
+def hinge_d_loss(real_logits, fake_logits):
+    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
+
+
+def vanilla_d_loss(real_logits, fake_logits):
+    return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
+
+
+def g_loss_hinge(fake_logits):
+    return -fake_logits.mean()
+
+
+def g_loss_vanilla(fake_logits):
+    return F.softplus(-fake_logits).mean()  # non-saturating -log sigmoid(D(fake))
+
+
+def adaptive_gan_weight(nll_loss, g_loss, last_layer):
+    """taming's calculate_adaptive_weight: ||grad nll|| / (||grad g|| + 1e-4) at the decoder's last
+    layer, clamped to [0, 1e4] and detached; the caller multiplies by its lambda_gan."""
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    w = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+    return torch.clamp(w, 0.0, 1e4).detach()
+
+# -----------------------------------------------------------------------------
+# Optimizer and accounting helpers
+
+def param_groups(model, weight_decay):
+    """AdamW groups: decay matrices / conv kernels; no decay for norms, biases and codebooks
+    (weight decay would pull codes toward 0, away from the encoder outputs they track)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() >= 2 and not getattr(p, '_no_weight_decay', False):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{'params': decay, 'weight_decay': weight_decay},
+            {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def configure_optimizers(model, weight_decay, lr, betas=(0.9, 0.95), device_type='cpu'):
+    fused = device_type == 'cuda'  # fused AdamW kernel where available
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
+
+
+def count_params(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def flops_per_image(model_args, H, W):
+    """Rough training FLOPs (forward + backward) of encoder + decoder for one H x W image, for MFU.
+    Per transformer with T tokens, L layers, width w, N matmul params:  6*N*T + 12*L*w*T^2
+    (PaLM appendix B: 6N per token for the weights, 12*L*w*T per token for QK^T and AV).
+    N counts blocks (4w^2 attention + 3*w*hidden SwiGLU) and the patch / latent projections;
+    norms, the VQ lookup (2*K*C per token, no backward), the discriminator and LPIPS are left out."""
+    c = TokenizerConfig(**model_args)
+    T = (H // c.patch) * (W // c.patch)
+    pix = 3 * c.patch ** 2
+    total = 0.0
+    for width, depth, io in ((c.enc_width, c.enc_depth, pix + c.latent_dim),
+                             (c.dec_width, c.dec_depth, c.latent_dim + pix)):
+        n = depth * (4 * width ** 2 + 3 * width * swiglu_hidden(width, c.mlp_ratio)) + io * width
+        total += 6 * n * T + 12 * depth * width * T ** 2
+    return total
