@@ -1,0 +1,21 @@
+# Stage 1 on a 2-core CPU in ~10 minutes: a small ViT on 128x128 crops with patch 8
+# (a 16x16 grid = 256 tokens per image; batch 8 -> 2048 tokens per step).
+# Patch 8 instead of the paper's 16 so that a small decoder still has few pixels per token.
+out_dir = 'out/tokenizer'
+crop_size = 128
+batch_size = 8
+patch = 8
+latent_dim = 32
+groups = 4
+codebook_size = 256       # per group: 4 x 256 = 1024 codewords in all (the G=1 ablation uses 1 x 1024)
+width = 128
+depth = 3
+n_head = 4
+lr = 1e-3
+d_lr = 5e-4
+warmup_iters = 50
+max_iters = 100000        # the time budget ends the run
+max_minutes = 10.0
+eval_interval = 400
+log_interval = 20
+gan_start = 100000        # GAN off at this scale (see README: it does not help in 10 CPU minutes)
