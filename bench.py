@@ -2,6 +2,11 @@
 Small benchmarks, one function per mode, one grep-able number each:
 
     python bench.py --mode=degrade --batch_size=16 --device=cuda
+    python bench.py --mode=tokenizer --tok_config=config/tokenizer_paper.py --device=cuda
+
+tokenizer mode times one full stage-1 training step (encode, grouped VQ, decode, L1 + LPIPS +
+commitment, backward, AdamW; + discriminator and GAN terms with --tok_gan=True) on random crops
+of the config's size, so it measures the model, not the data pipeline.
 """
 import os
 import time
@@ -10,10 +15,13 @@ import torch
 import torch.nn.functional as F
 
 import data
-from common import pick_device
+import eval as ev
+from common import autocast_ctx, maybe_compile, peak_flops, pick_device
+from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, flops_per_image, g_loss_hinge,
+                   hinge_d_loss)
 
 # -----------------------------------------------------------------------------
-mode = 'degrade'            # degrade (more modes join the dispatch table below)
+mode = 'degrade'            # degrade | tokenizer
 device = 'auto'             # auto | cpu | cuda | mps
 threads = 0                 # torch CPU threads; 0 = torch's default
 seed = 0
@@ -24,6 +32,11 @@ batch_size = 8              # HR crops per degrade() call
 crop = 256                  # HR crop side (LR side = crop / 4)
 image_dir = 'assets/images/train'  # prepared by `python data.py`
 deg_mode = 'realesrgan'     # realesrgan | bicubic
+# tokenizer mode: model sizes, crop and batch come from a tokenizer config file
+tok_config = 'config/tokenizer_tiny.py'
+tok_gan = False             # include the discriminator step and the GAN term
+dtype = 'auto'              # auto (bf16 on capable GPUs) | float32 | bfloat16
+compile = False             # torch.compile the tokenizer (CUDA only)
 from configurator import configure
 config = configure(globals())
 # -----------------------------------------------------------------------------
@@ -64,7 +77,54 @@ def bench_degrade(dev):
     print(f"degrade_ms_per_pair: {1000 * dt / pairs:.2f}")
 
 
-MODES = {'degrade': bench_degrade}
+def bench_tokenizer(dev):
+    scope = {}
+    exec(open(tok_config).read(), {}, scope)  # a config file is plain assignments
+    cfg = TokenizerConfig.from_flat(scope)
+    crop_, batch = scope.get('crop_size', 256), scope.get('batch_size', 8)
+    dt_name, ctx = autocast_ctx(dev, dtype)
+    model = Tokenizer(cfg).to(dev)
+    disc = PatchDiscriminator().to(dev)
+    lpips_net = ev.load_lpips(dev)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(disc.parameters()), lr=1e-4)
+    fwd = maybe_compile(model, compile, dev)
+    x = torch.rand(batch, 3, crop_, crop_, device=dev)
+
+    def step():
+        with ctx:
+            xrec, _, commit, _ = fwd(x)
+            loss = (xrec.float() - x).abs().mean() + ev.lpips_dist(lpips_net, xrec.float(), x).mean() + commit
+            if tok_gan:
+                loss = loss + 0.8 * g_loss_hinge(disc(xrec))
+                loss = loss + hinge_d_loss(disc(x), disc(xrec.detach()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if dev.startswith('cuda'):
+            torch.cuda.synchronize()
+
+    for _ in range(warmup_iters):
+        step()
+    if dev.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    dt = (time.perf_counter() - t0) / iters
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tokenizer: {tok_config}, {n_params / 1e6:.1f}M params, batch {batch} x {crop_}x{crop_}, "
+          f"{dt_name}, compile={compile and dev.startswith('cuda')}, gan={tok_gan}, on {dev}")
+    print(f"tokenizer_ms_per_iter: {1000 * dt:.1f}")
+    print(f"tokenizer_img_per_s: {batch / dt:.1f}")
+    if dev.startswith('cuda'):
+        print(f"peak_mem_mb: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+    peak = peak_flops(dev)
+    flops = flops_per_image(model.model_args, crop_, crop_) * batch / dt
+    print(f"tokenizer_tflops: {flops / 1e12:.2f}")  # encoder + decoder matmuls only (model.flops_per_image)
+    print(f"mfu: {flops / peak:.3f}" if peak else "mfu: n/a (no datasheet peak for this device)")
+
+
+MODES = {'degrade': bench_degrade, 'tokenizer': bench_tokenizer}
 
 if __name__ == '__main__':
     if mode not in MODES:

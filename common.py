@@ -145,3 +145,16 @@ class Timer:
 
     def minutes(self):
         return (time.time() - self.t0) / 60
+
+
+# Dense bf16 tensor-core peak by GPU name, from the vendors' datasheets (no sparsity). MFU is only
+# reported for GPUs listed here, never against an assumed A100.
+PEAK_BF16_FLOPS = [('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12),
+                   ('L40S', 362e12), ('A10G', 70e12), ('L4', 121e12)]
+
+
+def peak_flops(device):
+    if not str(device).startswith('cuda'):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)

@@ -58,9 +58,20 @@ def _parse_value(text):
         return text  # a bare string such as out/tokenizer or cuda
 
 
+def fail(msg):
+    """Stop a script before any work with one clear line on stderr (no traceback), exit code 1."""
+    sys.exit(f"config error: {msg}")
+
+
 def configure(g, argv=None, verbose=True):
-    """Apply config files and --key=value overrides from argv to the globals dict g, in place."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Apply config files and --key=value overrides from argv to the globals dict g, in place.
+    With argv=None (a script's command line) a bad setting ends the program via fail();
+    with an explicit argv it raises ConfigError."""
+    if argv is None:
+        try:
+            return configure(g, sys.argv[1:], verbose)
+        except ConfigError as e:
+            fail(str(e))
     current = settings_of(g)
     valid = set(current)
     for arg in argv:

@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.distributed as dist
 
+from wavelets import lowpass
+
 # -----------------------------------------------------------------------------
 # Transformer building blocks (SPEC sec. 1: RMSNorm, SwiGLU, 2D RoPE everywhere)
 
@@ -344,6 +346,16 @@ def mask_groups(zq_BChw, k, G):
     keep = (group_of_ch[None] < k[:, None]).to(zq_BChw.dtype)  # (B, C)
     return zq_BChw * keep[:, :, None, None]
 
+def frequency_targets(x, k, G):
+    """Frequency-matched supervision (SPEC.md sec. 1): the target of a decode with k active groups
+    is the Haar low-pass lowpass(x, G - k); k = G gives x itself. x (B,3,H,W), k (B,) long."""
+    target = x.clone()
+    for kv in k.unique().tolist():
+        if kv < G:
+            sel = k == kv
+            target[sel] = lowpass(x[sel], G - kv)
+    return target
+
 # -----------------------------------------------------------------------------
 # Tokenizer (stage 1)
 
@@ -394,6 +406,20 @@ class TokenizerConfig:
             bad('beta', "must be >= 0")
         if self.mlp_ratio <= 0:
             bad('mlp_ratio', "must be > 0")
+
+    @classmethod
+    def from_flat(cls, d):
+        """From tokenizer.py's flat settings: one width / depth / n_head for encoder and decoder,
+        vq_restart for vq_restart_dead; missing keys keep the paper defaults above."""
+        kw = {k: d[k] for k in ('patch', 'latent_dim', 'groups', 'codebook_size', 'beta',
+                                'vq_data_init') if k in d}
+        for side in ('enc', 'dec'):
+            for src, dst in (('width', 'width'), ('depth', 'depth'), ('n_head', 'heads')):
+                if src in d:
+                    kw[f'{side}_{dst}'] = d[src]
+        if 'vq_restart' in d:
+            kw['vq_restart_dead'] = d['vq_restart']
+        return cls(**kw)
 
     @classmethod
     def from_dict(cls, d):
@@ -545,3 +571,225 @@ def flops_per_image(model_args, H, W):
         n = depth * (4 * width ** 2 + 3 * width * swiglu_hidden(width, c.mlp_ratio)) + io * width
         total += 6 * n * T + 12 * depth * width * T ** 2
     return total
+
+# -----------------------------------------------------------------------------
+# Generator (stage 2): semantic-guided token prediction (HiTokSR + RAP, SPEC sec. 2)
+#
+# The prior network (with its LoRA) is NOT a submodule of Generator: the stage script owns it, so
+# use_prior=False builds no prior at all, the generator's state dict holds only its own weights,
+# and the LoRA weights are saved next to it (lora_state). Generator only consumes what the prior
+# yields: feat (B, feat_dim, hf, wf) for SFT and pooled [(B, d_s)] for the CLS tokens.
+
+@dataclass
+class GeneratorConfig:
+    patch: int = 16           # HR pixels per token side; must equal the tokenizer's
+    scale: int = 4            # HR side / LR side; the patchifier has stride patch / scale on LR
+    groups: int = 4           # G output heads (the tokenizer's groups)
+    codebook_size: int = 4096  # K logits per head (the tokenizer's K)
+    width: int = 768
+    depth: int = 12
+    n_head: int = 12
+    mlp_ratio: float = 4.0    # SwiGLU hidden = 2/3 * mlp_ratio * width
+    rope_base: float = 10000.0
+    stem_dim: int = 128       # channels of the 3x3 conv before the stride-(patch/scale) patchifier
+    use_sft: bool = True      # SFT: gamma, beta per block from the prior's spatial features
+    sft_hidden: int = 128     # channels of the SFT condition features (shared 1x1 projection)
+    cls_tokens: str = 'multi'  # 'none' | 'single' (last stage's pooled vector) | 'multi' (one per stage)
+    feat_dim: int = 0         # prior spatial feature channels (0: no prior)
+    pooled_dims: tuple = ()   # prior pooled vector size per stage (empty: no prior)
+
+    def __post_init__(self):
+        def bad(key, want):
+            raise ValueError(f"GeneratorConfig.{key}={getattr(self, key)!r}: {want}")
+        self.pooled_dims = tuple(self.pooled_dims)  # a list from JSON / a config file is fine
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, (int, float) if f.type is float else f.type) or (
+                    isinstance(v, bool) and f.type is not bool):
+                bad(f.name, f"expected {f.type.__name__}")
+        for key in ('patch', 'scale', 'groups', 'width', 'depth', 'n_head', 'stem_dim', 'sft_hidden'):
+            if getattr(self, key) < 1:
+                bad(key, "must be >= 1")
+        if self.patch % self.scale:
+            bad('patch', f"must be a multiple of scale={self.scale} (one LR cell of patch/scale "
+                         f"pixels per token)")
+        if self.codebook_size < 2:
+            bad('codebook_size', "must be >= 2")
+        if self.width % self.n_head or (self.width // self.n_head) % 4:
+            bad('n_head', f"must divide width={self.width} into heads of a size divisible by 4 (2D RoPE)")
+        if self.mlp_ratio <= 0:
+            bad('mlp_ratio', "must be > 0")
+        if self.cls_tokens not in ('none', 'single', 'multi'):
+            bad('cls_tokens', "expected 'none', 'single' or 'multi'")
+        if self.feat_dim < 0 or not all(isinstance(d, int) and d >= 1 for d in self.pooled_dims):
+            bad('pooled_dims' if self.feat_dim >= 0 else 'feat_dim', "sizes must be positive ints")
+        if self.use_sft and self.feat_dim < 1:
+            bad('use_sft', "needs the prior's feat_dim >= 1 (no prior: use_sft=False)")
+        if self.cls_tokens != 'none' and not self.pooled_dims:
+            bad('cls_tokens', "needs the prior's pooled_dims (no prior: cls_tokens='none')")
+
+    @property
+    def n_cls(self):
+        return {'none': 0, 'single': 1, 'multi': len(self.pooled_dims)}[self.cls_tokens]
+
+
+def _zero_last(mlp):
+    nn.init.zeros_(mlp[-1].weight)
+    nn.init.zeros_(mlp[-1].bias)
+    return mlp
+
+
+class Generator(nn.Module):
+    """LR image -> G x K logits per HR token position, one forward pass (SPEC sec. 2).
+
+    SFT (SFTGAN-style): the prior map is projected once by a shared 1x1 conv to sft_hidden channels
+    at its own resolution (projection and bilinear resize are both linear, so projecting first is
+    the same map, computed on fewer pixels), resized to the token grid, SiLU; then per block two
+    heads Linear -> SiLU -> Linear give gamma and beta (B, h*w, width). The heads' last layers are
+    zero, so at init every block is exactly the unmodulated block. CLS tokens carry no SFT.
+    CLS tokens: RMSNorm + Linear per stage vector (stages differ in size and scale), prepended,
+    unrotated (n_prefix), dropped before the final norm."""
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        s = c.patch // c.scale  # LR pixels per token side
+        self.patchify = nn.Sequential(nn.Conv2d(3, c.stem_dim, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(c.stem_dim, c.width, s, stride=s))
+        self.blocks = nn.ModuleList([Block(c.width, c.n_head, c.mlp_ratio) for _ in range(c.depth)])
+        self.norm = RMSNorm(c.width)
+        self.head = nn.Linear(c.width, c.groups * c.codebook_size)  # the G heads of K logits, fused
+        mlp = lambda: nn.Sequential(nn.Linear(c.sft_hidden, c.sft_hidden), nn.SiLU(),
+                                    nn.Linear(c.sft_hidden, c.width))
+        if c.use_sft:
+            self.sft_in = nn.Conv2d(c.feat_dim, c.sft_hidden, 1)
+            self.sft_gamma = nn.ModuleList([mlp() for _ in range(c.depth)])
+            self.sft_beta = nn.ModuleList([mlp() for _ in range(c.depth)])
+        dims = {'none': (), 'single': c.pooled_dims[-1:], 'multi': c.pooled_dims}[c.cls_tokens]
+        self.cls_proj = nn.ModuleList([nn.Sequential(RMSNorm(d), nn.Linear(d, c.width)) for d in dims])
+        init_transformer_weights(self, c.depth)
+        if c.use_sft:  # after the generic init, which would overwrite them
+            for m in (*self.sft_gamma, *self.sft_beta):
+                _zero_last(m)
+
+    @property
+    def model_args(self):
+        return asdict(self.config)
+
+    def forward(self, lr, prior_feat=None, prior_pooled=None):
+        """lr (B, 3, H/s, W/s) in [0, 1]; prior_feat (B, feat_dim, hf, wf) when use_sft; prior_pooled
+        [(B, pooled_dims[i])] per stage when cls_tokens != 'none' -> logits (B, G, h, w, K)."""
+        c = self.config
+        s = c.patch // c.scale
+        if lr.dim() != 4 or lr.shape[1] != 3 or lr.shape[2] % s or lr.shape[3] % s:
+            raise ValueError(f"Generator: expected LR images (B, 3, H, W) with H, W multiples of "
+                             f"patch/scale={s}, got shape {tuple(lr.shape)}")
+        if c.use_sft and prior_feat is None:
+            raise ValueError("Generator: use_sft=True needs prior_feat (B, feat_dim, hf, wf)")
+        if c.cls_tokens != 'none' and (prior_pooled is None or len(prior_pooled) != len(c.pooled_dims)):
+            raise ValueError(f"Generator: cls_tokens={c.cls_tokens!r} needs prior_pooled, a list of "
+                             f"{len(c.pooled_dims)} pooled vectors")
+        B = lr.shape[0]
+        x_BWhw = self.patchify(lr * 2 - 1)  # (B, width, h, w), input in [-1, 1] like the encoder
+        h, w = x_BWhw.shape[-2:]
+        x = x_BWhw.flatten(2).transpose(1, 2)  # (B, h*w, width)
+        if c.use_sft:
+            cond = F.interpolate(self.sft_in(prior_feat.to(x.dtype)), size=(h, w), mode='bilinear',
+                                 align_corners=False)
+            cond = F.silu(cond.flatten(2).transpose(1, 2))  # (B, h*w, sft_hidden)
+        n_prefix = c.n_cls
+        if n_prefix:
+            vecs = prior_pooled[-1:] if c.cls_tokens == 'single' else prior_pooled
+            cls = torch.stack([proj(v.to(x.dtype)) for proj, v in zip(self.cls_proj, vecs)], 1)
+            x = torch.cat([cls, x], dim=1)  # (B, n_cls + h*w, width)
+        rope = rope_2d(h, w, c.width // c.n_head, c.rope_base, lr.device)
+        for i, blk in enumerate(self.blocks):
+            mod = None
+            if c.use_sft:
+                pad = x.new_zeros(B, n_prefix, c.width)  # CLS tokens: gamma = beta = 0
+                mod = (torch.cat([pad, self.sft_gamma[i](cond)], 1),
+                       torch.cat([pad, self.sft_beta[i](cond)], 1))
+            x = blk(x, rope, mod, n_prefix)
+        x = self.norm(x[:, n_prefix:])  # CLS tokens dropped after the last block
+        logits = self.head(x)  # (B, h*w, G*K)
+        return logits.view(B, h, w, c.groups, c.codebook_size).permute(0, 3, 1, 2, 4)
+
+
+def ste_onehot(logits):
+    """Straight-through one-hot of SPEC sec. 2 (TVQ&RAP): logits (..., K) -> w (..., K) whose
+    forward is exactly one_hot(argmax) and whose gradient is that of softmax(logits).
+    Written onehot + (p - sg[p]) rather than p + sg[onehot - p]: equal in value and gradient, but
+    p + (1 - p) can round away from 1, while p - p is exactly 0, so w is bit-exactly one-hot and the
+    decoded image equals tokenizer.decode_indices(argmax)."""
+    p = logits.float().softmax(-1)
+    onehot = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
+    return onehot + (p - p.detach())
+
+
+def upsample_for_prior(lr, scale=4):
+    """The prior sees the LR image bicubically upsampled to HR size (SPEC: VFM_lora(y_up))."""
+    return F.interpolate(lr, scale_factor=scale, mode='bicubic', align_corners=False).clamp(0, 1)
+
+
+def build_sr_prior(prior_args, pretrained=True):
+    """prior_args = dict(name, feat_tap, lora_rank, lora_alpha) -> prior (+ LoRA when lora_rank > 0,
+    else frozen), or None for prior_args None. Shared by generator.py and load_sr_chain."""
+    if prior_args is None:
+        return None
+    from prior import add_lora, build_prior  # local: model.py works without the prior's packages
+    p = build_prior(prior_args['name'], pretrained=pretrained, feat_tap=prior_args['feat_tap'])
+    if prior_args['lora_rank'] > 0:
+        add_lora(p, prior_args['lora_rank'], prior_args['lora_alpha'])
+    return p
+
+
+def lora_state(prior):
+    """Only the LoRA tensors of the prior (the base weights come from its package)."""
+    return {} if prior is None else {k: v for k, v in prior.state_dict().items()
+                                     if k.endswith(('.lora_A', '.lora_B'))}
+
+
+def load_lora_state(prior, sd):
+    missing = set(lora_state(prior)) - set(sd)
+    unexpected = set(sd) - set(lora_state(prior))
+    if missing or unexpected:
+        raise ValueError(f"LoRA state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    if sd:
+        prior.load_state_dict(sd, strict=False)
+
+
+def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
+    """Stage-2 checkpoint -> (tokenizer, generator, prior) in eval mode, frozen, on device.
+    The tokenizer is rebuilt from the path saved in the generator checkpoint (tok_ckpt); its
+    decoder is replaced by decoder_ckpt's 'decoder' state dict when given (stage 3). prior is None
+    for a generator trained with use_prior=False."""
+    g = torch.load(gen_ckpt, map_location='cpu', weights_only=False)
+    t = torch.load(g['tok_ckpt'], map_location='cpu', weights_only=False)
+    if t['model_args'] != g['tok_model_args'] or t.get('step') != g.get('tok_step'):
+        raise ValueError(f"{gen_ckpt} was trained on the tokenizer {g['tok_ckpt']} at step "
+                         f"{g.get('tok_step')}, which now holds step {t.get('step')} / other settings")
+    tokenizer = Tokenizer(TokenizerConfig(**t['model_args']))
+    tokenizer.load_state_dict(t['model'])
+    if decoder_ckpt is not None:
+        tokenizer.decoder.load_state_dict(torch.load(decoder_ckpt, map_location='cpu',
+                                                     weights_only=False)['decoder'])
+    generator = Generator(GeneratorConfig(**g['model_args']))
+    generator.load_state_dict(g['generator'])
+    prior = build_sr_prior(g['prior_args'])
+    if prior is not None:
+        load_lora_state(prior, g['prior_lora'])
+    mods = [m for m in (tokenizer, generator, prior) if m is not None]
+    for m in mods:
+        m.to(device).eval().requires_grad_(False)
+    return tokenizer, generator, prior
+
+
+@torch.no_grad()
+def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
+    """lr (B, 3, h, w) in [0, 1] -> sr (B, 3, scale*h, scale*w) clamped to [0, 1]: top-1 indices
+    of every group, decoded by the tokenizer (SPEC sec. 3: inference always uses top-1).
+    With return_indices also the predicted indices (B, G, h', w')."""
+    c = generator.config
+    feat, pooled = prior(upsample_for_prior(lr, c.scale)) if prior is not None else (None, None)
+    idx = generator(lr, feat, pooled).argmax(-1)  # (B, G, h', w')
+    sr = tokenizer.decode_indices(idx).float().clamp(0, 1)
+    return (sr, idx) if return_indices else sr

@@ -26,10 +26,10 @@ import data
 import eval as ev
 from common import (Logger, Timer, atomic_save, autocast_ctx, load_checkpoint, lr_at, maybe_compile,
                     pick_device, rng_state, save_grid, set_lr, set_rng_state, summary, unwrap)
-from configurator import ConfigError, configure
+from configurator import configure, fail
 from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, g_loss_hinge, hinge_d_loss,
-                   param_groups, sample_active_groups, usage_stats)
-from wavelets import lowpass
+                   frequency_targets, param_groups, sample_active_groups, usage_stats)
+from wavelets import lowpass  # prefix-decode targets at eval
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -95,15 +95,14 @@ def check_config():
     if max_iters <= 0 and max_minutes <= 0:
         problems.append("set max_iters > 0 or max_minutes > 0")
     if problems:
-        raise ConfigError('tokenizer.py: ' + '; '.join(problems))
+        fail('tokenizer.py: ' + '; '.join(problems))
 
 
 check_config()
-# validates G | C, K >= 2, head sizes ... before any data is loaded (ValueError naming the key)
-tcfg = TokenizerConfig(patch=patch, latent_dim=latent_dim, groups=groups, codebook_size=codebook_size,
-                       enc_width=width, enc_depth=depth, enc_heads=n_head, dec_width=width,
-                       dec_depth=depth, dec_heads=n_head, beta=beta, vq_data_init=vq_data_init,
-                       vq_restart_dead=vq_restart)
+try:  # validates G | C, K >= 2, head sizes ... before any data is loaded
+    tcfg = TokenizerConfig.from_flat(config)
+except ValueError as e:
+    fail(f"tokenizer.py: {e}")
 model_args = asdict(tcfg)
 if threads:
     torch.set_num_threads(threads)
@@ -114,7 +113,7 @@ os.makedirs(out_dir, exist_ok=True)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 ckpt = load_checkpoint(ckpt_path, 'stage-1 checkpoint to resume') if init_from == 'resume' else None
 if ckpt is not None and ckpt['model_args'] != model_args:
-    raise ConfigError(f"resume: model settings differ from {ckpt_path}: saved {ckpt['model_args']}")
+    fail(f"resume: model settings differ from {ckpt_path}: saved {ckpt['model_args']}")
 log = Logger(out_dir, config, resume=ckpt is not None)
 
 # data: HR crops only (the tokenizer never sees LR images)
@@ -123,7 +122,7 @@ sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=d
 val = data.load_val_pairs(val_dir)
 val_hr = val['hr']                                              # (N, 3, 256, 256) in [0, 1]
 if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
-    raise ConfigError(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of patch={patch}")
+    fail(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of patch={patch}")
 mask_gen = torch.Generator().manual_seed(seed + 1)  # group-masking draws, saved for exact resume
 
 # model, discriminator, LPIPS (frozen, real ImageNet AlexNet)
@@ -148,18 +147,6 @@ train_model = maybe_compile(model, compile, device)
 n_params = sum(p.numel() for p in model.parameters())
 log(f"tokenizer: {n_params / 1e6:.2f}M params, {groups} groups x {codebook_size} codes x "
     f"{latent_dim // groups} dims, grid {crop_size // patch}x{crop_size // patch}, device {device}, {dtype}")
-
-
-def frequency_targets(x, k):
-    """Target for a decode with k active groups: lowpass(x, G-k), k = G gives x itself."""
-    if not dwt_targets:
-        return x
-    target = x.clone()
-    for kv in k.unique().tolist():
-        if kv < groups:
-            sel = k == kv
-            target[sel] = lowpass(x[sel], groups - kv)
-    return target
 
 
 @torch.no_grad()
@@ -225,7 +212,7 @@ while True:
     x, _ = sampler.next()                                      # (B, 3, crop, crop)
     B = x.shape[0]
     k = sample_active_groups(B, groups, p_full if group_masking else 1.0, generator=mask_gen).to(x.device)
-    target = frequency_targets(x, k)
+    target = frequency_targets(x, k, groups) if dwt_targets else x
     gan_on = gan_weight > 0 and step >= gan_start
 
     # generator (autoencoder) step: all groups quantized, groups > k zeroed before decoding

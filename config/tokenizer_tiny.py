@@ -18,4 +18,4 @@ max_iters = 100000        # the time budget ends the run
 max_minutes = 10.0
 eval_interval = 400
 log_interval = 20
-gan_start = 100000        # GAN off at this scale (see README: it does not help in 10 CPU minutes)
+gan_start = 100000        # GAN off: 10 CPU minutes is far from a converged autoencoder; --gan_start=N turns it on

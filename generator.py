@@ -1,0 +1,321 @@
+"""
+Stage 2: train the semantic-guided token generator with reconstruction-aware losses
+(HiTokSR + TVQ&RAP; SPEC.md section 2).
+
+    python generator.py config/generator_tiny.py                 # 2-core CPU, ~15 minutes
+    python generator.py config/generator_paper.py                # paper sizes, one GPU
+    python generator.py config/generator_tiny.py --init_from=resume   # continue exactly
+
+Each step degrades an HR crop to LR (Real-ESRGAN), takes the frozen stage-1 tokenizer's indices of
+the HR crop as targets (q_HR), runs the prior (ImageNet EfficientNet-Lite0 + LoRA) on the LR image
+upsampled to HR size, and predicts all G x h x w indices in one pass. Loss (SPEC Eq. 10):
+    ce_weight * CE(logits, q_HR) + repa_weight * REPA + l1_weight * L1 + lpips_weight * LPIPS
+    + gan_weight * GAN_vanilla
+the pixel terms on the decoded straight-through one-hot, D(sum_k w_k e_k), w = ste_onehot(logits):
+the decoder and codebooks stay frozen but pass gradients to the logits. The prior's LoRA learns
+from every term through the SFT / CLS inputs and from REPA. Ablations are one flag away:
+    --use_prior=False          no prior at all (implies no SFT, no CLS tokens, no REPA, no LoRA)
+    --use_sft=False  --cls_tokens=none|single  --lora_rank=0 (frozen prior; REPA then has nothing
+    to train and is skipped)   --repa_weight=0  --l1_weight=0 --lpips_weight=0 --gan_weight=0 (CE only)
+"""
+import json
+import os
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+import data
+import eval as ev
+from common import (Logger, Timer, atomic_save, autocast_ctx, load_checkpoint, lr_at, maybe_compile,
+                    pick_device, rng_state, save_grid, set_lr, set_rng_state, summary, unwrap)
+from configurator import configure, fail
+from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
+                   build_sr_prior, g_loss_vanilla, load_lora_state, lora_state, param_groups,
+                   ste_onehot, super_resolve, upsample_for_prior, vanilla_d_loss)
+from prior import frozen_features, repa_loss
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out/generator'
+init_from = 'scratch'     # 'scratch' | 'resume' (from out_dir/ckpt.pt: weights, optimizers, RNG, data)
+tok_ckpt = 'out/tokenizer/ckpt.pt'  # frozen stage-1 tokenizer (codebooks + decoder, targets q_HR)
+eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkpoint)
+log_interval = 10         # steps between log lines
+max_iters = 2000          # total optimizer steps
+max_minutes = 0.0         # wall-clock budget in minutes (0 = none); the LR decay then follows time
+lr_decay_iters = 0        # length of the cosine decay in steps (0 = max_iters)
+# data
+train_dir = 'assets/images/train'
+val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 -> hr 256x256)
+crop_size = 256           # HR training crop side, a multiple of patch (LR crop = crop_size / 4)
+batch_size = 8
+degradation = 'realesrgan'  # 'realesrgan' (SPEC.md) | 'bicubic' (clean LR, an easier sanity task)
+# model (SPEC.md section 2); groups and codebook_size come from the tokenizer
+patch = 16                # HR pixels per token side; must equal the tokenizer's
+width = 768
+depth = 12
+n_head = 12
+mlp_ratio = 4.0
+stem_dim = 128            # channels of the LR 3x3 conv before the stride patch/4 patchifier
+# semantic prior
+use_prior = True          # False: no prior at all (no SFT, no CLS tokens, no REPA, no LoRA)
+prior_name = 'efficientnet_lite0'
+prior_feat_tap = 'head'   # the prior map for SFT / REPA: 'head' (1280ch, H/32) or 's16' (112ch, H/16)
+use_sft = True            # SFT modulation of every block from the prior map
+sft_hidden = 128          # channels of the SFT condition features
+cls_tokens = 'multi'      # 'none' | 'single' (last stage's pooled vector) | 'multi' (one per stage)
+lora_rank = 4             # LoRA rank on the prior's linear / 1x1 convs (0 = frozen prior, no LoRA)
+lora_alpha = 4.0
+# loss weights (SPEC.md Eq. 10: 1, 1, 1, 1, 0.5)
+ce_weight = 1.0
+repa_weight = 1.0
+l1_weight = 1.0
+lpips_weight = 1.0
+gan_weight = 0.5          # vanilla (non-saturating) GAN, fixed weight
+gan_start = 5000          # step at which the discriminator and the GAN term switch on
+# optimizers (AdamW; the discriminator with VQGAN's betas)
+lr = 5e-5                 # generator and LoRA
+d_lr = 1e-5
+betas = (0.9, 0.95)
+d_betas = (0.5, 0.9)
+weight_decay = 0.05
+grad_clip = 1.0
+warmup_iters = 500
+min_lr_ratio = 0.1
+# system
+device = 'auto'           # auto | cpu | cuda | mps
+dtype = 'auto'            # auto (bf16 on GPUs that support it, fp32 on CPU) | float32 | bfloat16
+compile = False           # torch.compile (used on CUDA only)
+seed = 1337
+threads = 0               # torch CPU threads (0 = torch's default)
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+
+def check_config():
+    problems = []
+    if init_from not in ('scratch', 'resume'):
+        problems.append(f"init_from={init_from!r} must be 'scratch' or 'resume'")
+    if max_iters <= 0 and max_minutes <= 0:
+        problems.append("set max_iters > 0 or max_minutes > 0")
+    if degradation not in ('realesrgan', 'bicubic'):
+        problems.append(f"degradation={degradation!r} must be 'realesrgan' or 'bicubic'")
+    if crop_size % patch:
+        problems.append(f"crop_size={crop_size} must be a multiple of patch={patch}")
+    for k in ('ce_weight', 'repa_weight', 'l1_weight', 'lpips_weight', 'gan_weight', 'lora_rank'):
+        if globals()[k] < 0:
+            problems.append(f"{k}={globals()[k]} must be >= 0 (0 disables it)")
+    if ce_weight == l1_weight == lpips_weight == gan_weight == 0:
+        problems.append("every generator loss weight is 0: nothing would train the generator")
+    if not os.path.isfile(tok_ckpt):
+        problems.append(f"tok_ckpt='{tok_ckpt}' not found: train stage 1 first "
+                        f"(python tokenizer.py config/tokenizer_tiny.py) or pass --tok_ckpt=PATH")
+    if problems:
+        fail('generator.py: ' + '; '.join(problems))
+
+
+check_config()
+tok = load_checkpoint(tok_ckpt, 'stage-1 tokenizer checkpoint')
+tcfg = TokenizerConfig(**tok['model_args'])
+if tcfg.patch != patch:
+    fail(f"generator.py: patch={patch} but the tokenizer {tok_ckpt} has patch={tcfg.patch}: the "
+         f"generator predicts one index per tokenizer token, set --patch={tcfg.patch}")
+if not use_prior:  # the one-flag "no prior" ablation switches off everything that needs it
+    use_sft, cls_tokens, repa_weight, lora_rank = False, 'none', 0.0, 0
+torch.manual_seed(seed)  # before the prior: its LoRA A matrices are drawn at construction
+prior_args = dict(name=prior_name, feat_tap=prior_feat_tap, lora_rank=lora_rank,
+                  lora_alpha=lora_alpha) if use_prior else None
+try:
+    prior = build_sr_prior(prior_args)
+    gcfg = GeneratorConfig(patch=patch, scale=4, groups=tcfg.groups, codebook_size=tcfg.codebook_size,
+                           width=width, depth=depth, n_head=n_head, mlp_ratio=mlp_ratio,
+                           stem_dim=stem_dim, use_sft=use_sft, sft_hidden=sft_hidden,
+                           cls_tokens=cls_tokens, feat_dim=prior.feat_dim if prior else 0,
+                           pooled_dims=tuple(prior.pooled_dims) if prior else ())
+except (ValueError, ImportError) as e:
+    fail(f"generator.py: {e}")
+model_args = asdict(gcfg)
+repa_on = repa_weight > 0 and lora_rank > 0  # a frozen prior has nothing for REPA to train
+if threads:
+    torch.set_num_threads(threads)
+device = pick_device(device)
+dtype, ctx = autocast_ctx(device, dtype)
+os.makedirs(out_dir, exist_ok=True)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+ckpt = load_checkpoint(ckpt_path, 'stage-2 checkpoint to resume') if init_from == 'resume' else None
+if ckpt is not None and (ckpt['model_args'] != model_args or ckpt['prior_args'] != prior_args):
+    fail(f"resume: model settings differ from {ckpt_path}: saved {ckpt['model_args']}, {ckpt['prior_args']}")
+log = Logger(out_dir, config, resume=ckpt is not None)
+
+# frozen tokenizer: targets q_HR (encoder + VQ) and the decoder the pixel losses go through
+tokenizer = Tokenizer(tcfg)
+tokenizer.load_state_dict(tok['model'])
+tokenizer.to(device).eval().requires_grad_(False)  # eval: no dead-code restarts, no hit counts
+tok_step = tok.get('step')
+del tok
+
+# data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
+sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
+                           deg_cfg=data.DegradeConfig(mode=degradation))
+val = data.load_val_pairs(val_dir)
+val_hr, val_lr = val['hr'], val['lr']                         # (N,3,256,256), (N,3,64,64)
+if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
+    fail(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of patch={patch}")
+
+# model, prior (outside the generator module, see model.py), discriminator, LPIPS
+generator = Generator(gcfg).to(device)
+if prior is not None:
+    prior.to(device)
+disc = PatchDiscriminator().to(device)
+lpips_net = ev.load_lpips(device)
+groups_ = param_groups(generator, weight_decay) + (param_groups(prior, weight_decay) if prior else [])
+optimizer = torch.optim.AdamW([g for g in groups_ if g['params']], lr=lr, betas=betas)
+d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=d_betas, weight_decay=weight_decay)
+trainable = [p for g in optimizer.param_groups for p in g['params']]
+step, elapsed_before = 0, 0.0
+if ckpt is not None:
+    generator.load_state_dict(ckpt['generator'])
+    load_lora_state(prior, ckpt['prior_lora'])
+    disc.load_state_dict(ckpt['disc'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    d_optimizer.load_state_dict(ckpt['d_optimizer'])
+    sampler.load_state_dict(ckpt['sampler'])
+    set_rng_state(ckpt['rng'])
+    step, elapsed_before = ckpt['step'], ckpt['minutes']
+    log(f"resumed from {ckpt_path} at step {step}")
+    del ckpt
+train_gen = maybe_compile(generator, compile, device)
+n_lora = sum(p.numel() for p in lora_state(prior).values())
+h_tok = crop_size // patch
+log(f"generator: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M params, LoRA "
+    f"{n_lora / 1e6:.3f}M, {tcfg.groups} heads x {tcfg.codebook_size} logits, grid {h_tok}x{h_tok}, "
+    f"prior {prior_name if prior else 'none'} (sft {use_sft}, cls {cls_tokens}, lora rank {lora_rank}, "
+    f"repa {'on' if repa_on else 'off'}), tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}")
+
+
+@torch.no_grad()
+def batched(fn, *xs, bs=4):
+    return [torch.cat(o) for o in zip(*[fn(*(x[i:i + bs].to(device) for x in xs))
+                                         for i in range(0, len(xs[0]), bs)])]
+
+
+# fixed references on the validation pairs: the tokenizer's indices of HR (the targets of the token
+# accuracy), its reconstruction (an upper bound for SR through this decoder) and bicubic upsampling
+val_q, = batched(lambda x: (tokenizer.encode(x)[1].cpu(),), val_hr)           # (N, G, h, w)
+val_rec, = batched(lambda q: (tokenizer.decode_indices(q).float().clamp(0, 1).cpu(),), val_q)
+val_bic = ev.bicubic_upsample(val_lr)
+ref = {f'r_{k}': v for k, v in ev.evaluate(val_rec, val_hr, 4, lpips_net).items() if k != 'per_image'}
+ref.update({f'bicubic_{k}': v for k, v in ev.evaluate(val_bic, val_hr, 4, lpips_net).items()
+            if k != 'per_image'})
+log('references: ' + ' '.join(f"{k} {v:.4f}" for k, v in ref.items()))
+
+
+@torch.no_grad()
+def evaluate(tag):
+    """Super-resolve the degraded validation LR with top-1 tokens; score next to bicubic."""
+    generator.eval()
+    sr, idx = batched(lambda y: [t.cpu() for t in super_resolve(y, tokenizer, generator, prior, True)],
+                      val_lr)
+    acc = (idx == val_q).float().mean(dim=(0, 2, 3))                           # (G,)
+    m = ev.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net)
+    out = dict(psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'],
+               lpips_vs_bicubic=m['lpips'] / ref['bicubic_lpips'], token_acc_mean=float(acc.mean()))
+    out.update({f'token_acc_g{g}': float(a) for g, a in enumerate(acc.tolist())})
+    save_grid([F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6], sr[:6], val_hr[:6]],
+              os.path.join(out_dir, f'samples_{tag}.png'), ['LR (nearest)', 'bicubic', 'SR (top-1)', 'HR'])
+    generator.train()
+    return out
+
+
+def save(metrics):
+    atomic_save(dict(generator=unwrap(generator).state_dict(), prior_lora=lora_state(prior),
+                     disc=disc.state_dict(), optimizer=optimizer.state_dict(),
+                     d_optimizer=d_optimizer.state_dict(), sampler=sampler.state_dict(), rng=rng_state(),
+                     model_args=model_args, prior_args=prior_args, config=config, tok_ckpt=tok_ckpt,
+                     tok_model_args=asdict(tcfg), tok_step=tok_step, step=step, minutes=minutes(),
+                     metrics=metrics), ckpt_path)
+
+
+timer = Timer()
+minutes = lambda: elapsed_before + timer.minutes()
+decay_iters = lr_decay_iters or max_iters
+pixel_on = l1_weight > 0 or lpips_weight > 0
+metrics, t_log, imgs_since_log = {}, time.time(), 0
+while True:
+    out_of_time = max_minutes > 0 and minutes() >= max_minutes
+    done = step >= max_iters or out_of_time
+    if step % eval_interval == 0 or done:
+        metrics = evaluate(f'{step:06d}')
+        log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if step > 0 or done:
+            save(metrics)
+    if done:
+        break
+
+    progress = minutes() / max_minutes if max_minutes > 0 else step / decay_iters
+    lr_now = lr_at(step, progress, lr, warmup_iters, min_lr_ratio)
+    set_lr(optimizer, lr_now)
+    set_lr(d_optimizer, lr_now * d_lr / lr)
+    hr, lr_img = sampler.next()                     # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
+    B = hr.shape[0]
+    gan_on = gan_weight > 0 and step >= gan_start
+    with torch.no_grad():
+        _, q_hr, _, _ = tokenizer.encode(hr)         # (B, G, h, w) targets, frozen tokenizer
+
+    # generator + LoRA step; the discriminator is frozen here so it collects no gradient
+    disc.requires_grad_(False)
+    zero = torch.zeros((), device=hr.device)
+    ce = repa = l1 = lp = g = zero
+    with ctx:
+        feat = pooled = None
+        if prior is not None:
+            with torch.set_grad_enabled(lora_rank > 0):
+                feat, pooled = prior(upsample_for_prior(lr_img))
+            if repa_on:  # SPEC: 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)])
+                repa = repa_loss(feat.float(), frozen_features(prior, hr)[0].float())
+        logits = train_gen(lr_img, feat, pooled)    # (B, G, h, w, K)
+        if ce_weight > 0:
+            ce = F.cross_entropy(logits.float().flatten(0, 3), q_hr.flatten())
+        if pixel_on or gan_on:  # reconstruction-aware: decode the straight-through one-hot
+            zq = tokenizer.quantizer.codes_from_onehot(ste_onehot(logits))  # (B, C, h, w)
+            sr = tokenizer.decode(zq).float()       # (B, 3, crop, crop); no param of D changes
+            l1 = (sr - hr).abs().mean() if l1_weight > 0 else zero
+            lp = ev.lpips_dist(lpips_net, sr, hr).mean() if lpips_weight > 0 else zero
+            g = g_loss_vanilla(disc(sr)) if gan_on else zero
+        loss = (ce_weight * ce + repa_weight * repa + l1_weight * l1 + lpips_weight * lp
+                + gan_weight * g)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    optimizer.step()
+
+    # discriminator step: HR is real, the decoded prediction fake
+    d = zero
+    if gan_on:
+        disc.requires_grad_(True)
+        with ctx:
+            d = vanilla_d_loss(disc(hr), disc(sr.detach()))
+        d_optimizer.zero_grad(set_to_none=True)
+        d.backward()
+        d_optimizer.step()
+
+    step += 1
+    imgs_since_log += B
+    if step % log_interval == 0:
+        dt = time.time() - t_log
+        acc = (logits.detach().argmax(-1) == q_hr).float().mean().item()
+        log(f"step {step} | loss {loss.item():.4f} ce {ce.item():.4f} repa {repa.item():.4f} "
+            f"l1 {l1.item():.4f} lpips {lp.item():.4f} g {g.item():.4f} d {d.item():.4f} acc {acc:.3f} | "
+            f"lr {lr_now:.2e} | {1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | "
+            f"{minutes():.1f} min")
+        t_log, imgs_since_log = time.time(), 0
+
+final = dict(metrics, bicubic_psnr_y=ref['bicubic_psnr_y'], bicubic_ssim_y=ref['bicubic_ssim_y'],
+             bicubic_lpips=ref['bicubic_lpips'], r_psnr_y=ref['r_psnr_y'], r_lpips=ref['r_lpips'],
+             steps=step, minutes=round(minutes(), 2))
+with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+    json.dump(final, f, indent=1)
+log(summary('generator', final))

@@ -1,0 +1,226 @@
+"""Stage 2: the generator's SFT / CLS wiring, the straight-through one-hot against autograd on
+softmax, gradient routing (generator + LoRA train; tokenizer, prior base, discriminator stay
+frozen), config errors, a smoke run of generator.py and exact resume. CPU, ~1 minute."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import eval as ev
+from model import (Block, Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
+                   build_sr_prior, g_loss_vanilla, load_sr_chain, rope_2d, ste_onehot, super_resolve,
+                   upsample_for_prior)
+from prior import LoRA, frozen_features, repa_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+TOK = dict(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32, enc_depth=1, enc_heads=2,
+           dec_width=32, dec_depth=1, dec_heads=2)
+GEN = dict(patch=8, scale=4, groups=4, codebook_size=16, width=32, depth=2, n_head=2, stem_dim=8,
+           sft_hidden=8, feat_dim=12, pooled_dims=(5, 7, 9))
+
+
+def gen(**kw):
+    torch.manual_seed(0)
+    return Generator(GeneratorConfig(**{**GEN, **kw}))
+
+
+def prior_inputs(B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, 12, 3, 3, generator=g),
+            [torch.randn(B, d, generator=g) for d in GEN['pooled_dims']])
+
+
+def frozen_tokenizer():
+    torch.manual_seed(0)
+    tok = Tokenizer(TokenizerConfig(**TOK))
+    with torch.no_grad():
+        tok.quantizer.codebook.normal_()  # distinct codes, so the decoded image depends on the index
+    return tok.eval().requires_grad_(False)
+
+# ----------------------------------------------------------------------------- straight-through one-hot
+
+
+def test_ste_onehot_is_exact_onehot_with_softmax_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, 11, requires_grad=True)
+    w = ste_onehot(logits)
+    assert torch.equal(w, F.one_hot(logits.argmax(-1), 11).float())  # bit-exact, not just close
+    up = torch.randn_like(w)
+    got, = torch.autograd.grad(w, logits, up)
+    ref, = torch.autograd.grad(logits.softmax(-1), logits, up)  # J_softmax^T up, by autograd
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    p = logits.detach().softmax(-1)  # and by hand: p * (up - <p, up>)
+    torch.testing.assert_close(got, p * (up - (p * up).sum(-1, keepdim=True)), rtol=1e-5, atol=1e-7)
+
+# ----------------------------------------------------------------------------- SFT and CLS tokens
+
+
+def test_sft_heads_start_as_identity():
+    g = gen(cls_tokens='none')
+    feat, _ = prior_inputs()
+    cond = torch.randn(2, 6, 8)  # (B, h*w, sft_hidden)
+    gamma, beta = g.sft_gamma[0](cond), g.sft_beta[0](cond)
+    assert gamma.abs().max() == 0 and beta.abs().max() == 0
+    x, rope = torch.randn(2, 6, 32), rope_2d(2, 3, 16)
+    blk = g.blocks[0]
+    assert torch.equal(blk(x, rope, (gamma, beta)), blk(x, rope))  # block with SFT == without mod
+    # whole model: with SFT == the same weights without SFT, for any prior map
+    plain = gen(cls_tokens='none', use_sft=False)
+    missing, unexpected = plain.load_state_dict(g.state_dict(), strict=False)
+    assert not missing and all(k.startswith('sft_') for k in unexpected)
+    lr = torch.rand(2, 3, 8, 12)
+    assert torch.equal(g(lr, feat), plain(lr))
+    with torch.no_grad():  # once the heads move, the prior map modulates the blocks
+        g.sft_gamma[1][-1].weight.normal_()
+    assert not torch.allclose(g(lr, feat), plain(lr))
+
+
+def test_cls_tokens_dropped_and_act_only_through_attention():
+    lr = torch.rand(2, 3, 8, 12)
+    feat, pooled = prior_inputs()
+    shapes = {mode: gen(cls_tokens=mode, use_sft=False)(lr, feat, pooled).shape
+              for mode in ('none', 'single', 'multi')}
+    assert set(shapes.values()) == {torch.Size([2, 4, 4, 6, 16])}  # h*w positions only, G x K
+    assert gen(cls_tokens='multi').config.n_cls == 3 and gen(cls_tokens='single').config.n_cls == 1
+    g = gen(cls_tokens='multi', use_sft=False)
+    _, other = prior_inputs(seed=2)
+    assert not torch.allclose(g(lr, None, pooled), g(lr, None, other))
+    with torch.no_grad():  # no attention output: spatial tokens cannot read the CLS tokens any more
+        for blk in g.blocks:
+            blk.attn.proj.weight.zero_()
+    assert torch.equal(g(lr, None, pooled), g(lr, None, other))
+    plain = gen(cls_tokens='none', use_sft=False)
+    plain.load_state_dict(g.state_dict(), strict=False)
+    torch.testing.assert_close(g(lr, None, pooled), plain(lr))  # (other shapes: not bit-exact)
+
+
+def test_config_validation_names_the_key():
+    for kw, key in ((dict(patch=6), 'patch'), (dict(cls_tokens='all'), 'cls_tokens'),
+                    (dict(n_head=3), 'n_head'), (dict(feat_dim=0), 'use_sft'),
+                    (dict(pooled_dims=(), use_sft=False), 'cls_tokens'), (dict(width=32.0), 'width')):
+        with pytest.raises(ValueError, match=f'GeneratorConfig.{key}'):
+            GeneratorConfig(**{**GEN, **kw})
+    with pytest.raises(ValueError, match='prior_feat'):
+        gen()(torch.rand(1, 3, 8, 8))
+
+# ----------------------------------------------------------------------------- gradient routing
+
+
+def test_pixel_loss_reaches_logits_through_frozen_decoder():
+    tok = frozen_tokenizer()
+    g = gen(use_sft=False, cls_tokens='none')
+    before = {k: v.clone() for k, v in tok.state_dict().items()}
+    lr, hr = torch.rand(2, 3, 8, 12), torch.rand(2, 3, 32, 48)
+    logits = g(lr)
+    logits.retain_grad()
+    sr = tok.decode(tok.quantizer.codes_from_onehot(ste_onehot(logits)))
+    assert torch.equal(sr, tok.decode_indices(logits.argmax(-1)))  # forward = top-1 decode, exactly
+    (sr - hr).abs().mean().backward()
+    assert logits.grad.abs().sum() > 0
+    for name, p in g.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in tok.parameters())
+    opt = torch.optim.AdamW(list(g.parameters()) + list(tok.parameters()), lr=1e-2)
+    opt.step()
+    for k, v in tok.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_full_loss_trains_only_generator_and_lora():
+    tok = frozen_tokenizer()
+    prior = build_sr_prior(dict(name='efficientnet_lite0', feat_tap='head', lora_rank=2, lora_alpha=2.0),
+                           pretrained=False)
+    g = gen(feat_dim=prior.feat_dim, pooled_dims=tuple(prior.pooled_dims))
+    disc, lpips_net = PatchDiscriminator().requires_grad_(False), ev.load_lpips('cpu')
+    lr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        q = tok.encode(hr)[1]
+    feat, pooled = prior(upsample_for_prior(lr))
+    logits = g(lr, feat, pooled)
+    sr = tok.decode(tok.quantizer.codes_from_onehot(ste_onehot(logits)))
+    loss = (F.cross_entropy(logits.flatten(0, 3), q.flatten()) + repa_loss(feat, frozen_features(prior, hr)[0])
+            + (sr - hr).abs().mean() + ev.lpips_dist(lpips_net, sr, hr).mean() + 0.5 * g_loss_vanilla(disc(sr)))
+    loss.backward()
+    lora = {id(p) for m in prior.modules() if isinstance(m, LoRA) for p in (m.lora_A, m.lora_B)}
+    assert all(p.grad is not None for p in g.parameters())
+    assert all((p.grad is not None) == (id(p) in lora) for p in prior.parameters())
+    assert sum(m.lora_B.grad.abs().sum() for m in prior.modules() if isinstance(m, LoRA)) > 0
+    for module in (tok, disc, lpips_net):
+        assert all(p.grad is None for p in module.parameters())
+
+# ----------------------------------------------------------------------------- the script
+
+# A model small enough for seconds per run; every loss term is on (CE, REPA, L1, LPIPS, GAN from
+# step 2). One thread: tiny tensors gain nothing from two, and it avoids oversubscribing a busy CPU.
+TINY = ['config/generator_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', '--width=32',
+        '--depth=1', '--n_head=2', '--stem_dim=16', '--sft_hidden=16', '--lora_rank=2', '--max_minutes=0',
+        '--eval_interval=1000', '--log_interval=1', '--gan_start=2', '--warmup_iters=2',
+        '--lr_decay_iters=6', '--lr=1e-3', '--threads=1']
+
+
+def run(script, args, check=True):
+    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+    """Two validation pairs and a 2-step tiny tokenizer made by tokenizer.py itself."""
+    tmp = tmp_path_factory.mktemp('gen')
+    src = ROOT / 'assets' / 'val_pairs'
+    names = sorted(p.name for p in (src / 'hr').glob('*.png'))[:2]
+    if len(names) < 2:
+        pytest.skip('validation pairs missing: run `python data.py`')
+    for kind in ('hr', 'lr', 'lr_bicubic'):
+        (tmp / 'val' / kind).mkdir(parents=True)
+        for n in names:
+            shutil.copy(src / kind / n, tmp / 'val' / kind / n)
+    run('tokenizer.py', ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2',
+                         '--width=32', '--depth=1', '--n_head=2', '--codebook_size=16', '--max_minutes=0',
+                         '--max_iters=2', '--threads=1', f'--val_dir={tmp / "val"}', f'--out_dir={tmp / "tok"}'])
+    return tmp, TINY + [f'--val_dir={tmp / "val"}', f'--tok_ckpt={tmp / "tok" / "ckpt.pt"}']
+
+
+def test_bad_config_is_one_clear_message(setup, tmp_path):
+    _, tiny = setup
+    for arg, words in (('--patch=16', 'set --patch=8'), (f'--tok_ckpt={tmp_path}/none.pt', 'python tokenizer.py')):
+        p = run('generator.py', tiny + [arg, f'--out_dir={tmp_path}'], check=False)
+        assert p.returncode != 0 and words in p.stderr and 'config error' in p.stderr, p.stderr
+        assert 'Traceback' not in p.stderr and 'step ' not in p.stdout
+
+
+def test_smoke_exact_resume_and_sr_chain(setup):
+    tmp, tiny = setup
+    straight, split = tmp / 'straight', tmp / 'split'
+    out = run('generator.py', tiny + [f'--out_dir={straight}', '--max_iters=4']).stdout
+    for key in ('psnr_y:', 'lpips_vs_bicubic:', 'bicubic_lpips:', 'token_acc_mean:', 'token_acc_g3:'):
+        assert key in out, key
+    assert 'g 0.0000 d 0.0000' not in out.split('step 3 |')[1].split('\n')[0]  # GAN on from step 2
+    for f in ('ckpt.pt', 'log.txt', 'summary.json', 'samples_000000.png', 'samples_000004.png'):
+        assert (straight / f).is_file(), f
+    run('generator.py', tiny + [f'--out_dir={split}', '--max_iters=2'])
+    out = run('generator.py', tiny + [f'--out_dir={split}', '--max_iters=4', '--init_from=resume']).stdout
+    assert 'resumed from' in out and 'step 3 |' in out and 'step 1 |' not in out
+    a = torch.load(straight / 'ckpt.pt', weights_only=False)
+    b = torch.load(split / 'ckpt.pt', weights_only=False)
+    assert a['step'] == b['step'] == 4
+    for part in ('generator', 'prior_lora', 'disc'):
+        assert a[part].keys() == b[part].keys() and a[part]
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
+    assert any(v.abs().sum() > 0 for k, v in a['prior_lora'].items() if k.endswith('lora_B'))  # LoRA trained
+    # the saved chain alone reproduces the run's final validation numbers
+    tok, g, prior = load_sr_chain(straight / 'ckpt.pt', 'cpu')
+    pairs = data.load_val_pairs(str(tmp / 'val'))
+    sr = super_resolve(pairs['lr'], tok, g, prior)
+    assert sr.shape == pairs['hr'].shape and 0 <= sr.min() and sr.max() <= 1
+    m = ev.evaluate(sr, pairs['hr'], crop_border=4, lpips_net=False)
+    assert abs(m['psnr_y'] - a['metrics']['psnr_y']) < 1e-6

@@ -1,0 +1,49 @@
+"""sr.py: tiling and blending against the untiled result, padding, odd sizes."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sr import _ramp, tiled_sr
+
+nearest = lambda x: F.interpolate(x, scale_factor=4, mode='nearest')
+bicubic = lambda x: F.interpolate(x, scale_factor=4, mode='bicubic', align_corners=False)
+
+
+@pytest.mark.parametrize('H, W', [(70, 45), (64, 64), (33, 100), (7, 5)])
+def test_tiling_is_exact_for_a_pointwise_operator(H, W):
+    """Every output pixel of a pointwise x4 op depends on one LR pixel, so any tiling must give the
+    untiled result exactly: this checks tile placement, blend-weight normalisation and cropping."""
+    lr = torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(0))
+    ref = nearest(lr)
+    out = tiled_sr(lr, nearest, scale=4, tile=24, overlap=8, multiple=4)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_tiling_is_close_for_a_local_operator_and_seamless():
+    """Bicubic reads 2 LR pixels across a tile edge; blending over 8 LR pixels must hide that."""
+    g = torch.Generator().manual_seed(1)
+    lr = F.interpolate(torch.rand(1, 3, 20, 20, generator=g), size=(80, 72), mode='bilinear')
+    ref = bicubic(lr)
+    out = tiled_sr(lr, bicubic, scale=4, tile=32, overlap=8, multiple=4)
+    err = (out - ref).abs()
+    assert err.mean() < 1e-3 and err.max() < 0.05
+
+
+def test_padding_to_the_patch_multiple_is_cropped_back():
+    lr = torch.rand(1, 3, 13, 18)
+    out = tiled_sr(lr, nearest, scale=4, tile=0, overlap=0, multiple=8)
+    torch.testing.assert_close(out, nearest(lr), rtol=0, atol=0)
+
+
+def test_ramp_weights_are_flat_at_the_border_and_positive_inside():
+    w = _ramp(16, 4, lo_edge=True, hi_edge=False)
+    assert torch.all(w[:12] == 1) and torch.all(w[12:] > 0) and torch.all(w[12:] < 1)
+    w = _ramp(16, 4, lo_edge=False, hi_edge=False)
+    # where the rising ramp of one tile meets the falling ramp of its neighbour the weights sum to 1
+    assert w[0] > 0 and w[-1] > 0 and torch.allclose(w[:4] + w[-4:], torch.full((4,), 1.0))
+
+
+def test_bad_tile_settings_are_refused():
+    with pytest.raises(ValueError, match='tile=30'):
+        tiled_sr(torch.rand(1, 3, 64, 64), nearest, tile=30, overlap=8, multiple=4)

@@ -1,0 +1,84 @@
+"""Stage-1 script: frequency targets, config errors before training, smoke run, exact resume."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import frequency_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+# A model small enough for seconds per run on 2 cores; every code path of the loop stays on
+# (group masking, DWT targets, LPIPS, GAN from step 2, data init, dead-code restart).
+TINY = ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', '--width=32',
+        '--depth=1', '--n_head=2', '--codebook_size=16', '--max_minutes=0', '--eval_interval=1000',
+        '--log_interval=1', '--gan_start=2', '--warmup_iters=2', '--p_full=0.5', '--lr_decay_iters=6']
+
+
+def run(args, check=True):
+    p = subprocess.run([sys.executable, 'tokenizer.py', *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"tokenizer.py {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def naive_block_mean(x, level):
+    """The Haar level-l approximation rebuilt at full size is the mean of each 2^l x 2^l block."""
+    b = 2 ** level
+    out = torch.empty_like(x)
+    for i in range(0, x.shape[-2], b):
+        for j in range(0, x.shape[-1], b):
+            out[..., i:i + b, j:j + b] = x[..., i:i + b, j:j + b].mean(dim=(-2, -1), keepdim=True)
+    return out
+
+
+def test_frequency_target_is_lowpass_at_level_G_minus_k():
+    G = 4
+    x = torch.rand(5, 3, 16, 16, dtype=torch.float64)
+    k = torch.tensor([4, 1, 2, 3, 1])
+    t = frequency_targets(x, k, G)
+    for b in range(5):
+        ref = x[b] if k[b] == G else naive_block_mean(x[b], G - int(k[b]))
+        torch.testing.assert_close(t[b], ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('arg, words', [
+    ('--groups=3', 'groups'),                 # 3 does not divide latent_dim 32
+    ('--codebook_size=1', 'codebook_size'),
+    ('--crop_size=100', 'crop_size=100'),     # not a multiple of patch 16
+    ('--bogus=1', "unknown config key 'bogus'"),
+    ('--batch_size=two', 'batch_size'),
+])
+def test_bad_config_is_one_clear_message_before_training(arg, words):
+    p = run(['config/tokenizer_tiny.py', arg], check=False)
+    assert p.returncode != 0
+    assert words in p.stderr and 'config error' in p.stderr
+    assert 'Traceback' not in p.stderr and 'step ' not in p.stdout
+
+
+def test_smoke_and_exact_resume(tmp_path):
+    """3 steps + resume + 3 steps must give bit-identical weights to 6 straight steps (CPU)."""
+    straight, split = tmp_path / 'straight', tmp_path / 'split'
+    out = run(TINY + [f'--out_dir={straight}', '--max_iters=6']).stdout
+    assert 'r_psnr_y:' in out and 'code_usage_min:' in out and 'prefix_psnr_k1:' in out
+    for f in ('ckpt.pt', 'log.txt', 'summary.json', 'samples_000000.png', 'samples_000006.png'):
+        assert (straight / f).is_file(), f
+    run(TINY + [f'--out_dir={split}', '--max_iters=3'])
+    out = run(TINY + [f'--out_dir={split}', '--max_iters=6', '--init_from=resume']).stdout
+    assert 'resumed from' in out and 'step 4 |' in out and 'step 1 |' not in out
+    a = torch.load(straight / 'ckpt.pt', weights_only=False)
+    b = torch.load(split / 'ckpt.pt', weights_only=False)
+    assert a['step'] == b['step'] == 6
+    for part in ('model', 'disc'):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    run(TINY + [f'--out_dir={tmp_path}', '--max_iters=1'])
+    p = run(TINY + [f'--out_dir={tmp_path}', '--max_iters=2', '--init_from=resume', '--width=64'],
+            check=False)
+    assert p.returncode != 0 and 'model settings differ' in p.stderr
