@@ -3,13 +3,20 @@ Small benchmarks, one function per mode, one grep-able number each:
 
     python bench.py --mode=degrade --batch_size=16 --device=cuda
     python bench.py --mode=tokenizer --tok_config=config/tokenizer_paper.py --device=cuda
+    python bench.py --mode=sr --tok_config=config/tokenizer_paper.py --gen_config=config/generator_paper.py
 
 tokenizer mode times one full stage-1 training step (encode, grouped VQ, decode, L1 + LPIPS +
 commitment, backward, AdamW; + discriminator and GAN terms with --tok_gan=True) on random crops
 of the config's size, so it measures the model, not the data pipeline.
+sr mode times inference (prior + generator + top-1 decode, model.super_resolve) of one LR image
+per size in sr_sizes, for the models of tok_config + gen_config (random generator weights: the
+time does not depend on them); peak memory is the CUDA allocator's peak on a GPU and the process's
+peak resident set on a CPU (which includes the models and LPIPS-free start-up, so an upper bound).
 """
 import os
+import resource
 import time
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +24,8 @@ import torch.nn.functional as F
 import data
 import eval as ev
 from common import autocast_ctx, maybe_compile, peak_flops, pick_device
-from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, flops_per_image, g_loss_hinge,
-                   hinge_d_loss)
+from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
+                   build_sr_prior, flops_per_image, g_loss_hinge, hinge_d_loss, super_resolve)
 
 # -----------------------------------------------------------------------------
 mode = 'degrade'            # degrade | tokenizer
@@ -36,7 +43,10 @@ deg_mode = 'realesrgan'     # realesrgan | bicubic
 tok_config = 'config/tokenizer_tiny.py'
 tok_gan = False             # include the discriminator step and the GAN term
 dtype = 'auto'              # auto (bf16 on capable GPUs) | float32 | bfloat16
-compile = False             # torch.compile the tokenizer (CUDA only)
+compile = False             # torch.compile the tokenizer / generator (CUDA only)
+# sr mode: the chain of tok_config + gen_config, LR sides to time
+gen_config = 'config/generator_tiny.py'
+sr_sizes = (64, 128)        # LR 64 -> HR 256 and LR 128 -> HR 512
 from configurator import configure
 config = configure(globals())
 # -----------------------------------------------------------------------------
@@ -77,9 +87,19 @@ def bench_degrade(dev):
     print(f"degrade_ms_per_pair: {1000 * dt / pairs:.2f}")
 
 
-def bench_tokenizer(dev):
+def read_config(path):
     scope = {}
-    exec(open(tok_config).read(), {}, scope)  # a config file is plain assignments
+    exec(open(path).read(), {}, scope)  # a config file is plain assignments
+    return scope
+
+
+def sync(dev):
+    if dev.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def bench_tokenizer(dev):
+    scope = read_config(tok_config)
     cfg = TokenizerConfig.from_flat(scope)
     crop_, batch = scope.get('crop_size', 256), scope.get('batch_size', 8)
     dt_name, ctx = autocast_ctx(dev, dtype)
@@ -124,7 +144,51 @@ def bench_tokenizer(dev):
     print(f"mfu: {flops / peak:.3f}" if peak else "mfu: n/a (no datasheet peak for this device)")
 
 
-MODES = {'degrade': bench_degrade, 'tokenizer': bench_tokenizer}
+@torch.no_grad()
+def bench_sr(dev):
+    tcfg = TokenizerConfig.from_flat(read_config(tok_config))
+    g = read_config(gen_config)
+    prior = None
+    if g.get('use_prior', True):
+        prior = build_sr_prior(dict(name=g.get('prior_name', 'efficientnet_lite0'), feat_tap=g.get('prior_feat_tap', 'head'),
+                                    lora_rank=g.get('lora_rank', 4), lora_alpha=g.get('lora_alpha', 4.0)))
+    keys = {f.name for f in fields(GeneratorConfig)} - {'patch', 'groups', 'codebook_size', 'feat_dim', 'pooled_dims'}
+    gcfg = GeneratorConfig(**{k: v for k, v in g.items() if k in keys}, patch=tcfg.patch, groups=tcfg.groups,
+                           codebook_size=tcfg.codebook_size, feat_dim=prior.feat_dim if prior else 0,
+                           pooled_dims=tuple(prior.pooled_dims) if prior else (),
+                           **({} if prior else dict(use_sft=False, cls_tokens='none')))
+    dt_name, ctx = autocast_ctx(dev, dtype)
+    tok = Tokenizer(tcfg).to(dev).eval()
+    gen = Generator(gcfg).to(dev).eval()
+    if prior is not None:
+        prior.to(dev).eval()
+    if compile and dev.startswith('cuda'):
+        gen, tok.decoder = torch.compile(gen), torch.compile(tok.decoder)
+    n = sum(p.numel() for m in (tok.decoder, gen, prior) if m is not None for p in m.parameters())
+    print(f"sr: {tok_config} + {gen_config}, {n / 1e6:.1f}M params used at inference (decoder + generator "
+          f"+ prior), {dt_name}, compile={compile and dev.startswith('cuda')}, batch 1, on {dev}")
+    for side in sr_sizes:
+        lr = torch.rand(1, 3, side, side, device=dev)
+        with ctx:
+            for _ in range(warmup_iters):
+                super_resolve(lr, tok, gen, prior)
+            sync(dev)
+            if dev.startswith('cuda'):
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                super_resolve(lr, tok, gen, prior)
+            sync(dev)
+        dt = (time.perf_counter() - t0) / iters
+        tag = f"{side}_to_{4 * side}"
+        print(f"sr_ms_per_image_{tag}: {1000 * dt:.1f}")
+        if dev.startswith('cuda'):
+            print(f"sr_peak_mem_mb_{tag}: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+    if not dev.startswith('cuda'):
+        print(f"process_peak_rss_mb: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+
+
+MODES = {'degrade': bench_degrade, 'tokenizer': bench_tokenizer, 'sr': bench_sr}
 
 if __name__ == '__main__':
     if mode not in MODES:

@@ -88,6 +88,14 @@ def load_checkpoint(path, what='checkpoint'):
     return torch.load(path, map_location='cpu', weights_only=False)
 
 
+@torch.no_grad()
+def batched(fn, *xs, device='cpu', bs=4):
+    """Run fn on slices of bs rows of the tensors xs (moved to device); fn returns a tuple/list of
+    tensors, which are concatenated over the slices: a whole validation set without OOM."""
+    return [torch.cat(o) for o in zip(*[fn(*(x[i:i + bs].to(device) for x in xs))
+                                         for i in range(0, len(xs[0]), bs)])]
+
+
 def unwrap(model):
     """The module without torch.compile's wrapper, so saved keys never get an `_orig_mod.` prefix."""
     return getattr(model, '_orig_mod', model)

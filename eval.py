@@ -284,36 +284,73 @@ def load_sr_dir(sr_dir, names, shape):
     return torch.stack(imgs)
 
 
+@torch.no_grad()
+def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='cpu'):
+    """Rows for a checkpoint chain on the degraded validation pairs: bicubic, the tokenizer's
+    reconstruction of HR (an upper bound for any SR through this decoder), stage 2 (generator +
+    stage-1 decoder) and, with decoder_ckpt, stage 3 (the fine-tuned decoder). Top-1 tokens."""
+    from model import load_sr_chain, super_resolve
+    tok, gen, prior = load_sr_chain(gen_ckpt, device)
+    batches = lambda xs, bs=4: (xs[i:i + bs].to(device) for i in range(0, len(xs), bs))
+    images = lambda outs: torch.cat([o.float().clamp(0, 1).cpu() for o in outs])
+    idx = [super_resolve(y, tok, gen, prior, True)[1] for y in batches(pairs['lr'])]  # top-1 (b, G, h, w)
+    rows = [score('bicubic (degraded LR)', bicubic_upsample(pairs['lr']), pairs, lpips_net, crop_border),
+            score('stage 1: tokenizer reconstruction of HR', images(tok(x)[0] for x in batches(pairs['hr'])),
+                  pairs, lpips_net, crop_border),
+            score('stage 2: generator + stage-1 decoder', images(tok.decode_indices(q) for q in idx),
+                  pairs, lpips_net, crop_border)]
+    if decoder_ckpt:
+        tok3, _, _ = load_sr_chain(gen_ckpt, device, decoder_ckpt)
+        rows.append(score('stage 3: generator + fine-tuned decoder', images(tok3.decode_indices(q) for q in idx),
+                          pairs, lpips_net, crop_border))
+    return rows
+
+
 if __name__ == '__main__':
-    from configurator import configure
-    sr = 'bicubic'                 # 'bicubic' (baseline from the LR inputs) or a folder of SR PNGs
+    from configurator import configure, fail
+    sr = 'bicubic'                 # 'bicubic' (baseline from the LR inputs), 'chain' (checkpoints) or a folder of SR PNGs
     lr_kind = 'degraded'           # which LR the bicubic baseline upsamples: degraded | bicubic
+    gen_ckpt = 'out/generator/ckpt.pt'  # sr='chain': the stage-2 checkpoint (it records its tokenizer)
+    decoder_ckpt = ''              # sr='chain': a stage-3 checkpoint adds its row ('' = none)
     val_dir = 'assets/val_pairs'   # made by `python data.py`
     crop_border = 4                # = scale, BasicSR convention
-    device = 'cpu'                 # LPIPS device: cpu | cuda | mps | auto
-    name = ''                      # row name; '' -> bicubic_<lr_kind> or the folder's name
+    device = 'cpu'                 # cpu | cuda | mps | auto
+    name = ''                      # row name; '' -> bicubic_<lr_kind>, chain or the folder's name
     out_json = ''                  # '' -> out/eval/<name>.json
     config = configure(globals())
     if lr_kind not in ('degraded', 'bicubic'):
-        raise ValueError(f"--lr_kind must be degraded or bicubic, got {lr_kind!r}")
+        fail(f"eval.py: lr_kind={lr_kind!r} must be degraded or bicubic")
+    for key, path in (('gen_ckpt', gen_ckpt), ('decoder_ckpt', decoder_ckpt)):
+        if sr == 'chain' and path and not os.path.isfile(path):
+            fail(f"eval.py: {key}='{path}' not found (train that stage first or pass --{key}=PATH)")
+    if sr not in ('bicubic', 'chain') and not os.path.isdir(sr):
+        fail(f"eval.py: sr={sr!r} must be 'bicubic', 'chain' or a folder of SR PNGs")
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
 
     import data
     pairs = data.load_val_pairs(val_dir)
-    if sr == 'bicubic':
-        name = name or f'bicubic_{lr_kind}'
-        sr_imgs = bicubic_upsample(pairs['lr' if lr_kind == 'degraded' else 'lr_bicubic'])
-        if sr_imgs.shape != pairs['hr'].shape:
-            raise ValueError(f"{val_dir}: 4x the LR size {tuple(sr_imgs.shape)} != HR {tuple(pairs['hr'].shape)}")
+    lpips_net = load_lpips(device)
+    if sr == 'chain':
+        name = name or 'chain'
+        rows = chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border, device)
+        print_table(rows)
+        print()
+        print_summary(rows[-1])
     else:
-        name = name or Path(sr).resolve().name
-        sr_imgs = load_sr_dir(sr, pairs['names'], pairs['hr'].shape[1:])
-    row = score(name, sr_imgs, pairs, load_lpips(device), crop_border)
-    print_table(per_image_rows(row))
-    print()
-    print_summary(row)
+        if sr == 'bicubic':
+            name = name or f'bicubic_{lr_kind}'
+            sr_imgs = bicubic_upsample(pairs['lr' if lr_kind == 'degraded' else 'lr_bicubic'])
+            if sr_imgs.shape != pairs['hr'].shape:
+                fail(f"eval.py: {val_dir}: 4x the LR size {tuple(sr_imgs.shape)} != HR {tuple(pairs['hr'].shape)}")
+        else:
+            name = name or Path(sr).resolve().name
+            sr_imgs = load_sr_dir(sr, pairs['names'], pairs['hr'].shape[1:])
+        rows = [score(name, sr_imgs, pairs, lpips_net, crop_border)]
+        print_table(per_image_rows(rows[0]))
+        print()
+        print_summary(rows[0])
     out_json = out_json or os.path.join('out', 'eval', f'{name}.json')
     write_json(dict(command=' '.join([os.path.basename(sys.executable)] + sys.argv), config=config,
-                    rows=[row]), out_json)
+                    rows=rows), out_json)
     print(f"wrote {out_json}")

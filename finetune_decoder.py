@@ -1,7 +1,259 @@
 """
-Stage 3: fine-tune the tokenizer's decoder on tokens sampled from the generator's top-K
-(HiTokSR; SPEC.md section 3). Not implemented yet: this stub only says so.
-"""
-import sys
+Stage 3: fine-tune the tokenizer's decoder on the generator's own (imperfect) tokens
+(HiTokSR; SPEC.md section 3).
 
-sys.exit("finetune_decoder.py: stage 3 is not implemented yet (see README.md, 'Status').")
+    python finetune_decoder.py config/finetune_decoder_tiny.py              # 2-core CPU, ~5 minutes
+    python finetune_decoder.py config/finetune_decoder_paper.py             # paper sizes, one GPU
+    python finetune_decoder.py config/finetune_decoder_tiny.py --init_from=resume   # continue exactly
+
+The stage-1 decoder was trained on the tokens of clean HR images; at inference it receives the
+stage-2 generator's predictions from degraded LR images, which are often wrong. Here the generator,
+the prior and the codebooks are frozen and only the decoder trains: at every position and group
+its input index is drawn from the generator's top-K candidates in proportion to their renormalised
+probabilities (model.sample_topk), so the decoder learns to turn plausible-but-wrong tokens into
+good images. Loss: l1_weight * L1 + lpips_weight * LPIPS + gan_weight * GAN_vanilla against HR.
+Inference (evaluation, sr.py, eval.py) always uses the top-1 tokens. The paper's Table 5 rows:
+    --mode=frozen        no training: the stage-1 decoder, evaluated (and saved) as is
+    --mode=top1          inputs are the generator's argmax tokens
+    --mode=topk          inputs sampled from the top_k candidates (default top_k = 5)
+"""
+import json
+import os
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+
+import data
+import eval as ev
+from common import (Logger, Timer, atomic_save, batched, autocast_ctx, load_checkpoint, lr_at, maybe_compile,
+                    pick_device, rng_state, save_grid, set_lr, set_rng_state, summary, unwrap)
+from configurator import configure, fail
+from model import (PatchDiscriminator, g_loss_vanilla, load_sr_chain, param_groups, sample_topk,
+                   super_resolve, upsample_for_prior, vanilla_d_loss)
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out/finetune_decoder'
+init_from = 'scratch'     # 'scratch' | 'resume' (from out_dir/ckpt.pt: weights, optimizers, RNG, data)
+gen_ckpt = 'out/generator/ckpt.pt'  # frozen stage-2 generator (it records its stage-1 tokenizer)
+eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkpoint)
+log_interval = 10         # steps between log lines
+max_iters = 50000         # total optimizer steps (the paper: 50k)
+max_minutes = 0.0         # wall-clock budget in minutes (0 = none); the LR decay then follows time
+lr_decay_iters = 0        # length of the cosine decay in steps (0 = max_iters)
+# data
+train_dir = 'assets/images/train'
+val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 -> hr 256x256)
+crop_size = 256           # HR training crop side, a multiple of the tokenizer's patch
+batch_size = 8
+degradation = 'realesrgan'  # 'realesrgan' (SPEC.md) | 'bicubic'
+# what the decoder sees (the paper's Table 5)
+mode = 'topk'             # 'frozen' (no training) | 'top1' | 'topk'
+top_k = 5                 # candidates per position and group in mode 'topk'
+# loss weights (SPEC.md section 3: L1 + LPIPS + 0.5 GAN_vanilla)
+l1_weight = 1.0
+lpips_weight = 1.0
+gan_weight = 0.5
+gan_start = 0             # step at which the discriminator and the GAN term switch on
+# optimizers (AdamW; the discriminator with VQGAN's betas)
+lr = 5e-5
+d_lr = 1e-5
+betas = (0.9, 0.95)
+d_betas = (0.5, 0.9)
+weight_decay = 0.01
+grad_clip = 1.0
+warmup_iters = 500
+min_lr_ratio = 0.1
+# system
+device = 'auto'           # auto | cpu | cuda | mps
+dtype = 'auto'            # auto (bf16 on GPUs that support it, fp32 on CPU) | float32 | bfloat16
+compile = False           # torch.compile of the decoder (used on CUDA only)
+seed = 1337
+threads = 0               # torch CPU threads (0 = torch's default)
+config = configure(globals())
+# -----------------------------------------------------------------------------
+
+
+def check_config():
+    problems = []
+    if init_from not in ('scratch', 'resume'):
+        problems.append(f"init_from={init_from!r} must be 'scratch' or 'resume'")
+    if mode not in ('frozen', 'top1', 'topk'):
+        problems.append(f"mode={mode!r} must be 'frozen', 'top1' or 'topk'")
+    if top_k < 1:
+        problems.append(f"top_k={top_k} must be >= 1")
+    if max_iters <= 0 and max_minutes <= 0:
+        problems.append("set max_iters > 0 or max_minutes > 0")
+    if degradation not in ('realesrgan', 'bicubic'):
+        problems.append(f"degradation={degradation!r} must be 'realesrgan' or 'bicubic'")
+    for k in ('l1_weight', 'lpips_weight', 'gan_weight'):
+        if globals()[k] < 0:
+            problems.append(f"{k}={globals()[k]} must be >= 0 (0 disables it)")
+    if mode != 'frozen' and l1_weight == lpips_weight == gan_weight == 0:
+        problems.append("every loss weight is 0: nothing would train the decoder (use --mode=frozen)")
+    if not os.path.isfile(gen_ckpt):
+        problems.append(f"gen_ckpt='{gen_ckpt}' not found: train stage 2 first "
+                        f"(python generator.py config/generator_tiny.py) or pass --gen_ckpt=PATH")
+    if problems:
+        fail('finetune_decoder.py: ' + '; '.join(problems))
+
+
+check_config()
+k_train = {'frozen': 0, 'top1': 1, 'topk': top_k}[mode]
+if threads:
+    torch.set_num_threads(threads)
+device = pick_device(device)
+dtype, ctx = autocast_ctx(device, dtype)
+torch.manual_seed(seed)
+try:  # the whole chain, frozen and in eval mode; the tokenizer comes from the generator's checkpoint
+    tokenizer, generator, prior = load_sr_chain(gen_ckpt, device)
+except (ValueError, FileNotFoundError, KeyError) as e:
+    fail(f"finetune_decoder.py: cannot load the stage-1/2 chain from {gen_ckpt}: {e}")
+tcfg, gcfg = tokenizer.config, generator.config
+if crop_size % tcfg.patch:
+    fail(f"finetune_decoder.py: crop_size={crop_size} must be a multiple of the tokenizer's patch={tcfg.patch}")
+decoder = tokenizer.decoder
+decoder.requires_grad_(True)  # the only trainable module (mode 'frozen' never takes a step)
+os.makedirs(out_dir, exist_ok=True)
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+ckpt = load_checkpoint(ckpt_path, 'stage-3 checkpoint to resume') if init_from == 'resume' else None
+chain = dict(gen_ckpt=gen_ckpt, tok_model_args=asdict(tcfg), gen_model_args=asdict(gcfg), mode=mode, top_k=k_train)
+if ckpt is not None and any(ckpt.get(k) != v for k, v in chain.items()):
+    fail(f"resume: {ckpt_path} was made with other settings: saved "
+         f"{ {k: ckpt.get(k) for k in chain} }, now {chain}")
+log = Logger(out_dir, config, resume=ckpt is not None)
+
+# data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
+sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
+                           deg_cfg=data.DegradeConfig(mode=degradation))
+val = data.load_val_pairs(val_dir)
+val_hr, val_lr = val['hr'], val['lr']                         # (N,3,256,256), (N,3,64,64)
+topk_gen = torch.Generator(device=device).manual_seed(seed + 2)  # the top-K draws, saved for resume
+
+disc = PatchDiscriminator().to(device)
+lpips_net = ev.load_lpips(device)
+optimizer = torch.optim.AdamW(param_groups(decoder, weight_decay), lr=lr, betas=betas)
+d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=d_betas, weight_decay=weight_decay)
+step, elapsed_before = 0, 0.0
+if ckpt is not None:
+    decoder.load_state_dict(ckpt['decoder'])
+    disc.load_state_dict(ckpt['disc'])
+    optimizer.load_state_dict(ckpt['optimizer'])
+    d_optimizer.load_state_dict(ckpt['d_optimizer'])
+    sampler.load_state_dict(ckpt['sampler'])
+    topk_gen.set_state(ckpt['topk_gen'])
+    set_rng_state(ckpt['rng'])
+    step, elapsed_before = ckpt['step'], ckpt['minutes']
+    log(f"resumed from {ckpt_path} at step {step}")
+    del ckpt
+train_decoder = maybe_compile(decoder, compile, device)
+log(f"finetune_decoder: mode {mode}" + (f" (top-{top_k})" if mode == 'topk' else '')
+    + f", decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params trainable; generator "
+      f"{gen_ckpt} (frozen), tokenizer grid {crop_size // tcfg.patch}x{crop_size // tcfg.patch}, "
+      f"G {tcfg.groups} x K {tcfg.codebook_size}, device {device}, {dtype}")
+
+
+# fixed references: the generator is frozen, so its top-1 tokens for the validation LR never change;
+# the stage-2 SR (the stage-1 decoder on them) and bicubic are the rows stage 3 must beat
+val_sr2, val_idx = batched(lambda y: [t.cpu() for t in super_resolve(y, tokenizer, generator, prior, True)],
+                           val_lr, device=device)              # (N, 3, 256, 256), (N, G, h, w)
+val_bic = ev.bicubic_upsample(val_lr)
+ref = {}
+for name, imgs in (('stage2', val_sr2), ('bicubic', val_bic)):
+    ref.update({f'{name}_{k}': v for k, v in ev.evaluate(imgs, val_hr, 4, lpips_net).items() if k != 'per_image'})
+log('references: ' + ' '.join(f"{k} {v:.4f}" for k, v in ref.items()))
+
+
+@torch.no_grad()
+def evaluate(tag):
+    """Decode the generator's top-1 validation tokens with the current decoder (inference = top-1)."""
+    decoder.eval()
+    sr, = batched(lambda q: (tokenizer.decode(tokenizer.quantizer.lookup(q)).float().clamp(0, 1).cpu(),), val_idx,
+                  device=device)
+    m = ev.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net)
+    out = dict(psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'],
+               lpips_vs_stage2=m['lpips'] / ref['stage2_lpips'])
+    save_grid([F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6], val_sr2[:6], sr[:6],
+               val_hr[:6]], os.path.join(out_dir, f'samples_{tag}.png'),
+              ['LR (nearest)', 'bicubic', 'stage 2 (stage-1 decoder)', 'stage 3 (this decoder)', 'HR'])
+    decoder.train(mode != 'frozen')
+    return out
+
+
+def save(metrics):
+    # 'decoder' is all that sr.py / eval.py need (load_sr_chain(..., decoder_ckpt=this file))
+    atomic_save(dict(decoder=unwrap(decoder).state_dict(), disc=disc.state_dict(),
+                     optimizer=optimizer.state_dict(), d_optimizer=d_optimizer.state_dict(),
+                     sampler=sampler.state_dict(), topk_gen=topk_gen.get_state(), rng=rng_state(),
+                     config=config, step=step, minutes=minutes(), metrics=metrics, **chain), ckpt_path)
+
+
+timer = Timer()
+minutes = lambda: elapsed_before + timer.minutes()
+decay_iters = lr_decay_iters or max_iters
+decoder.train(mode != 'frozen')
+metrics, t_log, imgs_since_log = {}, time.time(), 0
+while True:
+    out_of_time = max_minutes > 0 and minutes() >= max_minutes
+    done = mode == 'frozen' or step >= max_iters or out_of_time
+    if step % eval_interval == 0 or done:
+        metrics = evaluate(f'{step:06d}')
+        log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if step > 0 or done:
+            save(metrics)
+    if done:
+        break
+
+    progress = minutes() / max_minutes if max_minutes > 0 else step / decay_iters
+    lr_now = lr_at(step, progress, lr, warmup_iters, min_lr_ratio)
+    set_lr(optimizer, lr_now)
+    set_lr(d_optimizer, lr_now * d_lr / lr)
+    hr, lr_img = sampler.next()                     # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
+    B = hr.shape[0]
+    gan_on = gan_weight > 0 and step >= gan_start
+    with torch.no_grad(), ctx:  # the frozen generator's candidates, then one draw per position/group
+        feat, pooled = prior(upsample_for_prior(lr_img, gcfg.scale)) if prior is not None else (None, None)
+        logits = generator(lr_img, feat, pooled)    # (B, G, h, w, K)
+        idx = sample_topk(logits, k_train, topk_gen)  # (B, G, h, w), among the top-k of each
+        zq = tokenizer.quantizer.lookup(idx)        # (B, C, h, w), codebooks frozen
+        flipped = (idx != logits.argmax(-1)).float().mean()  # share of inputs that are not top-1
+
+    # decoder step; the discriminator is frozen here so it collects no gradient
+    disc.requires_grad_(False)
+    with ctx:
+        sr = train_decoder(zq).float()              # (B, 3, crop, crop)
+        l1 = (sr - hr).abs().mean()
+        lp = ev.lpips_dist(lpips_net, sr, hr).mean() if lpips_weight > 0 else l1 * 0
+        g = g_loss_vanilla(disc(sr)) if gan_on else l1 * 0
+        loss = l1_weight * l1 + lpips_weight * lp + gan_weight * g
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), grad_clip)
+    optimizer.step()
+
+    # discriminator step: HR is real, the decoded sample fake
+    d = torch.zeros((), device=hr.device)
+    if gan_on:
+        disc.requires_grad_(True)
+        with ctx:
+            d = vanilla_d_loss(disc(hr), disc(sr.detach()))
+        d_optimizer.zero_grad(set_to_none=True)
+        d.backward()
+        d_optimizer.step()
+
+    step += 1
+    imgs_since_log += B
+    if step % log_interval == 0:
+        dt = time.time() - t_log
+        log(f"step {step} | loss {loss.item():.4f} l1 {l1.item():.4f} lpips {lp.item():.4f} "
+            f"g {g.item():.4f} d {d.item():.4f} not-top1 {flipped.item():.3f} | lr {lr_now:.2e} | "
+            f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
+        t_log, imgs_since_log = time.time(), 0
+
+final = dict(metrics, **ref, mode=mode, top_k=k_train, steps=step, minutes=round(minutes(), 2))
+with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+    json.dump(final, f, indent=1)
+log(summary('finetune_decoder', final))

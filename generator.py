@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from common import (Logger, Timer, atomic_save, autocast_ctx, load_checkpoint, lr_at, maybe_compile,
+from common import (Logger, Timer, atomic_save, batched, autocast_ctx, load_checkpoint, lr_at, maybe_compile,
                     pick_device, rng_state, save_grid, set_lr, set_rng_state, summary, unwrap)
 from configurator import configure, fail
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
@@ -195,16 +195,10 @@ log(f"generator: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M par
     f"repa {'on' if repa_on else 'off'}), tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}")
 
 
-@torch.no_grad()
-def batched(fn, *xs, bs=4):
-    return [torch.cat(o) for o in zip(*[fn(*(x[i:i + bs].to(device) for x in xs))
-                                         for i in range(0, len(xs[0]), bs)])]
-
-
 # fixed references on the validation pairs: the tokenizer's indices of HR (the targets of the token
 # accuracy), its reconstruction (an upper bound for SR through this decoder) and bicubic upsampling
-val_q, = batched(lambda x: (tokenizer.encode(x)[1].cpu(),), val_hr)           # (N, G, h, w)
-val_rec, = batched(lambda q: (tokenizer.decode_indices(q).float().clamp(0, 1).cpu(),), val_q)
+val_q, = batched(lambda x: (tokenizer.encode(x)[1].cpu(),), val_hr, device=device)  # (N, G, h, w)
+val_rec, = batched(lambda q: (tokenizer.decode_indices(q).float().clamp(0, 1).cpu(),), val_q, device=device)
 val_bic = ev.bicubic_upsample(val_lr)
 ref = {f'r_{k}': v for k, v in ev.evaluate(val_rec, val_hr, 4, lpips_net).items() if k != 'per_image'}
 ref.update({f'bicubic_{k}': v for k, v in ev.evaluate(val_bic, val_hr, 4, lpips_net).items()
@@ -217,7 +211,7 @@ def evaluate(tag):
     """Super-resolve the degraded validation LR with top-1 tokens; score next to bicubic."""
     generator.eval()
     sr, idx = batched(lambda y: [t.cpu() for t in super_resolve(y, tokenizer, generator, prior, True)],
-                      val_lr)
+                      val_lr, device=device)
     acc = (idx == val_q).float().mean(dim=(0, 2, 3))                           # (G,)
     m = ev.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net)
     out = dict(psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'],

@@ -725,6 +725,18 @@ def ste_onehot(logits):
     return onehot + (p - p.detach())
 
 
+def sample_topk(logits, k, generator=None):
+    """Stage 3 (SPEC sec. 3): logits (..., K) -> indices (...,) drawn among the k most probable
+    entries in proportion to their renormalised probabilities p_i / sum_{j in top-k} p_j, which is
+    exactly softmax over the top-k logits. k = 1 is argmax (no randomness drawn)."""
+    if k == 1:
+        return logits.argmax(-1)
+    top, cand = logits.float().topk(k, dim=-1)                          # (..., k) each
+    p = top.softmax(-1).reshape(-1, k)
+    choice = torch.multinomial(p, 1, generator=generator).view(top.shape[:-1])
+    return cand.gather(-1, choice[..., None])[..., 0]
+
+
 def upsample_for_prior(lr, scale=4):
     """The prior sees the LR image bicubically upsampled to HR size (SPEC: VFM_lora(y_up))."""
     return F.interpolate(lr, scale_factor=scale, mode='bicubic', align_corners=False).clamp(0, 1)
@@ -770,8 +782,10 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
     tokenizer = Tokenizer(TokenizerConfig(**t['model_args']))
     tokenizer.load_state_dict(t['model'])
     if decoder_ckpt is not None:
-        tokenizer.decoder.load_state_dict(torch.load(decoder_ckpt, map_location='cpu',
-                                                     weights_only=False)['decoder'])
+        d = torch.load(decoder_ckpt, map_location='cpu', weights_only=False)
+        if d.get('tok_model_args') != t['model_args']:
+            raise ValueError(f"{decoder_ckpt} is a decoder for another tokenizer than the one of {gen_ckpt}")
+        tokenizer.decoder.load_state_dict(d['decoder'])
     generator = Generator(GeneratorConfig(**g['model_args']))
     generator.load_state_dict(g['generator'])
     prior = build_sr_prior(g['prior_args'])

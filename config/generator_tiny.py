@@ -1,4 +1,4 @@
-# Stage 2 on a 2-core CPU in ~15 minutes, on the tokenizer of config/tokenizer_tiny.py (patch 8,
+# Stage 2 on a 2-core CPU in ~10 minutes, on the tokenizer of config/tokenizer_tiny.py (patch 8,
 # G 4, K 256). 128x128 HR crops -> 32x32 LR -> a 16x16 token grid (patch 8 = 2 LR pixels per
 # token side); batch 8 -> 2048 tokens per step. The prior sees LR upsampled to 128x128.
 out_dir = 'out/generator'
@@ -17,7 +17,7 @@ d_lr = 1e-4
 weight_decay = 0.01
 warmup_iters = 50
 max_iters = 100000        # the time budget ends the run
-max_minutes = 15.0
+max_minutes = 10.0
 eval_interval = 300
 log_interval = 20
 gan_start = 100000        # GAN off: 15 CPU minutes are too few for the adversarial game; --gan_start=N turns it on

@@ -1,4 +1,4 @@
-# Stage 1 on a 2-core CPU in ~10 minutes: a small ViT on 128x128 crops with patch 8
+# Stage 1 on a 2-core CPU in ~9 minutes: a small ViT on 128x128 crops with patch 8
 # (a 16x16 grid = 256 tokens per image; batch 8 -> 2048 tokens per step).
 # Patch 8 instead of the paper's 16 so that a small decoder still has few pixels per token.
 out_dir = 'out/tokenizer'
@@ -15,7 +15,7 @@ lr = 1e-3
 d_lr = 5e-4
 warmup_iters = 50
 max_iters = 100000        # the time budget ends the run
-max_minutes = 10.0
+max_minutes = 9.0
 eval_interval = 400
 log_interval = 20
 gan_start = 100000        # GAN off: 10 CPU minutes is far from a converged autoencoder; --gan_start=N turns it on

@@ -1,23 +1,18 @@
 """Stage 2: the generator's SFT / CLS wiring, the straight-through one-hot against autograd on
 softmax, gradient routing (generator + LoRA train; tokenizer, prior base, discriminator stay
 frozen), config errors, a smoke run of generator.py and exact resume. CPU, ~1 minute."""
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import data
 import eval as ev
+from conftest import GEN_TINY
 from model import (Block, Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
                    build_sr_prior, g_loss_vanilla, load_sr_chain, rope_2d, ste_onehot, super_resolve,
                    upsample_for_prior)
 from prior import LoRA, frozen_features, repa_loss
 
-ROOT = Path(__file__).resolve().parents[1]
 TOK = dict(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32, enc_depth=1, enc_heads=2,
            dec_width=32, dec_depth=1, dec_heads=2)
 GEN = dict(patch=8, scale=4, groups=4, codebook_size=16, width=32, depth=2, n_head=2, stem_dim=8,
@@ -155,51 +150,27 @@ def test_full_loss_trains_only_generator_and_lora():
 
 # ----------------------------------------------------------------------------- the script
 
-# A model small enough for seconds per run; every loss term is on (CE, REPA, L1, LPIPS, GAN from
-# step 2). One thread: tiny tensors gain nothing from two, and it avoids oversubscribing a busy CPU.
-TINY = ['config/generator_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', '--width=32',
-        '--depth=1', '--n_head=2', '--stem_dim=16', '--sft_hidden=16', '--lora_rank=2', '--max_minutes=0',
-        '--eval_interval=1000', '--log_interval=1', '--gan_start=2', '--warmup_iters=2',
-        '--lr_decay_iters=6', '--lr=1e-3', '--threads=1']
-
-
-def run(script, args, check=True):
-    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+# every loss term on (CE, REPA, L1, LPIPS, GAN from step 2); tiny sizes from conftest.GEN_TINY
+TINY = GEN_TINY + ['--eval_interval=1000', '--log_interval=1', '--gan_start=2', '--warmup_iters=2',
+                   '--lr_decay_iters=6', '--lr=1e-3']
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-    """Two validation pairs and a 2-step tiny tokenizer made by tokenizer.py itself."""
-    tmp = tmp_path_factory.mktemp('gen')
-    src = ROOT / 'assets' / 'val_pairs'
-    names = sorted(p.name for p in (src / 'hr').glob('*.png'))[:2]
-    if len(names) < 2:
-        pytest.skip('validation pairs missing: run `python data.py`')
-    for kind in ('hr', 'lr', 'lr_bicubic'):
-        (tmp / 'val' / kind).mkdir(parents=True)
-        for n in names:
-            shutil.copy(src / kind / n, tmp / 'val' / kind / n)
-    run('tokenizer.py', ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2',
-                         '--width=32', '--depth=1', '--n_head=2', '--codebook_size=16', '--max_minutes=0',
-                         '--max_iters=2', '--threads=1', f'--val_dir={tmp / "val"}', f'--out_dir={tmp / "tok"}'])
-    return tmp, TINY + [f'--val_dir={tmp / "val"}', f'--tok_ckpt={tmp / "tok" / "ckpt.pt"}']
+def tiny(tiny_val, tiny_tok):
+    return TINY + [f'--val_dir={tiny_val}', f'--tok_ckpt={tiny_tok}']
 
 
-def test_bad_config_is_one_clear_message(setup, tmp_path):
-    _, tiny = setup
+def test_bad_config_is_one_clear_message(tiny, run_script, tmp_path):
+    run = run_script
     for arg, words in (('--patch=16', 'set --patch=8'), (f'--tok_ckpt={tmp_path}/none.pt', 'python tokenizer.py')):
         p = run('generator.py', tiny + [arg, f'--out_dir={tmp_path}'], check=False)
         assert p.returncode != 0 and words in p.stderr and 'config error' in p.stderr, p.stderr
         assert 'Traceback' not in p.stderr and 'step ' not in p.stdout
 
 
-def test_smoke_exact_resume_and_sr_chain(setup):
-    tmp, tiny = setup
-    straight, split = tmp / 'straight', tmp / 'split'
+def test_smoke_exact_resume_and_sr_chain(tiny, tiny_val, run_script, tmp_path):
+    run = run_script
+    straight, split = tmp_path / 'straight', tmp_path / 'split'
     out = run('generator.py', tiny + [f'--out_dir={straight}', '--max_iters=4']).stdout
     for key in ('psnr_y:', 'lpips_vs_bicubic:', 'bicubic_lpips:', 'token_acc_mean:', 'token_acc_g3:'):
         assert key in out, key
@@ -219,7 +190,7 @@ def test_smoke_exact_resume_and_sr_chain(setup):
     assert any(v.abs().sum() > 0 for k, v in a['prior_lora'].items() if k.endswith('lora_B'))  # LoRA trained
     # the saved chain alone reproduces the run's final validation numbers
     tok, g, prior = load_sr_chain(straight / 'ckpt.pt', 'cpu')
-    pairs = data.load_val_pairs(str(tmp / 'val'))
+    pairs = data.load_val_pairs(str(tiny_val))
     sr = super_resolve(pairs['lr'], tok, g, prior)
     assert sr.shape == pairs['hr'].shape and 0 <= sr.min() and sr.max() <= 1
     m = ev.evaluate(sr, pairs['hr'], crop_border=4, lpips_net=False)

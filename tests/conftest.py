@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny trained checkpoint chain made by the stage scripts themselves (2 steps
+each, 1 thread), on two of the real validation pairs, built once per test session."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TOK_TINY = ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', '--width=32',
+            '--depth=1', '--n_head=2', '--codebook_size=16', '--max_minutes=0', '--threads=1']
+GEN_TINY = ['config/generator_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', '--width=32',
+            '--depth=1', '--n_head=2', '--stem_dim=16', '--sft_hidden=16', '--lora_rank=2', '--max_minutes=0',
+            '--threads=1']
+
+
+def _run(script, args, check=True):
+    p = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope='session')
+def run_script():
+    """run_script('x.py', [args], check=True) -> CompletedProcess (stdout/stderr as text)."""
+    return _run
+
+
+@pytest.fixture(scope='session')
+def tiny_val(tmp_path_factory):
+    """Two of the fixed validation pairs (hr, lr, lr_bicubic) in a folder of their own."""
+    tmp = tmp_path_factory.mktemp('val')
+    src = ROOT / 'assets' / 'val_pairs'
+    names = sorted(p.name for p in (src / 'hr').glob('*.png'))[:2]
+    if len(names) < 2:
+        pytest.skip('validation pairs missing: run `python data.py`')
+    for kind in ('hr', 'lr', 'lr_bicubic'):
+        (tmp / kind).mkdir()
+        for n in names:
+            shutil.copy(src / kind / n, tmp / kind / n)
+    return tmp
+
+
+@pytest.fixture(scope='session')
+def tiny_tok(tiny_val, tmp_path_factory):
+    """ckpt.pt of a 2-step tokenizer.py run (patch 8, G 4, K 16)."""
+    out = tmp_path_factory.mktemp('tok')
+    _run('tokenizer.py', TOK_TINY + ['--max_iters=2', f'--val_dir={tiny_val}', f'--out_dir={out}'])
+    return out / 'ckpt.pt'
+
+
+@pytest.fixture(scope='session')
+def tiny_gen(tiny_val, tiny_tok, tmp_path_factory):
+    """ckpt.pt of a 2-step generator.py run on tiny_tok, with the prior (SFT, CLS, LoRA)."""
+    out = tmp_path_factory.mktemp('gen')
+    _run('generator.py', GEN_TINY + ['--max_iters=2', '--eval_interval=1000', f'--val_dir={tiny_val}',
+                                     f'--tok_ckpt={tiny_tok}', f'--out_dir={out}'])
+    return out / 'ckpt.pt'

@@ -1,0 +1,146 @@
+"""Stage 3: top-K sampling against its definition (support and frequencies), K=1 = argmax,
+gradient routing (only the decoder trains), and finetune_decoder.py: smoke run, exact resume,
+the frozen mode, config errors, and the saved decoder used by load_sr_chain."""
+import hashlib
+import json
+
+import pytest
+import torch
+
+import data
+import eval as ev
+from model import (Generator, GeneratorConfig, Tokenizer, TokenizerConfig, load_sr_chain, sample_topk,
+                   super_resolve)
+
+# ----------------------------------------------------------------------------- top-K sampling
+
+
+def test_topk_support_and_frequencies_follow_renormalised_probabilities():
+    K, k, n = 12, 5, 200_000
+    logits = torch.randn(K, generator=torch.Generator().manual_seed(0)) * 2
+    p = logits.softmax(-1)
+    top = p.argsort(descending=True)[:k]
+    want = torch.zeros(K)
+    want[top] = p[top] / p[top].sum()  # renormalised over the top k, written out by hand
+    idx = sample_topk(logits.expand(n, 4, K), k, torch.Generator().manual_seed(1))
+    assert idx.shape == (n, 4)
+    freq = torch.bincount(idx.flatten(), minlength=K).double() / idx.numel()
+    assert set(idx.unique().tolist()) == set(top.tolist())  # never outside the top k, all of them used
+    se = (want * (1 - want) / idx.numel()).sqrt().double()
+    assert ((freq - want).abs() <= 5 * se + 1e-12).all(), (freq, want)
+
+
+def test_topk_with_k1_is_argmax_and_draws_nothing():
+    logits = torch.randn(3, 4, 5, 6, 50)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    assert torch.equal(sample_topk(logits, 1, g), logits.argmax(-1))
+    assert torch.equal(g.get_state(), state)
+
+
+def test_topk_is_reproducible_per_generator_state():
+    logits = torch.randn(2, 4, 3, 3, 16)
+    a = sample_topk(logits, 5, torch.Generator().manual_seed(3))
+    b = sample_topk(logits, 5, torch.Generator().manual_seed(3))
+    c = sample_topk(logits, 5, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+# ----------------------------------------------------------------------------- gradient routing
+
+
+def test_only_the_decoder_gets_gradients():
+    """The stage-3 step as finetune_decoder.py runs it: frozen generator -> top-K draw ->
+    codebook lookup -> decoder -> L1 + LPIPS; only decoder parameters receive gradients."""
+    torch.manual_seed(0)
+    tok = Tokenizer(TokenizerConfig(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32,
+                                    enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2))
+    gen = Generator(GeneratorConfig(patch=8, groups=4, codebook_size=16, width=32, depth=1, n_head=2,
+                                    stem_dim=8, use_sft=False, cls_tokens='none'))
+    for m in (tok, gen):
+        m.eval().requires_grad_(False)
+    tok.decoder.requires_grad_(True)
+    lr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        idx = sample_topk(gen(lr), 5, torch.Generator().manual_seed(0))
+    sr = tok.decode(tok.quantizer.lookup(idx))
+    ((sr - hr).abs().mean() + ev.lpips_dist(ev.load_lpips('cpu'), sr, hr).mean()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tok.decoder.parameters())
+    assert tok.quantizer.codebook.grad is None
+    assert all(p.grad is None for p in (*gen.parameters(), *tok.encoder.parameters()))
+
+# ----------------------------------------------------------------------------- the script
+
+TINY = ['config/finetune_decoder_tiny.py', '--crop_size=32', '--batch_size=2', '--max_minutes=0',
+        '--eval_interval=1000', '--log_interval=1', '--gan_start=2', '--warmup_iters=2', '--lr_decay_iters=6',
+        '--lr=1e-3', '--top_k=3', '--threads=1']
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope='module')
+def tiny(tiny_val, tiny_gen):
+    return TINY + [f'--val_dir={tiny_val}', f'--gen_ckpt={tiny_gen}']
+
+
+def test_bad_config_is_one_clear_message(tiny, run_script, tmp_path):
+    for arg, words in (('--mode=top3', "mode='top3'"), ('--top_k=0', 'top_k=0'),
+                       (f'--gen_ckpt={tmp_path}/none.pt', 'python generator.py'), ('--crop_size=36', 'patch=8')):
+        p = run_script('finetune_decoder.py', tiny + [arg, f'--out_dir={tmp_path}'], check=False)
+        assert p.returncode != 0 and words in p.stderr and 'config error' in p.stderr, p.stderr
+        assert 'Traceback' not in p.stderr and 'step ' not in p.stdout
+
+
+def test_smoke_exact_resume_frozen_mode_and_chain(tiny, tiny_val, tiny_gen, run_script, tmp_path):
+    gen = torch.load(tiny_gen, weights_only=False)
+    tok_file = type(tiny_gen)(gen['tok_ckpt'])
+    hashes = (sha(tiny_gen), sha(tok_file))
+    straight, split, frozen = tmp_path / 'straight', tmp_path / 'split', tmp_path / 'frozen'
+    out = run_script('finetune_decoder.py', tiny + [f'--out_dir={straight}', '--max_iters=4']).stdout
+    for key in ('psnr_y:', 'lpips:', 'stage2_lpips:', 'bicubic_lpips:', 'mode: topk', 'top_k: 3'):
+        assert key in out, key
+    assert 'g 0.0000 d 0.0000' not in out.split('step 3 |')[1].split('\n')[0]  # GAN on from step 2
+    assert 'not-top1 0.000' not in out.split('step 1 |')[1].split('\n')[0]     # top-3 draws differ from top-1
+    for f in ('ckpt.pt', 'log.txt', 'summary.json', 'samples_000000.png', 'samples_000004.png'):
+        assert (straight / f).is_file(), f
+    run_script('finetune_decoder.py', tiny + [f'--out_dir={split}', '--max_iters=2'])
+    out = run_script('finetune_decoder.py', tiny + [f'--out_dir={split}', '--max_iters=4', '--init_from=resume']).stdout
+    assert 'resumed from' in out and 'step 3 |' in out and 'step 1 |' not in out
+    a = torch.load(straight / 'ckpt.pt', weights_only=False)
+    b = torch.load(split / 'ckpt.pt', weights_only=False)
+    assert a['step'] == b['step'] == 4
+    for part in ('decoder', 'disc'):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
+    # the earlier stages' files are untouched, and only the decoder moved
+    assert (sha(tiny_gen), sha(tok_file)) == hashes
+    tok0 = torch.load(tok_file, weights_only=False)['model']
+    assert any(not torch.equal(v, tok0[f'decoder.{k}']) for k, v in a['decoder'].items())
+    # the saved decoder is what load_sr_chain / sr.py / eval.py use, with top-1 tokens
+    tok, g, prior = load_sr_chain(tiny_gen, 'cpu', decoder_ckpt=straight / 'ckpt.pt')
+    for k, v in tok.state_dict().items():
+        assert torch.equal(v, a['decoder'][k[len('decoder.'):]] if k.startswith('decoder.') else tok0[k]), k
+    pairs = data.load_val_pairs(str(tiny_val))
+    m = ev.evaluate(super_resolve(pairs['lr'], tok, g, prior), pairs['hr'], crop_border=4, lpips_net=False)
+    assert abs(m['psnr_y'] - a['metrics']['psnr_y']) < 1e-6
+    # eval.py on the chain: bicubic, tokenizer reconstruction, stage 2 and stage 3 in one table
+    js = tmp_path / 'chain.json'
+    out = run_script('eval.py', ['--sr=chain', f'--gen_ckpt={tiny_gen}', f'--decoder_ckpt={straight / "ckpt.pt"}',
+                                 f'--val_dir={tiny_val}', f'--out_json={js}']).stdout
+    rows = json.loads(js.read_text())['rows']
+    assert [r['name'][:7] for r in rows] == ['bicubic', 'stage 1', 'stage 2', 'stage 3'] and '| stage 3' in out
+    summ = json.loads((straight / 'summary.json').read_text())
+    for r, key in ((rows[0], 'bicubic'), (rows[2], 'stage2')):
+        assert r['psnr_y'] == pytest.approx(summ[f'{key}_psnr_y'], abs=1e-9)
+        assert r['lpips'] == pytest.approx(summ[f'{key}_lpips'], abs=1e-6)
+    assert rows[3]['psnr_y'] == pytest.approx(summ['psnr_y'], abs=1e-9)
+    assert rows[3]['lpips'] == pytest.approx(summ['lpips'], abs=1e-6)
+    # frozen: no training, the stage-1 decoder evaluated as is = the stage-2 numbers
+    out = run_script('finetune_decoder.py', tiny + [f'--out_dir={frozen}', '--mode=frozen']).stdout
+    assert 'step 1 |' not in out and 'steps: 0' in out
+    c = torch.load(frozen / 'ckpt.pt', weights_only=False)
+    assert all(torch.equal(v, tok0[f'decoder.{k}']) for k, v in c['decoder'].items())
+    summ = json.loads((frozen / 'summary.json').read_text())
+    assert summ['steps'] == 0 and summ['psnr_y'] == pytest.approx(summ['stage2_psnr_y'], abs=1e-9)
+    assert summ['lpips'] == pytest.approx(summ['stage2_lpips'], abs=1e-9)
