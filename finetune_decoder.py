@@ -2,7 +2,7 @@
 Stage 3: fine-tune the tokenizer's decoder on the generator's own (imperfect) tokens
 (HiTokSR; SPEC.md section 3).
 
-    python finetune_decoder.py config/finetune_decoder_tiny.py              # 2-core CPU, ~5 minutes
+    python finetune_decoder.py config/finetune_decoder_tiny.py              # 2-core CPU, ~4 minutes
     python finetune_decoder.py config/finetune_decoder_paper.py             # paper sizes, one GPU
     python finetune_decoder.py config/finetune_decoder_tiny.py --init_from=resume   # continue exactly
 

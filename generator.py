@@ -2,7 +2,7 @@
 Stage 2: train the semantic-guided token generator with reconstruction-aware losses
 (HiTokSR + TVQ&RAP; SPEC.md section 2).
 
-    python generator.py config/generator_tiny.py                 # 2-core CPU, ~15 minutes
+    python generator.py config/generator_tiny.py                 # 2-core CPU, ~10 minutes
     python generator.py config/generator_paper.py                # paper sizes, one GPU
     python generator.py config/generator_tiny.py --init_from=resume   # continue exactly
 

@@ -1,7 +1,7 @@
 """
 Stage 1: train the coarse-to-fine grouped-VQ tokenizer (HiTokSR; SPEC.md section 1).
 
-    python tokenizer.py config/tokenizer_tiny.py                 # 2-core CPU, ~10 minutes
+    python tokenizer.py config/tokenizer_tiny.py                 # 2-core CPU, ~9 minutes
     python tokenizer.py config/tokenizer_paper.py                # paper sizes, one GPU
     python tokenizer.py config/tokenizer_tiny.py --init_from=resume   # continue exactly
 

