@@ -20,7 +20,6 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 
 import data
 import eval as ev

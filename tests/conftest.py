@@ -60,3 +60,27 @@ def tiny_gen(tiny_val, tiny_tok, tmp_path_factory):
     _run('generator.py', GEN_TINY + ['--max_iters=2', '--eval_interval=1000', f'--val_dir={tiny_val}',
                                      f'--tok_ckpt={tiny_tok}', f'--out_dir={out}'])
     return out / 'ckpt.pt'
+
+
+@pytest.fixture(scope='session')
+def check_exact_resume():
+    """check_exact_resume(script, args, out, n, parts) runs `script` 2n steps straight (out/'straight')
+    and n + resume + n steps (out/'split'), asserts the resumed run restarts at step n+1 and that
+    every tensor of the checkpoint parts is bit-identical; -> (stdout of the straight run, its ckpt)."""
+    import torch
+
+    def check(script, args, out, n, parts):
+        straight, split = out / 'straight', out / 'split'
+        log = _run(script, args + [f'--out_dir={straight}', f'--max_iters={2 * n}']).stdout
+        _run(script, args + [f'--out_dir={split}', f'--max_iters={n}'])
+        resumed = _run(script, args + [f'--out_dir={split}', f'--max_iters={2 * n}', '--init_from=resume']).stdout
+        assert 'resumed from' in resumed and f'step {n + 1} |' in resumed and 'step 1 |' not in resumed
+        a = torch.load(straight / 'ckpt.pt', weights_only=False)
+        b = torch.load(split / 'ckpt.pt', weights_only=False)
+        assert a['step'] == b['step'] == 2 * n
+        for part in parts:
+            assert a[part].keys() == b[part].keys() and a[part], part
+            for key, value in a[part].items():
+                assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
+        return log, a
+    return check

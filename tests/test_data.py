@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import degradation
 from data import DegradeConfig, ImageLoadError
 
 STAGES = ('blur', 'resize', 'noise', 'jpeg', 'sinc')
@@ -72,7 +73,7 @@ def test_each_stage_changes_the_image_only_when_enabled(stage):
 def test_all_stages_off_is_a_plain_resize():
     hr = smooth_images(2, 64, 64)
     lr = run(hr, **{s: False for s in STAGES})
-    refs = [data._round8(F.interpolate(hr, size=(16, 16), mode=m)) for m in ('area', 'bilinear', 'bicubic')]
+    refs = [degradation._round8(F.interpolate(hr, size=(16, 16), mode=m)) for m in ('area', 'bilinear', 'bicubic')]
     assert any(torch.equal(lr, r) for r in refs)
 
 
@@ -80,7 +81,7 @@ def test_noise_levels_match_gaussian_and_poisson_statistics():
     x = torch.full((4, 3, 128, 128), 0.5)
     p = dict(gauss=np.array([True, True, False, False]), sigma=np.array([20., 20., 0., 0.]),
              pscale=np.array([0., 0., 0.1, 0.1]), gray=np.array([False, True, False, True]), seed=0)
-    n = data.add_noise(x, p) - x
+    n = degradation.add_noise(x, p) - x
     assert abs(n[0].std().item() - 20 / 255) < 0.03 * 20 / 255  # sigma in 8-bit levels
     # a flat image has 1 distinct level -> 1 photon per unit: Var = 0.5 (Poisson), times scale^2
     assert abs(n[2].std().item() - 0.1 * math.sqrt(0.5)) < 0.03 * 0.1 * math.sqrt(0.5)
@@ -109,10 +110,10 @@ def test_bad_degrade_input():
 
 def test_usm_sharpens_edges_and_leaves_flat_areas():
     flat = torch.full((1, 3, 64, 64), 0.5)
-    assert torch.allclose(data.usm_sharp(flat), flat)
+    assert torch.allclose(degradation.usm_sharp(flat), flat)
     step = torch.zeros(1, 3, 64, 64)
     step[..., 32:] = 0.8
-    s = data.usm_sharp(step)
+    s = degradation.usm_sharp(step)
     assert s[..., 33].mean() > 0.8 and s[..., 31].mean() == 0  # overshoot on the bright side, clamped dark side
     hr_out, _ = data.degrade(smooth_images(1, 64, 64), DegradeConfig(usm_gt=True), torch.Generator())
     assert not torch.equal(hr_out, smooth_images(1, 64, 64))
@@ -123,10 +124,10 @@ def test_usm_sharpens_edges_and_leaves_flat_areas():
 def test_kernels_sum_to_one():
     rng = np.random.default_rng(0)
     cfg = DegradeConfig()
-    ks = [data.random_kernel(rng, cfg, o) for o in (1, 2) for _ in range(30)]
-    ks += [data.bivariate_kernel(15, 2.0, 0.7, 0.3, kind, beta) for kind, beta in
+    ks = [degradation.random_kernel(rng, cfg, o) for o in (1, 2) for _ in range(30)]
+    ks += [degradation.bivariate_kernel(15, 2.0, 0.7, 0.3, kind, beta) for kind, beta in
            (('gaussian', 1), ('generalized', 0.6), ('generalized', 3.5), ('plateau', 1.5))]
-    ks += [data.circular_lowpass_kernel(w, s, pad_to=21) for w, s in ((math.pi / 3, 7), (math.pi, 21))]
+    ks += [degradation.circular_lowpass_kernel(w, s, pad_to=21) for w, s in ((math.pi / 3, 7), (math.pi, 21))]
     for k in ks:
         assert abs(k.sum() - 1) < 1e-12
         assert k.shape[0] == k.shape[1] and k.shape[0] % 2 == 1
@@ -139,21 +140,21 @@ def test_isotropic_gaussian_matches_formula():
         for j in range(ks):
             ref[i, j] = math.exp(-((i - 5) ** 2 + (j - 5) ** 2) / (2 * sigma ** 2))
     ref /= ref.sum()
-    np.testing.assert_allclose(data.bivariate_kernel(ks, sigma, sigma, 0.0), ref, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(degradation.bivariate_kernel(ks, sigma, sigma, 0.0), ref, rtol=0, atol=1e-15)
     # rotating an isotropic kernel changes nothing; beta = 1 generalized is the Gaussian
-    np.testing.assert_allclose(data.bivariate_kernel(ks, sigma, sigma, 0.9), ref, atol=1e-15)
-    np.testing.assert_allclose(data.bivariate_kernel(ks, sigma, sigma, 0, 'generalized', 1.0), ref, atol=1e-15)
+    np.testing.assert_allclose(degradation.bivariate_kernel(ks, sigma, sigma, 0.9), ref, atol=1e-15)
+    np.testing.assert_allclose(degradation.bivariate_kernel(ks, sigma, sigma, 0, 'generalized', 1.0), ref, atol=1e-15)
 
 
 def test_anisotropic_kernel_orientation():
-    k = data.bivariate_kernel(21, 4.0, 0.5, 0.0)  # long along x (columns)
+    k = degradation.bivariate_kernel(21, 4.0, 0.5, 0.0)  # long along x (columns)
     assert k[10, 14] > k[14, 10]
-    k90 = data.bivariate_kernel(21, 4.0, 0.5, math.pi / 2)
+    k90 = degradation.bivariate_kernel(21, 4.0, 0.5, math.pi / 2)
     np.testing.assert_allclose(k90, k.T, atol=1e-12)
 
 
 def test_sinc_kernel_is_radial_and_sums_to_one():
-    k = data.circular_lowpass_kernel(math.pi / 4, 13)
+    k = degradation.circular_lowpass_kernel(math.pi / 4, 13)
     np.testing.assert_allclose(k, k.T, atol=1e-15)
     np.testing.assert_allclose(k, k[::-1], atol=1e-15)
     assert k[6, 6] == k.max()
@@ -162,7 +163,7 @@ def test_sinc_kernel_is_radial_and_sums_to_one():
 def test_filter2d_matches_per_sample_conv():
     x = torch.rand(3, 3, 20, 24, dtype=torch.float64)
     k = torch.rand(3, 5, 5, dtype=torch.float64)
-    got = data.filter2d(x, k)
+    got = degradation.filter2d(x, k)
     for b in range(3):
         xp = F.pad(x[b:b + 1], (2, 2, 2, 2), mode='reflect')
         want = torch.cat([F.conv2d(xp[:, c:c + 1], k[b].view(1, 1, 5, 5)) for c in range(3)], 1)

@@ -1,5 +1,4 @@
 """Stage-1 script: frequency targets, config errors before training, smoke run, exact resume."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,22 +58,12 @@ def test_bad_config_is_one_clear_message_before_training(arg, words):
     assert 'Traceback' not in p.stderr and 'step ' not in p.stdout
 
 
-def test_smoke_and_exact_resume(tmp_path):
+def test_smoke_and_exact_resume(check_exact_resume, tmp_path):
     """3 steps + resume + 3 steps must give bit-identical weights to 6 straight steps (CPU)."""
-    straight, split = tmp_path / 'straight', tmp_path / 'split'
-    out = run(TINY + [f'--out_dir={straight}', '--max_iters=6']).stdout
+    out, _ = check_exact_resume('tokenizer.py', TINY, tmp_path, 3, ('model', 'disc'))
     assert 'r_psnr_y:' in out and 'code_usage_min:' in out and 'prefix_psnr_k1:' in out
     for f in ('ckpt.pt', 'log.txt', 'summary.json', 'samples_000000.png', 'samples_000006.png'):
-        assert (straight / f).is_file(), f
-    run(TINY + [f'--out_dir={split}', '--max_iters=3'])
-    out = run(TINY + [f'--out_dir={split}', '--max_iters=6', '--init_from=resume']).stdout
-    assert 'resumed from' in out and 'step 4 |' in out and 'step 1 |' not in out
-    a = torch.load(straight / 'ckpt.pt', weights_only=False)
-    b = torch.load(split / 'ckpt.pt', weights_only=False)
-    assert a['step'] == b['step'] == 6
-    for part in ('model', 'disc'):
-        for key, value in a[part].items():
-            assert torch.equal(value, b[part][key]), f"{part}.{key} differs after resume"
+        assert (tmp_path / 'straight' / f).is_file(), f
 
 
 def test_resume_refuses_a_different_model(tmp_path):

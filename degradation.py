@@ -1,0 +1,345 @@
+"""
+The Real-ESRGAN second-order degradation (SPEC.md "Data and degradation"), batched in torch on any
+device: random blur kernels (generalized / plateau Gaussian, sinc), resizes, Gaussian / Poisson
+noise, JPEG, twice, then the final sinc + JPEG in random order; plus the "bicubic only" mode and USM
+sharpening. `degrade(hr, cfg, gen) -> (hr, lr)` is the entry point; data.PairSampler calls it.
+
+Follows Real-ESRGAN x4plus (BasicSR's degradations.py, realesrgan_dataset.py, realesrnet_model.py).
+Deliberate differences, all for batching on one device: kernels, second-blur coin, final sinc,
+noise type/level/gray coin, JPEG quality and the final-step order are drawn per sample; the three
+resize scales and interpolation modes are drawn per batch (a batch must share one size, as in the
+reference); Gaussian gray noise is drawn per sample (the reference shares one gray field across the
+batch); JPEG is real libjpeg through PIL on CPU with 4:2:0 chroma and integer quality (the
+reference's DiffJPEG is a float re-implementation of the same codec); there is no training-pair
+queue. usm_gt defaults to off (x4plus sharpens its GT) so targets stay the photos that validation
+scores against.
+"""
+import io
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# -----------------------------------------------------------------------------
+# degradation settings
+
+
+@dataclass
+class DegradeConfig:
+    mode: str = 'realesrgan'      # 'realesrgan' (SPEC.md) | 'bicubic' (clean, antialiased) | 'none' (lr=None)
+    scale: int = 4                # HR side / LR side
+    # stage switches (tests and ablations); the final resize to H/scale always happens
+    blur: bool = True             # kernel 1 and kernel 2
+    resize: bool = True           # the random resizes of orders 1 and 2
+    noise: bool = True            # Gaussian / Poisson noise of orders 1 and 2
+    jpeg: bool = True             # the three JPEG steps
+    sinc: bool = True             # the final sinc filter
+    # blur kernels: sizes, types, probabilities (kernel 1 / kernel 2 share list and probs)
+    kernel_sizes: tuple = (7, 9, 11, 13, 15, 17, 19, 21)
+    kernel_list: tuple = ('iso', 'aniso', 'generalized_iso', 'generalized_aniso', 'plateau_iso', 'plateau_aniso')
+    kernel_prob: tuple = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    rotation_range: tuple = (-math.pi, math.pi)
+    sinc_prob: float = 0.1        # kernel 1 is a sinc (omega_c ~ U[pi/3,pi] if size < 13 else U[pi/5,pi])
+    blur_sigma: tuple = (0.2, 3.0)
+    betag_range: tuple = (0.5, 4.0)   # generalized Gaussian shape
+    betap_range: tuple = (1.0, 2.0)   # plateau shape
+    sinc_prob2: float = 0.1
+    blur_sigma2: tuple = (0.2, 1.5)
+    betag_range2: tuple = (0.5, 4.0)
+    betap_range2: tuple = (1.0, 2.0)
+    second_blur_prob: float = 0.8
+    final_sinc_prob: float = 0.8
+    # order 1: resize (p up/down/keep), noise, JPEG
+    resize_prob: tuple = (0.2, 0.7, 0.1)
+    resize_range: tuple = (0.15, 1.5)     # down U[lo,1], up U[1,hi]
+    resize_modes: tuple = ('area', 'bilinear', 'bicubic')
+    gaussian_noise_prob: float = 0.5      # else Poisson
+    noise_range: tuple = (1.0, 30.0)      # Gaussian sigma, in 8-bit levels
+    poisson_scale_range: tuple = (0.05, 3.0)
+    gray_noise_prob: float = 0.4
+    jpeg_range: tuple = (30, 95)
+    # order 2
+    resize_prob2: tuple = (0.3, 0.4, 0.3)
+    resize_range2: tuple = (0.3, 1.2)
+    gaussian_noise_prob2: float = 0.5
+    noise_range2: tuple = (1.0, 25.0)
+    poisson_scale_range2: tuple = (0.05, 2.5)
+    gray_noise_prob2: float = 0.4
+    jpeg_range2: tuple = (30, 95)
+    # final step: p of [resize + sinc] then JPEG, else JPEG then [resize + sinc]
+    resize_first_prob: float = 0.5
+    # ground truth unsharp mask (BasicSR USMSharp); LR is then made from the sharpened GT
+    usm_gt: bool = False
+    usm_radius: int = 51
+    usm_weight: float = 0.5
+    usm_threshold: float = 10.0   # in 8-bit levels
+
+    def __post_init__(self):
+        if self.mode not in ('realesrgan', 'bicubic', 'none'):
+            raise ValueError(f"DegradeConfig.mode must be 'realesrgan', 'bicubic' or 'none', got {self.mode!r}")
+        if len(self.kernel_list) != len(self.kernel_prob) or any(k % 2 == 0 for k in self.kernel_sizes):
+            raise ValueError("DegradeConfig: kernel_list and kernel_prob must have equal length, kernel_sizes odd")
+        for k in ('resize_prob', 'resize_prob2'):
+            if len(getattr(self, k)) != 3:
+                raise ValueError(f"DegradeConfig.{k} must be 3 probabilities (up, down, keep)")
+
+    @classmethod
+    def from_dict(cls, d):
+        valid = [f.name for f in fields(cls)]
+        bad = [k for k in d if k not in valid]
+        if bad:
+            raise ValueError(f"DegradeConfig: unknown key(s) {bad}. Valid keys: {', '.join(valid)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+# -----------------------------------------------------------------------------
+# kernels (BasicSR degradations.py), built in float64 numpy, each normalised to sum 1
+
+
+def mesh_grid(ks):
+    ax = np.arange(-(ks // 2), ks // 2 + 1, dtype=np.float64)
+    xx, yy = np.meshgrid(ax, ax)
+    return np.stack([xx, yy], axis=-1)  # (ks, ks, 2), (x, y) offsets from the centre
+
+
+def bivariate_kernel(ks, sig_x, sig_y, theta, kind='gaussian', beta=1.0):
+    """Gaussian exp(-q/2), generalized exp(-q^beta/2), plateau 1/(q^beta+1), with
+    q = d^T Sigma^-1 d, Sigma = R diag(sig_x^2, sig_y^2) R^T (R = rotation by theta)."""
+    R = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    inv = np.linalg.inv(R @ np.diag([sig_x ** 2, sig_y ** 2]) @ R.T)
+    d = mesh_grid(ks)
+    q = np.sum((d @ inv) * d, axis=-1)
+    k = {'gaussian': lambda: np.exp(-0.5 * q), 'generalized': lambda: np.exp(-0.5 * q ** beta),
+         'plateau': lambda: 1.0 / (q ** beta + 1.0)}[kind]()
+    return k / k.sum()
+
+
+def circular_lowpass_kernel(cutoff, ks, pad_to=0):
+    """2D sinc: the ideal circular low-pass with cutoff omega_c (rad/pixel), J1-based."""
+    d = mesh_grid(ks)
+    r = np.sqrt((d ** 2).sum(-1))
+    with np.errstate(divide='ignore', invalid='ignore'):
+        k = cutoff * torch.special.bessel_j1(torch.from_numpy(cutoff * r)).numpy() / (2 * np.pi * r)
+    k[ks // 2, ks // 2] = cutoff ** 2 / (4 * np.pi)  # the r -> 0 limit
+    k = k / k.sum()
+    return _pad_kernel(k, pad_to) if pad_to > ks else k
+
+
+def _pad_kernel(k, size):
+    p = (size - k.shape[0]) // 2
+    return np.pad(k, ((p, p), (p, p)))
+
+
+def _beta(rng, lo, hi):
+    # BasicSR: half the time below 1, half above (with betap_range (1,2) the lower half is exactly 1)
+    return rng.uniform(lo, 1) if rng.random() < 0.5 else rng.uniform(1, hi)
+
+
+def random_kernel(rng, cfg, order):
+    """One blur kernel as realesrgan_dataset.py draws it, zero-padded to max(kernel_sizes)."""
+    s = '' if order == 1 else '2'
+    sigma, bg, bp = getattr(cfg, 'blur_sigma' + s), getattr(cfg, 'betag_range' + s), getattr(cfg, 'betap_range' + s)
+    ks = int(rng.choice(cfg.kernel_sizes))
+    if rng.random() < getattr(cfg, 'sinc_prob' + s):
+        k = circular_lowpass_kernel(rng.uniform(np.pi / 3 if ks < 13 else np.pi / 5, np.pi), ks)
+    else:
+        p = np.asarray(cfg.kernel_prob, dtype=np.float64)
+        kind = cfg.kernel_list[rng.choice(len(p), p=p / p.sum())]
+        sx = rng.uniform(*sigma)
+        sy, theta = (rng.uniform(*sigma), rng.uniform(*cfg.rotation_range)) if kind.endswith('aniso') else (sx, 0.0)
+        if kind.startswith('generalized'):
+            k = bivariate_kernel(ks, sx, sy, theta, 'generalized', _beta(rng, *bg))
+        elif kind.startswith('plateau'):
+            k = bivariate_kernel(ks, sx, sy, theta, 'plateau', _beta(rng, *bp))
+        else:
+            k = bivariate_kernel(ks, sx, sy, theta)
+    return _pad_kernel(k, max(cfg.kernel_sizes))
+
+
+def _pulse(size):
+    k = np.zeros((size, size))
+    k[size // 2, size // 2] = 1.0
+    return k
+
+
+def filter2d(x, k):
+    """Per-sample 2D filter: x (B, C, H, W), k (B, k, k) or (k, k); one grouped conv (groups=B*C)
+    with reflect padding (replicate when the image is smaller than the kernel radius)."""
+    B, C, H, W = x.shape
+    k = k.to(x).expand(B, *k.shape[-2:]) if k.dim() == 2 else k.to(x)
+    ks = k.shape[-1]
+    p = ks // 2
+    x = F.pad(x, (p, p, p, p), mode='reflect' if p < min(H, W) else 'replicate')
+    w = k.repeat_interleave(C, dim=0).unsqueeze(1)  # (B*C, 1, ks, ks)
+    return F.conv2d(x.reshape(1, B * C, H + 2 * p, W + 2 * p), w, groups=B * C).view(B, C, H, W)
+
+
+def usm_sharp(img, radius=51, weight=0.5, threshold=10.0):
+    """Unsharp mask of BasicSR's USMSharp: sharpen where |img - blur| > threshold/255, soft mask."""
+    radius += 1 - radius % 2
+    sigma = 0.3 * ((radius - 1) * 0.5 - 1) + 0.8  # OpenCV's getGaussianKernel default for sigma=0
+    g = np.exp(-(np.arange(radius) - radius // 2) ** 2 / (2 * sigma ** 2))
+    k = torch.from_numpy(np.outer(g, g) / g.sum() ** 2)
+    residual = img - filter2d(img, k)
+    soft = filter2d((residual.abs() * 255 > threshold).to(img), k)
+    return soft * (img + weight * residual).clamp(0, 1) + (1 - soft) * img
+
+# -----------------------------------------------------------------------------
+# degradation
+
+
+def _round8(x):
+    return (x * 255.0).round().clamp(0, 255) / 255.0
+
+
+def bicubic_downsample(hr, scale=4, round8=True):
+    """Clean LR: antialiased bicubic (PIL/MATLAB-like) downsample; clamped and 8-bit rounded."""
+    lr = F.interpolate(hr, size=(hr.shape[-2] // scale, hr.shape[-1] // scale), mode='bicubic',
+                       antialias=True, align_corners=False).clamp(0, 1)
+    return _round8(lr) if round8 else lr
+
+
+def _draw_resize(rng, prob, rng_range, modes):
+    kind = rng.choice(3, p=np.asarray(prob) / np.sum(prob))  # up, down, keep
+    scale = rng.uniform(1, rng_range[1]) if kind == 0 else rng.uniform(rng_range[0], 1) if kind == 1 else 1.0
+    return float(scale), str(rng.choice(modes))
+
+
+def _draw_noise(rng, B, gauss_p, sigma, pscale, gray_p):
+    return dict(gauss=rng.random(B) < gauss_p, sigma=rng.uniform(*sigma, B), pscale=rng.uniform(*pscale, B),
+                gray=rng.random(B) < gray_p, seed=int(rng.integers(2 ** 62)))
+
+
+def sample_params(B, cfg, gen):
+    """Every random choice of one degrade() call, drawn up front from one seed taken from `gen`
+    (a CPU torch.Generator), in an order that does not depend on the stage switches: switching a
+    stage off leaves every other stage's draws unchanged."""
+    rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+    kmax = max(cfg.kernel_sizes)
+    p = dict(k1=[], k2=[], sinc=[])
+    for _ in range(B):
+        p['k1'].append(random_kernel(rng, cfg, 1))
+        k2 = random_kernel(rng, cfg, 2)
+        p['k2'].append(k2 if rng.random() < cfg.second_blur_prob else _pulse(kmax))  # per sample
+        use, ks, wc = rng.random() < cfg.final_sinc_prob, int(rng.choice(cfg.kernel_sizes)), rng.uniform(np.pi / 3, np.pi)
+        p['sinc'].append(circular_lowpass_kernel(wc, ks, pad_to=kmax) if use else _pulse(kmax))
+    p = {k: torch.from_numpy(np.stack(v)).float() for k, v in p.items()}  # (B, kmax, kmax) each
+    p['resize1'] = _draw_resize(rng, cfg.resize_prob, cfg.resize_range, cfg.resize_modes)  # per batch
+    p['noise1'] = _draw_noise(rng, B, cfg.gaussian_noise_prob, cfg.noise_range, cfg.poisson_scale_range,
+                              cfg.gray_noise_prob)
+    p['q1'] = rng.uniform(*cfg.jpeg_range, B)
+    p['resize2'] = _draw_resize(rng, cfg.resize_prob2, cfg.resize_range2, cfg.resize_modes)
+    p['noise2'] = _draw_noise(rng, B, cfg.gaussian_noise_prob2, cfg.noise_range2, cfg.poisson_scale_range2,
+                              cfg.gray_noise_prob2)
+    p['q2'] = rng.uniform(*cfg.jpeg_range2, B)
+    p['resize_first'] = rng.random(B) < cfg.resize_first_prob
+    p['mode3'] = str(rng.choice(cfg.resize_modes))
+    return p
+
+
+def _poisson(img, gen):
+    """Shot noise as BasicSR's generate_poisson_noise_pt: the photon count per level is the number
+    of distinct 8-bit values in the sample rounded up to a power of two."""
+    b = img.shape[0]
+    img = _round8(img)
+    lv = (img * 255).round().long().flatten(1) + 256 * torch.arange(b, device=img.device)[:, None]
+    n_unique = (torch.bincount(lv.flatten(), minlength=256 * b).view(b, 256) > 0).sum(1)
+    vals = (2.0 ** torch.ceil(torch.log2(n_unique.float()))).view(b, 1, 1, 1)
+    return torch.poisson(img * vals, generator=gen) / vals - img
+
+
+def add_noise(x, p):
+    """Per sample: Gaussian (sigma/255) or Poisson (times scale), colour or grey (same on R,G,B)."""
+    B, _, H, W = x.shape
+    gen = torch.Generator(device=x.device).manual_seed(p['seed'])
+    gray = torch.from_numpy(p['gray']).to(x.device).view(B, 1, 1, 1)
+    noise = torch.zeros_like(x)
+    ig = torch.from_numpy(np.flatnonzero(p['gauss'])).to(x.device)
+    ip = torch.from_numpy(np.flatnonzero(~p['gauss'])).to(x.device)
+    if len(ig):
+        s = torch.from_numpy(p['sigma'][p['gauss']] / 255.0).to(x).view(-1, 1, 1, 1)
+        n_rgb = torch.randn((len(ig), 3, H, W), generator=gen, device=x.device) * s
+        n_grey = torch.randn((len(ig), 1, H, W), generator=gen, device=x.device) * s
+        noise[ig] = torch.where(gray[ig], n_grey.expand_as(n_rgb), n_rgb)
+    if len(ip):
+        xs = x[ip]
+        s = torch.from_numpy(p['pscale'][~p['gauss']]).to(x).view(-1, 1, 1, 1)
+        n = _poisson(xs, gen)
+        if p['gray'][~p['gauss']].any():  # luma as torchvision's rgb_to_grayscale
+            y = (0.2989 * xs[:, 0] + 0.587 * xs[:, 1] + 0.114 * xs[:, 2]).unsqueeze(1)
+            n = torch.where(gray[ip], _poisson(y, gen).expand_as(n), n)
+        noise[ip] = n * s
+    return (x + noise).clamp(0, 1)
+
+
+def jpeg(x, quality):
+    """Real JPEG round trip per sample (PIL/libjpeg on CPU, 4:2:0, integer quality)."""
+    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = []
+    for a, q in zip(arr, quality):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format='JPEG', quality=int(round(float(q))))
+        out.append(np.asarray(Image.open(buf).convert('RGB')))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255.0
+
+
+def _check_batch(hr, scale):
+    if not torch.is_tensor(hr) or hr.dim() != 4 or hr.shape[1] != 3 or not hr.is_floating_point():
+        raise ValueError(f"degrade: expected a float tensor (B, 3, H, W) in [0, 1], got "
+                         f"{type(hr).__name__} {tuple(getattr(hr, 'shape', ()))}")
+    if hr.shape[-2] % scale or hr.shape[-1] % scale:
+        raise ValueError(f"degrade: HR size {tuple(hr.shape[-2:])} must be a multiple of scale={scale}")
+
+
+@torch.no_grad()
+def degrade(hr, cfg=None, gen=None):
+    """(B, 3, H, W) HR in [0, 1] -> (hr_out, lr): hr_out is the GT (unsharp-masked if cfg.usm_gt),
+    lr (B, 3, H/s, W/s) on 8-bit levels (None for mode 'none'). Same `gen` state and device ->
+    bit-identical output (the noise fields come from a generator on hr's device, seeded from `gen`)."""
+    cfg = cfg or DegradeConfig()
+    gen = torch.default_generator if gen is None else gen
+    _check_batch(hr, cfg.scale)
+    B, _, H, W = hr.shape
+    h, w = H // cfg.scale, W // cfg.scale
+    if cfg.usm_gt:
+        hr = usm_sharp(hr, cfg.usm_radius, cfg.usm_weight, cfg.usm_threshold)
+    if cfg.mode != 'realesrgan':
+        return hr, (bicubic_downsample(hr, cfg.scale) if cfg.mode == 'bicubic' else None)
+    p = sample_params(B, cfg, gen)
+    x = hr
+    # ---- order 1: blur, resize, noise, JPEG
+    if cfg.blur:
+        x = filter2d(x, p['k1'])
+    if cfg.resize:
+        s, mode = p['resize1']
+        x = F.interpolate(x, scale_factor=s, mode=mode)
+    if cfg.noise:
+        x = add_noise(x, p['noise1'])
+    if cfg.jpeg:
+        x = jpeg(x.clamp(0, 1), p['q1'])  # clamp first: out-of-range values give JPEG ringing
+    # ---- order 2: blur (p second_blur_prob, pulse kernel otherwise), resize relative to H/s, noise
+    if cfg.blur:
+        x = filter2d(x, p['k2'])
+    if cfg.resize:
+        s, mode = p['resize2']
+        x = F.interpolate(x, size=(max(1, int(h * s)), max(1, int(w * s))), mode=mode)
+    if cfg.noise:
+        x = add_noise(x, p['noise2'])
+    # ---- final: [resize to H/s + sinc] then JPEG, or JPEG then [resize + sinc], per sample
+    lr = torch.empty(B, 3, h, w, device=hr.device, dtype=hr.dtype)
+    for first in (True, False):
+        idx = np.flatnonzero(p['resize_first'] == first)
+        if len(idx) == 0:
+            continue
+        xs = x[torch.from_numpy(idx).to(x.device)]
+        if cfg.jpeg and not first:
+            xs = jpeg(xs.clamp(0, 1), p['q2'][idx])
+        xs = F.interpolate(xs, size=(h, w), mode=p['mode3'])
+        if cfg.sinc:
+            xs = filter2d(xs, p['sinc'][idx])
+        if cfg.jpeg and first:
+            xs = jpeg(xs.clamp(0, 1), p['q2'][idx])
+        lr[torch.from_numpy(idx).to(x.device)] = xs
+    return hr, _round8(lr)
