@@ -47,7 +47,7 @@ compile = False             # torch.compile the tokenizer / generator (CUDA only
 # sr mode: the chain of tok_config + gen_config, LR sides to time
 gen_config = 'config/generator_tiny.py'
 sr_sizes = (64, 128)        # LR 64 -> HR 256 and LR 128 -> HR 512
-from configurator import configure
+from configurator import configure, read_config_file
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -87,19 +87,13 @@ def bench_degrade(dev):
     print(f"degrade_ms_per_pair: {1000 * dt / pairs:.2f}")
 
 
-def read_config(path):
-    scope = {}
-    exec(open(path).read(), {}, scope)  # a config file is plain assignments
-    return scope
-
-
 def sync(dev):
     if dev.startswith('cuda'):
         torch.cuda.synchronize()
 
 
 def bench_tokenizer(dev):
-    scope = read_config(tok_config)
+    scope = read_config_file(tok_config)
     cfg = TokenizerConfig.from_flat(scope)
     crop_, batch = scope.get('crop_size', 256), scope.get('batch_size', 8)
     dt_name, ctx = autocast_ctx(dev, dtype)
@@ -146,8 +140,8 @@ def bench_tokenizer(dev):
 
 @torch.no_grad()
 def bench_sr(dev):
-    tcfg = TokenizerConfig.from_flat(read_config(tok_config))
-    g = read_config(gen_config)
+    tcfg = TokenizerConfig.from_flat(read_config_file(tok_config))
+    g = read_config_file(gen_config)
     prior = None
     if g.get('use_prior', True):
         prior = build_sr_prior(dict(name=g.get('prior_name', 'efficientnet_lite0'), feat_tap=g.get('prior_feat_tap', 'head'),

@@ -58,6 +58,19 @@ def _parse_value(text):
         return text  # a bare string such as out/tokenizer or cuda
 
 
+def read_config_file(path):
+    """A config file's settings: its assignments, executed in a scratch namespace (names starting
+    with '_' and imported modules left out). Unchecked: configure() checks them against a script."""
+    try:
+        with open(path) as f:
+            src = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
+    scope = {}
+    exec(compile(src, path, 'exec'), {}, scope)
+    return {k: v for k, v in scope.items() if not k.startswith('_') and type(v).__name__ != 'module'}
+
+
 def fail(msg):
     """Stop a script before any work with one clear line on stderr (no traceback), exit code 1."""
     sys.exit(f"config error: {msg}")
@@ -76,16 +89,7 @@ def configure(g, argv=None, verbose=True):
     valid = set(current)
     for arg in argv:
         if not arg.startswith('--'):  # a config file
-            try:
-                with open(arg) as f:
-                    src = f.read()
-            except OSError as e:
-                raise ConfigError(f"cannot read config file '{arg}': {e.strerror}") from None
-            scope = {}
-            exec(compile(src, arg, 'exec'), {}, scope)
-            for key, value in scope.items():
-                if key.startswith('_') or type(value).__name__ == 'module':
-                    continue
+            for key, value in read_config_file(arg).items():
                 current[key] = _check(key, value, current, valid, f"config file '{arg}'")
         else:
             if '=' not in arg:

@@ -62,7 +62,7 @@ def load_image(path):
     return torch.from_numpy(_read_rgb(path)).permute(2, 0, 1).contiguous()
 
 
-def _save_png(img, path):
+def save_png(img, path):
     """Atomic PNG write of a (3, H, W) float tensor or an (H, W, 3) uint8 array: a hidden temp
     name in the same folder, then os.replace."""
     if torch.is_tensor(img):
@@ -115,7 +115,7 @@ def prepare_images(src_paths, dst_dir, downscale=2):
             continue
         img = Image.fromarray((arr * 255).round().astype(np.uint8))
         img = img.resize((img.size[0] // downscale, img.size[1] // downscale), Image.Resampling.LANCZOS)
-        _save_png(np.asarray(img), dst)
+        save_png(np.asarray(img), dst)
         out['written'].append(dst)
     if not out['written'] and not out['existing']:
         raise ValueError(f"prepare_images: none of the {len(src_paths)} sources for '{dst_dir}' "
@@ -218,7 +218,7 @@ def build_val_pairs(src_dir, out_dir, crop=256, scale=4, seed=0, deg_cfg=None):
         hr = _round8(img[None, :, top:top + crop, left:left + crop])  # (1, 3, crop, crop)
         _, lr = degrade(hr, cfg, gen)
         for k, t in (('hr', hr), ('lr', lr), ('lr_bicubic', bicubic_downsample(hr, scale))):
-            _save_png(t[0], os.path.join(out_dir, k, name + '.png'))
+            save_png(t[0], os.path.join(out_dir, k, name + '.png'))
         done.append(name)
     if not done:
         raise ValueError(f"build_val_pairs: no usable image of at least {crop}x{crop} in '{src_dir}'")

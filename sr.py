@@ -16,10 +16,8 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import data
 
@@ -77,14 +75,6 @@ def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1):
     return (out / wsum)[..., :H * scale, :W * scale]
 
 
-def save_png(img, path):
-    """(1,3,H,W) in [0,1] -> 8-bit RGB PNG, written to a temp name then renamed."""
-    arr = (img[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
-
-
 if __name__ == '__main__':
     from configurator import configure, fail
     from common import pick_device
@@ -122,7 +112,7 @@ if __name__ == '__main__':
         t0 = time.time()
         sr = tiled_sr(lr, fn, generator.config.scale, tile, overlap, multiple)
         dst = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + '_x4.png')
-        save_png(sr, dst)
+        data.save_png(sr[0], dst)                                       # atomic write
         print(f"{path}: {tuple(lr.shape[-2:])} -> {tuple(sr.shape[-2:])} in {time.time() - t0:.2f} s -> {dst}")
     print(f"done: {len(paths) - len(failed)} written to {out_dir}, {len(failed)} failed")
     sys.exit(1 if failed else 0)
