@@ -16,7 +16,6 @@ peak resident set on a CPU (which includes the models and LPIPS-free start-up, s
 import os
 import resource
 import time
-from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +23,11 @@ import torch.nn.functional as F
 import data
 import eval as ev
 from common import autocast_ctx, maybe_compile, peak_flops, pick_device
+from degradation import DegradeConfig, degrade
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
-                   build_sr_prior, flops_per_image, g_loss_hinge, hinge_d_loss, super_resolve)
+                   config_from_settings, count_params, flops_per_image, g_loss_hinge, hinge_d_loss,
+                   super_resolve)
+from prior import build_sr_prior
 
 # -----------------------------------------------------------------------------
 mode = 'degrade'            # degrade | tokenizer
@@ -39,15 +41,15 @@ batch_size = 8              # HR crops per degrade() call
 crop = 256                  # HR crop side (LR side = crop / 4)
 image_dir = 'assets/images/train'  # prepared by `python data.py`
 deg_mode = 'realesrgan'     # realesrgan | bicubic
-# tokenizer mode: model sizes, crop and batch come from a tokenizer config file
+# tokenizer mode: tokenizer.py's settings with this config file applied (model sizes, crop, batch)
 tok_config = 'config/tokenizer_tiny.py'
 tok_gan = False             # include the discriminator step and the GAN term
 dtype = 'auto'              # auto (bf16 on capable GPUs) | float32 | bfloat16
 compile = False             # torch.compile the tokenizer / generator (CUDA only)
-# sr mode: the chain of tok_config + gen_config, LR sides to time
+# sr mode: the chain of tok_config + gen_config (generator.py's settings with it applied)
 gen_config = 'config/generator_tiny.py'
 sr_sizes = (64, 128)        # LR 64 -> HR 256 and LR 128 -> HR 512
-from configurator import configure, read_config_file
+from configurator import configure, fail, script_settings
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -55,7 +57,7 @@ config = configure(globals())
 def hr_batch(gen):
     """(batch_size, 3, crop, crop) HR crops of the training photos, or smooth random images."""
     try:
-        sampler = data.PairSampler(image_dir, crop, batch_size, seed=seed, deg_cfg=data.DegradeConfig(mode='none'))
+        sampler = data.PairSampler(image_dir, crop, batch_size, seed=seed, deg_cfg=DegradeConfig(mode='none'))
         return sampler.next()[0]
     except ValueError as e:
         print(f"note: {e}\nnote: timing on random smooth images instead")
@@ -66,10 +68,10 @@ def hr_batch(gen):
 def bench_degrade(dev):
     gen = torch.Generator().manual_seed(seed)
     hr = hr_batch(gen).to(dev)
-    cfg = data.DegradeConfig(mode=deg_mode)
+    cfg = DegradeConfig(mode=deg_mode)
 
     def step():
-        _, lr = data.degrade(hr, cfg, gen)
+        _, lr = degrade(hr, cfg, gen)
         if dev.startswith('cuda'):
             torch.cuda.synchronize()
         return lr
@@ -93,9 +95,9 @@ def sync(dev):
 
 
 def bench_tokenizer(dev):
-    scope = read_config_file(tok_config)
-    cfg = TokenizerConfig.from_flat(scope)
-    crop_, batch = scope.get('crop_size', 256), scope.get('batch_size', 8)
+    settings = script_settings('tokenizer.py', [tok_config])
+    cfg = config_from_settings(TokenizerConfig, settings)
+    crop_, batch = settings['crop_size'], settings['batch_size']
     dt_name, ctx = autocast_ctx(dev, dtype)
     model = Tokenizer(cfg).to(dev)
     disc = PatchDiscriminator().to(dev)
@@ -125,8 +127,7 @@ def bench_tokenizer(dev):
     for _ in range(iters):
         step()
     dt = (time.perf_counter() - t0) / iters
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"tokenizer: {tok_config}, {n_params / 1e6:.1f}M params, batch {batch} x {crop_}x{crop_}, "
+    print(f"tokenizer: {tok_config}, {count_params(model) / 1e6:.2f}M params, batch {batch} x {crop_}x{crop_}, "
           f"{dt_name}, compile={compile and dev.startswith('cuda')}, gan={tok_gan}, on {dev}")
     print(f"tokenizer_ms_per_iter: {1000 * dt:.1f}")
     print(f"tokenizer_img_per_s: {batch / dt:.1f}")
@@ -140,17 +141,17 @@ def bench_tokenizer(dev):
 
 @torch.no_grad()
 def bench_sr(dev):
-    tcfg = TokenizerConfig.from_flat(read_config_file(tok_config))
-    g = read_config_file(gen_config)
+    tcfg = config_from_settings(TokenizerConfig, script_settings('tokenizer.py', [tok_config]))
+    g = script_settings('generator.py', [gen_config])
     prior = None
-    if g.get('use_prior', True):
-        prior = build_sr_prior(dict(name=g.get('prior_name', 'efficientnet_lite0'), feat_tap=g.get('prior_feat_tap', 'head'),
-                                    lora_rank=g.get('lora_rank', 4), lora_alpha=g.get('lora_alpha', 4.0)))
-    keys = {f.name for f in fields(GeneratorConfig)} - {'patch', 'groups', 'codebook_size', 'feat_dim', 'pooled_dims'}
-    gcfg = GeneratorConfig(**{k: v for k, v in g.items() if k in keys}, patch=tcfg.patch, groups=tcfg.groups,
-                           codebook_size=tcfg.codebook_size, feat_dim=prior.feat_dim if prior else 0,
-                           pooled_dims=tuple(prior.pooled_dims) if prior else (),
-                           **({} if prior else dict(use_sft=False, cls_tokens='none')))
+    if g['use_prior']:
+        prior = build_sr_prior(dict(name=g['prior_name'], feat_tap=g['prior_feat_tap'], lora_rank=g['lora_rank'],
+                                    lora_alpha=g['lora_alpha']))
+    else:  # as generator.py: no prior switches off what needs it
+        g.update(use_sft=False, cls_tokens='none')
+    gcfg = config_from_settings(GeneratorConfig, g, patch=tcfg.patch, scale=4, groups=tcfg.groups,
+                                codebook_size=tcfg.codebook_size, feat_dim=prior.feat_dim if prior else 0,
+                                pooled_dims=tuple(prior.pooled_dims) if prior else ())
     dt_name, ctx = autocast_ctx(dev, dtype)
     tok = Tokenizer(tcfg).to(dev).eval()
     gen = Generator(gcfg).to(dev).eval()
@@ -158,7 +159,8 @@ def bench_sr(dev):
         prior.to(dev).eval()
     if compile and dev.startswith('cuda'):
         gen, tok.decoder = torch.compile(gen), torch.compile(tok.decoder)
-    n = sum(p.numel() for m in (tok.decoder, gen, prior) if m is not None for p in m.parameters())
+    n = sum(count_params(m) for m in (tok.decoder, gen, prior) if m is not None)
+    print(f"tokenizer: {count_params(tok) / 1e6:.2f}M params; generator: {count_params(gen) / 1e6:.2f}M params")
     print(f"sr: {tok_config} + {gen_config}, {n / 1e6:.1f}M params used at inference (decoder + generator "
           f"+ prior), {dt_name}, compile={compile and dev.startswith('cuda')}, batch 1, on {dev}")
     for side in sr_sizes:
@@ -191,4 +193,7 @@ if __name__ == '__main__':
         torch.set_num_threads(threads)
     dev = pick_device(device)
     print(f"torch {torch.__version__}, threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}, device: {dev}")
-    MODES[mode](dev)
+    try:
+        MODES[mode](dev)
+    except ValueError as e:  # ConfigError of a config file, or a model setting out of range
+        fail(f"bench.py: {e}")

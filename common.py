@@ -1,7 +1,7 @@
 """
 The few pieces of training plumbing every stage script shares: device and dtype selection, the
-learning-rate schedule, exact-resume RNG state, atomic checkpoints, a log file, PNG sample grids
-and the final summary block. Kept deliberately small; everything model-specific lives in model.py.
+learning-rate schedule, the checkpoint of a stage's declared state (exact resume), one atomic
+writer for every file, a log file, PNG sample grids and the final summary block. Kept deliberately small; everything model-specific lives in model.py.
 """
 import contextlib
 import json
@@ -46,19 +46,19 @@ def maybe_compile(module, enabled, device):
     return module
 
 
-def lr_at(step, progress, base_lr, warmup_iters, min_lr_ratio=0.1):
-    """Linear warm-up over `warmup_iters` steps, then cosine decay to min_lr_ratio*base_lr.
-    `progress` in [0,1] is the fraction of the run done: steps/lr_decay_iters, or elapsed
-    time/max_minutes when a wall-clock budget drives the run."""
+def learning_rate_at(step, progress, learning_rate, warmup_iters, floor=0.1):
+    """Linear warm-up over `warmup_iters` steps, then cosine decay to floor * learning_rate.
+    `progress` in [0,1] is the fraction of the run done: step / decay_iters, or elapsed
+    time / max_minutes when a wall-clock budget drives the run."""
     if step < warmup_iters:
-        return base_lr * (step + 1) / warmup_iters
+        return learning_rate * (step + 1) / warmup_iters
     coeff = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    return base_lr * (min_lr_ratio + (1.0 - min_lr_ratio) * coeff)
+    return learning_rate * (floor + (1.0 - floor) * coeff)
 
 
-def set_lr(optimizer, lr):
+def set_learning_rate(optimizer, rate):
     for group in optimizer.param_groups:
-        group['lr'] = lr * group.get('lr_scale', 1.0)
+        group['lr'] = rate
 
 
 def rng_state():
@@ -74,11 +74,26 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, then rename: a kill never leaves a torn ckpt."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def atomic_write(path, write):
+    """Every file the project writes goes through here: write(tmp) fills a hidden temp file in the
+    same folder, which then replaces `path` in one rename, so a crash or a kill leaves either the
+    old file or the new one, never a torn one (and no temp file when write raises)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f'.{name}.tmp{os.getpid()}')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(obj, path):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
 
 
 def load_checkpoint(path, what='checkpoint'):
@@ -86,6 +101,57 @@ def load_checkpoint(path, what='checkpoint'):
         raise FileNotFoundError(f"{what} not found: '{path}' (train the earlier stage first, "
                                 f"or point the *_ckpt setting at an existing ckpt.pt)")
     return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def _get_state(obj):
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    return unwrap(obj).state_dict()
+
+
+def save_state(path, state, **values):
+    """One checkpoint from the state a stage script declares once: state = {name: object with
+    state_dict() (models, optimizers, the data sampler) or a torch.Generator}, saved under the same
+    names, plus the global RNG states and the plain values (step, minutes, model_args, config, ...)."""
+    ckpt = {name: _get_state(obj) for name, obj in state.items()}
+    clash = set(ckpt) & (set(values) | {'rng'})
+    if clash:
+        raise ValueError(f"save_state: {sorted(clash)} named both as state and as a value")
+    ckpt.update(values, rng=rng_state())
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def checkpoint_to_resume(out_dir, init_from, what, **expected):
+    """-> (out_dir/ckpt.pt, its contents for init_from='resume' else None). A resumed checkpoint
+    must have been made with the same model: every value of `expected` (e.g. model_args=...) must
+    equal the saved one, else the run stops before any work with one line naming the difference."""
+    from configurator import fail
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if init_from != 'resume':
+        return path, None
+    try:
+        ckpt = load_checkpoint(path, f'{what} checkpoint to resume')
+    except FileNotFoundError as e:
+        fail(str(e))
+    for key, value in expected.items():
+        if ckpt.get(key) != value:
+            fail(f"resume: model settings differ from {path}: {key} saved {ckpt.get(key)}, now {value}")
+    return path, ckpt
+
+
+def load_state(ckpt, state):
+    """The inverse of save_state: every declared object gets its saved state and the global RNGs
+    are restored; -> (step, minutes) at which the checkpoint was saved."""
+    missing = [name for name in state if name not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint has no {missing}: it was not saved by this stage script")
+    for name, obj in state.items():
+        if isinstance(obj, torch.Generator):
+            obj.set_state(ckpt[name])
+        else:
+            unwrap(obj).load_state_dict(ckpt[name])
+    set_rng_state(ckpt['rng'])
+    return ckpt['step'], ckpt['minutes']
 
 
 @torch.no_grad()
@@ -129,13 +195,19 @@ def save_grid(rows, path, labels=None):
         for j in range(r.shape[0]):
             y, x = pad + i * (H + pad), pad + j * (W + pad)
             canvas[:, y:y + H, x:x + W] = r[j].cpu()
-    arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    save_png(canvas, path)
     if labels:  # the row legend goes next to the picture, readable without an image viewer
-        with open(os.path.splitext(path)[0] + '.txt', 'w') as f:
-            f.write('rows, top to bottom: ' + ', '.join(labels) + '\n')
+        def write(tmp):
+            with open(tmp, 'w') as f:
+                f.write('rows, top to bottom: ' + ', '.join(labels) + '\n')
+        atomic_write(os.path.splitext(path)[0] + '.txt', write)
+
+
+def save_png(img, path):
+    """PNG of a (3, H, W) float tensor in [0, 1] or an (H, W, 3) uint8 array, written atomically."""
+    if torch.is_tensor(img):
+        img = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    atomic_write(path, lambda tmp: Image.fromarray(img).save(tmp, format='PNG'))
 
 
 def summary(title, values):

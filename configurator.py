@@ -100,3 +100,25 @@ def configure(g, argv=None, verbose=True):
     if verbose:  # the resolved config, one grep-able line (scripts also save it with each checkpoint)
         print('config: ' + ' '.join(f'{k}={current[k]!r}' for k in sorted(current)))
     return dict(current)
+
+
+def script_settings(script, argv=()):
+    """A stage script's settings without running it: its top-level assignments of literal values
+    (everything above `config = configure(globals())`), then config files and --key=value overrides
+    from argv, checked exactly as the script would check them. bench.py and the tests build their
+    models through this, so they can never drift from the scripts' defaults."""
+    import os
+    path = script if os.path.isabs(script) else os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    g = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            continue
+        if node.targets[0].id == 'config':
+            break
+        try:
+            g[node.targets[0].id] = ast.literal_eval(node.value)
+        except ValueError:
+            pass  # not a setting (an expression computed at run time)
+    return configure(g, list(argv), verbose=False)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from degradation import DegradeConfig, _round8, bicubic_downsample, degrade  # noqa: F401 (re-exported)
+from common import save_png, write_json
+from degradation import DegradeConfig, bicubic_downsample, degrade, quantize_8bit
 
 _IMG_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.gif')
 
@@ -60,17 +61,6 @@ def _read_rgb(path):
 def load_image(path):
     """-> (3, H, W) float32 RGB in [0, 1]; raises ImageLoadError(ValueError) naming the file."""
     return torch.from_numpy(_read_rgb(path)).permute(2, 0, 1).contiguous()
-
-
-def save_png(img, path):
-    """Atomic PNG write of a (3, H, W) float tensor or an (H, W, 3) uint8 array: a hidden temp
-    name in the same folder, then os.replace."""
-    if torch.is_tensor(img):
-        img = (img.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    d, name = os.path.split(path)
-    tmp = os.path.join(d, f'.{name}.tmp{os.getpid()}')
-    Image.fromarray(img).save(tmp, format='PNG')
-    os.replace(tmp, path)
 
 
 def _unique_names(paths):
@@ -215,17 +205,14 @@ def build_val_pairs(src_dir, out_dir, crop=256, scale=4, seed=0, deg_cfg=None):
             warnings.warn(f"build_val_pairs: skipping '{path}': {(H, W)} is smaller than crop={crop}")
             continue
         top, left = (H - crop) // 2, (W - crop) // 2
-        hr = _round8(img[None, :, top:top + crop, left:left + crop])  # (1, 3, crop, crop)
+        hr = quantize_8bit(img[None, :, top:top + crop, left:left + crop])  # (1, 3, crop, crop)
         _, lr = degrade(hr, cfg, gen)
         for k, t in (('hr', hr), ('lr', lr), ('lr_bicubic', bicubic_downsample(hr, scale))):
             save_png(t[0], os.path.join(out_dir, k, name + '.png'))
         done.append(name)
     if not done:
         raise ValueError(f"build_val_pairs: no usable image of at least {crop}x{crop} in '{src_dir}'")
-    tmp = mpath + f'.tmp{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump({**manifest, 'names': done}, f, indent=1)
-    os.replace(tmp, mpath)  # written last: a killed build is rebuilt next time
+    write_json({**manifest, 'names': done}, mpath)  # written last: a killed build is rebuilt next time
     return True
 
 
@@ -260,7 +247,7 @@ def _resolve(spec, skip=''):
 
 if __name__ == '__main__':
     from configurator import configure
-    # sources: comma-separated folders, files or globs (defaults: SPEC.md "Assets", Debian wallpapers)
+    # sources: comma-separated folders, files or globs (defaults: photos of Debian wallpaper packages)
     train_src = '/usr/share/backgrounds/*.jpg,/usr/share/backgrounds/mate/nature/*.jpg'
     train_skip = 'umang_*'        # file-name globs left out of training (umang_* is a gradient, not a photo)
     val_src = ','.join(f'/usr/share/wallpapers/{n}/contents/images/2560x1600.jpg' for n in (

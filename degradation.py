@@ -1,5 +1,5 @@
 """
-The Real-ESRGAN second-order degradation (SPEC.md "Data and degradation"), batched in torch on any
+The Real-ESRGAN second-order degradation (docs/method.md#degradation), batched in torch on any
 device: random blur kernels (generalized / plateau Gaussian, sinc), resizes, Gaussian / Poisson
 noise, JPEG, twice, then the final sinc + JPEG in random order; plus the "bicubic only" mode and USM
 sharpening. `degrade(hr, cfg, gen) -> (hr, lr)` is the entry point; data.PairSampler calls it.
@@ -29,7 +29,7 @@ from PIL import Image
 
 @dataclass
 class DegradeConfig:
-    mode: str = 'realesrgan'      # 'realesrgan' (SPEC.md) | 'bicubic' (clean, antialiased) | 'none' (lr=None)
+    mode: str = 'realesrgan'      # 'realesrgan' (docs/method.md#degradation) | 'bicubic' (clean, antialiased) | 'none' (lr=None)
     scale: int = 4                # HR side / LR side
     # stage switches (tests and ablations); the final resize to H/scale always happens
     blur: bool = True             # kernel 1 and kernel 2
@@ -190,7 +190,8 @@ def usm_sharp(img, radius=51, weight=0.5, threshold=10.0):
 # degradation
 
 
-def _round8(x):
+def quantize_8bit(x):
+    """Round [0, 1] values to the 256 levels of an 8-bit image (what saving as PNG does)."""
     return (x * 255.0).round().clamp(0, 255) / 255.0
 
 
@@ -198,7 +199,7 @@ def bicubic_downsample(hr, scale=4, round8=True):
     """Clean LR: antialiased bicubic (PIL/MATLAB-like) downsample; clamped and 8-bit rounded."""
     lr = F.interpolate(hr, size=(hr.shape[-2] // scale, hr.shape[-1] // scale), mode='bicubic',
                        antialias=True, align_corners=False).clamp(0, 1)
-    return _round8(lr) if round8 else lr
+    return quantize_8bit(lr) if round8 else lr
 
 
 def _draw_resize(rng, prob, rng_range, modes):
@@ -243,7 +244,7 @@ def _poisson(img, gen):
     """Shot noise as BasicSR's generate_poisson_noise_pt: the photon count per level is the number
     of distinct 8-bit values in the sample rounded up to a power of two."""
     b = img.shape[0]
-    img = _round8(img)
+    img = quantize_8bit(img)
     lv = (img * 255).round().long().flatten(1) + 256 * torch.arange(b, device=img.device)[:, None]
     n_unique = (torch.bincount(lv.flatten(), minlength=256 * b).view(b, 256) > 0).sum(1)
     vals = (2.0 ** torch.ceil(torch.log2(n_unique.float()))).view(b, 1, 1, 1)
@@ -342,4 +343,4 @@ def degrade(hr, cfg=None, gen=None):
         if cfg.jpeg and first:
             xs = jpeg(xs.clamp(0, 1), p['q2'][idx])
         lr[torch.from_numpy(idx).to(x.device)] = xs
-    return hr, _round8(lr)
+    return hr, quantize_8bit(lr)

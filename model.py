@@ -1,8 +1,19 @@
 """
-Shared model code. Stage 1 (HiTokSR tokenizer, SPEC.md sec. 1): transformer blocks with RMSNorm,
-SwiGLU and 2D RoPE; ViT encoder/decoder; grouped VQ with straight-through estimator; group
-masking; PatchGAN discriminator and GAN losses; optimizer/param helpers. Later stages add their
-classes below their own section headers.
+All model code of the project, in the order a reader meets it. The method, with its equations and
+papers, is in docs/method.md; comments here point to its sections.
+
+    1. Transformer blocks      RMSNorm, SwiGLU, 2D RoPE, attention (takes a mask), Block (SFT-modulated)
+    2. ViT autoencoder         ViTEncoder, ViTDecoder: patchify -> blocks -> latents and back
+    3. Quantizers              GroupedVQ (HiTokSR) and its code-usage statistics
+    4. Tokenizer               TokenizerConfig, Tokenizer: encoder + quantizer + decoder (stage 1)
+    5. Generators              GeneratorConfig, Generator: LR image -> token logits (stage 2)
+    6. Training helpers        config_from_settings, group masking, frequency targets,
+                               straight-through one-hot, top-K sampling, parameter groups, FLOPs
+    7. GAN                     PatchDiscriminator, GAN losses, adaptive weight, discriminator_step
+    8. Chain and inference     load_sr_chain, super_resolve
+
+The prior network (EfficientNet-Lite0 + LoRA) lives in prior.py: it is not a submodule of any model
+here, so a generator without a prior builds none, and checkpoints hold only the LoRA tensors.
 
 Shape suffixes follow VAR: `z_BChw` is (B, C, h, w); h, w is the token grid (H/p, W/p).
 """
@@ -12,12 +23,11 @@ from dataclasses import dataclass, asdict, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.distributed as dist
 
 from wavelets import lowpass
 
 # -----------------------------------------------------------------------------
-# Transformer building blocks (SPEC sec. 1: RMSNorm, SwiGLU, 2D RoPE everywhere)
+# 1. Transformer blocks: RMSNorm, SwiGLU, 2D RoPE everywhere (docs/method.md#transformer-blocks)
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps=1e-6):
@@ -102,7 +112,7 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block. mod = (gamma, beta), each broadcastable to (B, T, dim), turns
-    both norms into SFT modulation norm(x) * (1 + gamma) + beta (SPEC sec. 2, generator)."""
+    both norms into SFT modulation norm(x) * (1 + gamma) + beta (docs/method.md#sft-conditioning)."""
     def __init__(self, dim, n_head, mlp_ratio=4.0):
         super().__init__()
         self.norm1 = RMSNorm(dim)
@@ -129,7 +139,7 @@ def init_transformer_weights(module, depth):
                 nn.init.zeros_(m.bias)
 
 # -----------------------------------------------------------------------------
-# ViT encoder / decoder (SPEC sec. 1: patchify by p, ViT blocks, linear to C and back)
+# 2. ViT autoencoder: patchify by p, ViT blocks, linear to C and back (docs/method.md#vit-autoencoder)
 
 class ViTEncoder(nn.Module):
     def __init__(self, patch, width, depth, n_head, latent_dim, mlp_ratio=4.0, rope_base=10000.0):
@@ -184,11 +194,7 @@ class ViTDecoder(nn.Module):
         return px.reshape(B, 3, h * p, w * p)
 
 # -----------------------------------------------------------------------------
-# Grouped vector quantization (SPEC sec. 1)
-
-def _dist_on():
-    return dist.is_available() and dist.is_initialized()
-
+# 3. Quantizers (docs/method.md#grouped-vq)
 
 def code_counts(idx_BGhw, codebook_size):
     """How often each code was chosen: (B, G, h, w) long -> (G, K) float."""
@@ -224,8 +230,7 @@ class GroupedVQ(nn.Module):
       replaced by random encoder vectors (+ 1% noise so duplicates can split), and hits reset
       (Jukebox / SoundStream style). The replacement is written with torch.where, so there is no
       host sync and RNG use is the same every call: deterministic given torch's global RNG.
-    Under DDP, counts are all-reduced and rank 0's codebook is broadcast after replacement, so all
-    ranks keep identical codes. Optimizer moments of a replaced code are left as they are."""
+    Optimizer moments of a replaced code are left as they are."""
     def __init__(self, latent_dim, groups, codebook_size, beta=0.25, data_init=True,
                  restart_dead=True, restart_every=100, dead_threshold=1.0):
         super().__init__()
@@ -266,14 +271,12 @@ class GroupedVQ(nn.Module):
             self.hits.mul_((~due).float())  # start a new counting window
         new_GKd = new_GKd.to(self.codebook.dtype)
         self.codebook.copy_(torch.where(replace_GK[..., None], new_GKd, self.codebook))
-        if _dist_on():
-            dist.broadcast(self.codebook.data, src=0)
         return replace_GK.sum(1)  # (G,)
 
     def forward(self, z_BChw):
         """z: (B, C, h, w) -> zq_ste (B, C, h, w), idx (B, G, h, w) long, commit_loss scalar, stats.
         commit_loss = sum_g [ mean||sg[z^g] - e^g_q||^2 + beta * mean||z^g - sg[e^g_q]||^2 ], the
-        means over that group's B*h*w*d elements (the sum over g is SPEC's sum over groups)."""
+        means over that group's B*h*w*d elements (docs/method.md#grouped-vq)."""
         B, C, h, w = z_BChw.shape
         if C != self.C:
             raise ValueError(f"GroupedVQ: expected {self.C} latent channels, got {C}")
@@ -298,8 +301,6 @@ class GroupedVQ(nn.Module):
         idx_BGhw = idx_GN.view(self.G, B, h, w).transpose(0, 1).contiguous()
         counts = code_counts(idx_BGhw, self.K)
         if self.training:
-            if _dist_on():
-                dist.all_reduce(counts)
             self.hits.add_(counts)
             self.calls.add_(1)
         stats = stats_from_counts(counts)
@@ -318,116 +319,81 @@ class GroupedVQ(nn.Module):
 
     def codes_from_onehot(self, w_BGhwK):
         """Soft/one-hot weights (B, G, h, w, K) -> sum_k w_k e^g_k: (B, C, h, w). With the
-        straight-through one-hot of SPEC sec. 2 this equals lookup(argmax) in the forward pass."""
+        straight-through one-hot (ste_onehot) this equals lookup(argmax) in the forward pass."""
         zhat = torch.einsum('bghwk,gkd->bgdhw', w_BGhwK.to(self.codebook.dtype), self.codebook)
         B, G, d, h, w = zhat.shape
         return zhat.reshape(B, self.C, h, w)
 
 # -----------------------------------------------------------------------------
-# Group masking (SPEC sec. 1)
+# 4. Tokenizer (stage 1)
 
-def sample_active_groups(B, G, p_full=0.9, generator=None, device=None):
-    """Number of active groups per sample, (B,) long: G with prob. p_full, else uniform in 1..G-1.
-    G == 1 always gives 1."""
-    if G == 1:
-        return torch.ones(B, dtype=torch.long, device=device)
-    full = torch.rand(B, generator=generator, device=device) < p_full
-    partial = torch.randint(1, G, (B,), generator=generator, device=device)
-    return torch.where(full, torch.full_like(partial, G), partial)
+class ModelConfig:
+    """Base of the model configs: fields have no defaults here, the stage scripts hold them (one
+    place per default). Built from a script's flat settings by config_from_settings, or from a
+    checkpoint's model_args by from_dict; __post_init__ validates either way, naming the field."""
 
+    def bad(self, key, want):
+        raise ValueError(f"{type(self).__name__}.{key}={getattr(self, key)!r}: {want}")
 
-def mask_groups(zq_BChw, k, G):
-    """Keep groups 1..k (channels [0, k*C/G)) and zero the rest. k: int or (B,) long."""
-    B, C = zq_BChw.shape[:2]
-    if C % G:
-        raise ValueError(f"mask_groups: G={G} must divide C={C}")
-    k = torch.as_tensor(k, device=zq_BChw.device).expand(B)
-    group_of_ch = torch.arange(C, device=zq_BChw.device) // (C // G)  # (C,)
-    keep = (group_of_ch[None] < k[:, None]).to(zq_BChw.dtype)  # (B, C)
-    return zq_BChw * keep[:, :, None, None]
-
-def frequency_targets(x, k, G):
-    """Frequency-matched supervision (SPEC.md sec. 1): the target of a decode with k active groups
-    is the Haar low-pass lowpass(x, G - k); k = G gives x itself. x (B,3,H,W), k (B,) long."""
-    target = x.clone()
-    for kv in k.unique().tolist():
-        if kv < G:
-            sel = k == kv
-            target[sel] = lowpass(x[sel], G - kv)
-    return target
-
-# -----------------------------------------------------------------------------
-# Tokenizer (stage 1)
-
-@dataclass
-class TokenizerConfig:
-    patch: int = 16           # HR pixels per token side (p)
-    latent_dim: int = 32      # C
-    groups: int = 4           # G (1 = vanilla VQ ablation)
-    codebook_size: int = 4096  # K codes per group
-    enc_width: int = 768
-    enc_depth: int = 12
-    enc_heads: int = 12
-    dec_width: int = 768
-    dec_depth: int = 12
-    dec_heads: int = 12
-    mlp_ratio: float = 4.0    # SwiGLU hidden = 2/3 * mlp_ratio * width
-    rope_base: float = 10000.0
-    beta: float = 0.25        # commitment weight inside L_commit
-    vq_data_init: bool = True
-    vq_restart_dead: bool = True
-    vq_restart_every: int = 100     # training calls per dead-code window
-    vq_dead_threshold: float = 1.0  # dead = chosen fewer times than this in the window
-
-    def __post_init__(self):
-        def bad(key, want):
-            raise ValueError(f"TokenizerConfig.{key}={getattr(self, key)!r}: {want}")
+    def check_types(self):
         for f in fields(self):
             v = getattr(self, f.name)
             if not isinstance(v, (int, float) if f.type is float else f.type) or (
                     isinstance(v, bool) and f.type is not bool):
-                bad(f.name, f"expected {f.type.__name__}")
-        for key in ('patch', 'latent_dim', 'groups', 'enc_width', 'enc_heads', 'dec_width',
-                    'dec_heads', 'vq_restart_every'):
-            if getattr(self, key) < 1:
-                bad(key, "must be >= 1")
-        for key in ('enc_depth', 'dec_depth'):
-            if getattr(self, key) < 0:
-                bad(key, "must be >= 0")
-        if self.latent_dim % self.groups:
-            bad('groups', f"must divide latent_dim={self.latent_dim}")
-        if self.codebook_size < 2:
-            bad('codebook_size', "must be >= 2")
-        for w, hkey in (('enc_width', 'enc_heads'), ('dec_width', 'dec_heads')):
-            width, heads = getattr(self, w), getattr(self, hkey)
-            if width % heads or (width // heads) % 4:
-                bad(hkey, f"must divide {w}={width} into heads of a size divisible by 4 (2D RoPE)")
-        if self.beta < 0:
-            bad('beta', "must be >= 0")
-        if self.mlp_ratio <= 0:
-            bad('mlp_ratio', "must be > 0")
+                self.bad(f.name, f"expected {f.type.__name__}")
 
-    @classmethod
-    def from_flat(cls, d):
-        """From tokenizer.py's flat settings: one width / depth / n_head for encoder and decoder,
-        vq_restart for vq_restart_dead; missing keys keep the paper defaults above."""
-        kw = {k: d[k] for k in ('patch', 'latent_dim', 'groups', 'codebook_size', 'beta',
-                                'vq_data_init') if k in d}
-        for side in ('enc', 'dec'):
-            for src, dst in (('width', 'width'), ('depth', 'depth'), ('n_head', 'heads')):
-                if src in d:
-                    kw[f'{side}_{dst}'] = d[src]
-        if 'vq_restart' in d:
-            kw['vq_restart_dead'] = d['vq_restart']
-        return cls(**kw)
+    def check_positive(self, *keys, minimum=1):
+        for key in keys:
+            if getattr(self, key) < minimum:
+                self.bad(key, f"must be >= {minimum}")
 
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TokenizerConfig: unknown keys {unknown}; valid keys: {sorted(known)}")
+        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
+        if unknown or missing:
+            raise ValueError(f"{cls.__name__}: unknown keys {unknown}, missing keys {missing}; "
+                             f"valid keys: {sorted(known)}")
         return cls(**d)
+
+
+@dataclass
+class TokenizerConfig(ModelConfig):
+    """Stage 1 (docs/method.md#grouped-vq). Defaults: tokenizer.py's settings of the same names."""
+    patch: int                # HR pixels per token side (p)
+    latent_dim: int           # C
+    groups: int               # G codebooks (1 = vanilla VQ)
+    codebook_size: int        # K codes per group
+    enc_width: int
+    enc_depth: int
+    enc_heads: int
+    dec_width: int
+    dec_depth: int
+    dec_heads: int
+    mlp_ratio: float          # SwiGLU hidden = 2/3 * mlp_ratio * width
+    rope_base: float
+    beta: float               # commitment weight inside L_commit
+    vq_data_init: bool        # codebook remedy 1: codes start as encoder outputs of the first batch
+    vq_restart_dead: bool     # codebook remedy 2: re-seed codes unused for a window of calls
+    vq_restart_every: int     # training calls per dead-code window
+    vq_dead_threshold: float  # dead = chosen fewer times than this in the window
+
+    def __post_init__(self):
+        self.check_types()
+        self.check_positive('patch', 'latent_dim', 'groups', 'enc_width', 'enc_heads', 'dec_width',
+                            'dec_heads', 'vq_restart_every')
+        self.check_positive('enc_depth', 'dec_depth', minimum=0)
+        self.check_positive('codebook_size', minimum=2)
+        if self.latent_dim % self.groups:
+            self.bad('groups', f"must divide latent_dim={self.latent_dim}")
+        for w, hkey in (('enc_width', 'enc_heads'), ('dec_width', 'dec_heads')):
+            width, heads = getattr(self, w), getattr(self, hkey)
+            if width % heads or (width // heads) % 4:
+                self.bad(hkey, f"must divide {w}={width} into heads of a size divisible by 4 (2D RoPE)")
+        if self.beta < 0:
+            self.bad('beta', "must be >= 0")
+        if self.mlp_ratio <= 0:
+            self.bad('mlp_ratio', "must be > 0")
 
 
 class Tokenizer(nn.Module):
@@ -447,7 +413,7 @@ class Tokenizer(nn.Module):
 
     @property
     def last_layer(self):
-        return self.decoder.to_pixels.weight  # for adaptive_gan_weight
+        return self.decoder.to_pixels.weight  # where adaptive_gan_weight compares gradients
 
     def encode(self, x):
         """x (B, 3, H, W) -> zq_ste (B, C, h, w), idx (B, G, h, w), commit_loss, stats."""
@@ -465,168 +431,62 @@ class Tokenizer(nn.Module):
 
     def forward(self, x, k=None):
         """-> xrec (B, 3, H, W), idx (B, G, h, w), commit_loss, stats. Quantize before masking so
-        the commitment loss covers all groups (SPEC sec. 1)."""
+        the commitment loss covers all groups (docs/method.md#group-masking)."""
         zq, idx, commit, stats = self.encode(x)
         if k is not None:
             zq = mask_groups(zq, k, self.config.groups)
         return self.decoder(zq), idx, commit, stats
 
 # -----------------------------------------------------------------------------
-# PatchGAN discriminator and GAN losses (VQGAN / taming-transformers)
-
-class PatchDiscriminator(nn.Module):
-    """taming's NLayerDiscriminator (pix2pix PatchGAN): 4x4 convs, stride 2 for n_layers, then
-    two stride-1 convs; 256x256 -> 30x30 logits for n_layers=3. GroupNorm (default) instead of
-    BatchNorm: batch statistics at batch 1-4 are noisy and differ between real and fake batches;
-    norm='batch' gives taming's original."""
-    def __init__(self, in_ch=3, ndf=64, n_layers=3, norm='group'):
-        super().__init__()
-        if norm not in ('group', 'batch'):
-            raise ValueError(f"PatchDiscriminator: norm={norm!r}, expected 'group' or 'batch'")
-        mk_norm = (lambda ch: nn.GroupNorm(math.gcd(32, ch), ch)) if norm == 'group' else nn.BatchNorm2d
-        layers = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        ch = ndf
-        for n in range(1, n_layers + 1):
-            out = ndf * min(2 ** n, 8)
-            stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), mk_norm(out),
-                       nn.LeakyReLU(0.2, True)]
-            ch = out
-        layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
-        self.main = nn.Sequential(*layers)
-        for m in self.modules():  # taming weights_init
-            if isinstance(m, (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d)):
-                nn.init.normal_(m.weight, 0.0 if isinstance(m, nn.Conv2d) else 1.0, 0.02)
-            if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x):
-        """x (B, 3, H, W) in [0, 1] -> logits (B, 1, h', w')."""
-        return self.main(x * 2 - 1)
-
-
-def hinge_d_loss(real_logits, fake_logits):
-    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
-
-
-def vanilla_d_loss(real_logits, fake_logits):
-    return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
-
-
-def g_loss_hinge(fake_logits):
-    return -fake_logits.mean()
-
-
-def g_loss_vanilla(fake_logits):
-    return F.softplus(-fake_logits).mean()  # non-saturating -log sigmoid(D(fake))
-
-
-def adaptive_gan_weight(nll_loss, g_loss, last_layer):
-    """taming's calculate_adaptive_weight: ||grad nll|| / (||grad g|| + 1e-4) at the decoder's last
-    layer, clamped to [0, 1e4] and detached; the caller multiplies by its lambda_gan."""
-    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    w = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
-    return torch.clamp(w, 0.0, 1e4).detach()
-
-# -----------------------------------------------------------------------------
-# Optimizer and accounting helpers
-
-def param_groups(model, weight_decay):
-    """AdamW groups: decay matrices / conv kernels; no decay for norms, biases and codebooks
-    (weight decay would pull codes toward 0, away from the encoder outputs they track)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if p.dim() >= 2 and not getattr(p, '_no_weight_decay', False):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    return [{'params': decay, 'weight_decay': weight_decay},
-            {'params': no_decay, 'weight_decay': 0.0}]
-
-
-def configure_optimizers(model, weight_decay, lr, betas=(0.9, 0.95), device_type='cpu'):
-    fused = device_type == 'cuda'  # fused AdamW kernel where available
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
-
-
-def count_params(module, trainable_only=False):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
-def flops_per_image(model_args, H, W):
-    """Rough training FLOPs (forward + backward) of encoder + decoder for one H x W image, for MFU.
-    Per transformer with T tokens, L layers, width w, N matmul params:  6*N*T + 12*L*w*T^2
-    (PaLM appendix B: 6N per token for the weights, 12*L*w*T per token for QK^T and AV).
-    N counts blocks (4w^2 attention + 3*w*hidden SwiGLU) and the patch / latent projections;
-    norms, the VQ lookup (2*K*C per token, no backward), the discriminator and LPIPS are left out."""
-    c = TokenizerConfig(**model_args)
-    T = (H // c.patch) * (W // c.patch)
-    pix = 3 * c.patch ** 2
-    total = 0.0
-    for width, depth, io in ((c.enc_width, c.enc_depth, pix + c.latent_dim),
-                             (c.dec_width, c.dec_depth, c.latent_dim + pix)):
-        n = depth * (4 * width ** 2 + 3 * width * swiglu_hidden(width, c.mlp_ratio)) + io * width
-        total += 6 * n * T + 12 * depth * width * T ** 2
-    return total
-
-# -----------------------------------------------------------------------------
-# Generator (stage 2): semantic-guided token prediction (HiTokSR + RAP, SPEC sec. 2)
+# 5. Generators (stage 2)
 #
-# The prior network (with its LoRA) is NOT a submodule of Generator: the stage script owns it, so
-# use_prior=False builds no prior at all, the generator's state dict holds only its own weights,
-# and the LoRA weights are saved next to it (lora_state). Generator only consumes what the prior
-# yields: feat (B, feat_dim, hf, wf) for SFT and pooled [(B, d_s)] for the CLS tokens.
+# The prior network (prior.py, with its LoRA) is NOT a submodule of Generator: the stage script
+# owns it, so use_prior=False builds no prior at all, the generator's state dict holds only its own
+# weights, and the LoRA weights are saved next to it (prior.LoRAWeights). Generator only consumes
+# what the prior yields: feat (B, feat_dim, hf, wf) for SFT and pooled [(B, d_s)] for the CLS tokens.
 
 @dataclass
-class GeneratorConfig:
-    patch: int = 16           # HR pixels per token side; must equal the tokenizer's
-    scale: int = 4            # HR side / LR side; the patchifier has stride patch / scale on LR
-    groups: int = 4           # G output heads (the tokenizer's groups)
-    codebook_size: int = 4096  # K logits per head (the tokenizer's K)
-    width: int = 768
-    depth: int = 12
-    n_head: int = 12
-    mlp_ratio: float = 4.0    # SwiGLU hidden = 2/3 * mlp_ratio * width
-    rope_base: float = 10000.0
-    stem_dim: int = 128       # channels of the 3x3 conv before the stride-(patch/scale) patchifier
-    use_sft: bool = True      # SFT: gamma, beta per block from the prior's spatial features
-    sft_hidden: int = 128     # channels of the SFT condition features (shared 1x1 projection)
-    cls_tokens: str = 'multi'  # 'none' | 'single' (last stage's pooled vector) | 'multi' (one per stage)
-    feat_dim: int = 0         # prior spatial feature channels (0: no prior)
-    pooled_dims: tuple = ()   # prior pooled vector size per stage (empty: no prior)
+class GeneratorConfig(ModelConfig):
+    """Stage 2 (docs/method.md#generator). Defaults: generator.py's settings of the same names;
+    groups, codebook_size and scale come from the tokenizer, feat_dim and pooled_dims from the prior."""
+    patch: int                # HR pixels per token side; must equal the tokenizer's
+    scale: int                # HR side / LR side; the patchifier has stride patch / scale on LR
+    groups: int               # G output heads (the tokenizer's groups)
+    codebook_size: int        # K logits per head (the tokenizer's K)
+    width: int
+    depth: int
+    n_head: int
+    mlp_ratio: float          # SwiGLU hidden = 2/3 * mlp_ratio * width
+    rope_base: float
+    stem_dim: int             # channels of the 3x3 conv before the stride-(patch/scale) patchifier
+    use_sft: bool             # SFT: gamma, beta per block from the prior's spatial features
+    sft_hidden: int           # channels of the SFT condition features (shared 1x1 projection)
+    cls_tokens: str           # 'none' | 'single' (last stage's pooled vector) | 'multi' (one per stage)
+    feat_dim: int             # prior spatial feature channels (0: no prior)
+    pooled_dims: tuple        # prior pooled vector size per stage (empty: no prior)
 
     def __post_init__(self):
-        def bad(key, want):
-            raise ValueError(f"GeneratorConfig.{key}={getattr(self, key)!r}: {want}")
-        self.pooled_dims = tuple(self.pooled_dims)  # a list from JSON / a config file is fine
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, (int, float) if f.type is float else f.type) or (
-                    isinstance(v, bool) and f.type is not bool):
-                bad(f.name, f"expected {f.type.__name__}")
-        for key in ('patch', 'scale', 'groups', 'width', 'depth', 'n_head', 'stem_dim', 'sft_hidden'):
-            if getattr(self, key) < 1:
-                bad(key, "must be >= 1")
+        if isinstance(self.pooled_dims, list):
+            self.pooled_dims = tuple(self.pooled_dims)  # a list from JSON / a config file is fine
+        self.check_types()
+        self.check_positive('patch', 'scale', 'groups', 'width', 'depth', 'n_head', 'stem_dim',
+                            'sft_hidden')
+        self.check_positive('codebook_size', minimum=2)
         if self.patch % self.scale:
-            bad('patch', f"must be a multiple of scale={self.scale} (one LR cell of patch/scale "
-                         f"pixels per token)")
-        if self.codebook_size < 2:
-            bad('codebook_size', "must be >= 2")
+            self.bad('patch', f"must be a multiple of scale={self.scale} (one LR cell of patch/scale "
+                              f"pixels per token)")
         if self.width % self.n_head or (self.width // self.n_head) % 4:
-            bad('n_head', f"must divide width={self.width} into heads of a size divisible by 4 (2D RoPE)")
+            self.bad('n_head', f"must divide width={self.width} into heads of a size divisible by 4 (2D RoPE)")
         if self.mlp_ratio <= 0:
-            bad('mlp_ratio', "must be > 0")
+            self.bad('mlp_ratio', "must be > 0")
         if self.cls_tokens not in ('none', 'single', 'multi'):
-            bad('cls_tokens', "expected 'none', 'single' or 'multi'")
+            self.bad('cls_tokens', "expected 'none', 'single' or 'multi'")
         if self.feat_dim < 0 or not all(isinstance(d, int) and d >= 1 for d in self.pooled_dims):
-            bad('pooled_dims' if self.feat_dim >= 0 else 'feat_dim', "sizes must be positive ints")
+            self.bad('pooled_dims' if self.feat_dim >= 0 else 'feat_dim', "sizes must be positive ints")
         if self.use_sft and self.feat_dim < 1:
-            bad('use_sft', "needs the prior's feat_dim >= 1 (no prior: use_sft=False)")
+            self.bad('use_sft', "needs the prior's feat_dim >= 1 (no prior: use_sft=False)")
         if self.cls_tokens != 'none' and not self.pooled_dims:
-            bad('cls_tokens', "needs the prior's pooled_dims (no prior: cls_tokens='none')")
+            self.bad('cls_tokens', "needs the prior's pooled_dims (no prior: cls_tokens='none')")
 
     @property
     def n_cls(self):
@@ -640,7 +500,7 @@ def _zero_last(mlp):
 
 
 class Generator(nn.Module):
-    """LR image -> G x K logits per HR token position, one forward pass (SPEC sec. 2).
+    """LR image -> G x K logits per HR token position, one forward pass (docs/method.md#generator).
 
     SFT (SFTGAN-style): the prior map is projected once by a shared 1x1 conv to sft_hidden channels
     at its own resolution (projection and bilinear resize are both linear, so projecting first is
@@ -714,8 +574,58 @@ class Generator(nn.Module):
         return logits.view(B, h, w, c.groups, c.codebook_size).permute(0, 3, 1, 2, 4)
 
 
+# -----------------------------------------------------------------------------
+# 6. Training helpers
+
+def config_from_settings(cls, settings, **derived):
+    """The one path from a stage script's flat settings to a model config (used by the scripts,
+    bench.py and the tests): every field of the dataclass cls takes the setting of the same name,
+    except the fields given in `derived` (values an earlier stage's checkpoint or the prior fixes).
+    Validation happens once, in cls.__post_init__ (ValueError naming the field)."""
+    names = [f.name for f in fields(cls)]
+    missing = [n for n in names if n not in derived and n not in settings]
+    if missing:
+        raise ValueError(f"{cls.__name__}: no setting for {missing}")
+    return cls(**{n: derived[n] if n in derived else settings[n] for n in names})
+
+
+# group masking and frequency-matched targets (docs/method.md#group-masking, #frequency-targets)
+
+def sample_active_groups(B, G, p_full=0.9, generator=None, device=None):
+    """Number of active groups per sample, (B,) long: G with prob. p_full, else uniform in 1..G-1.
+    G == 1 always gives 1."""
+    if G == 1:
+        return torch.ones(B, dtype=torch.long, device=device)
+    full = torch.rand(B, generator=generator, device=device) < p_full
+    partial = torch.randint(1, G, (B,), generator=generator, device=device)
+    return torch.where(full, torch.full_like(partial, G), partial)
+
+
+def mask_groups(zq_BChw, k, G):
+    """Keep groups 1..k (channels [0, k*C/G)) and zero the rest. k: int or (B,) long."""
+    B, C = zq_BChw.shape[:2]
+    if C % G:
+        raise ValueError(f"mask_groups: G={G} must divide C={C}")
+    k = torch.as_tensor(k, device=zq_BChw.device).expand(B)
+    group_of_ch = torch.arange(C, device=zq_BChw.device) // (C // G)  # (C,)
+    keep = (group_of_ch[None] < k[:, None]).to(zq_BChw.dtype)  # (B, C)
+    return zq_BChw * keep[:, :, None, None]
+
+def frequency_targets(x, k, G):
+    """Frequency-matched supervision (docs/method.md#frequency-targets): the target of a decode with k active groups
+    is the Haar low-pass lowpass(x, G - k); k = G gives x itself. x (B,3,H,W), k (B,) long."""
+    target = x.clone()
+    for kv in k.unique().tolist():
+        if kv < G:
+            sel = k == kv
+            target[sel] = lowpass(x[sel], G - kv)
+    return target
+
+
+# token-level helpers of stages 2 and 3
+
 def ste_onehot(logits):
-    """Straight-through one-hot of SPEC sec. 2 (TVQ&RAP): logits (..., K) -> w (..., K) whose
+    """Straight-through one-hot (docs/method.md#reconstruction-aware-losses): logits (..., K) -> w (..., K) whose
     forward is exactly one_hot(argmax) and whose gradient is that of softmax(logits).
     Written onehot + (p - sg[p]) rather than p + sg[onehot - p]: equal in value and gradient, but
     p + (1 - p) can round away from 1, while p - p is exactly 0, so w is bit-exactly one-hot and the
@@ -726,7 +636,7 @@ def ste_onehot(logits):
 
 
 def sample_topk(logits, k, generator=None):
-    """Stage 3 (SPEC sec. 3): logits (..., K) -> indices (...,) drawn among the k most probable
+    """Stage 3 (docs/method.md#decoder-fine-tuning): logits (..., K) -> indices (...,) drawn among the k most probable
     entries in proportion to their renormalised probabilities p_i / sum_{j in top-k} p_j, which is
     exactly softmax over the top-k logits. k = 1 is argmax (no randomness drawn)."""
     if k == 1:
@@ -737,60 +647,142 @@ def sample_topk(logits, k, generator=None):
     return cand.gather(-1, choice[..., None])[..., 0]
 
 
-def upsample_for_prior(lr, scale=4):
-    """The prior sees the LR image bicubically upsampled to HR size (SPEC: VFM_lora(y_up))."""
-    return F.interpolate(lr, scale_factor=scale, mode='bicubic', align_corners=False).clamp(0, 1)
+
+# optimizer and accounting
+
+def param_groups(model, weight_decay):
+    """AdamW groups: decay matrices / conv kernels; no decay for norms, biases and codebooks
+    (weight decay would pull codes toward 0, away from the encoder outputs they track)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() >= 2 and not getattr(p, '_no_weight_decay', False):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{'params': decay, 'weight_decay': weight_decay},
+            {'params': no_decay, 'weight_decay': 0.0}]
 
 
-def build_sr_prior(prior_args, pretrained=True):
-    """prior_args = dict(name, feat_tap, lora_rank, lora_alpha) -> prior (+ LoRA when lora_rank > 0,
-    else frozen), or None for prior_args None. Shared by generator.py and load_sr_chain."""
-    if prior_args is None:
-        return None
-    from prior import add_lora, build_prior  # local: model.py works without the prior's packages
-    p = build_prior(prior_args['name'], pretrained=pretrained, feat_tap=prior_args['feat_tap'])
-    if prior_args['lora_rank'] > 0:
-        add_lora(p, prior_args['lora_rank'], prior_args['lora_alpha'])
-    return p
+def count_params(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
-def lora_state(prior):
-    """Only the LoRA tensors of the prior (the base weights come from its package)."""
-    return {} if prior is None else {k: v for k, v in prior.state_dict().items()
-                                     if k.endswith(('.lora_A', '.lora_B'))}
+def flops_per_image(model_args, H, W):
+    """Rough training FLOPs (forward + backward) of encoder + decoder for one H x W image, for MFU.
+    Per transformer with T tokens, L layers, width w, N matmul params:  6*N*T + 12*L*w*T^2
+    (PaLM appendix B: 6N per token for the weights, 12*L*w*T per token for QK^T and AV).
+    N counts blocks (4w^2 attention + 3*w*hidden SwiGLU) and the patch / latent projections;
+    norms, the VQ lookup (2*K*C per token, no backward), the discriminator and LPIPS are left out."""
+    c = TokenizerConfig(**model_args)
+    T = (H // c.patch) * (W // c.patch)
+    pix = 3 * c.patch ** 2
+    total = 0.0
+    for width, depth, io in ((c.enc_width, c.enc_depth, pix + c.latent_dim),
+                             (c.dec_width, c.dec_depth, c.latent_dim + pix)):
+        n = depth * (4 * width ** 2 + 3 * width * swiglu_hidden(width, c.mlp_ratio)) + io * width
+        total += 6 * n * T + 12 * depth * width * T ** 2
+    return total
+
+# -----------------------------------------------------------------------------
+# 7. GAN: PatchGAN discriminator and losses (VQGAN / taming-transformers)
+
+class PatchDiscriminator(nn.Module):
+    """taming's NLayerDiscriminator (pix2pix PatchGAN): 4x4 convs, stride 2 for n_layers, then
+    two stride-1 convs; 256x256 -> 30x30 logits for n_layers=3. GroupNorm (default) instead of
+    BatchNorm: batch statistics at batch 1-4 are noisy and differ between real and fake batches;
+    norm='batch' gives taming's original."""
+    def __init__(self, in_ch=3, ndf=64, n_layers=3, norm='group'):
+        super().__init__()
+        if norm not in ('group', 'batch'):
+            raise ValueError(f"PatchDiscriminator: norm={norm!r}, expected 'group' or 'batch'")
+        mk_norm = (lambda ch: nn.GroupNorm(math.gcd(32, ch), ch)) if norm == 'group' else nn.BatchNorm2d
+        layers = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        ch = ndf
+        for n in range(1, n_layers + 1):
+            out = ndf * min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), mk_norm(out),
+                       nn.LeakyReLU(0.2, True)]
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():  # taming weights_init
+            if isinstance(m, (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d)):
+                nn.init.normal_(m.weight, 0.0 if isinstance(m, nn.Conv2d) else 1.0, 0.02)
+            if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        """x (B, 3, H, W) in [0, 1] -> logits (B, 1, h', w')."""
+        return self.main(x * 2 - 1)
 
 
-def load_lora_state(prior, sd):
-    missing = set(lora_state(prior)) - set(sd)
-    unexpected = set(sd) - set(lora_state(prior))
-    if missing or unexpected:
-        raise ValueError(f"LoRA state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    if sd:
-        prior.load_state_dict(sd, strict=False)
+def hinge_d_loss(real_logits, fake_logits):
+    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
 
+
+def vanilla_d_loss(real_logits, fake_logits):
+    return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
+
+
+def g_loss_hinge(fake_logits):
+    return -fake_logits.mean()
+
+
+def g_loss_vanilla(fake_logits):
+    return F.softplus(-fake_logits).mean()  # non-saturating -log sigmoid(D(fake))
+
+
+def adaptive_gan_weight(nll_loss, g_loss, last_layer):
+    """taming's calculate_adaptive_weight: ||grad nll|| / (||grad g|| + 1e-4) at the decoder's last
+    layer, clamped to [0, 1e4] and detached; the caller multiplies by its lambda_gan."""
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    w = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+    return torch.clamp(w, 0.0, 1e4).detach()
+
+
+def discriminator_step(disc, d_optimizer, d_loss, real, fake, ctx):
+    """One discriminator update, shared by every stage: d_loss(D(real), D(sg[fake])), backward,
+    step. The discriminator is left frozen (requires_grad False) so that the next generator step's
+    backward through D(fake) collects no gradient in it; -> the detached D loss."""
+    disc.requires_grad_(True)
+    with ctx:
+        d = d_loss(disc(real), disc(fake.detach()))
+    d_optimizer.zero_grad(set_to_none=True)
+    d.backward()
+    d_optimizer.step()
+    disc.requires_grad_(False)
+    return d.detach()
+
+# -----------------------------------------------------------------------------
+# 8. Chain loading and inference
 
 def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
     """Stage-2 checkpoint -> (tokenizer, generator, prior) in eval mode, frozen, on device.
     The tokenizer is rebuilt from the path saved in the generator checkpoint (tok_ckpt); its
     decoder is replaced by decoder_ckpt's 'decoder' state dict when given (stage 3). prior is None
     for a generator trained with use_prior=False."""
+    from prior import LoRAWeights, build_sr_prior  # local: model.py works without the prior's packages
     g = torch.load(gen_ckpt, map_location='cpu', weights_only=False)
     t = torch.load(g['tok_ckpt'], map_location='cpu', weights_only=False)
     if t['model_args'] != g['tok_model_args'] or t.get('step') != g.get('tok_step'):
         raise ValueError(f"{gen_ckpt} was trained on the tokenizer {g['tok_ckpt']} at step "
                          f"{g.get('tok_step')}, which now holds step {t.get('step')} / other settings")
-    tokenizer = Tokenizer(TokenizerConfig(**t['model_args']))
+    tokenizer = Tokenizer(TokenizerConfig.from_dict(t['model_args']))
     tokenizer.load_state_dict(t['model'])
     if decoder_ckpt is not None:
         d = torch.load(decoder_ckpt, map_location='cpu', weights_only=False)
         if d.get('tok_model_args') != t['model_args']:
             raise ValueError(f"{decoder_ckpt} is a decoder for another tokenizer than the one of {gen_ckpt}")
         tokenizer.decoder.load_state_dict(d['decoder'])
-    generator = Generator(GeneratorConfig(**g['model_args']))
+    generator = Generator(GeneratorConfig.from_dict(g['model_args']))
     generator.load_state_dict(g['generator'])
     prior = build_sr_prior(g['prior_args'])
     if prior is not None:
-        load_lora_state(prior, g['prior_lora'])
+        LoRAWeights(prior).load_state_dict(g['prior_lora'])
     mods = [m for m in (tokenizer, generator, prior) if m is not None]
     for m in mods:
         m.to(device).eval().requires_grad_(False)
@@ -800,8 +792,9 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
 @torch.no_grad()
 def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
     """lr (B, 3, h, w) in [0, 1] -> sr (B, 3, scale*h, scale*w) clamped to [0, 1]: top-1 indices
-    of every group, decoded by the tokenizer (SPEC sec. 3: inference always uses top-1).
+    of every group, decoded by the tokenizer (docs/method.md#inference: always top-1).
     With return_indices also the predicted indices (B, G, h', w')."""
+    from prior import upsample_for_prior
     c = generator.config
     feat, pooled = prior(upsample_for_prior(lr, c.scale)) if prior is not None else (None, None)
     idx = generator(lr, feat, pooled).argmax(-1)  # (B, G, h', w')

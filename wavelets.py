@@ -1,6 +1,6 @@
 """
-Orthonormal 2D Haar wavelet transform on (B, C, H, W) tensors, hand-written (SPEC.md section 1,
-"Frequency-matched supervision"): the tokenizer trained with k of G active groups is supervised by
+Orthonormal 2D Haar wavelet transform on (B, C, H, W) tensors, hand-written
+(docs/method.md#frequency-targets): the tokenizer trained with k of G active groups is supervised by
 lowpass(x, G - k).
 
 Convention. For each 2x2 block of the input
@@ -96,7 +96,7 @@ def idwt2_multi(ll, details):
 
 def lowpass(x, level):
     """Full-size image rebuilt from the level-`level` approximation with every detail band zeroed
-    (SPEC.md section 1). For Haar this equals replacing each 2^l x 2^l block by its mean.
+    (docs/method.md#frequency-targets). For Haar this equals replacing each 2^l x 2^l block by its mean.
 
     level 0 returns x itself. Sizes that are not multiples of 2^level are accepted: the image is
     replicate-padded at the bottom/right up to the next multiple, transformed, and cropped back, so

@@ -1,4 +1,4 @@
-# Stage 3 at the paper's sizes (HiTokSR, SPEC.md section 3), for one GPU, on the chain of
+# Stage 3 at the paper's sizes (HiTokSR, docs/method.md#decoder-fine-tuning), for one GPU, on the chain of
 # config/generator_paper.py: 512x512 crops, batch 64, AdamW lr 5e-5 / D 1e-5, 50k iterations,
 # L1 + LPIPS + 0.5 vanilla GAN, decoder inputs sampled from the generator's top-5.
 out_dir = 'out/finetune_decoder_paper'
@@ -7,8 +7,8 @@ crop_size = 512
 batch_size = 64
 mode = 'topk'
 top_k = 5
-lr = 5e-5
-d_lr = 1e-5
+learning_rate = 5e-5
+d_learning_rate = 1e-5
 l1_weight = 1.0
 lpips_weight = 1.0
 gan_weight = 0.5

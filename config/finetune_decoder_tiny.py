@@ -6,11 +6,11 @@ crop_size = 128
 batch_size = 8
 mode = 'topk'
 top_k = 5
-lr = 5e-5                 # the paper's; 2e-4 was worse in the README's Table 5 runs
-d_lr = 5e-5
+learning_rate = 5e-5                 # the paper's; 2e-4 was worse in the README's Table 5 runs
+d_learning_rate = 5e-5
 warmup_iters = 20
 max_iters = 100000        # the time budget ends the run
 max_minutes = 4.0
 eval_interval = 100
 log_interval = 10
-gan_start = 100000        # GAN off: 5 CPU minutes are too few for the adversarial game; --gan_start=0 turns it on
+gan_start = 100000        # GAN off: 4 CPU minutes are too few for the adversarial game; --gan_start=0 turns it on

@@ -1,4 +1,4 @@
-# Stage 2 at the paper's sizes (HiTokSR, SPEC.md section 2), for one GPU, on the tokenizer of
+# Stage 2 at the paper's sizes (HiTokSR, docs/method.md#generator), for one GPU, on the tokenizer of
 # config/tokenizer_paper.py: 512x512 crops / patch 16 = a 32x32 grid = 1024 tokens per image,
 # batch 64 -> 64k tokens per step; LR 128x128, 4 LR pixels per token side.
 # Memory: the straight-through one-hot is (B, G, h, w, K) = 64 x 4 x 1024 x 4096 floats = 4.3 GB,
@@ -17,8 +17,8 @@ use_prior = True
 use_sft = True
 cls_tokens = 'multi'
 lora_rank = 4
-lr = 5e-5
-d_lr = 1e-5
+learning_rate = 5e-5
+d_learning_rate = 1e-5
 ce_weight = 1.0
 repa_weight = 1.0
 l1_weight = 1.0

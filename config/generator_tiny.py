@@ -12,12 +12,12 @@ n_head = 4                # head size 48
 stem_dim = 64
 sft_hidden = 64
 lora_rank = 4
-lr = 5e-4
-d_lr = 1e-4
+learning_rate = 5e-4
+d_learning_rate = 1e-4
 weight_decay = 0.01
 warmup_iters = 50
 max_iters = 100000        # the time budget ends the run
 max_minutes = 10.0
 eval_interval = 300
 log_interval = 20
-gan_start = 100000        # GAN off: 15 CPU minutes are too few for the adversarial game; --gan_start=N turns it on
+gan_start = 100000        # GAN off: 10 CPU minutes are too few for the adversarial game; --gan_start=N turns it on

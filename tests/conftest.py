@@ -3,17 +3,33 @@ each, 1 thread), on two of the real validation pairs, built once per test sessio
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from configurator import script_settings
+from model import GeneratorConfig, TokenizerConfig, config_from_settings
 
-TOK_TINY = ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', '--width=32',
-            '--depth=1', '--n_head=2', '--codebook_size=16', '--max_minutes=0', '--threads=1']
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_TOK = ['--enc_width=32', '--enc_depth=1', '--enc_heads=2', '--dec_width=32', '--dec_depth=1', '--dec_heads=2']
+TOK_TINY = ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', *SMALL_TOK,
+            '--codebook_size=16', '--max_minutes=0', '--threads=1']
 GEN_TINY = ['config/generator_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', '--width=32',
             '--depth=1', '--n_head=2', '--stem_dim=16', '--sft_hidden=16', '--lora_rank=2', '--max_minutes=0',
             '--threads=1']
+
+
+def tokenizer_args(**fields):
+    """model_args of a TokenizerConfig: tokenizer.py's own defaults (read by the same path the
+    script takes) with `fields` on top."""
+    return asdict(config_from_settings(TokenizerConfig, script_settings('tokenizer.py'), **fields))
+
+
+def generator_args(**fields):
+    """model_args of a GeneratorConfig: generator.py's defaults with `fields` on top (fields must
+    include what the script derives: scale, groups, codebook_size, feat_dim, pooled_dims)."""
+    return asdict(config_from_settings(GeneratorConfig, script_settings('generator.py'), **fields))
 
 
 def _run(script, args, check=True):

@@ -13,7 +13,8 @@ from PIL import Image
 
 import data
 import degradation
-from data import DegradeConfig, ImageLoadError
+from data import ImageLoadError
+from degradation import DegradeConfig
 
 STAGES = ('blur', 'resize', 'noise', 'jpeg', 'sinc')
 
@@ -26,7 +27,7 @@ def smooth_images(B, H, W, seed=0):
 
 
 def run(hr, seed=0, **cfg):
-    return data.degrade(hr, DegradeConfig(**cfg), torch.Generator().manual_seed(seed))[1]
+    return degradation.degrade(hr, DegradeConfig(**cfg), torch.Generator().manual_seed(seed))[1]
 
 
 def write_png(path, H, W, seed=0):
@@ -73,7 +74,7 @@ def test_each_stage_changes_the_image_only_when_enabled(stage):
 def test_all_stages_off_is_a_plain_resize():
     hr = smooth_images(2, 64, 64)
     lr = run(hr, **{s: False for s in STAGES})
-    refs = [degradation._round8(F.interpolate(hr, size=(16, 16), mode=m)) for m in ('area', 'bilinear', 'bicubic')]
+    refs = [degradation.quantize_8bit(F.interpolate(hr, size=(16, 16), mode=m)) for m in ('area', 'bilinear', 'bicubic')]
     assert any(torch.equal(lr, r) for r in refs)
 
 
@@ -95,7 +96,7 @@ def test_bicubic_mode_is_antialiased_bicubic():
     lr = run(hr, mode='bicubic')
     ref = F.interpolate(hr, scale_factor=0.25, mode='bicubic', antialias=True).clamp(0, 1)
     assert torch.equal(lr, (ref * 255).round() / 255)
-    assert torch.equal(data.bicubic_downsample(hr, 4), lr)
+    assert torch.equal(degradation.bicubic_downsample(hr, 4), lr)
 
 
 def test_bad_degrade_input():
@@ -115,7 +116,7 @@ def test_usm_sharpens_edges_and_leaves_flat_areas():
     step[..., 32:] = 0.8
     s = degradation.usm_sharp(step)
     assert s[..., 33].mean() > 0.8 and s[..., 31].mean() == 0  # overshoot on the bright side, clamped dark side
-    hr_out, _ = data.degrade(smooth_images(1, 64, 64), DegradeConfig(usm_gt=True), torch.Generator())
+    hr_out, _ = degradation.degrade(smooth_images(1, 64, 64), DegradeConfig(usm_gt=True), torch.Generator())
     assert not torch.equal(hr_out, smooth_images(1, 64, 64))
 
 # ---------------------------------------------------------------- kernels
@@ -290,7 +291,7 @@ def test_val_pairs_deterministic_and_idempotent(tmp_path):
     assert a['hr'].shape == (2, 3, 64, 64) and a['lr'].shape == a['lr_bicubic'].shape == (2, 3, 16, 16)
     for k in ('hr', 'lr', 'lr_bicubic'):
         assert torch.equal(a[k], b[k])
-    assert torch.equal(a['lr_bicubic'], data.bicubic_downsample(a['hr'], 4))
+    assert torch.equal(a['lr_bicubic'], degradation.bicubic_downsample(a['hr'], 4))
     assert torch.equal(a['hr'][0], data.load_image(str(src / 'p0.png'))[:, 8:72, 4:68])  # centre crop
     assert not glob.glob(str(tmp_path / 'v1' / '**' / '.*'), recursive=True)  # no temp files
     assert not data.build_val_pairs(str(src), str(tmp_path / 'v1'), crop=64, seed=3)  # up to date
@@ -306,7 +307,7 @@ def test_val_pairs_deterministic_and_idempotent(tmp_path):
 def test_real_photo_degrades():
     x = data.load_image('/usr/share/backgrounds/mate/nature/Aqua.jpg')
     hr = x[None, :, :128, :128]
-    hr_out, lr = data.degrade(hr, DegradeConfig(), torch.Generator().manual_seed(0))
+    hr_out, lr = degradation.degrade(hr, DegradeConfig(), torch.Generator().manual_seed(0))
     assert lr.shape == (1, 3, 32, 32) and torch.equal(hr_out, hr)
-    bic = data.bicubic_downsample(hr, 4)
+    bic = degradation.bicubic_downsample(hr, 4)
     assert (lr - bic).abs().mean() > 1 / 255  # the degradation is visible

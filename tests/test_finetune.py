@@ -9,6 +9,7 @@ import torch
 
 import data
 import eval as ev
+from conftest import generator_args, tokenizer_args
 from model import (Generator, GeneratorConfig, Tokenizer, TokenizerConfig, load_sr_chain, sample_topk,
                    super_resolve)
 
@@ -52,10 +53,11 @@ def test_only_the_decoder_gets_gradients():
     """The stage-3 step as finetune_decoder.py runs it: frozen generator -> top-K draw ->
     codebook lookup -> decoder -> L1 + LPIPS; only decoder parameters receive gradients."""
     torch.manual_seed(0)
-    tok = Tokenizer(TokenizerConfig(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32,
-                                    enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2))
-    gen = Generator(GeneratorConfig(patch=8, groups=4, codebook_size=16, width=32, depth=1, n_head=2,
-                                    stem_dim=8, use_sft=False, cls_tokens='none'))
+    tok = Tokenizer(TokenizerConfig(**tokenizer_args(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32,
+                                                     enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2)))
+    gen = Generator(GeneratorConfig(**generator_args(patch=8, scale=4, groups=4, codebook_size=16, width=32, depth=1,
+                                                     n_head=2, stem_dim=8, use_sft=False, cls_tokens='none',
+                                                     feat_dim=0, pooled_dims=())))
     for m in (tok, gen):
         m.eval().requires_grad_(False)
     tok.decoder.requires_grad_(True)
@@ -71,8 +73,8 @@ def test_only_the_decoder_gets_gradients():
 # ----------------------------------------------------------------------------- the script
 
 TINY = ['config/finetune_decoder_tiny.py', '--crop_size=32', '--batch_size=2', '--max_minutes=0',
-        '--eval_interval=1000', '--log_interval=1', '--gan_start=2', '--warmup_iters=2', '--lr_decay_iters=6',
-        '--lr=1e-3', '--top_k=3', '--threads=1']
+        '--eval_interval=1000', '--log_interval=1', '--gan_start=2', '--warmup_iters=2', '--decay_iters=6',
+        '--learning_rate=1e-3', '--top_k=3', '--threads=1']
 
 
 def sha(path):

@@ -7,16 +7,15 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from conftest import GEN_TINY
+from conftest import GEN_TINY, generator_args, tokenizer_args
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
-                   build_sr_prior, g_loss_vanilla, load_sr_chain, rope_2d, ste_onehot, super_resolve,
-                   upsample_for_prior)
-from prior import LoRA, frozen_features, repa_loss
+                   g_loss_vanilla, load_sr_chain, rope_2d, ste_onehot, super_resolve)
+from prior import LoRA, build_sr_prior, frozen_features, repa_loss, upsample_for_prior
 
-TOK = dict(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32, enc_depth=1, enc_heads=2,
-           dec_width=32, dec_depth=1, dec_heads=2)
-GEN = dict(patch=8, scale=4, groups=4, codebook_size=16, width=32, depth=2, n_head=2, stem_dim=8,
-           sft_hidden=8, feat_dim=12, pooled_dims=(5, 7, 9))
+TOK = tokenizer_args(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32, enc_depth=1, enc_heads=2,
+                     dec_width=32, dec_depth=1, dec_heads=2)
+GEN = generator_args(patch=8, scale=4, groups=4, codebook_size=16, width=32, depth=2, n_head=2, stem_dim=8,
+                     sft_hidden=8, feat_dim=12, pooled_dims=(5, 7, 9))
 
 
 def gen(**kw):
@@ -152,7 +151,7 @@ def test_full_loss_trains_only_generator_and_lora():
 
 # every loss term on (CE, REPA, L1, LPIPS, GAN from step 2); tiny sizes from conftest.GEN_TINY
 TINY = GEN_TINY + ['--eval_interval=1000', '--log_interval=1', '--gan_start=2', '--warmup_iters=2',
-                   '--lr_decay_iters=6', '--lr=1e-3']
+                   '--decay_iters=6', '--learning_rate=1e-3']
 
 
 @pytest.fixture(scope='module')

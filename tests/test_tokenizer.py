@@ -6,14 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SMALL_TOK
 from model import frequency_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model small enough for seconds per run on 2 cores; every code path of the loop stays on
 # (group masking, DWT targets, LPIPS, GAN from step 2, data init, dead-code restart).
-TINY = ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', '--width=32',
-        '--depth=1', '--n_head=2', '--codebook_size=16', '--max_minutes=0', '--eval_interval=1000',
-        '--log_interval=1', '--gan_start=2', '--warmup_iters=2', '--p_full=0.5', '--lr_decay_iters=6']
+TINY = ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', *SMALL_TOK,
+        '--codebook_size=16', '--max_minutes=0', '--eval_interval=1000',
+        '--log_interval=1', '--gan_start=2', '--warmup_iters=2', '--p_full=0.5', '--decay_iters=6']
 
 
 def run(args, check=True):
@@ -68,6 +69,6 @@ def test_smoke_and_exact_resume(check_exact_resume, tmp_path):
 
 def test_resume_refuses_a_different_model(tmp_path):
     run(TINY + [f'--out_dir={tmp_path}', '--max_iters=1'])
-    p = run(TINY + [f'--out_dir={tmp_path}', '--max_iters=2', '--init_from=resume', '--width=64'],
+    p = run(TINY + [f'--out_dir={tmp_path}', '--max_iters=2', '--init_from=resume', '--dec_width=64'],
             check=False)
     assert p.returncode != 0 and 'model settings differ' in p.stderr
