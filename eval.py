@@ -111,6 +111,34 @@ def ssim(sr, hr, crop_border=0, y_channel=True, quantize=True):
     return ssim_map.mean(dim=(1, 2, 3))
 
 
+def grid_score(x, patch=8):
+    """(B,) how visible a patch grid of period `patch` is: the mean absolute difference of
+    neighbouring Y values (0-255) across the grid lines (between pixel kp-1 and kp, rows and
+    columns) divided by the same mean between neighbours inside the patches. Natural photos give
+    ~1.0; a tokenizer whose patches do not join up gives > 1.1. x (B, 3, H, W) in [0, 1], the grid
+    anchored at the top-left pixel (as a decoder's patches are)."""
+    if x.ndim != 4 or x.shape[1] != 3 or min(x.shape[-2:]) <= patch:
+        raise ValueError(f"eval.grid_score: expected (B, 3, H, W) images larger than patch={patch}, "
+                         f"got {tuple(x.shape)}")
+    y = rgb_to_y(quantize_8bit(x.double()))[:, 0]                                  # (B, H, W)
+    dx, dy = (y[:, :, 1:] - y[:, :, :-1]).abs(), (y[:, 1:] - y[:, :-1]).abs()    # (B,H,W-1), (B,H-1,W)
+    on_x = (torch.arange(1, y.shape[2]) % patch == 0)                            # (W-1,) crosses a line
+    on_y = (torch.arange(1, y.shape[1]) % patch == 0)                            # (H-1,)
+    across = torch.cat([dx[:, :, on_x].flatten(1), dy[:, on_y].flatten(1)], 1).mean(1)
+    inside = torch.cat([dx[:, :, ~on_x].flatten(1), dy[:, ~on_y].flatten(1)], 1).mean(1)
+    return across / inside.clamp_min(1e-12)
+
+
+def color_error(sr, hr, crop_border=0):
+    """(B,) mean absolute difference of the chroma channels Cb and Cr (BT.601, 0-255 scale, as
+    BasicSR rgb2ycbcr) of the 8-bit images: a colour shift that PSNR-Y and LPIPS barely see."""
+    _check_pair(sr, hr, 'color_error', crop_border)
+    a, b = _prepare(sr, hr, crop_border, False, True)                            # RGB on 0-255
+    M = torch.tensor([[-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]], dtype=a.dtype) / 255
+    chroma = lambda t: torch.einsum('cr,brhw->bchw', M, t)                       # (B, 2, H', W')
+    return (chroma(a) - chroma(b)).abs().mean(dim=(1, 2, 3))
+
+
 def bicubic_upsample(lr, scale=4):
     """The bicubic baseline: (B, 3, h, w) -> (B, 3, scale*h, scale*w), clamped to [0, 1]."""
     if lr.ndim != 4:
@@ -202,9 +230,14 @@ def lpips_dist(net, sr, hr):
 
 # ----------------------------------------------------------------------------- evaluation + tables
 
+_METRICS = ('psnr_y', 'ssim_y', 'lpips', 'grid', 'color_err')  # what evaluate() reports, in table order
+
+
 @torch.no_grad()
-def evaluate(sr, hr, crop_border=4, lpips_net=None, batch_size=8):
-    """Score sr against hr: {'psnr_y', 'ssim_y', 'lpips': means (float), 'per_image': lists}.
+def evaluate(sr, hr, crop_border=4, lpips_net=None, batch_size=8, patch=8):
+    """Score sr against hr: {'psnr_y', 'ssim_y', 'lpips', 'grid', 'color_err': means (float),
+    'per_image': lists}. grid is the grid score of sr at period `patch` (the tokenizer's), an
+    absolute property of the image; color_err the mean |Cb, Cr| difference to hr.
     lpips_net=None loads the default net (cached); lpips_net=False skips LPIPS (value None).
     Everything is computed on the 8-bit-rounded images, so PNG files score the same."""
     _check_pair(sr, hr, 'evaluate', crop_border)
@@ -218,23 +251,25 @@ def evaluate(sr, hr, crop_border=4, lpips_net=None, batch_size=8):
         dev = next(net.parameters()).device
         per['lpips'] = torch.cat([lpips_dist(net, sr[i:i + batch_size].to(dev), hr[i:i + batch_size].to(dev)).cpu()
                                   for i in range(0, len(sr), batch_size)]).tolist()  # full image, no crop
+    per['grid'] = grid_score(sr, patch).tolist()  # the whole image: a crop would move the grid
+    per['color_err'] = color_error(sr, hr, crop_border).tolist()
     out = {k: (float(np.mean(v)) if v is not None else None) for k, v in per.items()}
     out['per_image'] = per
     return out
 
 
-def score(name, sr, pairs, lpips_net, crop_border=4):
+def score(name, sr, pairs, lpips_net, crop_border=4, patch=8):
     """One table row: a method's outputs sr (N, 3, H, W) scored against pairs['hr']."""
-    m = evaluate(sr, pairs['hr'], crop_border=crop_border, lpips_net=lpips_net)
-    return dict(name=name, n=len(sr), psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'],
+    m = evaluate(sr, pairs['hr'], crop_border=crop_border, lpips_net=lpips_net, patch=patch)
+    return dict(name=name, n=len(sr), **{k: m[k] for k in _METRICS},
                 per_image=dict(names=list(pairs['names']), **m['per_image']))
 
 
 def per_image_rows(row):
     """A row's per-image values as rows (one per image), then its mean row."""
     p = row['per_image']
-    rows = [dict(name=n, psnr_y=p['psnr_y'][i], ssim_y=p['ssim_y'][i],
-                 lpips=p['lpips'][i] if p['lpips'] is not None else None) for i, n in enumerate(p['names'])]
+    rows = [dict(name=n, **{k: p[k][i] if p.get(k) is not None else None for k in _METRICS})
+            for i, n in enumerate(p['names'])]
     return rows + [dict(row, name=f"**mean ({row['name']})**")]
 
 
@@ -243,16 +278,18 @@ def _fmt(v, digits):
 
 
 def print_table(rows):
-    """Markdown table of rows with keys name, psnr_y, ssim_y, lpips."""
-    print('| name | PSNR-Y (dB) | SSIM-Y | LPIPS |')
-    print('|---|---|---|---|')
+    """Markdown table of rows with keys name and _METRICS."""
+    print('| name | PSNR-Y (dB) | SSIM-Y | LPIPS | grid score | colour error |')
+    print('|---|---|---|---|---|---|')
     for r in rows:
-        print(f"| {r['name']} | {_fmt(r['psnr_y'], 2)} | {_fmt(r['ssim_y'], 4)} | {_fmt(r.get('lpips'), 4)} |")
+        print(f"| {r['name']} | {_fmt(r['psnr_y'], 2)} | {_fmt(r['ssim_y'], 4)} | {_fmt(r.get('lpips'), 4)} "
+              f"| {_fmt(r.get('grid'), 3)} | {_fmt(r.get('color_err'), 2)} |")
 
 
 def print_summary(row):
     """The grep-able block: one `key: value` per line."""
-    print(f"psnr_y: {_fmt(row['psnr_y'], 2)}\nssim_y: {_fmt(row['ssim_y'], 4)}\nlpips: {_fmt(row.get('lpips'), 4)}")
+    print(f"psnr_y: {_fmt(row['psnr_y'], 2)}\nssim_y: {_fmt(row['ssim_y'], 4)}\nlpips: {_fmt(row.get('lpips'), 4)}\n"
+          f"grid: {_fmt(row.get('grid'), 3)}\ncolor_err: {_fmt(row.get('color_err'), 2)}")
 
 
 def load_sr_dir(sr_dir, names, shape):
@@ -281,15 +318,16 @@ def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='
     batches = lambda xs, bs=4: (xs[i:i + bs].to(device) for i in range(0, len(xs), bs))
     images = lambda outs: torch.cat([o.float().clamp(0, 1).cpu() for o in outs])
     idx = [super_resolve(y, tok, gen, prior, True)[1] for y in batches(pairs['lr'])]  # top-1 (b, G, h, w)
-    rows = [score('bicubic (degraded LR)', bicubic_upsample(pairs['lr']), pairs, lpips_net, crop_border),
+    p = tok.config.patch  # the grid score looks for this tokenizer's patch grid
+    rows = [score('bicubic (degraded LR)', bicubic_upsample(pairs['lr']), pairs, lpips_net, crop_border, p),
             score('stage 1: tokenizer reconstruction of HR', images(tok(x)[0] for x in batches(pairs['hr'])),
-                  pairs, lpips_net, crop_border),
+                  pairs, lpips_net, crop_border, p),
             score('stage 2: generator + stage-1 decoder', images(tok.decode_indices(q) for q in idx),
-                  pairs, lpips_net, crop_border)]
+                  pairs, lpips_net, crop_border, p)]
     if decoder_ckpt:
         tok3, _, _ = load_sr_chain(gen_ckpt, device, decoder_ckpt)
         rows.append(score('stage 3: generator + fine-tuned decoder', images(tok3.decode_indices(q) for q in idx),
-                          pairs, lpips_net, crop_border))
+                          pairs, lpips_net, crop_border, p))
     return rows
 
 
@@ -301,6 +339,7 @@ if __name__ == '__main__':
     decoder_ckpt = ''              # sr='chain': a stage-3 checkpoint adds its row ('' = none)
     val_dir = 'assets/val_pairs'   # made by `python data.py`
     crop_border = 4                # = scale, BasicSR convention
+    patch = 8                      # period of the patch grid the grid score looks for (a tokenizer's patch)
     device = 'cpu'                 # cpu | cuda | mps | auto
     name = ''                      # row name; '' -> bicubic_<lr_kind>, chain or the folder's name
     out_json = ''                  # '' -> out/eval/<name>.json
@@ -333,7 +372,7 @@ if __name__ == '__main__':
         else:
             name = name or Path(sr).resolve().name
             sr_imgs = load_sr_dir(sr, pairs['names'], pairs['hr'].shape[1:])
-        rows = [score(name, sr_imgs, pairs, lpips_net, crop_border)]
+        rows = [score(name, sr_imgs, pairs, lpips_net, crop_border, patch)]
         print_table(per_image_rows(rows[0]))
         print()
         print_summary(rows[0])

@@ -154,7 +154,8 @@ val_sr2, val_idx = batched(lambda y: [t.cpu() for t in super_resolve(y, tokenize
 val_bic = ev.bicubic_upsample(val_lr)
 ref = {}
 for name, imgs in (('stage2', val_sr2), ('bicubic', val_bic)):
-    ref.update({f'{name}_{k}': v for k, v in ev.evaluate(imgs, val_hr, 4, lpips_net).items() if k != 'per_image'})
+    ref.update({f'{name}_{k}': v for k, v in ev.evaluate(imgs, val_hr, 4, lpips_net, patch=tcfg.patch).items()
+                if k != 'per_image'})
 log('references: ' + ' '.join(f"{k} {v:.4f}" for k, v in ref.items()))
 
 
@@ -164,8 +165,8 @@ def evaluate(tag):
     decoder.eval()
     sr, = batched(lambda q: (tokenizer.decode(tokenizer.quantizer.lookup(q)).float().clamp(0, 1).cpu(),), val_idx,
                   device=device)
-    m = ev.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net)
-    out = dict(psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'],
+    m = ev.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net, patch=tcfg.patch)
+    out = dict(psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'], grid=m['grid'], color_err=m['color_err'],
                lpips_vs_stage2=m['lpips'] / ref['stage2_lpips'])
     save_grid([F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6], val_sr2[:6], sr[:6],
                val_hr[:6]], os.path.join(out_dir, f'samples_{tag}.png'),

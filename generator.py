@@ -151,7 +151,7 @@ log = Logger(out_dir, config, resume=ckpt is not None)
 
 # frozen tokenizer: targets q_HR (encoder + VQ) and the decoder the pixel losses go through
 tokenizer = Tokenizer(tcfg)
-tokenizer.load_state_dict(tok['model'])
+tokenizer.load_state_dict(tok.get('ema') or tok['model'])  # the EMA weights when stage 1 kept them
 tokenizer.to(device).eval().requires_grad_(False)  # eval: no dead-code restarts, no hit counts
 tok_step = tok.get('step')
 del tok
@@ -195,8 +195,8 @@ log(f"generator: {count_params(generator) / 1e6:.2f}M params, LoRA "
 val_q, = batched(lambda x: (tokenizer.encode(x)[1].cpu(),), val_hr, device=device)  # (N, G, h, w)
 val_rec, = batched(lambda q: (tokenizer.decode_indices(q).float().clamp(0, 1).cpu(),), val_q, device=device)
 val_bic = ev.bicubic_upsample(val_lr)
-ref = {f'r_{k}': v for k, v in ev.evaluate(val_rec, val_hr, 4, lpips_net).items() if k != 'per_image'}
-ref.update({f'bicubic_{k}': v for k, v in ev.evaluate(val_bic, val_hr, 4, lpips_net).items()
+ref = {f'r_{k}': v for k, v in ev.evaluate(val_rec, val_hr, 4, lpips_net, patch=patch).items() if k != 'per_image'}
+ref.update({f'bicubic_{k}': v for k, v in ev.evaluate(val_bic, val_hr, 4, lpips_net, patch=patch).items()
             if k != 'per_image'})
 log('references: ' + ' '.join(f"{k} {v:.4f}" for k, v in ref.items()))
 
@@ -208,8 +208,8 @@ def evaluate(tag):
     sr, idx = batched(lambda y: [t.cpu() for t in super_resolve(y, tokenizer, generator, prior, True)],
                       val_lr, device=device)
     acc = (idx == val_q).float().mean(dim=(0, 2, 3))                           # (G,)
-    m = ev.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net)
-    out = dict(psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'],
+    m = ev.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net, patch=patch)
+    out = dict(psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'], grid=m['grid'], color_err=m['color_err'],
                lpips_vs_bicubic=m['lpips'] / ref['bicubic_lpips'], token_acc_mean=float(acc.mean()))
     out.update({f'token_acc_g{g}': float(a) for g, a in enumerate(acc.tolist())})
     save_grid([F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6], sr[:6], val_hr[:6]],

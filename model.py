@@ -166,17 +166,83 @@ class ViTEncoder(nn.Module):
         return z.transpose(1, 2).reshape(B, -1, h, w)
 
 
+def unpatchify(t_BTd, h, w, p):
+    """(B, h*w, c*p*p) per-token pixels, channel-major inside a patch -> (B, c, h*p, w*p)."""
+    B = t_BTd.shape[0]
+    c = t_BTd.shape[-1] // (p * p)
+    x = t_BTd.view(B, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, c, h, p, w, p)
+    return x.reshape(B, c, h * p, w * p)
+
+
+def overlap_window(p, device=None):
+    """Separable tent of side 2p, (2p, 2p): 1 - |i + 0.5 - p| / p per axis. Shifted by p, two tents
+    sum to exactly 1, so stride-p overlap-add of 2p x 2p patches blends neighbours linearly."""
+    w = 1 - ((torch.arange(2 * p, device=device) + 0.5 - p).abs() / p)
+    return w[:, None] * w[None, :]
+
+
+def overlap_add(t_BTd, h, w, p):
+    """(B, h*w, 3*(2p)^2) per-token patches of side 2p, each centred on its own p x p cell ->
+    (B, 3, h*p, w*p): every pixel is the tent-weighted mean of the 2-4 tokens whose patches cover it,
+    so the weights, and with them the image, change continuously across patch borders. At the
+    image border fewer tokens cover a pixel, hence the division by the summed weights."""
+    B = t_BTd.shape[0]
+    win = overlap_window(p, t_BTd.device).to(t_BTd.dtype).flatten()             # (4p^2,)
+    cols = (t_BTd.view(B, h * w, 3, 4 * p * p) * win).flatten(2).transpose(1, 2)  # (B, 3*4p^2, h*w)
+    fold = lambda c: F.fold(c, (h * p, w * p), kernel_size=2 * p, stride=p, padding=p // 2)
+    norm = fold(win[None, :, None].expand(1, -1, h * w))                         # (1, 1, H, W)
+    return fold(cols) / norm
+
+
+class ConvRefine(nn.Module):
+    """Pixel-space refinement after un-patchifying (docs/method.md#vit-autoencoder). A per-token
+    linear output cannot couple pixels of neighbouring patches, so every per-token error ends at a
+    patch border and the image shows the token grid; 3x3 convolutions that straddle the borders
+    can join the patches up. Input: the decoder's RGB x0 and `ch` extra feature channels per pixel
+    (also un-patchified); output x0 + conv_out(...), with conv_out zero at init, so a fresh
+    refinement returns exactly the plain decoder's image."""
+    def __init__(self, ch, n_blocks):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3 + ch, ch, 3, padding=1)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+                                                   nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
+                                     for _ in range(n_blocks)])
+        self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x0_B3HW, f_BcHW):
+        h = self.conv_in(torch.cat([x0_B3HW, f_BcHW], 1))  # (B, ch, H, W)
+        for blk in self.blocks:
+            h = h + blk(h)
+        return x0_B3HW + self.conv_out(F.silu(h))
+
+
 class ViTDecoder(nn.Module):
     """Output is unbounded (no sigmoid): it lands in ~[0, 1] because the targets are in [0, 1];
-    clamp to [0, 1] only for evaluation / saving images."""
-    def __init__(self, patch, width, depth, n_head, latent_dim, mlp_ratio=4.0, rope_base=10000.0):
+    clamp to [0, 1] only for evaluation / saving images. Two ways out of the patch grid
+    (docs/method.md#vit-autoencoder), each off = the plain linear un-patchify: overlap=True makes
+    each token paint a 2p x 2p patch, tent-blended with its neighbours (overlap_add);
+    refine_blocks > 0 adds ConvRefine on refine_ch feature channels."""
+    def __init__(self, patch, width, depth, n_head, latent_dim, mlp_ratio=4.0, rope_base=10000.0,
+                 refine_blocks=0, refine_ch=16, overlap=False):
         super().__init__()
-        self.patch, self.n_head, self.rope_base = patch, n_head, rope_base
+        if overlap and patch % 2:
+            raise ValueError(f"ViTDecoder: overlapping output patches need an even patch, got {patch}")
+        self.patch, self.n_head, self.rope_base, self.overlap = patch, n_head, rope_base, overlap
         self.from_latent = nn.Linear(latent_dim, width)
         self.blocks = nn.ModuleList([Block(width, n_head, mlp_ratio) for _ in range(depth)])
         self.norm = RMSNorm(width)
-        self.to_pixels = nn.Linear(width, 3 * patch * patch)
+        self.to_pixels = nn.Linear(width, 3 * (2 * patch if overlap else patch) ** 2)
+        if refine_blocks > 0:
+            self.to_features = nn.Linear(width, refine_ch * patch * patch)
         init_transformer_weights(self, depth)
+        self.refine = ConvRefine(refine_ch, refine_blocks) if refine_blocks > 0 else None
+
+    @property
+    def last_layer(self):
+        """The weight nearest the output, where adaptive_gan_weight compares gradients."""
+        return self.to_pixels.weight if self.refine is None else self.refine.conv_out.weight
 
     def forward(self, z):
         """z: (B, C, h, w) -> x: (B, 3, h*p, w*p)."""
@@ -188,10 +254,12 @@ class ViTDecoder(nn.Module):
         rope = rope_2d(h, w, t.shape[-1] // self.n_head, self.rope_base, z.device)
         for blk in self.blocks:
             t = blk(t, rope)
-        px = self.to_pixels(self.norm(t))  # (B, h*w, 3*p*p), channel-major inside a patch
-        p = self.patch
-        px = px.view(B, h, w, 3, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, 3, h, p, w, p)
-        return px.reshape(B, 3, h * p, w * p)
+        t = self.norm(t)
+        px = self.to_pixels(t)  # (B, h*w, 3*p*p), or 3*(2p)^2 with overlap
+        x = overlap_add(px, h, w, self.patch) if self.overlap else unpatchify(px, h, w, self.patch)
+        if self.refine is not None:
+            x = self.refine(x, unpatchify(self.to_features(t), h, w, self.patch))
+        return x
 
 # -----------------------------------------------------------------------------
 # 3. Quantizers (docs/method.md#grouped-vq)
@@ -370,6 +438,9 @@ class TokenizerConfig(ModelConfig):
     dec_width: int
     dec_depth: int
     dec_heads: int
+    dec_refine: int           # residual 3x3-conv blocks after un-patchifying (0: plain linear output)
+    dec_refine_ch: int        # channels of that refinement
+    dec_overlap: bool         # each token paints a 2p x 2p patch, tent-blended with its neighbours
     mlp_ratio: float          # SwiGLU hidden = 2/3 * mlp_ratio * width
     rope_base: float
     beta: float               # commitment weight inside L_commit
@@ -382,7 +453,8 @@ class TokenizerConfig(ModelConfig):
         self.check_types()
         self.check_positive('patch', 'latent_dim', 'groups', 'enc_width', 'enc_heads', 'dec_width',
                             'dec_heads', 'vq_restart_every')
-        self.check_positive('enc_depth', 'dec_depth', minimum=0)
+        self.check_positive('enc_depth', 'dec_depth', 'dec_refine', minimum=0)
+        self.check_positive('dec_refine_ch')
         self.check_positive('codebook_size', minimum=2)
         if self.latent_dim % self.groups:
             self.bad('groups', f"must divide latent_dim={self.latent_dim}")
@@ -390,6 +462,8 @@ class TokenizerConfig(ModelConfig):
             width, heads = getattr(self, w), getattr(self, hkey)
             if width % heads or (width // heads) % 4:
                 self.bad(hkey, f"must divide {w}={width} into heads of a size divisible by 4 (2D RoPE)")
+        if self.dec_overlap and self.patch % 2:
+            self.bad('dec_overlap', f"needs an even patch, got patch={self.patch}")
         if self.beta < 0:
             self.bad('beta', "must be >= 0")
         if self.mlp_ratio <= 0:
@@ -405,7 +479,7 @@ class Tokenizer(nn.Module):
         self.quantizer = GroupedVQ(c.latent_dim, c.groups, c.codebook_size, c.beta, c.vq_data_init,
                                    c.vq_restart_dead, c.vq_restart_every, c.vq_dead_threshold)
         self.decoder = ViTDecoder(c.patch, c.dec_width, c.dec_depth, c.dec_heads, c.latent_dim,
-                                  c.mlp_ratio, c.rope_base)
+                                  c.mlp_ratio, c.rope_base, c.dec_refine, c.dec_refine_ch, c.dec_overlap)
 
     @property
     def model_args(self):
@@ -413,7 +487,7 @@ class Tokenizer(nn.Module):
 
     @property
     def last_layer(self):
-        return self.decoder.to_pixels.weight  # where adaptive_gan_weight compares gradients
+        return self.decoder.last_layer  # where adaptive_gan_weight compares gradients
 
     def encode(self, x):
         """x (B, 3, H, W) -> zq_ste (B, C, h, w), idx (B, G, h, w), commit_loss, stats."""
@@ -674,15 +748,22 @@ def flops_per_image(model_args, H, W):
     Per transformer with T tokens, L layers, width w, N matmul params:  6*N*T + 12*L*w*T^2
     (PaLM appendix B: 6N per token for the weights, 12*L*w*T per token for QK^T and AV).
     N counts blocks (4w^2 attention + 3*w*hidden SwiGLU) and the patch / latent projections;
+    the decoder's conv refinement adds 6 * (its conv weights) per pixel;
     norms, the VQ lookup (2*K*C per token, no backward), the discriminator and LPIPS are left out."""
     c = TokenizerConfig(**model_args)
     T = (H // c.patch) * (W // c.patch)
     pix = 3 * c.patch ** 2
+    out_pix = 3 * (2 * c.patch) ** 2 if c.dec_overlap else pix
+    feat = c.dec_refine_ch * c.patch ** 2 if c.dec_refine else 0  # the refinement's input features
     total = 0.0
     for width, depth, io in ((c.enc_width, c.enc_depth, pix + c.latent_dim),
-                             (c.dec_width, c.dec_depth, c.latent_dim + pix)):
+                             (c.dec_width, c.dec_depth, c.latent_dim + out_pix + feat)):
         n = depth * (4 * width ** 2 + 3 * width * swiglu_hidden(width, c.mlp_ratio)) + io * width
         total += 6 * n * T + 12 * depth * width * T ** 2
+    if c.dec_refine:
+        ch = c.dec_refine_ch
+        conv = 9 * ((3 + ch) * ch + 2 * c.dec_refine * ch * ch + ch * 3)  # conv_in, blocks, conv_out
+        total += 6 * conv * H * W
     return total
 
 # -----------------------------------------------------------------------------
@@ -772,7 +853,7 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
         raise ValueError(f"{gen_ckpt} was trained on the tokenizer {g['tok_ckpt']} at step "
                          f"{g.get('tok_step')}, which now holds step {t.get('step')} / other settings")
     tokenizer = Tokenizer(TokenizerConfig.from_dict(t['model_args']))
-    tokenizer.load_state_dict(t['model'])
+    tokenizer.load_state_dict(t.get('ema') or t['model'])  # the EMA weights when stage 1 kept them
     if decoder_ckpt is not None:
         d = torch.load(decoder_ckpt, map_location='cpu', weights_only=False)
         if d.get('tok_model_args') != t['model_args']:

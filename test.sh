@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: set-up (idempotent) then the whole pytest suite (~10 minutes on 2 cores).
+# The test command: set-up (idempotent) then the whole pytest suite (~8 minutes from a clean clone on 2 cores, ~5 once set up).
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh

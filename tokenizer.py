@@ -15,6 +15,7 @@ Ablations of the paper's Table 3 / Table 7 are one flag away:
     --group_masking=False                no masking (always all groups)
     --dwt_targets=False                  masked decodes still compared with the full image
 """
+import copy
 import os
 import time
 from dataclasses import asdict
@@ -57,6 +58,9 @@ enc_heads = 12
 dec_width = 768           # ViT decoder: width, blocks, heads
 dec_depth = 12
 dec_heads = 12
+dec_overlap = True        # each token paints a 2p x 2p patch, tent-blended with its neighbours (no grid)
+dec_refine = 0            # residual 3x3-conv blocks after un-patchifying (0: none; see README)
+dec_refine_ch = 32        # their channels (the decoder also emits this many features per pixel)
 mlp_ratio = 4.0           # SwiGLU hidden = 2/3 * mlp_ratio * width
 rope_base = 10000.0       # 2D RoPE frequency base
 beta = 0.25               # commitment weight inside L_commit (docs/method.md#grouped-vq)
@@ -81,6 +85,8 @@ d_learning_rate = 5e-5    # discriminator, follows the same schedule
 betas = (0.5, 0.9)
 weight_decay = 1e-4
 grad_clip = 1.0
+ema_decay = 0.0           # > 0: keep an exponential moving average of the weights (e.g. 0.99); it is
+                          # what evaluation, the PNGs and the next stages use
 warmup_iters = 500
 learning_rate_floor = 0.1  # the cosine decay ends at this fraction of the peak
 # system
@@ -137,9 +143,10 @@ disc = PatchDiscriminator().to(device).requires_grad_(False)
 lpips_net = ev.load_lpips(device)
 optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=betas, weight_decay=weight_decay)
+ema = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
 # everything an exact resume needs, declared once: saved by save_state, restored by load_state
 state = dict(model=model, disc=disc, optimizer=optimizer, d_optimizer=d_optimizer, sampler=sampler,
-             mask_gen=mask_gen)
+             mask_gen=mask_gen, **({'ema': ema} if ema is not None else {}))
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
@@ -151,31 +158,33 @@ log(f"tokenizer: {count_params(model) / 1e6:.2f}M params, {groups} groups x {cod
 @torch.no_grad()
 def evaluate(tag):
     """Reconstruct the validation HR crops with all groups and with every prefix k < G."""
-    model.eval()
+    net = ema if ema is not None else model
+    net.eval()
     recs, idxs = [], []
     for i in range(0, len(val_hr), 4):
         x = val_hr[i:i + 4].to(device)
         with ctx:
-            xrec, idx, _, _ = model(x)
+            xrec, idx, _, _ = net(x)
         recs.append(xrec.float().clamp(0, 1).cpu())
         idxs.append(idx.cpu())
     rec, idx = torch.cat(recs), torch.cat(idxs)                # (N,3,H,W), (N,G,h,w)
-    m = ev.evaluate(rec, val_hr, crop_border=4, lpips_net=lpips_net)
+    m = ev.evaluate(rec, val_hr, crop_border=4, lpips_net=lpips_net, patch=patch)
     stats = usage_stats(idx, codebook_size)
     use, ppl = stats['util'], stats['perplexity']              # (G,), (G,)
-    out = dict(r_psnr_y=m['psnr_y'], r_ssim_y=m['ssim_y'], r_lpips=m['lpips'],
+    out = dict(r_psnr_y=m['psnr_y'], r_ssim_y=m['ssim_y'], r_lpips=m['lpips'], r_grid=m['grid'],
+               r_color_err=m['color_err'],
                code_usage_min=float(use.min()), code_usage_mean=float(use.mean()),
                perplexity_min=float(ppl.min()))
     rows, labels = [val_hr[:6], rec[:6]], ['HR', 'reconstruction (all groups)']
     for k in range(1, groups):  # prefix decodes vs their Haar low-pass targets (Table 3)
-        dec = torch.cat([model.decode_indices(idx[i:i + 4].to(device), k).float().clamp(0, 1).cpu()
+        dec = torch.cat([net.decode_indices(idx[i:i + 4].to(device), k).float().clamp(0, 1).cpu()
                          for i in range(0, len(idx), 4)])
         target = lowpass(val_hr, groups - k)
         out[f'prefix_psnr_k{k}'] = float(ev.psnr(dec, target, crop_border=4).mean())
         rows += [dec[:6], target[:6]]
         labels += [f'decode with k={k} groups', f'target lowpass(x, {groups - k})']
     save_grid(rows, os.path.join(out_dir, f'samples_{tag}.png'), labels)
-    model.train()
+    net.train(net is model)  # the EMA copy stays in eval mode: no dead-code restarts of its own
     return out, use, ppl
 
 
@@ -221,6 +230,12 @@ while True:
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
+    if ema is not None:  # ema <- decay * ema + (1 - decay) * weights; buffers (code hits) copied
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - ema_decay)
+            for e, b in zip(ema.buffers(), model.buffers()):
+                e.copy_(b)
 
     # discriminator step: the frequency-matched target is "real" for its decode
     d = discriminator_step(disc, d_optimizer, hinge_d_loss, target, xrec, ctx) if gan_on else torch.zeros(())

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import eval as ev
@@ -300,3 +301,43 @@ def test_cli_bicubic_and_dir(tmp_path, monkeypatch, capsys):
     (sr_dir / 'p1.png').unlink()
     with pytest.raises(FileNotFoundError, match='p1.png'):
         runpy.run_path(str(ROOT / 'eval.py'), run_name='__main__')
+
+
+# ----------------------------------------------------------------------------- grid score, colour error
+
+def naive_grid_score(img, p):
+    """Per-pixel loops over the Y channel of one (3, H, W) image: mean |difference| of neighbours
+    across the lines of a p-periodic grid, over the same mean inside the cells."""
+    y = ev.rgb_to_y((img[None].double() * 255).round() / 255)[0, 0].tolist()
+    H, W = len(y), len(y[0])
+    across, inside = [], []
+    for r in range(H):
+        for c in range(W):
+            if c + 1 < W:
+                (across if (c + 1) % p == 0 else inside).append(abs(y[r][c + 1] - y[r][c]))
+            if r + 1 < H:
+                (across if (r + 1) % p == 0 else inside).append(abs(y[r + 1][c] - y[r][c]))
+    return (sum(across) / len(across)) / (sum(inside) / len(inside))
+
+
+def test_grid_score_against_loops_on_photos_and_a_synthetic_grid(tiny_val):
+    hr = torch.stack([_load_png(p) for p in sorted((tiny_val / 'hr').glob('*.png'))])  # (2, 3, 256, 256)
+    g = ev.grid_score(hr, 8)
+    for i in range(len(hr)):
+        assert g[i].item() == pytest.approx(naive_grid_score(hr[i], 8), rel=1e-9)
+    assert (g - 1).abs().max() < 0.1  # photos have no 8-pixel grid
+    # a visible grid: every 8x8 cell's own brightness offset (as a patch-wise decoder makes)
+    offsets = torch.rand(len(hr), 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.1 - 0.05
+    gridded = (hr + F.interpolate(offsets, scale_factor=8, mode='nearest')).clamp(0, 1)
+    assert (ev.grid_score(gridded, 8) > 1.2).all()
+    assert ev.grid_score(gridded, 8)[0].item() == pytest.approx(naive_grid_score(gridded[0], 8), rel=1e-9)
+
+
+def test_color_error_by_hand():
+    hr = torch.full((1, 3, 16, 16), 102 / 255, dtype=torch.float64)
+    sr = hr.clone()
+    sr[:, 2] = 122 / 255  # blue up by 20 levels: Cb += 112 * 20/255, Cr -= 18.214 * 20/255
+    expected = (112.0 + 18.214) * 20 / 255 / 2
+    assert ev.color_error(sr, hr).item() == pytest.approx(expected, rel=1e-9)
+    grey = torch.full((1, 3, 16, 16), 180 / 255, dtype=torch.float64)  # a change of grey level has no chroma
+    assert ev.color_error(grey, hr).item() == pytest.approx(0.0, abs=1e-9)

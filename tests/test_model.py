@@ -3,6 +3,7 @@ hand computations). CPU, small tensors."""
 import math
 import os
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from model import (RMSNorm, SwiGLU, rope_2d, apply_rope, Attention, Block, ViTEn
                    g_loss_vanilla, adaptive_gan_weight, param_groups, count_params, flops_per_image)
 
 TINY = tokenizer_args(patch=4, latent_dim=8, groups=4, codebook_size=16, enc_width=32, enc_depth=1,
-                      enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2)
+                      enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2, dec_refine=0)
 
 # ----------------------------------------------------------------------------- grouped VQ
 
@@ -302,6 +303,74 @@ def test_encoder_decoder_non_square_shapes():
         enc(torch.rand(1, 3, 13, 20))
     with pytest.raises(ValueError, match="ViTDecoder"):
         dec(torch.randn(1, 7, 2, 2))
+
+
+def test_refinement_starts_as_the_plain_decoder_and_joins_patches():
+    """A fresh ConvRefine returns exactly the plain decoder's image (same weights). With no
+    transformer block (no attention to mix tokens), a pixel of the plain decoder depends on its own
+    token only; once the refinement's output conv is non-zero, a pixel just across a patch border
+    also depends on the neighbouring token."""
+    for depth in (1, 0):
+        torch.manual_seed(0)
+        plain = ViTDecoder(4, 32, depth, 2, 8)
+        torch.manual_seed(0)
+        refined = ViTDecoder(4, 32, depth, 2, 8, refine_blocks=1, refine_ch=4)
+        shared = {k: v for k, v in refined.state_dict().items() if k in plain.state_dict()}
+        assert set(shared) == set(plain.state_dict())
+        plain.load_state_dict(shared)
+        z = torch.randn(2, 8, 3, 5)
+        assert torch.equal(refined(z), plain(z))
+    with torch.no_grad():
+        refined.refine.conv_out.weight.normal_(0, 0.1)
+    for dec, couples in ((plain, False), (refined, True)):
+        zz = z.clone().requires_grad_(True)
+        dec(zz)[0, :, 0, 4].sum().backward()  # the first pixel column of token (0, 1)
+        grad_left = zz.grad[0, :, 0, 0].abs().sum().item()  # token (0, 0), across the border
+        assert (grad_left > 0) == couples
+
+
+def naive_overlap_add(t, h, w, p):
+    """Loops: token (i, j) adds its 2p x 2p patch times the tent window at rows i*p - p/2 ..., into
+    a padded canvas, with the window's weights summed alongside; divide, crop the padding."""
+    t = t.double()
+    win = [1 - abs(k + 0.5 - p) / p for k in range(2 * p)]
+    H, W = h * p + p, w * p + p  # p/2 of padding per side
+    acc, wsum = torch.zeros(3, H, W, dtype=torch.float64), torch.zeros(H, W, dtype=torch.float64)
+    for i in range(h):
+        for j in range(w):
+            patch = t[i * w + j].view(3, 2 * p, 2 * p)
+            for a in range(2 * p):
+                for b in range(2 * p):
+                    acc[:, i * p + a, j * p + b] += win[a] * win[b] * patch[:, a, b]
+                    wsum[i * p + a, j * p + b] += win[a] * win[b]
+    out = acc / wsum
+    return out[:, p // 2:p // 2 + h * p, p // 2:p // 2 + w * p]
+
+
+def test_overlap_add_against_loops_and_partition_of_unity():
+    from model import overlap_add, overlap_window
+    p, h, w = 4, 3, 5
+    win = overlap_window(p)
+    assert torch.allclose(win[:p, :p] + win[p:, :p] + win[:p, p:] + win[p:, p:], torch.ones(p, p))
+    t = torch.randn(1, h * w, 3 * 4 * p * p, dtype=torch.float64)
+    torch.testing.assert_close(overlap_add(t, h, w, p)[0], naive_overlap_add(t[0], h, w, p))
+    flat = torch.full((2, h * w, 3 * 4 * p * p), 0.3)  # every token paints 0.3: the image is 0.3
+    torch.testing.assert_close(overlap_add(flat, h, w, p), torch.full((2, 3, h * p, w * p), 0.3))
+    dec = ViTDecoder(p, 32, 1, 2, 8, overlap=True)
+    assert dec(torch.randn(2, 8, h, w)).shape == (2, 3, h * p, w * p)
+    with pytest.raises(ValueError, match="even patch"):
+        ViTDecoder(3, 32, 1, 2, 8, overlap=True)
+
+
+def test_flops_per_image_counts_the_refinement():
+    cfg = TokenizerConfig(**dict(TINY, dec_refine=2, dec_refine_ch=4))
+    plain = TokenizerConfig(**dict(TINY, dec_refine=0))
+    tok = Tokenizer(cfg)
+    convs = sum(p.numel() for p in tok.decoder.refine.parameters() if p.dim() == 4)
+    extra_linear = tok.decoder.to_features.weight.numel()
+    T = (16 // 4) * (24 // 4)
+    ref = flops_per_image(asdict(plain), 16, 24) + 6 * extra_linear * T + 6 * convs * 16 * 24
+    assert flops_per_image(asdict(cfg), 16, 24) == pytest.approx(ref)
 
 
 def test_decoder_unpatchify_layout():
