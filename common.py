@@ -154,6 +154,22 @@ def load_state(ckpt, state):
     return ckpt['step'], ckpt['minutes']
 
 
+def stop_if_diverged(step, log, grad_norm, **loss_parts):
+    """The divergence guard, called after backward and before the optimizer step: a non-finite
+    gradient norm or loss part ends the run here, naming the step and the parts, so the diverged
+    weights are never taken, evaluated or saved: the last checkpoint in out_dir stays as it was.
+    One host sync per step (a stack of scalars)."""
+    values = torch.stack([torch.as_tensor(grad_norm).float().cpu()]
+                         + [torch.as_tensor(v).detach().float().cpu() for v in loss_parts.values()])
+    if bool(values.isfinite().all()):
+        return
+    parts = ' '.join(f"{k} {v:.4g}" for k, v in zip(['grad_norm', *loss_parts], values.tolist()))
+    log(f"diverged at step {step}: {parts}")
+    sys.exit(f"error: training diverged at step {step} (a loss part or the gradient norm is not finite: "
+             f"{parts}); nothing was saved after the last checkpoint: lower the learning rate and resume "
+             f"with --init_from=resume")
+
+
 @torch.no_grad()
 def batched(fn, *xs, device='cpu', bs=4):
     """Run fn on slices of bs rows of the tensors xs (moved to device); fn returns a tuple/list of

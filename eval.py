@@ -293,14 +293,17 @@ def print_summary(row):
 
 
 def load_sr_dir(sr_dir, names, shape):
-    """PNGs of sr_dir named like the val pairs -> (N, 3, H, W); a missing or mis-sized file is named."""
+    """PNGs of sr_dir named like the val pairs, NAME.png or sr.py's NAME_x4.png -> (N, 3, H, W);
+    a missing or mis-sized file is named."""
     from data import load_image
     imgs = []
     for n in names:
         path = Path(sr_dir) / (n if Path(n).suffix else f'{n}.png')
+        if not path.is_file() and (Path(sr_dir) / f'{n}_x4.png').is_file():
+            path = Path(sr_dir) / f'{n}_x4.png'  # the folder sr.py writes
         if not path.is_file():
-            raise FileNotFoundError(f"--sr={sr_dir}: missing {path} (expected one PNG per val pair: "
-                                    f"{', '.join(map(str, names))})")
+            raise FileNotFoundError(f"--sr={sr_dir}: missing {path} (expected one PNG per val pair, NAME.png "
+                                    f"or NAME_x4.png: {', '.join(map(str, names))})")
         img = load_image(str(path))  # (3, H, W)
         if tuple(img.shape) != tuple(shape):
             raise ValueError(f"{path}: size {tuple(img.shape)}, expected {tuple(shape)} like the HR image")

@@ -17,6 +17,7 @@ Inference (evaluation, sr.py, eval.py) always uses the top-1 tokens. The paper's
     --mode=top1          inputs are the generator's argmax tokens
     --mode=topk          inputs sampled from the top_k candidates (default top_k = 5)
 """
+import math
 import os
 import time
 from dataclasses import asdict
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 import data
 import eval as ev
 from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, learning_rate_at, load_state,
-                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, summary, write_json)
+                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, stop_if_diverged,
+                    summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, count_params, discriminator_step, g_loss_vanilla, load_sr_chain,
@@ -214,8 +216,8 @@ while True:
         loss = l1_weight * l1 + lpips_weight * lp + gan_weight * g
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    stop_if_diverged(step, log, grad_norm, loss=loss, l1=l1, lpips=lp, g=g)
     optimizer.step()
 
     # discriminator step: HR is real, the decoded sample fake

@@ -19,6 +19,7 @@ from every term through the SFT / CLS inputs and from REPA. Ablations are one fl
     --use_sft=False  --cls_tokens=none|single  --lora_rank=0 (frozen prior; REPA then has nothing
     to train and is skipped)   --repa_weight=0  --l1_weight=0 --lpips_weight=0 --gan_weight=0 (CE only)
 """
+import math
 import os
 import time
 from dataclasses import asdict
@@ -30,7 +31,7 @@ import data
 import eval as ev
 from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, learning_rate_at,
                     load_checkpoint, load_state, maybe_compile, pick_device, save_grid, save_state,
-                    set_learning_rate, summary, write_json)
+                    set_learning_rate, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
@@ -269,8 +270,8 @@ while True:
                 + gan_weight * g)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(trainable, grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else math.inf)
+    stop_if_diverged(step, log, grad_norm, loss=loss, ce=ce, repa=repa, l1=l1, lpips=lp, g=g)
     optimizer.step()
 
     # discriminator step: HR is real, the decoded prediction fake

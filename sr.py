@@ -43,6 +43,16 @@ def _ramp(n, overlap, lo_edge, hi_edge):
     return w
 
 
+def output_names(paths):
+    """NAME_x4.png per input path; inputs whose names differ only in the extension (photo.jpg and
+    photo.png in one folder) keep it, photo_jpg_x4.png and photo_png_x4.png, so none overwrites
+    another. eval.py --sr=DIR reads NAME_x4.png."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    clash = {s for s in stems if stems.count(s) > 1}
+    return [f"{s}_{os.path.splitext(p)[1][1:]}_x4.png" if s in clash else f"{s}_x4.png"
+            for s, p in zip(stems, paths)]
+
+
 @torch.no_grad()
 def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1):
     """Apply an x`scale` SR function `fn` ((1,3,h,w) -> (1,3,h*s,w*s)) to lr (1,3,H,W) in
@@ -102,7 +112,7 @@ if __name__ == '__main__':
     fn = lambda x: super_resolve(x, tokenizer, generator, prior)
     os.makedirs(out_dir, exist_ok=True)
     failed = []
-    for path in paths:
+    for path, name in zip(paths, output_names(paths)):
         try:
             lr = data.load_image(path)[None].to(device)                     # (1,3,h,w)
         except data.ImageLoadError as e:
@@ -111,7 +121,7 @@ if __name__ == '__main__':
             continue
         t0 = time.time()
         sr = tiled_sr(lr, fn, generator.config.scale, tile, overlap, multiple)
-        dst = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + '_x4.png')
+        dst = os.path.join(out_dir, name)
         save_png(sr[0], dst)                                            # atomic write
         print(f"{path}: {tuple(lr.shape[-2:])} -> {tuple(sr.shape[-2:])} in {time.time() - t0:.2f} s -> {dst}")
     print(f"done: {len(paths) - len(failed)} written to {out_dir}, {len(failed)} failed")

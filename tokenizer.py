@@ -16,6 +16,7 @@ Ablations of the paper's Table 3 / Table 7 are one flag away:
     --dwt_targets=False                  masked decodes still compared with the full image
 """
 import copy
+import math
 import os
 import time
 from dataclasses import asdict
@@ -25,7 +26,8 @@ import torch
 import data
 import eval as ev
 from common import (Logger, Timer, autocast_ctx, checkpoint_to_resume, learning_rate_at, load_state,
-                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, summary, write_json)
+                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, stop_if_diverged,
+                    summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, adaptive_gan_weight, config_from_settings,
@@ -227,8 +229,8 @@ while True:
         loss = l1_weight * l1 + lpips_weight * lp + commit_weight * commit + gan_weight * g_scale * g
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    stop_if_diverged(step, log, grad_norm, loss=loss, l1=l1, lpips=lp, commit=commit, g=g)
     optimizer.step()
     if ema is not None:  # ema <- decay * ema + (1 - decay) * weights; buffers (code hits) copied
         with torch.no_grad():

@@ -298,6 +298,11 @@ def test_cli_bicubic_and_dir(tmp_path, monkeypatch, capsys):
     assert row2['name'] == 'sr'
     for k in ('psnr_y', 'ssim_y', 'lpips'):
         assert row2[k] == pytest.approx(row[k], abs=1e-6)
+    # sr.py's names (NAME_x4.png) are read as well
+    (sr_dir / 'p0.png').rename(sr_dir / 'p0_x4.png')
+    runpy.run_path(str(ROOT / 'eval.py'), run_name='__main__')
+    row3 = json.loads((tmp_path / 'dir.json').read_text())['rows'][0]
+    assert row3['psnr_y'] == pytest.approx(row['psnr_y'], abs=1e-6)
     (sr_dir / 'p1.png').unlink()
     with pytest.raises(FileNotFoundError, match='p1.png'):
         runpy.run_path(str(ROOT / 'eval.py'), run_name='__main__')

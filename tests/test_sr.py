@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sr import _ramp, tiled_sr
+from sr import _ramp, output_names, tiled_sr
 
 nearest = lambda x: F.interpolate(x, scale_factor=4, mode='nearest')
 bicubic = lambda x: F.interpolate(x, scale_factor=4, mode='bicubic', align_corners=False)
@@ -79,3 +79,8 @@ def test_sr_script_on_a_folder_with_bad_and_odd_images(tiny_gen, run_script, tmp
     # global attention and the prior see less context in a tile, so tokens may change near tile
     # borders; on this barely trained chain the images must still agree closely on average
     assert a.shape == b.shape and np.abs(a - b).mean() / 255 < 0.02
+
+
+def test_output_names_never_collide():
+    names = output_names(['in/photo.jpg', 'in/photo.png', 'in/cat.png', 'other/dog.JPG'])
+    assert names == ['photo_jpg_x4.png', 'photo_png_x4.png', 'cat_x4.png', 'dog_x4.png']

@@ -73,3 +73,16 @@ def test_resume_refuses_a_different_model(tmp_path):
     p = run(TINY + [f'--out_dir={tmp_path}', '--max_iters=2', '--init_from=resume', '--dec_width=64'],
             check=False)
     assert p.returncode != 0 and 'model settings differ' in p.stderr
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    """A resumed run with an absurd learning rate blows up within a few steps: it must stop with
+    a message naming the step and the loss parts, exit non-zero, and leave ckpt.pt byte-identical."""
+    args = TINY + [f'--out_dir={tmp_path}', '--threads=1']
+    run(args + ['--max_iters=2', '--eval_interval=2'])
+    before = (tmp_path / 'ckpt.pt').read_bytes()
+    p = run(args + ['--max_iters=30', '--eval_interval=1000', '--init_from=resume', '--learning_rate=1e9'],
+            check=False)
+    assert p.returncode != 0 and 'training diverged at step' in p.stderr and 'grad_norm' in p.stderr, p.stderr
+    assert 'Traceback' not in p.stderr
+    assert (tmp_path / 'ckpt.pt').read_bytes() == before
