@@ -96,11 +96,29 @@ def write_json(obj, path):
     atomic_write(path, write)
 
 
-def load_checkpoint(path, what='checkpoint'):
+# What each stage saves, named in the messages of loaders that get the wrong kind of file.
+CHECKPOINT_KINDS = {'tokenizer': 'a stage-1 tokenizer checkpoint (tokenizer.py)',
+                    'generator': 'a stage-2 generator checkpoint (generator.py)',
+                    'decoder': 'a stage-3 decoder checkpoint (finetune_decoder.py)'}
+CHECKPOINT_FORMAT = 2  # 2: checkpoints carry kind and format; paths inside them are absolute
+
+
+def load_checkpoint(path, what='checkpoint', kind=None):
+    """torch.load of a checkpoint with errors that name the file: missing, unreadable (truncated,
+    not a checkpoint) or, when `kind` is given, of another kind than the loader expects."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: '{path}' (train the earlier stage first, "
                                 f"or point the *_ckpt setting at an existing ckpt.pt)")
-    return torch.load(path, map_location='cpu', weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:  # a torn or foreign file: torch's own message names no file
+        raise ValueError(f"cannot read {what} '{path}': truncated or not a checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if kind is not None and (not isinstance(ckpt, dict) or ckpt.get('kind') != kind):
+        found = CHECKPOINT_KINDS.get(ckpt.get('kind') if isinstance(ckpt, dict) else None,
+                                     'not a checkpoint of this version of the project')
+        raise ValueError(f"'{path}' is {found}; {what} expects {CHECKPOINT_KINDS[kind]}")
+    return ckpt
 
 
 def _get_state(obj):
@@ -109,29 +127,29 @@ def _get_state(obj):
     return unwrap(obj).state_dict()
 
 
-def save_state(path, state, **values):
+def save_state(path, state, kind, **values):
     """One checkpoint from the state a stage script declares once: state = {name: object with
     state_dict() (models, optimizers, the data sampler) or a torch.Generator}, saved under the same
     names, plus the global RNG states and the plain values (step, minutes, model_args, config, ...)."""
     ckpt = {name: _get_state(obj) for name, obj in state.items()}
-    clash = set(ckpt) & (set(values) | {'rng'})
+    clash = set(ckpt) & (set(values) | {'rng', 'kind', 'format'})
     if clash:
         raise ValueError(f"save_state: {sorted(clash)} named both as state and as a value")
-    ckpt.update(values, rng=rng_state())
+    ckpt.update(values, rng=rng_state(), kind=kind, format=CHECKPOINT_FORMAT)
     atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
 
 
-def checkpoint_to_resume(out_dir, init_from, what, **expected):
+def checkpoint_to_resume(out_dir, init_from, kind, **expected):
     """-> (out_dir/ckpt.pt, its contents for init_from='resume' else None). A resumed checkpoint
-    must have been made with the same model: every value of `expected` (e.g. model_args=...) must
-    equal the saved one, else the run stops before any work with one line naming the difference."""
+    must be of this stage's kind and made with the same model: every value of `expected` (e.g.
+    model_args=...) must equal the saved one, else the run stops before any work with one line."""
     from configurator import fail
     path = os.path.join(out_dir, 'ckpt.pt')
     if init_from != 'resume':
         return path, None
     try:
-        ckpt = load_checkpoint(path, f'{what} checkpoint to resume')
-    except FileNotFoundError as e:
+        ckpt = load_checkpoint(path, 'the checkpoint to resume', kind)
+    except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     for key, value in expected.items():
         if ckpt.get(key) != value:

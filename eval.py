@@ -362,7 +362,10 @@ if __name__ == '__main__':
     lpips_net = load_lpips(device)
     if sr == 'chain':
         name = name or 'chain'
-        rows = chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border, device)
+        try:
+            rows = chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border, device)
+        except (FileNotFoundError, ValueError) as err:
+            fail(f"eval.py: {err}")
         print_table(rows)
         print()
         print_summary(rows[-1])

@@ -122,7 +122,10 @@ def check_config():
 
 
 check_config()
-tok = load_checkpoint(tok_ckpt, 'stage-1 tokenizer checkpoint')
+try:
+    tok = load_checkpoint(tok_ckpt, '--tok_ckpt', kind='tokenizer')
+except ValueError as e:
+    fail(f"generator.py: {e}")
 tcfg = TokenizerConfig.from_dict(tok['model_args'])
 if tcfg.patch != patch:
     fail(f"generator.py: patch={patch} but the tokenizer {tok_ckpt} has patch={tcfg.patch}: the "
@@ -147,7 +150,8 @@ if threads:
 device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
 os.makedirs(out_dir, exist_ok=True)
-ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'stage-2', model_args=model_args, prior_args=prior_args)
+ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'generator', model_args=model_args,
+                                       prior_args=prior_args)
 log = Logger(out_dir, config, resume=ckpt is not None)
 
 # frozen tokenizer: targets q_HR (encoder + VQ) and the decoder the pixel losses go through
@@ -231,8 +235,8 @@ while True:
         metrics = evaluate(f'{step:06d}')
         log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if step > 0 or done:
-            save_state(ckpt_path, state, model_args=model_args, prior_args=prior_args, config=config,
-                       tok_ckpt=tok_ckpt, tok_model_args=asdict(tcfg), tok_step=tok_step, step=step,
+            save_state(ckpt_path, state, 'generator', model_args=model_args, prior_args=prior_args, config=config,
+                       tok_ckpt=os.path.abspath(tok_ckpt), tok_model_args=asdict(tcfg), tok_step=tok_step, step=step,
                        minutes=minutes(), metrics=metrics)
     if done:
         break

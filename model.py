@@ -843,19 +843,26 @@ def discriminator_step(disc, d_optimizer, d_loss, real, fake, ctx):
 
 def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
     """Stage-2 checkpoint -> (tokenizer, generator, prior) in eval mode, frozen, on device.
-    The tokenizer is rebuilt from the path saved in the generator checkpoint (tok_ckpt); its
-    decoder is replaced by decoder_ckpt's 'decoder' state dict when given (stage 3). prior is None
-    for a generator trained with use_prior=False."""
+    The tokenizer is rebuilt from the path saved in the generator checkpoint (tok_ckpt, absolute;
+    a relative one from older runs is tried next to the generator checkpoint too); its decoder is
+    replaced by decoder_ckpt's 'decoder' state dict when given (stage 3). prior is None for a
+    generator trained with use_prior=False. A missing, unreadable or wrong kind of file raises
+    FileNotFoundError / ValueError naming it."""
+    import os
+    from common import load_checkpoint
     from prior import LoRAWeights, build_sr_prior  # local: model.py works without the prior's packages
-    g = torch.load(gen_ckpt, map_location='cpu', weights_only=False)
-    t = torch.load(g['tok_ckpt'], map_location='cpu', weights_only=False)
+    g = load_checkpoint(gen_ckpt, '--gen_ckpt', kind='generator')
+    tok_path = g['tok_ckpt']
+    if not os.path.isfile(tok_path) and os.path.isfile(os.path.join(os.path.dirname(gen_ckpt), tok_path)):
+        tok_path = os.path.join(os.path.dirname(gen_ckpt), tok_path)
+    t = load_checkpoint(tok_path, f"the tokenizer of {gen_ckpt}", kind='tokenizer')
     if t['model_args'] != g['tok_model_args'] or t.get('step') != g.get('tok_step'):
-        raise ValueError(f"{gen_ckpt} was trained on the tokenizer {g['tok_ckpt']} at step "
+        raise ValueError(f"{gen_ckpt} was trained on the tokenizer {tok_path} at step "
                          f"{g.get('tok_step')}, which now holds step {t.get('step')} / other settings")
     tokenizer = Tokenizer(TokenizerConfig.from_dict(t['model_args']))
     tokenizer.load_state_dict(t.get('ema') or t['model'])  # the EMA weights when stage 1 kept them
     if decoder_ckpt is not None:
-        d = torch.load(decoder_ckpt, map_location='cpu', weights_only=False)
+        d = load_checkpoint(decoder_ckpt, '--decoder_ckpt', kind='decoder')
         if d.get('tok_model_args') != t['model_args']:
             raise ValueError(f"{decoder_ckpt} is a decoder for another tokenizer than the one of {gen_ckpt}")
         tokenizer.decoder.load_state_dict(d['decoder'])

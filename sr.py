@@ -107,7 +107,10 @@ if __name__ == '__main__':
     if not paths:
         fail(f"sr.py: no images in folder '{input}'")
     device = pick_device(device)
-    tokenizer, generator, prior = load_sr_chain(gen_ckpt, device, decoder_ckpt or None)
+    try:
+        tokenizer, generator, prior = load_sr_chain(gen_ckpt, device, decoder_ckpt or None)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"sr.py: {e}")
     multiple = generator.config.patch // generator.config.scale     # LR pixels per token side
     fn = lambda x: super_resolve(x, tokenizer, generator, prior)
     os.makedirs(out_dir, exist_ok=True)

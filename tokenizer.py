@@ -127,7 +127,7 @@ device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
 torch.manual_seed(seed)
 os.makedirs(out_dir, exist_ok=True)
-ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'stage-1', model_args=model_args)
+ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'tokenizer', model_args=model_args)
 log = Logger(out_dir, config, resume=ckpt is not None)
 
 # data: HR crops only (the tokenizer never sees LR images)
@@ -203,7 +203,7 @@ while True:
             + ' | usage ' + ' '.join(f"{u:.2f}" for u in use.tolist())
             + ' | ppl ' + ' '.join(f"{p:.0f}" for p in ppl.tolist()))
         if step > 0 or done:
-            save_state(ckpt_path, state, model_args=model_args, config=config, step=step,
+            save_state(ckpt_path, state, 'tokenizer', model_args=model_args, config=config, step=step,
                        minutes=minutes(), metrics=metrics)
     if done:
         break

@@ -1,4 +1,10 @@
-"""sr.py: tiling and blending against the untiled result, padding, odd sizes."""
+"""sr.py: tiling and blending against the untiled result, padding, odd sizes; output names;
+checkpoint errors."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +12,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sr import _ramp, output_names, tiled_sr
+
+ROOT = Path(__file__).resolve().parents[1]
 
 nearest = lambda x: F.interpolate(x, scale_factor=4, mode='nearest')
 bicubic = lambda x: F.interpolate(x, scale_factor=4, mode='bicubic', align_corners=False)
@@ -84,3 +92,26 @@ def test_sr_script_on_a_folder_with_bad_and_odd_images(tiny_gen, run_script, tmp
 def test_output_names_never_collide():
     names = output_names(['in/photo.jpg', 'in/photo.png', 'in/cat.png', 'other/dog.JPG'])
     assert names == ['photo_jpg_x4.png', 'photo_png_x4.png', 'cat_x4.png', 'dog_x4.png']
+
+
+def test_wrong_kind_truncated_and_relative_checkpoints_get_one_clear_line(tiny_tok, tiny_gen, run_script, tmp_path):
+    """A tokenizer checkpoint given as --gen_ckpt, a generator checkpoint as --tok_ckpt, a truncated
+    file: one line naming the file and what was expected, no traceback. The generator checkpoint
+    records its tokenizer by absolute path, so sr.py works from any working directory."""
+    img = tmp_path / 'x.png'
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(img)
+    p = run_script('sr.py', [f'--input={img}', f'--gen_ckpt={tiny_tok}', f'--out_dir={tmp_path}/o'], check=False)
+    assert p.returncode != 0 and 'is a stage-1 tokenizer checkpoint' in p.stderr, p.stderr
+    assert 'expects a stage-2 generator checkpoint' in p.stderr and 'Traceback' not in p.stderr
+    p = run_script('generator.py', ['config/generator_tiny.py', f'--tok_ckpt={tiny_gen}', '--max_iters=1',
+                                    f'--out_dir={tmp_path}/g'], check=False)
+    assert p.returncode != 0 and 'is a stage-2 generator checkpoint' in p.stderr, p.stderr
+    assert 'expects a stage-1 tokenizer checkpoint' in p.stderr and 'Traceback' not in p.stderr
+    cut = tmp_path / 'cut.pt'
+    cut.write_bytes(tiny_gen.read_bytes()[:1000])
+    p = run_script('sr.py', [f'--input={img}', f'--gen_ckpt={cut}', f'--out_dir={tmp_path}/o'], check=False)
+    assert p.returncode != 0 and str(cut) in p.stderr and 'truncated' in p.stderr and 'Traceback' not in p.stderr
+    assert os.path.isabs(torch.load(tiny_gen, weights_only=False)['tok_ckpt'])
+    q = subprocess.run([sys.executable, str(ROOT / 'sr.py'), f'--input={img}', f'--gen_ckpt={tiny_gen}',
+                        f'--out_dir={tmp_path}/o'], cwd='/', capture_output=True, text=True, timeout=300)
+    assert q.returncode == 0 and (tmp_path / 'o' / 'x_x4.png').is_file(), q.stderr
