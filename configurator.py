@@ -14,7 +14,7 @@ which reads sys.argv:
 - `--key=value` overrides a setting; the value is parsed as a Python literal, falling back to a
   plain string (so `--out_dir=out/x` needs no quotes).
 - Unknown keys and wrong types are refused, naming the valid keys. An int is accepted where a float
-  is expected (`--lr=1` means 1.0); nothing else is coerced.
+  is expected (`--learning_rate=1` means 1.0); nothing else is coerced.
 
 A setting is any global whose name does not start with '_' and whose value is an int, float, bool,
 str, tuple, dict or None. configure() returns the resolved settings as a dict (to be printed and
