@@ -27,6 +27,28 @@ def pick_device(device='auto'):
     return 'cpu'
 
 
+def setting_problems(s):
+    """Range checks of the settings every stage script has, before any work: one message per bad
+    value, with the valid range (the scripts add their own checks and fail with all of them)."""
+    problems = []
+    for key in ('batch_size', 'crop_size', 'eval_interval', 'log_interval'):
+        if s[key] < 1:
+            problems.append(f"{key}={s[key]} must be >= 1")
+    for key in ('warmup_iters', 'max_iters', 'max_minutes', 'decay_iters', 'grad_clip', 'weight_decay',
+                'd_learning_rate'):
+        if s[key] < 0:
+            problems.append(f"{key}={s[key]} must be >= 0")
+    if not s['learning_rate'] > 0:
+        problems.append(f"learning_rate={s['learning_rate']} must be > 0")
+    if not 0 <= s['learning_rate_floor'] <= 1:
+        problems.append(f"learning_rate_floor={s['learning_rate_floor']} must be in [0, 1]")
+    if str(s['device']).startswith('cuda') and not torch.cuda.is_available():
+        problems.append(f"device={s['device']!r} but CUDA is not available here (use auto or cpu)")
+    if s['device'] == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+        problems.append("device='mps' but MPS is not available here (use auto or cpu)")
+    return problems
+
+
 def autocast_ctx(device, dtype='auto'):
     """bf16 autocast where the hardware supports it (dtype='auto'), else full fp32.
     On CPU bf16 autocast is slower than fp32 on most machines, so 'auto' keeps fp32 there."""

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import data
 import eval as ev
 from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, learning_rate_at, load_state,
-                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, stop_if_diverged,
-                    summary, write_json)
+                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, setting_problems,
+                    stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, count_params, discriminator_step, g_loss_vanilla, load_sr_chain,
@@ -80,7 +80,7 @@ config = configure(globals())
 
 
 def check_config():
-    problems = []
+    problems = setting_problems(config)
     if init_from not in ('scratch', 'resume'):
         problems.append(f"init_from={init_from!r} must be 'scratch' or 'resume'")
     if mode not in ('frozen', 'top1', 'topk'):

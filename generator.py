@@ -31,7 +31,7 @@ import data
 import eval as ev
 from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, learning_rate_at,
                     load_checkpoint, load_state, maybe_compile, pick_device, save_grid, save_state,
-                    set_learning_rate, stop_if_diverged, summary, write_json)
+                    set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
@@ -100,7 +100,7 @@ config = configure(globals())
 
 
 def check_config():
-    problems = []
+    problems = setting_problems(config)
     if init_from not in ('scratch', 'resume'):
         problems.append(f"init_from={init_from!r} must be 'scratch' or 'resume'")
     if max_iters <= 0 and max_minutes <= 0:

@@ -101,6 +101,8 @@ if __name__ == '__main__':
     # -----------------------------------------------------------------------------
     if not input:
         fail("sr.py: set --input=FILE_OR_FOLDER")
+    if tile < 0 or overlap < 0 or (tile > 0 and overlap >= tile):
+        fail(f"sr.py: tile={tile}, overlap={overlap}: need tile >= 0 (0 = whole image) and 0 <= overlap < tile")
     if not os.path.exists(input):
         fail(f"sr.py: input '{input}' does not exist")
     paths = data.list_images(input) if os.path.isdir(input) else [input]
@@ -112,6 +114,8 @@ if __name__ == '__main__':
     except (FileNotFoundError, ValueError) as e:
         fail(f"sr.py: {e}")
     multiple = generator.config.patch // generator.config.scale     # LR pixels per token side
+    if tile % multiple or overlap % multiple:
+        fail(f"sr.py: tile={tile} and overlap={overlap} must be multiples of the generator's LR patch {multiple}")
     fn = lambda x: super_resolve(x, tokenizer, generator, prior)
     os.makedirs(out_dir, exist_ok=True)
     failed = []

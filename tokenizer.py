@@ -26,8 +26,8 @@ import torch
 import data
 import eval as ev
 from common import (Logger, Timer, autocast_ctx, checkpoint_to_resume, learning_rate_at, load_state,
-                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, stop_if_diverged,
-                    summary, write_json)
+                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, setting_problems,
+                    stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, adaptive_gan_weight, config_from_settings,
@@ -102,7 +102,7 @@ config = configure(globals())
 
 
 def check_config():
-    problems = []
+    problems = setting_problems(config)
     if crop_size % patch:
         problems.append(f"crop_size={crop_size} must be a multiple of patch={patch}")
     if not 0.0 <= p_full <= 1.0:

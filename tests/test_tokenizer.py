@@ -86,3 +86,15 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     assert p.returncode != 0 and 'training diverged at step' in p.stderr and 'grad_norm' in p.stderr, p.stderr
     assert 'Traceback' not in p.stderr
     assert (tmp_path / 'ckpt.pt').read_bytes() == before
+
+
+@pytest.mark.parametrize('arg, words', [
+    ('--batch_size=0', 'batch_size=0 must be >= 1'),
+    ('--eval_interval=0', 'eval_interval=0 must be >= 1'),
+    ('--learning_rate=-1', 'learning_rate=-1.0 must be > 0'),
+    ('--learning_rate_floor=2', 'learning_rate_floor=2.0 must be in [0, 1]'),
+])
+def test_out_of_range_settings_fail_before_any_work(arg, words, tmp_path):
+    p = run(['config/tokenizer_tiny.py', arg, f'--out_dir={tmp_path / "o"}'], check=False)
+    assert p.returncode != 0 and words in p.stderr and 'Traceback' not in p.stderr, p.stderr
+    assert not (tmp_path / 'o').exists()  # nothing was created
