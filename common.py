@@ -1,7 +1,8 @@
 """
 The few pieces of training plumbing every stage script shares: device and dtype selection, the
 learning-rate schedule, the checkpoint of a stage's declared state (exact resume), one atomic
-writer for every file, a log file, PNG sample grids and the final summary block. Kept deliberately small; everything model-specific lives in model.py.
+writer for every file, a log file, PNG sample grids and the final summary block. Kept deliberately
+small; everything model-specific lives in model.py.
 """
 import contextlib
 import json
@@ -199,9 +200,10 @@ def stop_if_diverged(step, log, grad_norm, **loss_parts):
     gradient norm or loss part ends the run here, naming the step and the parts, so the diverged
     weights are never taken, evaluated or saved: the last checkpoint in out_dir stays as it was.
     One host sync per step (a stack of scalars)."""
-    values = torch.stack([torch.as_tensor(grad_norm).float().cpu()]
-                         + [torch.as_tensor(v).detach().float().cpu() for v in loss_parts.values()])
-    if bool(values.isfinite().all()):
+    dev = torch.as_tensor(grad_norm).device
+    values = torch.stack([torch.as_tensor(v, device=dev).detach().float().reshape(())
+                          for v in (grad_norm, *loss_parts.values())])   # on the training device
+    if bool(values.isfinite().all()):  # the one sync
         return
     parts = ' '.join(f"{k} {v:.4g}" for k, v in zip(['grad_norm', *loss_parts], values.tolist()))
     log(f"diverged at step {step}: {parts}")

@@ -120,7 +120,8 @@ if crop_size % tcfg.patch:
 decoder = tokenizer.decoder
 decoder.requires_grad_(True)  # the only trainable module (mode 'frozen' never takes a step)
 os.makedirs(out_dir, exist_ok=True)
-chain = dict(gen_ckpt=os.path.abspath(gen_ckpt), tok_model_args=asdict(tcfg), gen_model_args=asdict(gcfg), mode=mode, top_k=k_train)
+chain = dict(gen_ckpt=os.path.abspath(gen_ckpt), tok_model_args=asdict(tcfg), gen_model_args=asdict(gcfg),
+             mode=mode, top_k=k_train)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'decoder', **chain)
 log = Logger(out_dir, config, resume=ckpt is not None)
 
@@ -189,7 +190,8 @@ while True:
         metrics = evaluate(f'{step:06d}')
         log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if step > 0 or done:
-            save_state(ckpt_path, state, 'decoder', config=config, step=step, minutes=minutes(), metrics=metrics, **chain)
+            save_state(ckpt_path, state, 'decoder', config=config, step=step, minutes=minutes(),
+                       metrics=metrics, **chain)
     if done:
         break
 

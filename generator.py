@@ -236,8 +236,8 @@ while True:
         log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if step > 0 or done:
             save_state(ckpt_path, state, 'generator', model_args=model_args, prior_args=prior_args, config=config,
-                       tok_ckpt=os.path.abspath(tok_ckpt), tok_model_args=asdict(tcfg), tok_step=tok_step, step=step,
-                       minutes=minutes(), metrics=metrics)
+                       tok_ckpt=os.path.abspath(tok_ckpt), tok_model_args=asdict(tcfg), tok_step=tok_step,
+                       step=step, minutes=minutes(), metrics=metrics)
     if done:
         break
 

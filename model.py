@@ -686,8 +686,9 @@ def mask_groups(zq_BChw, k, G):
     return zq_BChw * keep[:, :, None, None]
 
 def frequency_targets(x, k, G):
-    """Frequency-matched supervision (docs/method.md#frequency-targets): the target of a decode with k active groups
-    is the Haar low-pass lowpass(x, G - k); k = G gives x itself. x (B,3,H,W), k (B,) long."""
+    """Frequency-matched supervision (docs/method.md#frequency-targets): the target of a decode
+    with k active groups is the Haar low-pass lowpass(x, G - k); k = G gives x itself.
+    x (B,3,H,W), k (B,) long."""
     target = x.clone()
     for kv in k.unique().tolist():
         if kv < G:
@@ -710,8 +711,8 @@ def ste_onehot(logits):
 
 
 def sample_topk(logits, k, generator=None):
-    """Stage 3 (docs/method.md#decoder-fine-tuning): logits (..., K) -> indices (...,) drawn among the k most probable
-    entries in proportion to their renormalised probabilities p_i / sum_{j in top-k} p_j, which is
+    """Stage 3 (docs/method.md#decoder-fine-tuning): logits (..., K) -> indices (...,) drawn among
+    the k most probable entries in proportion to their renormalised probabilities p_i / sum_{j in top-k} p_j, which is
     exactly softmax over the top-k logits. k = 1 is argmax (no randomness drawn)."""
     if k == 1:
         return logits.argmax(-1)

@@ -1,8 +1,9 @@
 # Stage 1 for one H100/H200 in 4 minutes (part of a ~10-minute GPU chain: 4 + 4 + 2 min).
 # 256x256 crops / patch 8 = a 32x32 grid = 1024 tokens per image; batch 32 -> 32k tokens per step.
-# Sizes from a measured run of this shape: a 21M-parameter tokenizer (width 384, depth 6, K 1024)
-# took 75 ms per step (427 img/s) in bf16 on an H200 and reached r-PSNR-Y 27.6 in 2.6 minutes,
-# so 4 minutes are ~3000 steps. Not yet run with the conv refinement (no GPU was available).
+# Sizes from figures recorded for an earlier version of the code: a 21M-parameter tokenizer of this
+# shape (width 384, depth 6, K 1024) took 75 ms per step (427 img/s) in bf16 on an H200 and reached
+# r-PSNR-Y 27.6 in 2.6 minutes, so 4 minutes are ~3000 steps. Not yet run with this version's
+# overlapping output patches (no GPU was available).
 out_dir = 'out/tokenizer_gpu'
 crop_size = 256
 batch_size = 32
