@@ -334,12 +334,45 @@ def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='
     return rows
 
 
+@torch.no_grad()
+def scale_decodes(tok, hr, tokenization='hierarchical', device='cpu', ctx=None, batch_size=4):
+    """A multi-scale RQ tokenizer's decodes of hr at each target scale s_n: the tokens come from
+    Algorithm 1 ('hierarchical') or from the plain full-size quantization ('plain'); decode n uses
+    the steps of scales 1..n on the grid of scale n (docs/method.md#hierarchical-tokenization).
+    -> [(s_n, decodes (N, 3, s_n H, s_n W) in [0, 1], targets: hr resized by s_n)], [idx (N, h_i, w_i)]."""
+    from contextlib import nullcontext
+    from model import resize_image
+    scales = tok.quantizer.scales
+    decs, idxs = [[] for _ in scales], []
+    for i in range(0, len(hr), batch_size):
+        x = hr[i:i + batch_size].to(device)
+        with ctx or nullcontext():
+            idx = tok.encode_hierarchical(x) if tokenization == 'hierarchical' else tok(x)[1]
+            for n in range(len(scales)):
+                decs[n].append(tok.decode_steps(idx, n + 1).float().clamp(0, 1).cpu())
+        idxs.append([ix.cpu() for ix in idx])
+    idxs = [torch.cat(step) for step in zip(*idxs)]
+    return [(s, torch.cat(d), resize_image(hr, s)) for s, d in zip(scales, decs)], idxs
+
+
+def scale_rows(tok, pairs, tokenization, lpips_net, crop_border=4, device='cpu', label=''):
+    """Table rows of a multi-scale RQ tokenizer's reconstructions of pairs['hr'] at every scale."""
+    rows = []
+    for s, dec, target in scale_decodes(tok, pairs['hr'], tokenization, device)[0]:
+        border = max(1, round(crop_border * s))
+        rows.append(score(f"{label}{tokenization} tokens, decode at {s:g}x ({dec.shape[-1]} px)", dec,
+                          dict(hr=target, names=pairs['names']), lpips_net, border, tok.config.patch))
+    return rows
+
+
 if __name__ == '__main__':
     from configurator import configure, fail
     sr = 'bicubic'                 # 'bicubic' (baseline from the LR inputs), 'chain' (checkpoints) or a folder of SR PNGs
     lr_kind = 'degraded'           # which LR the bicubic baseline upsamples: degraded | bicubic
     gen_ckpt = 'out/generator/ckpt.pt'  # sr='chain': the stage-2 checkpoint (it records its tokenizer)
     decoder_ckpt = ''              # sr='chain': a stage-3 checkpoint adds its row ('' = none)
+    tok_ckpt = 'out/tokenizer_hrq/ckpt.pt'  # sr='scales': a multi-scale RQ tokenizer checkpoint
+    tokenization = 'hierarchical'  # sr='scales': 'hierarchical' (Algorithm 1) | 'plain' | 'both'
     val_dir = 'assets/val_pairs'   # made by `python data.py`
     crop_border = 4                # = scale, BasicSR convention
     patch = 8                      # period of the patch grid the grid score looks for (a tokenizer's patch)
@@ -352,8 +385,10 @@ if __name__ == '__main__':
     for key, path in (('gen_ckpt', gen_ckpt), ('decoder_ckpt', decoder_ckpt)):
         if sr == 'chain' and path and not os.path.isfile(path):
             fail(f"eval.py: {key}='{path}' not found (train that stage first or pass --{key}=PATH)")
-    if sr not in ('bicubic', 'chain') and not os.path.isdir(sr):
-        fail(f"eval.py: sr={sr!r} must be 'bicubic', 'chain' or a folder of SR PNGs")
+    if sr == 'scales' and tokenization not in ('hierarchical', 'plain', 'both'):
+        fail(f"eval.py: tokenization={tokenization!r} must be hierarchical, plain or both")
+    if sr not in ('bicubic', 'chain', 'scales') and not os.path.isdir(sr):
+        fail(f"eval.py: sr={sr!r} must be 'bicubic', 'chain', 'scales' or a folder of SR PNGs")
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -369,6 +404,18 @@ if __name__ == '__main__':
         print_table(rows)
         print()
         print_summary(rows[-1])
+    elif sr == 'scales':  # a multi-scale RQ tokenizer's reconstructions at every scale (HR crops)
+        from model import load_tokenizer
+        name = name or 'scales'
+        try:
+            tok = load_tokenizer(tok_ckpt, device)
+        except (FileNotFoundError, ValueError) as err:
+            fail(f"eval.py: {err}")
+        if tok.config.quantizer != 'msrq':
+            fail(f"eval.py: {tok_ckpt} holds a grouped-VQ tokenizer; sr=scales needs quantizer='msrq'")
+        kinds = ('plain', 'hierarchical') if tokenization == 'both' else (tokenization,)
+        rows = [r for t in kinds for r in scale_rows(tok, pairs, t, lpips_net, crop_border, device)]
+        print_table(rows)
     else:
         if sr == 'bicubic':
             name = name or f'bicubic_{lr_kind}'

@@ -127,6 +127,9 @@ try:
 except ValueError as e:
     fail(f"generator.py: {e}")
 tcfg = TokenizerConfig.from_dict(tok['model_args'])
+if tcfg.quantizer != 'grouped':
+    fail(f"generator.py: {tok_ckpt} is a multi-scale RQ tokenizer (quantizer='{tcfg.quantizer}'); this "
+         f"generator predicts grouped-VQ tokens: train stage 1 with quantizer='grouped'")
 if tcfg.patch != patch:
     fail(f"generator.py: patch={patch} but the tokenizer {tok_ckpt} has patch={tcfg.patch}: the "
          f"generator predicts one index per tokenizer token, set --patch={tcfg.patch}")

@@ -286,6 +286,15 @@ def usage_stats(idx_BGhw, codebook_size):
     return stats_from_counts(code_counts(idx_BGhw, codebook_size))
 
 
+def nearest_code(z_Nd, e_Kd):
+    """Index of the nearest code of each vector: (N, d), (K, d) -> (N,) long, via
+    ||z||^2 - 2 z.e + ||e||^2 in float32 (autocast off: bf16 would mis-rank close codes)."""
+    with torch.no_grad(), torch.autocast(z_Nd.device.type, enabled=False):
+        z, e = z_Nd.float(), e_Kd.float()
+        d_NK = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)[None]
+        return d_NK.argmin(1)
+
+
 class GroupedVQ(nn.Module):
     """G independent codebooks e^g (K, C/G); group g owns channels [g*C/G, (g+1)*C/G).
 
@@ -324,16 +333,17 @@ class GroupedVQ(nn.Module):
         return x_GNd.view(self.G, B, h, w, self.d).permute(1, 0, 4, 2, 3).reshape(B, self.C, h, w)
 
     @torch.no_grad()
-    def _replace_codes(self, z_GNd):
+    def _replace_codes(self, z_GNd, init=True, restart=True):
+        """Remedies 1 (init) and 2 (restart) from the pool z_GNd; either can be switched off per call."""
         G, N, _ = z_GNd.shape
         pick = torch.randint(N, (G, self.K), device=z_GNd.device)
         new_GKd = torch.gather(z_GNd, 1, pick[..., None].expand(-1, -1, self.d))
         new_GKd = new_GKd + 0.01 * z_GNd.std() * torch.randn_like(new_GKd)
         replace_GK = torch.zeros(G, self.K, dtype=torch.bool, device=z_GNd.device)
-        if self.data_init:
+        if self.data_init and init:
             replace_GK |= ~self.initialized
             self.initialized.fill_(True)
-        if self.restart_dead:
+        if self.restart_dead and restart:
             due = (self.calls > 0) & (self.calls % self.restart_every == 0)
             replace_GK |= due & (self.hits < self.dead_threshold)
             self.hits.mul_((~due).float())  # start a new counting window
@@ -352,15 +362,7 @@ class GroupedVQ(nn.Module):
         n_replaced = torch.zeros(self.G, dtype=torch.long, device=z_BChw.device)
         if self.training and (self.data_init or self.restart_dead):
             n_replaced = self._replace_codes(z_GNd.detach())
-        # nearest code via ||z||^2 - 2 z.e + ||e||^2 in float32 (autocast off: bf16 would mis-rank)
-        idx = []
-        with torch.no_grad(), torch.autocast(z_BChw.device.type, enabled=False):
-            for g in range(self.G):
-                e_Kd = self.codebook[g].float()
-                d_NK = (z_GNd[g].pow(2).sum(1, keepdim=True) - 2 * z_GNd[g] @ e_Kd.t()
-                        + e_Kd.pow(2).sum(1)[None])
-                idx.append(d_NK.argmin(1))
-        idx_GN = torch.stack(idx)
+        idx_GN = torch.stack([nearest_code(z_GNd[g], self.codebook[g]) for g in range(self.G)])
         zhat_GNd = self.codebook[torch.arange(self.G, device=idx_GN.device)[:, None], idx_GN].float()
         commit = ((zhat_GNd - z_GNd.detach()).pow(2).mean((1, 2))  # moves codes to the encoder
                   + self.beta * (z_GNd - zhat_GNd.detach()).pow(2).mean((1, 2))).sum()  # commits encoder
@@ -392,6 +394,137 @@ class GroupedVQ(nn.Module):
         B, G, d, h, w = zhat.shape
         return zhat.reshape(B, self.C, h, w)
 
+def step_partition(steps, scales):
+    """Hierarchical tokenization's split of the steps over the target scales (docs/method.md#hierarchical-tokenization):
+    scale n owns the steps whose sides lie in (s_{n-1} R, s_n R], R = steps[-1], s_0 = 0, and the
+    last of them must be s_n R exactly (its map is that scale's token grid).
+    E.g. steps (1,2,3,4,5,6,8,10,13,16), scales (0.25,0.5,1) -> [[0,1,2,3], [4,5,6], [7,8,9]]."""
+    steps, scales = tuple(steps), tuple(scales)
+    if not steps or any(not isinstance(r, int) or r < 1 for r in steps):
+        raise ValueError(f"rq_steps={steps}: expected positive integer sides")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"rq_steps={steps}: sides must be strictly increasing")
+    if not scales or any(b <= a for a, b in zip(scales, scales[1:])) or scales[0] <= 0 or scales[-1] != 1:
+        raise ValueError(f"rq_scales={scales}: expected increasing scales in (0, 1] ending with 1")
+    R, parts, lo = steps[-1], [], 0.0
+    for s in scales:
+        part = [i for i, r in enumerate(steps) if lo * R < r <= s * R]
+        if not part or steps[part[-1]] != s * R:
+            raise ValueError(f"rq_steps={steps}, rq_scales={scales}: scale {s} needs steps with sides in "
+                             f"({lo * R:g}, {s * R:g}], the last equal to {s * R:g}")
+        parts.append(part)
+        lo = s
+    return parts
+
+
+class Phi(nn.Module):
+    """VAR's refinement of an upsampled code map: phi(h) = (1 - r) h + r conv3x3(h)."""
+    def __init__(self, dim, ratio=0.5):
+        super().__init__()
+        self.conv, self.ratio = nn.Conv2d(dim, dim, 3, padding=1), ratio
+
+    def forward(self, h):
+        return (1 - self.ratio) * h + self.ratio * self.conv(h)
+
+
+class MultiScaleRQ(GroupedVQ):
+    """Multi-scale residual quantizer (docs/method.md#multi-scale-rq), after VAR: one codebook
+    e (K, C) shared by L steps of sides rho_1 < ... < rho_L = R (R = the token grid side). Step i:
+        r_i = area(rest, rho_i);  k_i = nearest code of each vector of r_i        (B, rho_i, rho_i)
+        h_i = phi_i(bicubic(e[k_i], grid));  f_hat += h_i;  rest -= h_i
+    The sides are given for a grid of side R and scale with any other grid (rounded, >= 1).
+    n_phi shared convs serve the L steps (step i uses the conv whose tick in [0, 1] is nearest to
+    i / (L - 1), as VAR's PhiPartiallyShared); n_phi = 0 makes every phi the identity.
+    Codebook remedies of GroupedVQ (it is a GroupedVQ with G = 1): data init from the encoder
+    vectors area-pooled to every step's side, dead-code restarts from the residuals of all steps."""
+    def __init__(self, latent_dim, codebook_size, steps, scales, n_phi=4, phi_ratio=0.5, beta=0.25,
+                 data_init=True, restart_dead=True, restart_every=100, dead_threshold=1.0):
+        super().__init__(latent_dim, 1, codebook_size, beta, data_init, restart_dead, restart_every,
+                         dead_threshold)
+        self.steps, self.scales = tuple(steps), tuple(scales)
+        self.partition = step_partition(self.steps, self.scales)
+        self.phis = nn.ModuleList(Phi(latent_dim, phi_ratio) for _ in range(n_phi))
+        L = len(self.steps)
+        ticks = torch.linspace(1 / (3 * n_phi), 1 - 1 / (3 * n_phi), n_phi) if n_phi else None
+        self.phi_of_step = [int((ticks - i / max(L - 1, 1)).abs().argmin()) if n_phi else -1
+                            for i in range(L)]
+
+    def step_shapes(self, h, w):
+        """[(h_i, w_i)] of the L steps on a token grid of h x w."""
+        R = self.steps[-1]
+        return [(max(1, round(r * h / R)), max(1, round(r * w / R))) for r in self.steps]
+
+    def contribution(self, i, idx_Bhw, size):
+        """phi_i(bicubic(e[idx], size)): step i's tokens as a (B, C, *size) feature map."""
+        q = F.embedding(idx_Bhw, self.codebook[0]).permute(0, 3, 1, 2).float()   # (B, C, h_i, w_i)
+        if tuple(q.shape[-2:]) != tuple(size):
+            q = F.interpolate(q, size=size, mode='bicubic', align_corners=False)
+        return self.phis[self.phi_of_step[i]](q) if self.phis else q
+
+    def quantize_steps(self, z_BChw, f_hat, steps, shapes, pool=None):
+        """Quantize the residual z - f_hat with the given steps (greedy, in order).
+        z: (B, C, h, w) encoder features; f_hat: contributions of earlier tokens on this grid (or 0).
+        -> [idx (B, h_i, w_i)], f_hat (with gradients to the codes and phi), commit: the mean over
+        these steps of ||f_hat_i - sg[z]||^2 + beta ||z - sg[f_hat_i]||^2 (VAR's loss on every
+        partial sum). pool, a list, collects each step's residual vectors for dead-code restarts."""
+        z = z_BChw.float()
+        rest = z.detach() - (f_hat.detach() if torch.is_tensor(f_hat) else f_hat)
+        idxs, commit = [], 0.0
+        for i in steps:
+            r = F.adaptive_avg_pool2d(rest, shapes[i])                        # area: (B, C, h_i, w_i)
+            r_Nd = r.permute(0, 2, 3, 1).reshape(-1, self.C)
+            idx = nearest_code(r_Nd, self.codebook[0]).view(r.shape[0], *shapes[i])
+            h = self.contribution(i, idx, z.shape[-2:])
+            f_hat, rest = f_hat + h, rest - h.detach()
+            commit = commit + (f_hat - z.detach()).pow(2).mean() + self.beta * (z - f_hat.detach()).pow(2).mean()
+            idxs.append(idx)
+            if pool is not None:
+                pool.append(r_Nd)
+        return idxs, f_hat, commit / len(steps)
+
+    def before_quantize(self, z_BChw, shapes):
+        """Training only: data init of the codebook from the encoder vectors at every step's side."""
+        if self.training and self.data_init:
+            z = z_BChw.detach().float()
+            pool = torch.cat([F.adaptive_avg_pool2d(z, s).permute(0, 2, 3, 1).reshape(-1, self.C) for s in shapes])
+            self._replace_codes(pool[None], init=True, restart=False)
+
+    def after_quantize(self, idxs, pool):
+        """Training only: count code hits of all steps; restart dead codes from the residuals.
+        The replaced codes take effect at the next call (this call's lookups are done)."""
+        counts = sum(code_counts(i[:, None], self.K) for i in idxs)          # (1, K)
+        if self.training:
+            self.hits.add_(counts)
+            self.calls.add_(1)
+            if self.restart_dead:
+                self._replace_codes(torch.cat(pool)[None], init=False, restart=True)
+        return counts
+
+    def forward(self, z_BChw):
+        """Plain multi-scale RQ of z (B, C, h, w): -> zq_ste (B, C, h, w), [idx (B, h_i, w_i)] * L,
+        commit, stats (utilisation / perplexity of the shared codebook over all steps)."""
+        B, C, h, w = z_BChw.shape
+        if C != self.C:
+            raise ValueError(f"MultiScaleRQ: expected {self.C} latent channels, got {C}")
+        shapes = self.step_shapes(h, w)
+        self.before_quantize(z_BChw, shapes)
+        pool = [] if self.training else None
+        idxs, f_hat, commit = self.quantize_steps(z_BChw, 0.0, range(len(self.steps)), shapes, pool)
+        stats = stats_from_counts(self.after_quantize(idxs, pool))
+        zq = z_BChw + (f_hat.to(z_BChw.dtype) - z_BChw).detach()           # straight-through estimator
+        return zq, idxs, commit, stats
+
+    def decode_steps(self, idxs, size):
+        """Sum of the contributions of steps 0..len(idxs)-1 on a (h, w) grid: (B, C, h, w)."""
+        return sum(self.contribution(i, idx, size) for i, idx in enumerate(idxs))
+
+
+def step_usage(idxs, codebook_size):
+    """Per-step and shared codebook health of multi-scale RQ indices [idx (B, h_i, w_i)] * L:
+    -> dict(util, perplexity) each (L + 1,): steps 1..L, then all steps together."""
+    counts = torch.cat([code_counts(i[:, None], codebook_size) for i in idxs])  # (L, K)
+    return stats_from_counts(torch.cat([counts, counts.sum(0, keepdim=True)]))
+
 # -----------------------------------------------------------------------------
 # 4. Tokenizer (stage 1)
 
@@ -417,6 +550,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d):
+        d = {**getattr(cls, 'ADDED_FIELDS', {}), **d}  # fields added later: their old behaviour
         known = {f.name for f in fields(cls)}
         unknown, missing = sorted(set(d) - known), sorted(known - set(d))
         if unknown or missing:
@@ -448,9 +582,26 @@ class TokenizerConfig(ModelConfig):
     vq_restart_dead: bool     # codebook remedy 2: re-seed codes unused for a window of calls
     vq_restart_every: int     # training calls per dead-code window
     vq_dead_threshold: float  # dead = chosen fewer times than this in the window
+    quantizer: str            # 'grouped' (HiTokSR) | 'msrq' (multi-scale residual, H-VAR)
+    rq_steps: tuple           # msrq: step sides on the training grid, increasing, last = grid side
+    rq_scales: tuple          # msrq: target scales of the hierarchical tokenization, last = 1
+    rq_phi: int               # msrq: shared phi convs (0: phi is the identity)
+    rq_phi_ratio: float       # msrq: r in phi(h) = (1 - r) h + r conv3x3(h)
 
     def __post_init__(self):
         self.check_types()
+        if self.quantizer not in ('grouped', 'msrq'):
+            self.bad('quantizer', "expected 'grouped' or 'msrq'")
+        if self.quantizer == 'msrq':
+            if self.groups != 1:
+                self.bad('groups', "must be 1 with quantizer='msrq' (one shared codebook of latent_dim dims)")
+            try:
+                step_partition(self.rq_steps, self.rq_scales)
+            except ValueError as e:
+                raise ValueError(f"{type(self).__name__}: {e}") from None
+            self.check_positive('rq_phi', minimum=0)
+            if not 0 <= self.rq_phi_ratio <= 1:
+                self.bad('rq_phi_ratio', "must be in [0, 1]")
         self.check_positive('patch', 'latent_dim', 'groups', 'enc_width', 'enc_heads', 'dec_width',
                             'dec_heads', 'vq_restart_every')
         self.check_positive('enc_depth', 'dec_depth', 'dec_refine', minimum=0)
@@ -470,14 +621,30 @@ class TokenizerConfig(ModelConfig):
             self.bad('mlp_ratio', "must be > 0")
 
 
+# checkpoints written before multi-scale RQ existed hold grouped-VQ tokenizers
+TokenizerConfig.ADDED_FIELDS = dict(quantizer='grouped', rq_steps=(), rq_scales=(1.0,), rq_phi=0, rq_phi_ratio=0.5)
+
+
+def resize_image(x, s):
+    """x (B, 3, H, W) resized by the factor s (antialiased bicubic, clamped to [0, 1])."""
+    if s == 1:
+        return x
+    size = (round(s * x.shape[-2]), round(s * x.shape[-1]))
+    return F.interpolate(x, size=size, mode='bicubic', align_corners=False, antialias=True).clamp(0, 1)
+
+
 class Tokenizer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = config
         self.encoder = ViTEncoder(c.patch, c.enc_width, c.enc_depth, c.enc_heads, c.latent_dim,
                                   c.mlp_ratio, c.rope_base)
-        self.quantizer = GroupedVQ(c.latent_dim, c.groups, c.codebook_size, c.beta, c.vq_data_init,
-                                   c.vq_restart_dead, c.vq_restart_every, c.vq_dead_threshold)
+        vq = (c.beta, c.vq_data_init, c.vq_restart_dead, c.vq_restart_every, c.vq_dead_threshold)
+        if c.quantizer == 'msrq':
+            self.quantizer = MultiScaleRQ(c.latent_dim, c.codebook_size, c.rq_steps, c.rq_scales,
+                                          c.rq_phi, c.rq_phi_ratio, *vq)
+        else:
+            self.quantizer = GroupedVQ(c.latent_dim, c.groups, c.codebook_size, *vq)
         self.decoder = ViTDecoder(c.patch, c.dec_width, c.dec_depth, c.dec_heads, c.latent_dim,
                                   c.mlp_ratio, c.rope_base, c.dec_refine, c.dec_refine_ch, c.dec_overlap)
 
@@ -498,18 +665,66 @@ class Tokenizer(nn.Module):
 
     def decode_indices(self, idx_BGhw, k=None):
         """Decode from indices; k (int or (B,)) active groups decodes a prefix (coarse image)."""
+        if isinstance(self.quantizer, MultiScaleRQ):
+            return self.decode_steps(idx_BGhw)
         z = self.quantizer.lookup(idx_BGhw)
         if k is not None:
             z = mask_groups(z, k, self.config.groups)
         return self.decoder(z)
 
     def forward(self, x, k=None):
-        """-> xrec (B, 3, H, W), idx (B, G, h, w), commit_loss, stats. Quantize before masking so
-        the commitment loss covers all groups (docs/method.md#group-masking)."""
+        """-> xrec (B, 3, H, W), idx (B, G, h, w) (msrq: a list of L step maps), commit_loss, stats.
+        Quantize before masking so the commitment loss covers all groups (docs/method.md#group-masking)."""
         zq, idx, commit, stats = self.encode(x)
         if k is not None:
             zq = mask_groups(zq, k, self.config.groups)
         return self.decoder(zq), idx, commit, stats
+
+    # multi-scale RQ only (docs/method.md#hierarchical-tokenization)
+
+    def hierarchical(self, x, upto=None, decode=True, drop_B=None):
+        """Algorithm 1 of H-VAR. For each target scale s_n (n < upto): encode x resized to s_n,
+        subtract the contributions of every token already chosen (upsampled to this grid),
+        quantize the rest with the steps of scale n, append the tokens; decode the sum on this grid.
+        x (B, 3, H, W), H and W multiples of patch / s_1. drop_B (B,) bool: these samples' decoder
+        inputs are the encoder features, unquantized (quantization dropout while fine-tuning).
+        -> [decode (B, 3, s_n H, s_n W)] (empty if not decode), [idx (B, h_i, w_i)], commit, stats."""
+        q, p = self.quantizer, self.config.patch
+        if not isinstance(q, MultiScaleRQ):
+            raise ValueError("Tokenizer.hierarchical needs quantizer='msrq'")
+        H, W = x.shape[-2:]
+        for s in q.scales:
+            if (s * H) % p or (s * W) % p:
+                raise ValueError(f"Tokenizer.hierarchical: {H}x{W} at scale {s} is not a multiple of patch {p}")
+        shapes = q.step_shapes(H // p, W // p)
+        pool = [] if self.training else None
+        decs, idxs, commit = [], [], 0.0
+        for n, s in enumerate(q.scales[:upto]):
+            z = self.encoder(resize_image(x, s))                            # (B, C, s h, s w)
+            if n == 0:
+                q.before_quantize(z, shapes[:len(q.partition[0])])
+            f_hat = q.decode_steps(idxs, z.shape[-2:]) if idxs else 0.0     # earlier tokens, this grid
+            new, f_hat, c = q.quantize_steps(z, f_hat, q.partition[n], shapes, pool)
+            idxs, commit = idxs + new, commit + c / len(q.scales[:upto])
+            if decode:
+                zq = z + (f_hat.to(z.dtype) - z).detach()                   # straight-through estimator
+                if drop_B is not None:
+                    zq = torch.where(drop_B[:, None, None, None], z, zq)
+                decs.append(self.decoder(zq))
+        stats = stats_from_counts(q.after_quantize(idxs, pool))
+        return decs, idxs, commit, stats
+
+    @torch.no_grad()
+    def encode_hierarchical(self, x, upto=None):
+        """Hierarchical tokens of x: [idx (B, h_i, w_i)] for the steps of scales 1..upto."""
+        return self.hierarchical(x, upto, decode=False)[1]
+
+    def decode_steps(self, idxs, upto=None):
+        """Decode the steps of scales 1..upto (default: all) on the grid of scale upto: the image at
+        s_upto x full size. idxs may be plain or hierarchical tokens (at least those steps)."""
+        q = self.quantizer
+        last = q.partition[(upto or len(q.scales)) - 1][-1]                 # its map is that scale's grid
+        return self.decoder(q.decode_steps(idxs[:last + 1], idxs[last].shape[-2:]))
 
 # -----------------------------------------------------------------------------
 # 5. Generators (stage 2)
@@ -841,6 +1056,15 @@ def discriminator_step(disc, d_optimizer, d_loss, real, fake, ctx):
 
 # -----------------------------------------------------------------------------
 # 8. Chain loading and inference
+
+def load_tokenizer(path, device='cpu', what='--tok_ckpt'):
+    """A stage-1 checkpoint -> Tokenizer (its EMA weights when kept) in eval mode, frozen, on device."""
+    from common import load_checkpoint
+    t = load_checkpoint(path, what, kind='tokenizer')
+    tokenizer = Tokenizer(TokenizerConfig.from_dict(t['model_args']))
+    tokenizer.load_state_dict(t.get('ema') or t['model'])
+    return tokenizer.to(device).eval().requires_grad_(False)
+
 
 def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
     """Stage-2 checkpoint -> (tokenizer, generator, prior) in eval mode, frozen, on device.

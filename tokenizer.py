@@ -25,20 +25,21 @@ import torch
 
 import data
 import eval as ev
-from common import (Logger, Timer, autocast_ctx, checkpoint_to_resume, learning_rate_at, load_state,
-                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, setting_problems,
-                    stop_if_diverged, summary, write_json)
+from common import (Logger, Timer, autocast_ctx, checkpoint_to_resume, learning_rate_at, load_checkpoint,
+                    load_state, maybe_compile, pick_device, save_grid, save_state, set_learning_rate,
+                    setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, adaptive_gan_weight, config_from_settings,
                    count_params, discriminator_step, frequency_targets, g_loss_hinge, hinge_d_loss,
-                   param_groups, sample_active_groups, usage_stats)
+                   param_groups, resize_image, sample_active_groups, step_usage, usage_stats)
 from wavelets import lowpass  # prefix-decode targets at eval
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out/tokenizer'
 init_from = 'scratch'     # 'scratch' | 'resume' (from out_dir/ckpt.pt: weights, optimizers, RNG, data)
+                          # | PATH of a tokenizer ckpt.pt to fine-tune (its weights; optimizer and step anew)
 eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkpoint)
 log_interval = 10         # steps between log lines
 max_iters = 2000          # total optimizer steps
@@ -74,8 +75,19 @@ vq_dead_threshold = 1.0   # a code chosen fewer times than this in a window is d
 group_masking = True      # keep a random prefix of k groups
 p_full = 0.9              # P(k = G); otherwise k ~ U{1..G-1}
 dwt_targets = True        # target for k groups = Haar lowpass(x, G-k); False: always x
+# multi-scale residual quantization (H-VAR; docs/method.md#multi-scale-rq); group masking and DWT
+# targets above apply to the grouped quantizer only
+quantizer = 'grouped'     # 'grouped' (HiTokSR: G codebooks) | 'msrq' (one codebook, L residual steps)
+rq_steps = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # step sides on the training grid; last = crop_size / patch
+rq_scales = (0.25, 0.5, 1.0)  # target scales of the hierarchical tokenization (Algorithm 1)
+rq_phi = 4                # shared 3x3 convs of phi, VAR's default (0: phi is the identity)
+rq_phi_ratio = 0.5        # r in phi(h) = (1 - r) h + r conv3x3(h)
+hierarchical = False      # msrq: train on Algorithm 1's tokens, one decode per scale vs the resized image
+quant_dropout = 0.5       # hierarchical: P(a sample's decoder gets the unquantized encoder features)
+freeze_encoder = False    # train codebook, phi and decoder only (fine-tuning from init_from=PATH)
 # loss weights (the paper's 1, 1, 0.8, 1)
 l1_weight = 1.0
+l2_weight = 0.0           # H-VAR's hierarchical fine-tuning: l2 1, LPIPS 5, l1 0
 lpips_weight = 1.0
 gan_weight = 0.8          # hinge GAN weight
 adaptive_gan = False      # VQGAN's adaptive GAN weight (gradient-norm ratio at the decoder's last layer)
@@ -107,8 +119,21 @@ def check_config():
         problems.append(f"crop_size={crop_size} must be a multiple of patch={patch}")
     if not 0.0 <= p_full <= 1.0:
         problems.append(f"p_full={p_full} must be in [0, 1]")
-    if init_from not in ('scratch', 'resume'):
-        problems.append(f"init_from={init_from!r} must be 'scratch' or 'resume'")
+    if init_from not in ('scratch', 'resume') and not os.path.isfile(init_from):
+        problems.append(f"init_from={init_from!r} must be 'scratch', 'resume' or an existing tokenizer ckpt.pt")
+    if quantizer == 'msrq' and rq_steps and rq_steps[-1] != crop_size // patch:
+        problems.append(f"rq_steps={tuple(rq_steps)}: the last side must be the grid side crop_size/patch = "
+                        f"{crop_size // patch}")
+    if hierarchical and quantizer != 'msrq':
+        problems.append("hierarchical=True needs quantizer='msrq'")
+    if hierarchical and any((s * crop_size) % patch for s in rq_scales):
+        problems.append(f"crop_size={crop_size} at every scale in rq_scales={tuple(rq_scales)} must be a "
+                        f"multiple of patch={patch}")
+    if hierarchical and lpips_weight > 0 and min(rq_scales) * crop_size < 32:
+        problems.append(f"crop_size={crop_size} x the smallest scale {min(rq_scales)} is below 32 px, "
+                        f"too small for LPIPS (AlexNet): use larger crops or lpips_weight=0")
+    if not 0.0 <= quant_dropout <= 1.0:
+        problems.append(f"quant_dropout={quant_dropout} must be in [0, 1]")
     if max_iters <= 0 and max_minutes <= 0:
         problems.append("set max_iters > 0 or max_minutes > 0")
     if problems:
@@ -128,6 +153,15 @@ dtype, ctx = autocast_ctx(device, dtype)
 torch.manual_seed(seed)
 os.makedirs(out_dir, exist_ok=True)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'tokenizer', model_args=model_args)
+msrq = quantizer == 'msrq'
+if init_from not in ('scratch', 'resume'):  # fine-tuning: the weights of another run, same model
+    try:
+        init = load_checkpoint(init_from, '--init_from', kind='tokenizer')
+    except ValueError as e:
+        fail(f"tokenizer.py: {e}")
+    if init['model_args'] != model_args:
+        diff = {k: (init['model_args'].get(k), v) for k, v in model_args.items() if init['model_args'].get(k) != v}
+        fail(f"tokenizer.py: --init_from={init_from} has other model settings (saved, now): {diff}")
 log = Logger(out_dir, config, resume=ckpt is not None)
 
 # data: HR crops only (the tokenizer never sees LR images)
@@ -137,10 +171,14 @@ val = data.load_val_pairs(val_dir)
 val_hr = val['hr']                                              # (N, 3, 256, 256) in [0, 1]
 if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
     fail(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of patch={patch}")
-mask_gen = torch.Generator().manual_seed(seed + 1)  # group-masking draws
+mask_gen = torch.Generator().manual_seed(seed + 1)  # group-masking / quantization-dropout draws
 
 # model, discriminator (frozen between its own steps), LPIPS (frozen, real ImageNet AlexNet)
 model = Tokenizer(tcfg).to(device)
+if init_from not in ('scratch', 'resume'):
+    model.load_state_dict(init.get('ema') or init['model'])
+    init = None
+model.encoder.requires_grad_(not freeze_encoder)
 disc = PatchDiscriminator().to(device).requires_grad_(False)
 lpips_net = ev.load_lpips(device)
 optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas)
@@ -153,8 +191,33 @@ step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 train_model = maybe_compile(model, compile, device)
-log(f"tokenizer: {count_params(model) / 1e6:.2f}M params, {groups} groups x {codebook_size} codes x "
-    f"{latent_dim // groups} dims, grid {crop_size // patch}x{crop_size // patch}, device {device}, {dtype}")
+codes = (f"multi-scale RQ: {codebook_size} codes x {latent_dim} dims, steps {tuple(rq_steps)}, "
+         f"{'hierarchical over scales ' + str(tuple(rq_scales)) if hierarchical else 'plain'}" if msrq else
+         f"{groups} groups x {codebook_size} codes x {latent_dim // groups} dims")
+log(f"tokenizer: {count_params(model) / 1e6:.2f}M params ({count_params(model, True) / 1e6:.2f}M trained), "
+    f"{codes}, grid {crop_size // patch}x{crop_size // patch}, device {device}, {dtype}"
+    + (f", fine-tuning {init_from}" if init_from not in ('scratch', 'resume') else ''))
+
+
+@torch.no_grad()
+def evaluate_msrq(net, tag):
+    """Multi-scale RQ: decode the validation HR crops at every target scale from the tokens this
+    run trains on (Algorithm 1's if hierarchical, else the plain full-size tokens)."""
+    scales, idx = ev.scale_decodes(net, val_hr, 'hierarchical' if hierarchical else 'plain', device, ctx)
+    out, rows, labels = {}, [], []
+    for s, dec, target in scales:
+        m = ev.evaluate(dec, target, crop_border=max(1, round(4 * s)), lpips_net=lpips_net, patch=patch)
+        key = 'r_' if s == 1 else f'x{s:g}_'  # full size: the same r_* keys as the grouped tokenizer
+        out.update({key + 'psnr_y': m['psnr_y'], key + 'ssim_y': m['ssim_y'], key + 'lpips': m['lpips']})
+        rows += [target[:6], dec[:6]]
+        labels += [f'HR resized to {s:g}x', f'decode of the steps of scales <= {s:g}']
+    out.update(r_grid=m['grid'], r_color_err=m['color_err'])
+    stats = step_usage(idx, codebook_size)                     # per step, then all steps: (L + 1,)
+    use, ppl = stats['util'], stats['perplexity']
+    out.update(code_usage_min=float(use[:-1].min()), code_usage_mean=float(use[-1]),
+               perplexity_min=float(ppl[:-1].min()))
+    save_grid(rows, os.path.join(out_dir, f'samples_{tag}.png'), labels)
+    return out, use, ppl
 
 
 @torch.no_grad()
@@ -162,6 +225,10 @@ def evaluate(tag):
     """Reconstruct the validation HR crops with all groups and with every prefix k < G."""
     net = ema if ema is not None else model
     net.eval()
+    if msrq:
+        out = evaluate_msrq(net, tag)
+        net.train(net is model)
+        return out
     recs, idxs = [], []
     for i in range(0, len(val_hr), 4):
         x = val_hr[i:i + 4].to(device)
@@ -190,6 +257,22 @@ def evaluate(tag):
     return out, use, ppl
 
 
+def reconstructions(x):
+    """The quantizer's training decodes: -> [(decode, target)], commit loss.
+    grouped: one decode with a random prefix of k groups vs its frequency-matched target;
+    msrq: the full-size decode vs x, or with hierarchical one decode per scale vs x resized."""
+    if msrq and hierarchical:
+        drop = torch.rand(x.shape[0], generator=mask_gen).to(x.device) < quant_dropout
+        decs, _, commit, _ = model.hierarchical(x, drop_B=drop)
+        return [(d, resize_image(x, s)) for d, s in zip(decs, rq_scales)], commit
+    if msrq:
+        xrec, _, commit, _ = train_model(x)
+        return [(xrec, x)], commit
+    k = sample_active_groups(x.shape[0], groups, p_full if group_masking else 1.0, generator=mask_gen).to(x.device)
+    xrec, _, commit, _ = train_model(x, k)  # all groups quantized, groups > k zeroed before decoding
+    return [(xrec, frequency_targets(x, k, groups) if dwt_targets else x)], commit
+
+
 timer = Timer()
 minutes = lambda: elapsed_before + timer.minutes()
 decay_steps = decay_iters or max_iters
@@ -200,7 +283,7 @@ while True:
     if step % eval_interval == 0 or done:
         metrics, use, ppl = evaluate(f'{step:06d}')
         log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items())
-            + ' | usage ' + ' '.join(f"{u:.2f}" for u in use.tolist())
+            + f" | usage per {'step, all steps' if msrq else 'group'} " + ' '.join(f"{u:.2f}" for u in use.tolist())
             + ' | ppl ' + ' '.join(f"{p:.0f}" for p in ppl.tolist()))
         if step > 0 or done:
             save_state(ckpt_path, state, 'tokenizer', model_args=model_args, config=config, step=step,
@@ -214,23 +297,23 @@ while True:
     set_learning_rate(d_optimizer, rate * d_learning_rate / learning_rate)
     x, _ = sampler.next()                                      # (B, 3, crop, crop)
     B = x.shape[0]
-    k = sample_active_groups(B, groups, p_full if group_masking else 1.0, generator=mask_gen).to(x.device)
-    target = frequency_targets(x, k, groups) if dwt_targets else x
     gan_on = gan_weight > 0 and step >= gan_start
 
-    # generator (autoencoder) step: all groups quantized, groups > k zeroed before decoding
+    # generator (autoencoder) step on the (decode, target) pairs of the chosen quantizer
     with ctx:
-        xrec, idx, commit, _ = train_model(x, k)
-        l1 = (xrec.float() - target).abs().mean()
-        lp = ev.lpips_dist(lpips_net, xrec.float(), target).mean() if lpips_weight > 0 else l1 * 0
+        pairs, commit = reconstructions(x)
+        l1, l2, lp = (sum(f(dec.float(), t) for dec, t in pairs) / len(pairs) for f in (
+            lambda d, t: (d - t).abs().mean(), lambda d, t: (d - t).pow(2).mean(),
+            lambda d, t: ev.lpips_dist(lpips_net, d, t).mean() if lpips_weight > 0 else d.sum() * 0))
+        xrec, target = pairs[-1]                                 # full size: the GAN's pair
         g = g_loss_hinge(disc(xrec)) if gan_on else l1 * 0
-        g_scale = (adaptive_gan_weight(l1_weight * l1 + lpips_weight * lp, g, model.last_layer)
-                   if gan_on and adaptive_gan else 1.0)
-        loss = l1_weight * l1 + lpips_weight * lp + commit_weight * commit + gan_weight * g_scale * g
+        rec_loss = l1_weight * l1 + l2_weight * l2 + lpips_weight * lp
+        g_scale = adaptive_gan_weight(rec_loss, g, model.last_layer) if gan_on and adaptive_gan else 1.0
+        loss = rec_loss + commit_weight * commit + gan_weight * g_scale * g
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    stop_if_diverged(step, log, grad_norm, loss=loss, l1=l1, lpips=lp, commit=commit, g=g)
+    stop_if_diverged(step, log, grad_norm, loss=loss, l1=l1, l2=l2, lpips=lp, commit=commit, g=g)
     optimizer.step()
     if ema is not None:  # ema <- decay * ema + (1 - decay) * weights; buffers (code hits) copied
         with torch.no_grad():
@@ -246,12 +329,13 @@ while True:
     imgs_since_log += B
     if step % log_interval == 0:
         dt = time.time() - t_log
-        log(f"step {step} | loss {loss.item():.4f} l1 {l1.item():.4f} lpips {lp.item():.4f} "
+        log(f"step {step} | loss {loss.item():.4f} l1 {l1.item():.4f} l2 {l2.item():.4f} lpips {lp.item():.4f} "
             f"commit {commit.item():.4f} g {g.item():.4f} d {d.item():.4f} | rate {rate:.2e} | "
             f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 
+names = [f'step{i + 1}' for i in range(len(rq_steps))] + ['all'] if msrq else [f'g{g_}' for g_ in range(groups)]
 final = dict(metrics, steps=step, minutes=round(minutes(), 2),
-             **{f'code_usage_g{g_}': float(u) for g_, u in enumerate(use.tolist())})
+             **{f'code_usage_{n}': float(u) for n, u in zip(names, use.tolist())})
 write_json(final, os.path.join(out_dir, 'summary.json'))
 log(summary('tokenizer', final))
