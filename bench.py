@@ -26,7 +26,7 @@ from common import autocast_ctx, maybe_compile, peak_flops, pick_device
 from degradation import DegradeConfig, degrade
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
                    config_from_settings, count_params, flops_per_image, g_loss_hinge, hinge_d_loss,
-                   super_resolve)
+                   resize_image, super_resolve)
 from prior import build_sr_prior
 
 # -----------------------------------------------------------------------------
@@ -106,10 +106,20 @@ def bench_tokenizer(dev):
     fwd = maybe_compile(model, compile, dev)
     x = torch.rand(batch, 3, crop_, crop_, device=dev)
 
+    hier = settings['quantizer'] == 'msrq' and settings['hierarchical']
+    scales = cfg.rq_scales if hier else (1.0,)
+
     def step():
         with ctx:
-            xrec, _, commit, _ = fwd(x)
-            loss = (xrec.float() - x).abs().mean() + ev.lpips_dist(lpips_net, xrec.float(), x).mean() + commit
+            if hier:  # Algorithm 1: one encode + decode per scale, each vs x resized
+                decs, _, commit, _ = model.hierarchical(x, drop_B=torch.rand(batch, device=dev) < 0.5)
+                pairs = [(d, resize_image(x, s)) for d, s in zip(decs, scales)]
+            else:
+                xrec, _, commit, _ = fwd(x)
+                pairs = [(xrec, x)]
+            loss = commit + sum((d.float() - t).abs().mean() + ev.lpips_dist(lpips_net, d.float(), t).mean()
+                                for d, t in pairs)
+            xrec = pairs[-1][0]
             if tok_gan:
                 loss = loss + 0.8 * g_loss_hinge(disc(xrec))
                 loss = loss + hinge_d_loss(disc(x), disc(xrec.detach()))
@@ -127,14 +137,15 @@ def bench_tokenizer(dev):
     for _ in range(iters):
         step()
     dt = (time.perf_counter() - t0) / iters
-    print(f"tokenizer: {tok_config}, {count_params(model) / 1e6:.2f}M params, batch {batch} x {crop_}x{crop_}, "
-          f"{dt_name}, compile={compile and dev.startswith('cuda')}, gan={tok_gan}, on {dev}")
+    print(f"tokenizer: {tok_config}, {count_params(model) / 1e6:.2f}M params, {settings['quantizer']} "
+          f"{'hierarchical ' if hier else ''}quantizer, batch {batch} x {crop_}x{crop_}, {dt_name}, "
+          f"compile={compile and dev.startswith('cuda') and not hier}, gan={tok_gan}, on {dev}")
     print(f"tokenizer_ms_per_iter: {1000 * dt:.1f}")
     print(f"tokenizer_img_per_s: {batch / dt:.1f}")
     if dev.startswith('cuda'):
         print(f"peak_mem_mb: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
     peak = peak_flops(dev)
-    flops = flops_per_image(model.model_args, crop_, crop_) * batch / dt
+    flops = sum(flops_per_image(model.model_args, round(s * crop_), round(s * crop_)) for s in scales) * batch / dt
     print(f"tokenizer_tflops: {flops / 1e12:.2f}")  # encoder + decoder matmuls only (model.flops_per_image)
     print(f"mfu: {flops / peak:.3f}" if peak else "mfu: n/a (no datasheet peak for this device)")
 

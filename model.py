@@ -287,12 +287,12 @@ def usage_stats(idx_BGhw, codebook_size):
 
 
 def nearest_code(z_Nd, e_Kd):
-    """Index of the nearest code of each vector: (N, d), (K, d) -> (N,) long, via
-    ||z||^2 - 2 z.e + ||e||^2 in float32 (autocast off: bf16 would mis-rank close codes)."""
+    """Index of the nearest code of each vector: (N, d), (K, d) -> (N,) long, the argmin over k of
+    ||z - e_k||^2 = ||z||^2 - 2 z.e_k + ||e_k||^2, without the ||z||^2 that all k share: one fused
+    ||e||^2 - 2 z e^T (addmm) in float32 (autocast off: bf16 would mis-rank close codes)."""
     with torch.no_grad(), torch.autocast(z_Nd.device.type, enabled=False):
-        z, e = z_Nd.float(), e_Kd.float()
-        d_NK = z.pow(2).sum(1, keepdim=True) - 2 * z @ e.t() + e.pow(2).sum(1)[None]
-        return d_NK.argmin(1)
+        e = e_Kd.float()
+        return torch.addmm(e.pow(2).sum(1)[None], z_Nd.float(), e.t(), alpha=-2).argmin(1)
 
 
 class GroupedVQ(nn.Module):
