@@ -5,6 +5,7 @@ writer for every file, a log file, PNG sample grids and the final summary block.
 small; everything model-specific lives in model.py.
 """
 import contextlib
+import errno
 import json
 import math
 import os
@@ -97,18 +98,35 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+# why a write failed, for the errors a user can fix (space, permission); any other error is raised
+WRITE_ERRORS = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded',
+                errno.EACCES: 'permission denied', errno.EPERM: 'permission denied',
+                errno.EROFS: 'read-only file system'}
+
+
 def atomic_write(path, write):
-    """Every file the project writes goes through here: write(tmp) fills a hidden temp file in the
-    same folder, which then replaces `path` in one rename, so a crash or a kill leaves either the
-    old file or the new one, never a torn one (and no temp file when write raises)."""
+    """Every file the project writes goes through here: write(tmp) fills a hidden temp file
+    (.NAME.tmpPID) in the same folder, which then replaces `path` in one rename, so a crash or a
+    kill leaves either the old file or the new one, never a torn one. When write fails the temp
+    file is removed and the old file stays as it was; lack of space or permission ends the program
+    with one line naming the path. Writers write through Python file objects, so a full disk raises
+    OSError(ENOSPC) (torch.save(obj, path) would only say 'unexpected pos ...')."""
     folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f'.{name}.tmp{os.getpid()}')
     try:
+        os.makedirs(folder, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        cause = e  # torch.save reports a failed write of its file as a RuntimeError raised while handling it
+        while cause is not None and getattr(cause, 'errno', None) not in WRITE_ERRORS:
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        sys.exit(f"error: cannot write '{path}': {WRITE_ERRORS[cause.errno]} (nothing was replaced; "
+                 f"the temp file is removed)")
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
 
 
@@ -159,7 +177,11 @@ def save_state(path, state, kind, **values):
     if clash:
         raise ValueError(f"save_state: {sorted(clash)} named both as state and as a value")
     ckpt.update(values, rng=rng_state(), kind=kind, format=CHECKPOINT_FORMAT)
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:  # a Python file, so a full disk is reported as such (atomic_write)
+            torch.save(ckpt, f)
+    atomic_write(path, write)
 
 
 def checkpoint_to_resume(out_dir, init_from, kind, **expected):
