@@ -362,7 +362,10 @@ if __name__ == '__main__':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
 
     import data
-    pairs = data.load_val_pairs(val_dir)
+    try:
+        pairs = data.load_val_pairs(val_dir)
+    except ValueError as err:
+        fail(f"eval.py: {err}")
     lpips_net = load_lpips(device)
     if sr == 'chain':
         name = name or 'chain'

@@ -126,9 +126,12 @@ ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'decoder', **chain)
 log = Logger(out_dir, config, resume=ckpt is not None)
 
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
-sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
-                           deg_cfg=DegradeConfig(mode=degradation))
-val = data.load_val_pairs(val_dir)
+try:
+    sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
+                               deg_cfg=DegradeConfig(mode=degradation))
+    val = data.load_val_pairs(val_dir)
+except ValueError as e:  # a missing or incomplete folder
+    fail(f"finetune_decoder.py: {e}")
 val_hr, val_lr = val['hr'], val['lr']                         # (N,3,256,256), (N,3,64,64)
 topk_gen = torch.Generator(device=device).manual_seed(seed + 2)  # the top-K draws, saved for resume
 

@@ -162,9 +162,12 @@ tok_step = tok.get('step')
 del tok
 
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
-sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
-                           deg_cfg=DegradeConfig(mode=degradation))
-val = data.load_val_pairs(val_dir)
+try:
+    sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
+                               deg_cfg=DegradeConfig(mode=degradation))
+    val = data.load_val_pairs(val_dir)
+except ValueError as e:  # a missing or incomplete folder
+    fail(f"generator.py: {e}")
 val_hr, val_lr = val['hr'], val['lr']                         # (N,3,256,256), (N,3,64,64)
 if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
     fail(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of patch={patch}")

@@ -131,9 +131,12 @@ ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'tokenizer', model_ar
 log = Logger(out_dir, config, resume=ckpt is not None)
 
 # data: HR crops only (the tokenizer never sees LR images)
-sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
-                           deg_cfg=DegradeConfig(mode='none'))
-val = data.load_val_pairs(val_dir)
+try:
+    sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
+                               deg_cfg=DegradeConfig(mode='none'))
+    val = data.load_val_pairs(val_dir)
+except ValueError as e:  # a missing or incomplete folder
+    fail(f"tokenizer.py: {e}")
 val_hr = val['hr']                                              # (N, 3, 256, 256) in [0, 1]
 if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
     fail(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of patch={patch}")

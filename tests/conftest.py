@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny trained checkpoint chain made by the stage scripts themselves (2 steps
 each, 1 thread), on two of the real validation pairs, built once per test session."""
+import json
 import shutil
 import subprocess
 import sys
@@ -48,16 +49,19 @@ def run_script():
 
 @pytest.fixture(scope='session')
 def tiny_val(tmp_path_factory):
-    """Two of the fixed validation pairs (hr, lr, lr_bicubic) in a folder of their own."""
+    """Two of the fixed validation pairs (hr, lr, lr_bicubic) in a folder of their own, with a
+    manifest that lists those two."""
     tmp = tmp_path_factory.mktemp('val')
     src = ROOT / 'assets' / 'val_pairs'
-    names = sorted(p.name for p in (src / 'hr').glob('*.png'))[:2]
-    if len(names) < 2:
+    if not (src / 'manifest.json').is_file():
         pytest.skip('validation pairs missing: run `python data.py`')
+    manifest = json.loads((src / 'manifest.json').read_text())
+    manifest['names'] = manifest['names'][:2]
     for kind in ('hr', 'lr', 'lr_bicubic'):
         (tmp / kind).mkdir()
-        for n in names:
-            shutil.copy(src / kind / n, tmp / kind / n)
+        for n in manifest['names']:
+            shutil.copy(src / kind / f'{n}.png', tmp / kind / f'{n}.png')
+    (tmp / 'manifest.json').write_text(json.dumps(manifest))
     return tmp
 
 
