@@ -1,15 +1,19 @@
 """
 The few pieces of training plumbing every stage script shares: device and dtype selection, the
 learning-rate schedule, the checkpoint of a stage's declared state (exact resume), one atomic
-writer for every file, a log file, PNG sample grids and the final summary block. Kept deliberately
-small; everything model-specific lives in model.py.
+writer for every file, the claim of an out_dir (lock, no silent replacement), a log file, PNG
+sample grids and the final summary block. Kept deliberately small; everything model-specific lives
+in model.py.
 """
+import atexit
 import contextlib
 import errno
 import json
 import math
 import os
 import random
+import re
+import signal
 import sys
 import time
 
@@ -247,15 +251,104 @@ def unwrap(model):
     return getattr(model, '_orig_mod', model)
 
 
-class Logger:
-    """Prints and appends to out_dir/log.txt; the first lines record the command and the config."""
+def _pid_alive(pid):
+    """Whether a process with this PID runs here. Our own PID does not count: a file that holds it
+    was left by an earlier process that had the same PID (a restarted container)."""
+    if not pid or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
 
-    def __init__(self, out_dir, config, resume=False):
+
+def _lock_holder(lock):
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(lock) as f:
+            return int(f.read().split()[0])
+    return None
+
+
+def _release_lock(lock):
+    if _lock_holder(lock) == os.getpid():
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+
+
+def _exit_on_sigterm(signum, frame):
+    print("error: stopped by SIGTERM (out_dir keeps its last checkpoint, if one was saved: resume with "
+          "--init_from=resume)", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)  # unwinds like an error: temp files and the lock are removed on the way
+
+
+def claim_out_dir(out_dir, init_from, overwrite):
+    """Make out_dir this run's own before any work; -> notes for the log.
+    - A lock file out_dir/lock holding this process's PID refuses a second run on the same folder at
+      once, naming the PID that holds it; a lock whose process no longer runs (a kill -9) is taken over.
+    - A scratch run never replaces the ckpt.pt of an earlier run, unless overwrite.
+    - Temp files of writers that were killed (.NAME.tmpPID, see atomic_write) are removed.
+    The lock is removed at exit: normal end, error, exception, Ctrl-C or SIGTERM."""
+    from configurator import fail
+    notes, lock = [], os.path.join(out_dir, 'lock')
+    tmp = os.path.join(out_dir, f'.lock.tmp{os.getpid()}')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(tmp, 'w') as f:
+            f.write(f'{os.getpid()}\n')
+    except OSError as e:  # e.g. a path under a file, no permission, a full disk
+        fail(f"cannot create or write in out_dir '{out_dir}': {e.strerror}")
+    try:
+        while True:
+            try:
+                os.link(tmp, lock)  # atomic, fails if a lock exists; never a lock without its PID
+                break
+            except FileExistsError:
+                holder = _lock_holder(lock)
+                if _pid_alive(holder):
+                    sys.exit(f"error: out_dir '{out_dir}' is in use by another run (PID {holder} holds "
+                             f"{lock}): wait for it to end or choose another --out_dir (delete the lock "
+                             f"only if PID {holder} is not a training run)")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(lock)
+                notes.append(f"took over the lock {lock} of PID {holder}, which no longer runs")
+    finally:
+        os.remove(tmp)
+    atexit.register(_release_lock, lock)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)  # Ctrl-C already unwinds (KeyboardInterrupt)
+    ckpt = os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'scratch' and os.path.exists(ckpt):
+        if not overwrite:
+            fail(f"{ckpt} holds an earlier run, which a scratch run would replace: continue it with "
+                 f"--init_from=resume, choose another --out_dir, or pass --overwrite=True")
+        notes.append(f"overwrite=True: {ckpt} of an earlier run is replaced at the first checkpoint")
+    stale = [f for f in sorted(os.listdir(out_dir))
+             if (m := re.fullmatch(r'\..+\.tmp(\d+)', f)) and not _pid_alive(int(m[1]))]
+    for f in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, f))
+    if stale:
+        notes.append(f"removed {len(stale)} temp file(s) of killed runs: {' '.join(stale)}")
+    return notes
+
+
+class Logger:
+    """Prints and appends to out_dir/log.txt, never truncating it (a resumed run, or a new one with
+    --overwrite=True, adds to the log of the runs before). Each run's first lines record the date,
+    the command, the config and `notes` (claim_out_dir's)."""
+
+    def __init__(self, out_dir, config, notes=()):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, 'log.txt')
-        self.f = open(self.path, 'a' if resume else 'w')
+        self.f = open(self.path, 'a')
+        self(f"run started {time.strftime('%Y-%m-%d %H:%M:%S')}, PID {os.getpid()}")
         self('command: ' + ' '.join([os.path.basename(sys.executable)] + sys.argv))
         self('config: ' + json.dumps(config, sort_keys=True, default=str))
+        for note in notes:
+            self(note)
 
     def __call__(self, msg):
         print(msg, flush=True)

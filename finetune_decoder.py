@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, learning_rate_at, load_state,
-                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, setting_problems,
-                    stop_if_diverged, summary, write_json)
+from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, claim_out_dir,
+                    learning_rate_at, load_state, maybe_compile, pick_device, save_grid, save_state,
+                    set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, count_params, discriminator_step, g_loss_vanilla, load_sr_chain,
@@ -40,6 +40,7 @@ from prior import upsample_for_prior
 # I/O
 out_dir = 'out/finetune_decoder'
 init_from = 'scratch'     # 'scratch' | 'resume' (from out_dir/ckpt.pt: weights, optimizers, RNG, data)
+overwrite = False         # True: a scratch run may replace an earlier run's out_dir/ckpt.pt (else refused)
 gen_ckpt = 'out/generator/ckpt.pt'  # frozen stage-2 generator (it records its stage-1 tokenizer)
 eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkpoint)
 log_interval = 10         # steps between log lines
@@ -104,6 +105,7 @@ def check_config():
 
 
 check_config()
+notes = claim_out_dir(out_dir, init_from, overwrite)  # lock, no silent replacement, old temp files
 k_train = {'frozen': 0, 'top1': 1, 'topk': top_k}[mode]
 if threads:
     torch.set_num_threads(threads)
@@ -119,11 +121,10 @@ if crop_size % tcfg.patch:
     fail(f"finetune_decoder.py: crop_size={crop_size} must be a multiple of the tokenizer's patch={tcfg.patch}")
 decoder = tokenizer.decoder
 decoder.requires_grad_(True)  # the only trainable module (mode 'frozen' never takes a step)
-os.makedirs(out_dir, exist_ok=True)
 chain = dict(gen_ckpt=os.path.abspath(gen_ckpt), tok_model_args=asdict(tcfg), gen_model_args=asdict(gcfg),
              mode=mode, top_k=k_train)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'decoder', **chain)
-log = Logger(out_dir, config, resume=ckpt is not None)
+log = Logger(out_dir, config, notes)
 
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
 try:

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, learning_rate_at,
-                    load_checkpoint, load_state, maybe_compile, pick_device, save_grid, save_state,
-                    set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
+from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, claim_out_dir,
+                    learning_rate_at, load_checkpoint, load_state, maybe_compile, pick_device, save_grid,
+                    save_state, set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
@@ -43,6 +43,7 @@ from prior import LoRAWeights, build_sr_prior, frozen_features, repa_loss, upsam
 # I/O
 out_dir = 'out/generator'
 init_from = 'scratch'     # 'scratch' | 'resume' (from out_dir/ckpt.pt: weights, optimizers, RNG, data)
+overwrite = False         # True: a scratch run may replace an earlier run's out_dir/ckpt.pt (else refused)
 tok_ckpt = 'out/tokenizer/ckpt.pt'  # frozen stage-1 tokenizer (codebooks + decoder, targets q_HR)
 eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkpoint)
 log_interval = 10         # steps between log lines
@@ -122,6 +123,7 @@ def check_config():
 
 
 check_config()
+notes = claim_out_dir(out_dir, init_from, overwrite)  # lock, no silent replacement, old temp files
 try:
     tok = load_checkpoint(tok_ckpt, '--tok_ckpt', kind='tokenizer')
 except ValueError as e:
@@ -149,10 +151,9 @@ if threads:
     torch.set_num_threads(threads)
 device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
-os.makedirs(out_dir, exist_ok=True)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'generator', model_args=model_args,
                                        prior_args=prior_args)
-log = Logger(out_dir, config, resume=ckpt is not None)
+log = Logger(out_dir, config, notes)
 
 # frozen tokenizer: targets q_HR (encoder + VQ) and the decoder the pixel losses go through
 tokenizer = Tokenizer(tcfg)

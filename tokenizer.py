@@ -25,9 +25,9 @@ import torch
 
 import data
 import eval as ev
-from common import (Logger, Timer, autocast_ctx, checkpoint_to_resume, learning_rate_at, load_state,
-                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, setting_problems,
-                    stop_if_diverged, summary, write_json)
+from common import (Logger, Timer, autocast_ctx, checkpoint_to_resume, claim_out_dir, learning_rate_at,
+                    load_state, maybe_compile, pick_device, save_grid, save_state, set_learning_rate,
+                    setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, adaptive_gan_weight, config_from_settings,
@@ -39,6 +39,7 @@ from wavelets import lowpass  # prefix-decode targets at eval
 # I/O
 out_dir = 'out/tokenizer'
 init_from = 'scratch'     # 'scratch' | 'resume' (from out_dir/ckpt.pt: weights, optimizers, RNG, data)
+overwrite = False         # True: a scratch run may replace an earlier run's out_dir/ckpt.pt (else refused)
 eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkpoint)
 log_interval = 10         # steps between log lines
 max_iters = 2000          # total optimizer steps
@@ -121,14 +122,14 @@ try:  # validates G | C, K >= 2, head sizes ... before any data is loaded
 except ValueError as e:
     fail(f"tokenizer.py: {e}")
 model_args = asdict(tcfg)
+notes = claim_out_dir(out_dir, init_from, overwrite)  # lock, no silent replacement, old temp files
 if threads:
     torch.set_num_threads(threads)
 device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
 torch.manual_seed(seed)
-os.makedirs(out_dir, exist_ok=True)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'tokenizer', model_args=model_args)
-log = Logger(out_dir, config, resume=ckpt is not None)
+log = Logger(out_dir, config, notes)
 
 # data: HR crops only (the tokenizer never sees LR images)
 try:

@@ -98,6 +98,7 @@ def check_exact_resume():
         a = torch.load(straight / 'ckpt.pt', weights_only=False)
         b = torch.load(split / 'ckpt.pt', weights_only=False)
         assert a['step'] == b['step'] == 2 * n
+        assert not (straight / 'lock').exists() and not (split / 'lock').exists()  # released at exit
         for part in parts:
             assert a[part].keys() == b[part].keys() and a[part], part
             for key, value in a[part].items():

@@ -86,6 +86,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     assert p.returncode != 0 and 'training diverged at step' in p.stderr and 'grad_norm' in p.stderr, p.stderr
     assert 'Traceback' not in p.stderr
     assert (tmp_path / 'ckpt.pt').read_bytes() == before
+    assert not (tmp_path / 'lock').exists()  # released on the way out
 
 
 @pytest.mark.parametrize('arg, words', [
