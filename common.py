@@ -2,8 +2,8 @@
 The few pieces of training plumbing every stage script shares: device and dtype selection, the
 learning-rate schedule, the checkpoint of a stage's declared state (exact resume), one atomic
 writer for every file, the claim of an out_dir (lock, no silent replacement), a log file, PNG
-sample grids and the final summary block. Kept deliberately small; everything model-specific lives
-in model.py.
+sample grids, training curves and the final summary block. Kept deliberately small; everything
+model-specific lives in model.py.
 """
 import atexit
 import contextlib
@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def pick_device(device='auto'):
@@ -381,6 +381,46 @@ def save_png(img, path):
     if torch.is_tensor(img):
         img = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     atomic_write(path, lambda tmp: Image.fromarray(img).save(tmp, format='PNG'))
+
+
+def save_curves(history, path):
+    """curves.png: one small panel per logged number against the step: the training loss parts and
+    the learning rate (history['train'], every log_interval) and the evaluation metrics
+    (history['eval']); each panel spans its series' min..max, printed at the left. PIL only."""
+    series = []
+    for kind in ('train', 'eval'):
+        for key in dict.fromkeys(k for h in history[kind] for k in h if k != 'step'):  # in first-seen order
+            pts = [(h['step'], h[key]) for h in history[kind]
+                   if isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
+            if pts:
+                series.append((f"{kind} {key}", pts))
+    if not series:
+        return
+    cols, W, H = 4, 260, 150                    # panels per row, panel size in pixels
+    left, top, right, bottom = 52, 16, 10, 18   # margins inside a panel
+    img = Image.new('RGB', (cols * W, -(-len(series) // cols) * H), 'white')
+    draw = ImageDraw.Draw(img)
+    s_max = max(max(s for s, _ in pts) for _, pts in series) or 1  # one step axis for every panel
+    for i, (name, pts) in enumerate(series):
+        x0, y0 = (i % cols) * W + left, (i // cols) * H + top
+        x1, y1 = (i % cols + 1) * W - right, (i // cols + 1) * H - bottom
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
+        lo, hi = lo - pad, hi + pad
+        xy = [(x0 + (x1 - x0) * s / s_max, y1 - (y1 - y0) * (v - lo) / (hi - lo)) for s, v in pts]
+        draw.rectangle([x0, y0, x1, y1], outline=(190, 190, 190))
+        draw.text((x0, y0 - 14), name, fill='black')
+        draw.text((x0 - left + 2, y0), f"{hi - pad:.3g}", fill=(90, 90, 90))
+        draw.text((x0 - left + 2, y1 - 10), f"{lo + pad:.3g}", fill=(90, 90, 90))
+        draw.text((x0, y1 + 2), '0', fill=(90, 90, 90))
+        draw.text(((x0 + x1) / 2 - 12, y1 + 2), 'step', fill=(90, 90, 90))
+        draw.text((x1 - 6 * len(str(s_max)), y1 + 2), str(s_max), fill=(90, 90, 90))
+        colour = (200, 60, 30) if name.startswith('eval') else (30, 90, 200)
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy if name.startswith('eval') or len(xy) == 1 else ():
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    save_png(np.asarray(img), path)
 
 
 def summary(title, values):

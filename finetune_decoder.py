@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import data
 import eval as ev
 from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, claim_out_dir,
-                    learning_rate_at, load_state, maybe_compile, pick_device, save_grid, save_state,
-                    set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
+                    learning_rate_at, load_state, maybe_compile, pick_device, save_curves, save_grid,
+                    save_state, set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, count_params, discriminator_step, g_loss_vanilla, load_sr_chain,
@@ -145,6 +145,7 @@ d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_b
 state = dict(decoder=decoder, disc=disc, optimizer=optimizer, d_optimizer=d_optimizer, sampler=sampler,
              topk_gen=topk_gen)
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
+history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 train_decoder = maybe_compile(decoder, compile, device)
@@ -193,9 +194,11 @@ while True:
     if step % eval_interval == 0 or done:
         metrics = evaluate(f'{step:06d}')
         log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        history['eval'].append(dict(step=step, **metrics))
+        save_curves(history, os.path.join(out_dir, 'curves.png'))
         if step > 0 or done:
             save_state(ckpt_path, state, 'decoder', config=config, step=step, minutes=minutes(),
-                       metrics=metrics, **chain)
+                       metrics=metrics, history=history, **chain)
     if done:
         break
 
@@ -234,8 +237,10 @@ while True:
     imgs_since_log += B
     if step % log_interval == 0:
         dt = time.time() - t_log
-        log(f"step {step} | loss {loss.item():.4f} l1 {l1.item():.4f} lpips {lp.item():.4f} "
-            f"g {g.item():.4f} d {d.item():.4f} not-top1 {flipped.item():.3f} | rate {rate:.2e} | "
+        parts = {'loss': loss, 'l1': l1, 'lpips': lp, 'g': g, 'd': d, 'not-top1': flipped}
+        parts = {k: v.item() for k, v in parts.items()}
+        history['train'].append(dict(step=step, **parts, rate=rate))
+        log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
             f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 

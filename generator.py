@@ -30,8 +30,9 @@ import torch.nn.functional as F
 import data
 import eval as ev
 from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, claim_out_dir,
-                    learning_rate_at, load_checkpoint, load_state, maybe_compile, pick_device, save_grid,
-                    save_state, set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
+                    learning_rate_at, load_checkpoint, load_state, maybe_compile, pick_device, save_curves,
+                    save_grid, save_state, set_learning_rate, setting_problems, stop_if_diverged, summary,
+                    write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
@@ -188,6 +189,7 @@ trainable = [p for g in optimizer.param_groups for p in g['params']]
 state = dict(generator=generator, prior_lora=LoRAWeights(prior), disc=disc, optimizer=optimizer,
              d_optimizer=d_optimizer, sampler=sampler)
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
+history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 train_gen = maybe_compile(generator, compile, device)
@@ -238,10 +240,12 @@ while True:
     if step % eval_interval == 0 or done:
         metrics = evaluate(f'{step:06d}')
         log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        history['eval'].append(dict(step=step, **metrics))
+        save_curves(history, os.path.join(out_dir, 'curves.png'))
         if step > 0 or done:
             save_state(ckpt_path, state, 'generator', model_args=model_args, prior_args=prior_args, config=config,
                        tok_ckpt=os.path.abspath(tok_ckpt), tok_model_args=asdict(tcfg), tok_step=tok_step,
-                       step=step, minutes=minutes(), metrics=metrics)
+                       step=step, minutes=minutes(), metrics=metrics, history=history)
     if done:
         break
 
@@ -289,11 +293,12 @@ while True:
     imgs_since_log += B
     if step % log_interval == 0:
         dt = time.time() - t_log
-        acc = (logits.detach().argmax(-1) == q_hr).float().mean().item()
-        log(f"step {step} | loss {loss.item():.4f} ce {ce.item():.4f} repa {repa.item():.4f} "
-            f"l1 {l1.item():.4f} lpips {lp.item():.4f} g {g.item():.4f} d {d.item():.4f} acc {acc:.3f} | "
-            f"rate {rate:.2e} | {1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | "
-            f"{minutes():.1f} min")
+        acc = (logits.detach().argmax(-1) == q_hr).float().mean()
+        parts = dict(loss=loss, ce=ce, repa=repa, l1=l1, lpips=lp, g=g, d=d, acc=acc)
+        parts = {k: v.item() for k, v in parts.items()}
+        history['train'].append(dict(step=step, **parts, rate=rate))
+        log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
+            f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 
 final = dict(metrics, bicubic_psnr_y=ref['bicubic_psnr_y'], bicubic_ssim_y=ref['bicubic_ssim_y'],

@@ -26,8 +26,8 @@ import torch
 import data
 import eval as ev
 from common import (Logger, Timer, autocast_ctx, checkpoint_to_resume, claim_out_dir, learning_rate_at,
-                    load_state, maybe_compile, pick_device, save_grid, save_state, set_learning_rate,
-                    setting_problems, stop_if_diverged, summary, write_json)
+                    load_state, maybe_compile, pick_device, save_curves, save_grid, save_state,
+                    set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, adaptive_gan_weight, config_from_settings,
@@ -154,6 +154,7 @@ ema = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
 state = dict(model=model, disc=disc, optimizer=optimizer, d_optimizer=d_optimizer, sampler=sampler,
              mask_gen=mask_gen, **({'ema': ema} if ema is not None else {}))
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
+history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 train_model = maybe_compile(model, compile, device)
@@ -206,9 +207,11 @@ while True:
         log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items())
             + ' | usage ' + ' '.join(f"{u:.2f}" for u in use.tolist())
             + ' | ppl ' + ' '.join(f"{p:.0f}" for p in ppl.tolist()))
+        history['eval'].append(dict(step=step, **metrics))
+        save_curves(history, os.path.join(out_dir, 'curves.png'))
         if step > 0 or done:
             save_state(ckpt_path, state, 'tokenizer', model_args=model_args, config=config, step=step,
-                       minutes=minutes(), metrics=metrics)
+                       minutes=minutes(), metrics=metrics, history=history)
     if done:
         break
 
@@ -250,8 +253,10 @@ while True:
     imgs_since_log += B
     if step % log_interval == 0:
         dt = time.time() - t_log
-        log(f"step {step} | loss {loss.item():.4f} l1 {l1.item():.4f} lpips {lp.item():.4f} "
-            f"commit {commit.item():.4f} g {g.item():.4f} d {d.item():.4f} | rate {rate:.2e} | "
+        parts = dict(loss=loss, l1=l1, lpips=lp, commit=commit, g=g, d=d)
+        parts = {k: v.item() for k, v in parts.items()}
+        history['train'].append(dict(step=step, **parts, rate=rate))
+        log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
             f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 

@@ -98,6 +98,9 @@ def check_exact_resume():
         a = torch.load(straight / 'ckpt.pt', weights_only=False)
         b = torch.load(split / 'ckpt.pt', weights_only=False)
         assert a['step'] == b['step'] == 2 * n
+        # the curves' numbers survive the resume: the same losses and rates, one more evaluation (at n)
+        assert a['history']['train'] == b['history']['train'] and len(a['history']['train']) == 2 * n
+        assert [h['step'] for h in b['history']['eval']] == [0, n, 2 * n]
         assert not (straight / 'lock').exists() and not (split / 'lock').exists()  # released at exit
         for part in parts:
             assert a[part].keys() == b[part].keys() and a[part], part

@@ -1,6 +1,6 @@
 """Nothing is lost: one run per out_dir (a lock holding its PID), no silent replacement of a
 checkpoint, an append-only log, stale temp files removed, failed writes that keep the old file and
-say why. Stage scripts run as subprocesses on tiny settings."""
+say why, and the training curves. Stage scripts run as subprocesses on tiny settings."""
 import errno
 import io
 import os
@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import common
 from conftest import GEN_TINY, TOK_TINY
@@ -87,7 +89,7 @@ def test_a_new_run_takes_over_what_a_killed_run_left(tiny_val, run_script, tmp_p
     assert f"removed 2 temp file(s) of killed runs: .ckpt.pt.tmp{dead} .samples_000000.png.tmp{dead}" in log
     assert f"overwrite=True: {out / 'ckpt.pt'} of an earlier run is replaced" in log and 'overwrite' in p.stdout
     assert torch.load(out / 'ckpt.pt', weights_only=False)['step'] == 1
-    assert sorted(os.listdir(out)) == sorted([alive.name, 'ckpt.pt', 'log.txt', 'samples_000000.png',
+    assert sorted(os.listdir(out)) == sorted([alive.name, 'ckpt.pt', 'curves.png', 'log.txt', 'samples_000000.png',
                                               'samples_000000.txt', 'samples_000001.png', 'samples_000001.txt',
                                               'summary.json'])  # the lock is gone at exit, so are the temp files
     assert alive.read_bytes() == b'being written'
@@ -170,3 +172,20 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_last_checkpoint(tmp_path
     assert path.read_bytes() == before and os.listdir(tmp_path) == ['ckpt.pt']
     monkeypatch.undo()
     assert common.load_checkpoint(str(path), kind='tokenizer')['step'] == 1
+
+# ----------------------------------------------------------------------------- training curves
+
+
+def test_curves_draw_one_panel_per_number_against_steps(tmp_path):
+    history = dict(train=[dict(step=s, loss=1.0 / s, rate=1e-3) for s in range(1, 41)],
+                   eval=[dict(step=s, psnr_y=20.0 + s, bad=float('nan')) for s in (0, 20, 40)])
+    common.save_curves(history, str(tmp_path / 'curves.png'))
+    img = np.asarray(Image.open(tmp_path / 'curves.png').convert('RGB')).astype(int)
+    assert img.shape == (150, 4 * 260, 3)  # three panels (train loss, train rate, eval psnr_y): one row
+    for panel, falls in ((0, True), (2, False)):  # the loss falls, the metric rises, left to right
+        blue_or_red = (abs(img[..., 0] - img[..., 2]) > 100) & (img[..., 1] < 120)
+        ys, xs = np.nonzero(blue_or_red[:, panel * 260:(panel + 1) * 260])
+        first, last = ys[xs == xs.min()].mean(), ys[xs == xs.max()].mean()
+        assert (first < last) == falls, (panel, first, last)  # image rows grow downwards
+    common.save_curves(dict(train=[], eval=[]), str(tmp_path / 'none.png'))
+    assert not (tmp_path / 'none.png').exists()

@@ -64,7 +64,7 @@ def test_smoke_and_exact_resume(check_exact_resume, tmp_path):
     EMA copy of the weights included."""
     out, _ = check_exact_resume('tokenizer.py', TINY + ['--ema_decay=0.9'], tmp_path, 3, ('model', 'disc', 'ema'))
     assert 'r_psnr_y:' in out and 'code_usage_min:' in out and 'prefix_psnr_k1:' in out
-    for f in ('ckpt.pt', 'log.txt', 'summary.json', 'samples_000000.png', 'samples_000006.png'):
+    for f in ('ckpt.pt', 'log.txt', 'curves.png', 'summary.json', 'samples_000000.png', 'samples_000006.png'):
         assert (tmp_path / 'straight' / f).is_file(), f
 
 
