@@ -1,21 +1,26 @@
 """
 The few pieces of training plumbing every stage script shares: device and dtype selection, the
 learning-rate schedule, the checkpoint of a stage's declared state (exact resume), one atomic
-writer for every file, a log file, PNG sample grids and the final summary block. Kept deliberately
-small; everything model-specific lives in model.py.
+writer for every file, the claim of an out_dir (lock, no silent replacement), a log file, PNG
+sample grids, training curves and the final summary block. Kept deliberately small; everything
+model-specific lives in model.py.
 """
+import atexit
 import contextlib
+import errno
 import json
 import math
 import os
 import random
+import re
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def pick_device(device='auto'):
@@ -97,18 +102,35 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
+# why a write failed, for the errors a user can fix (space, permission); any other error is raised
+WRITE_ERRORS = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded',
+                errno.EACCES: 'permission denied', errno.EPERM: 'permission denied',
+                errno.EROFS: 'read-only file system'}
+
+
 def atomic_write(path, write):
-    """Every file the project writes goes through here: write(tmp) fills a hidden temp file in the
-    same folder, which then replaces `path` in one rename, so a crash or a kill leaves either the
-    old file or the new one, never a torn one (and no temp file when write raises)."""
+    """Every file the project writes goes through here: write(tmp) fills a hidden temp file
+    (.NAME.tmpPID) in the same folder, which then replaces `path` in one rename, so a crash or a
+    kill leaves either the old file or the new one, never a torn one. When write fails the temp
+    file is removed and the old file stays as it was; lack of space or permission ends the program
+    with one line naming the path. Writers write through Python file objects, so a full disk raises
+    OSError(ENOSPC) (torch.save(obj, path) would only say 'unexpected pos ...')."""
     folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f'.{name}.tmp{os.getpid()}')
     try:
+        os.makedirs(folder, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:
+        cause = e  # torch.save reports a failed write of its file as a RuntimeError raised while handling it
+        while cause is not None and getattr(cause, 'errno', None) not in WRITE_ERRORS:
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        sys.exit(f"error: cannot write '{path}': {WRITE_ERRORS[cause.errno]} (nothing was replaced; "
+                 f"the temp file is removed)")
     finally:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.remove(tmp)
 
 
@@ -159,7 +181,11 @@ def save_state(path, state, kind, **values):
     if clash:
         raise ValueError(f"save_state: {sorted(clash)} named both as state and as a value")
     ckpt.update(values, rng=rng_state(), kind=kind, format=CHECKPOINT_FORMAT)
-    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:  # a Python file, so a full disk is reported as such (atomic_write)
+            torch.save(ckpt, f)
+    atomic_write(path, write)
 
 
 def checkpoint_to_resume(out_dir, init_from, kind, **expected):
@@ -225,15 +251,104 @@ def unwrap(model):
     return getattr(model, '_orig_mod', model)
 
 
-class Logger:
-    """Prints and appends to out_dir/log.txt; the first lines record the command and the config."""
+def _pid_alive(pid):
+    """Whether a process with this PID runs here. Our own PID does not count: a file that holds it
+    was left by an earlier process that had the same PID (a restarted container)."""
+    if not pid or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
 
-    def __init__(self, out_dir, config, resume=False):
+
+def _lock_holder(lock):
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open(lock) as f:
+            return int(f.read().split()[0])
+    return None
+
+
+def _release_lock(lock):
+    if _lock_holder(lock) == os.getpid():
+        with contextlib.suppress(OSError):
+            os.remove(lock)
+
+
+def _exit_on_sigterm(signum, frame):
+    print("error: stopped by SIGTERM (out_dir keeps its last checkpoint, if one was saved: resume with "
+          "--init_from=resume)", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)  # unwinds like an error: temp files and the lock are removed on the way
+
+
+def claim_out_dir(out_dir, init_from, overwrite):
+    """Make out_dir this run's own before any work; -> notes for the log.
+    - A lock file out_dir/lock holding this process's PID refuses a second run on the same folder at
+      once, naming the PID that holds it; a lock whose process no longer runs (a kill -9) is taken over.
+    - A scratch run never replaces the ckpt.pt of an earlier run, unless overwrite.
+    - Temp files of writers that were killed (.NAME.tmpPID, see atomic_write) are removed.
+    The lock is removed at exit: normal end, error, exception, Ctrl-C or SIGTERM."""
+    from configurator import fail
+    notes, lock = [], os.path.join(out_dir, 'lock')
+    tmp = os.path.join(out_dir, f'.lock.tmp{os.getpid()}')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(tmp, 'w') as f:
+            f.write(f'{os.getpid()}\n')
+    except OSError as e:  # e.g. a path under a file, no permission, a full disk
+        fail(f"cannot create or write in out_dir '{out_dir}': {e.strerror}")
+    try:
+        while True:
+            try:
+                os.link(tmp, lock)  # atomic, fails if a lock exists; never a lock without its PID
+                break
+            except FileExistsError:
+                holder = _lock_holder(lock)
+                if _pid_alive(holder):
+                    sys.exit(f"error: out_dir '{out_dir}' is in use by another run (PID {holder} holds "
+                             f"{lock}): wait for it to end or choose another --out_dir (delete the lock "
+                             f"only if PID {holder} is not a training run)")
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(lock)
+                notes.append(f"took over the lock {lock} of PID {holder}, which no longer runs")
+    finally:
+        os.remove(tmp)
+    atexit.register(_release_lock, lock)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)  # Ctrl-C already unwinds (KeyboardInterrupt)
+    ckpt = os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'scratch' and os.path.exists(ckpt):
+        if not overwrite:
+            fail(f"{ckpt} holds an earlier run, which a scratch run would replace: continue it with "
+                 f"--init_from=resume, choose another --out_dir, or pass --overwrite=True")
+        notes.append(f"overwrite=True: {ckpt} of an earlier run is replaced at the first checkpoint")
+    stale = [f for f in sorted(os.listdir(out_dir))
+             if (m := re.fullmatch(r'\..+\.tmp(\d+)', f)) and not _pid_alive(int(m[1]))]
+    for f in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, f))
+    if stale:
+        notes.append(f"removed {len(stale)} temp file(s) of killed runs: {' '.join(stale)}")
+    return notes
+
+
+class Logger:
+    """Prints and appends to out_dir/log.txt, never truncating it (a resumed run, or a new one with
+    --overwrite=True, adds to the log of the runs before). Each run's first lines record the date,
+    the command, the config and `notes` (claim_out_dir's)."""
+
+    def __init__(self, out_dir, config, notes=()):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, 'log.txt')
-        self.f = open(self.path, 'a' if resume else 'w')
+        self.f = open(self.path, 'a')
+        self(f"run started {time.strftime('%Y-%m-%d %H:%M:%S')}, PID {os.getpid()}")
         self('command: ' + ' '.join([os.path.basename(sys.executable)] + sys.argv))
         self('config: ' + json.dumps(config, sort_keys=True, default=str))
+        for note in notes:
+            self(note)
 
     def __call__(self, msg):
         print(msg, flush=True)
@@ -266,6 +381,46 @@ def save_png(img, path):
     if torch.is_tensor(img):
         img = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     atomic_write(path, lambda tmp: Image.fromarray(img).save(tmp, format='PNG'))
+
+
+def save_curves(history, path):
+    """curves.png: one small panel per logged number against the step: the training loss parts and
+    the learning rate (history['train'], every log_interval) and the evaluation metrics
+    (history['eval']); each panel spans its series' min..max, printed at the left. PIL only."""
+    series = []
+    for kind in ('train', 'eval'):
+        for key in dict.fromkeys(k for h in history[kind] for k in h if k != 'step'):  # in first-seen order
+            pts = [(h['step'], h[key]) for h in history[kind]
+                   if isinstance(h.get(key), (int, float)) and math.isfinite(h[key])]
+            if pts:
+                series.append((f"{kind} {key}", pts))
+    if not series:
+        return
+    cols, W, H = 4, 260, 150                    # panels per row, panel size in pixels
+    left, top, right, bottom = 52, 16, 10, 18   # margins inside a panel
+    img = Image.new('RGB', (cols * W, -(-len(series) // cols) * H), 'white')
+    draw = ImageDraw.Draw(img)
+    s_max = max(max(s for s, _ in pts) for _, pts in series) or 1  # one step axis for every panel
+    for i, (name, pts) in enumerate(series):
+        x0, y0 = (i % cols) * W + left, (i // cols) * H + top
+        x1, y1 = (i % cols + 1) * W - right, (i // cols + 1) * H - bottom
+        lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+        pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
+        lo, hi = lo - pad, hi + pad
+        xy = [(x0 + (x1 - x0) * s / s_max, y1 - (y1 - y0) * (v - lo) / (hi - lo)) for s, v in pts]
+        draw.rectangle([x0, y0, x1, y1], outline=(190, 190, 190))
+        draw.text((x0, y0 - 14), name, fill='black')
+        draw.text((x0 - left + 2, y0), f"{hi - pad:.3g}", fill=(90, 90, 90))
+        draw.text((x0 - left + 2, y1 - 10), f"{lo + pad:.3g}", fill=(90, 90, 90))
+        draw.text((x0, y1 + 2), '0', fill=(90, 90, 90))
+        draw.text(((x0 + x1) / 2 - 12, y1 + 2), 'step', fill=(90, 90, 90))
+        draw.text((x1 - 6 * len(str(s_max)), y1 + 2), str(s_max), fill=(90, 90, 90))
+        colour = (200, 60, 30) if name.startswith('eval') else (30, 90, 200)
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for x, y in xy if name.startswith('eval') or len(xy) == 1 else ():
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    save_png(np.asarray(img), path)
 
 
 def summary(title, values):

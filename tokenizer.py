@@ -25,9 +25,9 @@ import torch
 
 import data
 import eval as ev
-from common import (Logger, Timer, autocast_ctx, checkpoint_to_resume, learning_rate_at, load_checkpoint,
-                    load_state, maybe_compile, pick_device, save_grid, save_state, set_learning_rate,
-                    setting_problems, stop_if_diverged, summary, write_json)
+from common import (Logger, Timer, autocast_ctx, checkpoint_to_resume, claim_out_dir, learning_rate_at,
+                    load_checkpoint, load_state, maybe_compile, pick_device, save_curves, save_grid, save_state,
+                    set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, adaptive_gan_weight, config_from_settings,
@@ -40,6 +40,7 @@ from wavelets import lowpass  # prefix-decode targets at eval
 out_dir = 'out/tokenizer'
 init_from = 'scratch'     # 'scratch' | 'resume' (from out_dir/ckpt.pt: weights, optimizers, RNG, data)
                           # | PATH of a tokenizer ckpt.pt to fine-tune (its weights; optimizer and step anew)
+overwrite = False         # True: a scratch run may replace an earlier run's out_dir/ckpt.pt (else refused)
 eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkpoint)
 log_interval = 10         # steps between log lines
 max_iters = 2000          # total optimizer steps
@@ -146,12 +147,12 @@ try:  # validates G | C, K >= 2, head sizes ... before any data is loaded
 except ValueError as e:
     fail(f"tokenizer.py: {e}")
 model_args = asdict(tcfg)
+notes = claim_out_dir(out_dir, init_from, overwrite)  # lock, no silent replacement, old temp files
 if threads:
     torch.set_num_threads(threads)
 device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
 torch.manual_seed(seed)
-os.makedirs(out_dir, exist_ok=True)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'tokenizer', model_args=model_args)
 msrq = quantizer == 'msrq'
 if init_from not in ('scratch', 'resume'):  # fine-tuning: the weights of another run, same model
@@ -162,12 +163,15 @@ if init_from not in ('scratch', 'resume'):  # fine-tuning: the weights of anothe
     if init['model_args'] != model_args:
         diff = {k: (init['model_args'].get(k), v) for k, v in model_args.items() if init['model_args'].get(k) != v}
         fail(f"tokenizer.py: --init_from={init_from} has other model settings (saved, now): {diff}")
-log = Logger(out_dir, config, resume=ckpt is not None)
+log = Logger(out_dir, config, notes)
 
 # data: HR crops only (the tokenizer never sees LR images)
-sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
-                           deg_cfg=DegradeConfig(mode='none'))
-val = data.load_val_pairs(val_dir)
+try:
+    sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
+                               deg_cfg=DegradeConfig(mode='none'))
+    val = data.load_val_pairs(val_dir)
+except ValueError as e:  # a missing or incomplete folder
+    fail(f"tokenizer.py: {e}")
 val_hr = val['hr']                                              # (N, 3, 256, 256) in [0, 1]
 if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
     fail(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of patch={patch}")
@@ -188,6 +192,7 @@ ema = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
 state = dict(model=model, disc=disc, optimizer=optimizer, d_optimizer=d_optimizer, sampler=sampler,
              mask_gen=mask_gen, **({'ema': ema} if ema is not None else {}))
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
+history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 train_model = maybe_compile(model, compile, device)
@@ -285,9 +290,11 @@ while True:
         log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items())
             + f" | usage per {'step, all steps' if msrq else 'group'} " + ' '.join(f"{u:.2f}" for u in use.tolist())
             + ' | ppl ' + ' '.join(f"{p:.0f}" for p in ppl.tolist()))
+        history['eval'].append(dict(step=step, **metrics))
+        save_curves(history, os.path.join(out_dir, 'curves.png'))
         if step > 0 or done:
             save_state(ckpt_path, state, 'tokenizer', model_args=model_args, config=config, step=step,
-                       minutes=minutes(), metrics=metrics)
+                       minutes=minutes(), metrics=metrics, history=history)
     if done:
         break
 
@@ -329,8 +336,10 @@ while True:
     imgs_since_log += B
     if step % log_interval == 0:
         dt = time.time() - t_log
-        log(f"step {step} | loss {loss.item():.4f} l1 {l1.item():.4f} l2 {l2.item():.4f} lpips {lp.item():.4f} "
-            f"commit {commit.item():.4f} g {g.item():.4f} d {d.item():.4f} | rate {rate:.2e} | "
+        parts = dict(loss=loss, l1=l1, l2=l2, lpips=lp, commit=commit, g=g, d=d)
+        parts = {k: v.item() for k, v in parts.items()}
+        history['train'].append(dict(step=step, **parts, rate=rate))
+        log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
             f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 

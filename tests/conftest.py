@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny trained checkpoint chain made by the stage scripts themselves (2 steps
 each, 1 thread), on two of the real validation pairs, built once per test session."""
+import json
 import shutil
 import subprocess
 import sys
@@ -48,16 +49,19 @@ def run_script():
 
 @pytest.fixture(scope='session')
 def tiny_val(tmp_path_factory):
-    """Two of the fixed validation pairs (hr, lr, lr_bicubic) in a folder of their own."""
+    """Two of the fixed validation pairs (hr, lr, lr_bicubic) in a folder of their own, with a
+    manifest that lists those two."""
     tmp = tmp_path_factory.mktemp('val')
     src = ROOT / 'assets' / 'val_pairs'
-    names = sorted(p.name for p in (src / 'hr').glob('*.png'))[:2]
-    if len(names) < 2:
+    if not (src / 'manifest.json').is_file():
         pytest.skip('validation pairs missing: run `python data.py`')
+    manifest = json.loads((src / 'manifest.json').read_text())
+    manifest['names'] = manifest['names'][:2]
     for kind in ('hr', 'lr', 'lr_bicubic'):
         (tmp / kind).mkdir()
-        for n in names:
-            shutil.copy(src / kind / n, tmp / kind / n)
+        for n in manifest['names']:
+            shutil.copy(src / kind / f'{n}.png', tmp / kind / f'{n}.png')
+    (tmp / 'manifest.json').write_text(json.dumps(manifest))
     return tmp
 
 
@@ -94,6 +98,10 @@ def check_exact_resume():
         a = torch.load(straight / 'ckpt.pt', weights_only=False)
         b = torch.load(split / 'ckpt.pt', weights_only=False)
         assert a['step'] == b['step'] == 2 * n
+        # the curves' numbers survive the resume: the same losses and rates, one more evaluation (at n)
+        assert a['history']['train'] == b['history']['train'] and len(a['history']['train']) == 2 * n
+        assert [h['step'] for h in b['history']['eval']] == [0, n, 2 * n]
+        assert not (straight / 'lock').exists() and not (split / 'lock').exists()  # released at exit
         for part in parts:
             assert a[part].keys() == b[part].keys() and a[part], part
             for key, value in a[part].items():

@@ -303,6 +303,30 @@ def test_val_pairs_deterministic_and_idempotent(tmp_path):
         data.load_val_pairs(str(tmp_path / 'nowhere'))
 
 
+def test_unfinished_or_incomplete_val_pairs_are_refused(tmp_path, run_script):
+    src, v = tmp_path / 'src', tmp_path / 'v'
+    src.mkdir()
+    for i in range(3):
+        write_png(src / f'p{i}.png', 64, 64, seed=i)
+    data.build_val_pairs(str(src), str(v), crop=64, seed=0)
+    files = sorted(str(p.relative_to(v)) for p in v.rglob('*'))
+    (v / 'lr' / 'p1.png').rename(tmp_path / 'p1.png')  # a pair without its LR
+    with pytest.raises(ValueError) as e:
+        data.load_val_pairs(str(v))
+    assert f"validation pairs in '{v}' are incomplete: 1 of the 9 files its manifest lists are missing " \
+           f"(lr/p1.png)" in str(e.value) and 'python data.py' in str(e.value)
+    p = run_script('eval.py', ['--sr=bicubic', f'--val_dir={v}', f'--out_json={tmp_path / "e.json"}'], check=False)
+    assert p.returncode != 0 and 'lr/p1.png' in p.stderr and 'Traceback' not in p.stderr, p.stderr
+    assert not (tmp_path / 'e.json').exists()
+    (tmp_path / 'p1.png').rename(v / 'lr' / 'p1.png')
+    (v / 'manifest.json').rename(tmp_path / 'manifest.json')  # a build killed before its manifest
+    with pytest.raises(ValueError, match=f"validation pairs in '{v}' have no manifest.json"):
+        data.load_val_pairs(str(v))
+    (tmp_path / 'manifest.json').rename(v / 'manifest.json')
+    assert sorted(str(p.relative_to(v)) for p in v.rglob('*')) == files  # refusing changed nothing
+    assert data.load_val_pairs(str(v))['names'] == ['p0', 'p1', 'p2']
+
+
 @pytest.mark.skipif(not os.path.exists('/usr/share/backgrounds/mate/nature/Aqua.jpg'), reason='Debian photos absent')
 def test_real_photo_degrades():
     x = data.load_image('/usr/share/backgrounds/mate/nature/Aqua.jpg')

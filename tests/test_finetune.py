@@ -105,7 +105,7 @@ def test_smoke_exact_resume_frozen_mode_and_chain(tiny, tiny_val, tiny_gen, run_
         assert key in out, key
     assert 'g 0.0000 d 0.0000' not in out.split('step 3 |')[1].split('\n')[0]  # GAN on from step 2
     assert 'not-top1 0.000' not in out.split('step 1 |')[1].split('\n')[0]     # top-3 draws differ from top-1
-    for f in ('ckpt.pt', 'log.txt', 'summary.json', 'samples_000000.png', 'samples_000004.png'):
+    for f in ('ckpt.pt', 'log.txt', 'curves.png', 'summary.json', 'samples_000000.png', 'samples_000004.png'):
         assert (straight / f).is_file(), f
     # the earlier stages' files are untouched, and only the decoder moved
     assert (sha(tiny_gen), sha(tok_file)) == hashes

@@ -173,7 +173,7 @@ def test_smoke_exact_resume_and_sr_chain(tiny, tiny_val, check_exact_resume, tmp
     for key in ('psnr_y:', 'lpips_vs_bicubic:', 'bicubic_lpips:', 'token_acc_mean:', 'token_acc_g3:'):
         assert key in out, key
     assert 'g 0.0000 d 0.0000' not in out.split('step 3 |')[1].split('\n')[0]  # GAN on from step 2
-    for f in ('ckpt.pt', 'log.txt', 'summary.json', 'samples_000000.png', 'samples_000004.png'):
+    for f in ('ckpt.pt', 'log.txt', 'curves.png', 'summary.json', 'samples_000000.png', 'samples_000004.png'):
         assert (straight / f).is_file(), f
     assert any(v.abs().sum() > 0 for k, v in a['prior_lora'].items() if k.endswith('lora_B'))  # LoRA trained
     # the saved chain alone reproduces the run's final validation numbers

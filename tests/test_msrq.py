@@ -202,7 +202,7 @@ def test_plain_and_hierarchical_exact_resume(check_exact_resume, tmp_path, tiny_
 @pytest.mark.parametrize('arg, words', [
     ('--rq_steps=(1,2,4,8,12)', 'last side must be the grid side'),   # grid 128/8 = 16
     ('--rq_steps=(2,1,4,8,16)', 'strictly increasing'),
-    ('--rq_scales=(0.3,1.0)', 'scale 0.3 needs'),                     # 0.3 x 16 = 4.8 is no step side
+    ('--rq_scales=(0.25,0.75,1.0)', 'scale 0.75 needs'),              # 0.75 x 16 = 12 is no step side
     ('--rq_scales=(0.125,0.5,1.0)', 'too small for LPIPS'),           # 16 px at 1/8
 ])
 def test_bad_step_list_fails_before_training(run_script, arg, words):

@@ -64,7 +64,7 @@ def test_smoke_and_exact_resume(check_exact_resume, tmp_path):
     EMA copy of the weights included."""
     out, _ = check_exact_resume('tokenizer.py', TINY + ['--ema_decay=0.9'], tmp_path, 3, ('model', 'disc', 'ema'))
     assert 'r_psnr_y:' in out and 'code_usage_min:' in out and 'prefix_psnr_k1:' in out
-    for f in ('ckpt.pt', 'log.txt', 'summary.json', 'samples_000000.png', 'samples_000006.png'):
+    for f in ('ckpt.pt', 'log.txt', 'curves.png', 'summary.json', 'samples_000000.png', 'samples_000006.png'):
         assert (tmp_path / 'straight' / f).is_file(), f
 
 
@@ -86,6 +86,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     assert p.returncode != 0 and 'training diverged at step' in p.stderr and 'grad_norm' in p.stderr, p.stderr
     assert 'Traceback' not in p.stderr
     assert (tmp_path / 'ckpt.pt').read_bytes() == before
+    assert not (tmp_path / 'lock').exists()  # released on the way out
 
 
 @pytest.mark.parametrize('arg, words', [
