@@ -52,6 +52,7 @@ val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 
 crop_size = 256           # HR training crop side, a multiple of the tokenizer's patch
 batch_size = 8
 degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic'
+jpeg_impl = 'torch'       # the degradation's JPEG: 'torch' (batched on the device) | 'pil' (libjpeg, CPU); docs/method.md#jpeg
 # what the decoder sees (the paper's Table 5)
 mode = 'topk'             # 'frozen' (no training) | 'top1' | 'topk'
 top_k = 5                 # candidates per position and group in mode 'topk'
@@ -91,6 +92,8 @@ def check_config():
         problems.append("set max_iters > 0 or max_minutes > 0")
     if degradation not in ('realesrgan', 'bicubic'):
         problems.append(f"degradation={degradation!r} must be 'realesrgan' or 'bicubic'")
+    if jpeg_impl not in ('torch', 'pil'):
+        problems.append(f"jpeg_impl={jpeg_impl!r} must be 'torch' or 'pil'")
     for k in ('l1_weight', 'lpips_weight', 'gan_weight'):
         if globals()[k] < 0:
             problems.append(f"{k}={globals()[k]} must be >= 0 (0 disables it)")
@@ -127,7 +130,7 @@ log = Logger(out_dir, config, resume=ckpt is not None)
 
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
 sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
-                           deg_cfg=DegradeConfig(mode=degradation))
+                           deg_cfg=DegradeConfig(mode=degradation, jpeg_impl=jpeg_impl))
 val = data.load_val_pairs(val_dir)
 val_hr, val_lr = val['hr'], val['lr']                         # (N,3,256,256), (N,3,64,64)
 topk_gen = torch.Generator(device=device).manual_seed(seed + 2)  # the top-K draws, saved for resume
