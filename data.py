@@ -179,7 +179,8 @@ def build_val_pairs(src_dir, out_dir, crop=256, scale=4, seed=0, deg_cfg=None):
     JPEG is always real libjpeg (jpeg_impl ignored), so the fixed pairs never depend on the codec
     chosen for training. Skipped when the manifest (seed, crop, scale, degradation) matches and all
     files exist. Returns True when it (re)built the pairs."""
-    cfg = DegradeConfig(**{**asdict(deg_cfg or DegradeConfig()), 'scale': scale, 'usm_gt': False, 'jpeg_impl': 'pil'})
+    cfg = DegradeConfig(**{**asdict(deg_cfg or DegradeConfig()), 'scale': scale, 'usm_gt': False,
+                           'jpeg_impl': 'pil'})
     paths = list_images(src_dir)
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     deg = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != 'jpeg_impl'}  # always 'pil'

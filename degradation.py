@@ -71,7 +71,7 @@ class DegradeConfig:
     poisson_scale_range2: tuple = (0.05, 2.5)
     gray_noise_prob2: float = 0.4
     jpeg_range2: tuple = (30, 95)
-    jpeg_impl: str = 'torch'      # 'torch' (jpeg_torch: batched, on the images' device) | 'pil' (real libjpeg, CPU)
+    jpeg_impl: str = 'torch'      # 'torch' (jpeg_torch: batched, on the device) | 'pil' (libjpeg, CPU)
     # final step: p of [resize + sinc] then JPEG, else JPEG then [resize + sinc]
     resize_first_prob: float = 0.5
     # ground truth unsharp mask (BasicSR USMSharp); LR is then made from the sharpened GT
@@ -342,21 +342,23 @@ def jpeg_torch(x, quality):
     "fancy" triangle filter (= bilinear), YCbCr -> RGB; rounded and clamped wherever libjpeg keeps
     8-bit samples. Sides that are not multiples of 16 are padded by edge replication (as libjpeg
     fills its MCUs) and cropped back. x (B, 3, H, W) in [0, 1] -> (B, 3, H, W) on 8-bit levels.
-    In-place ops on the intermediates: on a CPU, allocating each one costs more than the op."""
+    Computed in float32 (the matmuls must not run in TF32 or bf16: the coefficients would cross
+    rounding boundaries); in-place ops on the intermediates, whose allocation costs a CPU more than
+    the ops themselves."""
     B, _, H, W = x.shape
     q = torch.from_numpy(jpeg_qualities(quality)).to(x.device)
     t_luma, t_chroma = jpeg_tables(q)                                     # (B, 8, 8) each
-    rgb = x.clamp(0, 1).mul_(255).round_()                                # 8-bit samples
+    rgb = x.float().clamp(0, 1).mul_(255).round_()                        # 8-bit samples
     if H % 16 or W % 16:
         rgb = F.pad(rgb, (0, -W % 16, 0, -H % 16), mode='replicate')      # (B, 3, H16, W16)
     m = _RGB_TO_YCC.to(rgb)
     ycc = (m @ rgb.flatten(2)).view(rgb.shape).round_()                  # (B, 3, H16, W16)
-    y = _code_blocks(ycc[:, :1].sub_(128), t_luma).round_().clamp_(-128, 127)   # level-shifted
+    y = _code_blocks(ycc[:, :1].sub_(128), t_luma).round_().clamp_(-128, 127)  # Y - 128; Cb, Cr are centred
     c = F.avg_pool2d(ycc[:, 1:], 2).round_()                              # (B, 2, H16/2, W16/2)
     c = _code_blocks(c, t_chroma).round_().clamp_(-128, 127)
     c = F.interpolate(c, scale_factor=2, mode='bilinear', align_corners=False).round_()
     rgb = (_CBCR_TO_RGB.to(c) @ c.flatten(2)).view(B, 3, *c.shape[-2:]).add_(y).add_(128)
-    return rgb.round_().clamp_(0, 255).div_(255)[..., :H, :W]
+    return rgb.round_().clamp_(0, 255).div_(255)[..., :H, :W].to(x.dtype)
 
 
 def jpeg_pil(x, quality):

@@ -52,7 +52,7 @@ val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 
 crop_size = 256           # HR training crop side, a multiple of the tokenizer's patch
 batch_size = 8
 degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic'
-jpeg_impl = 'torch'       # the degradation's JPEG: 'torch' (batched on the device) | 'pil' (libjpeg, CPU); docs/method.md#jpeg
+jpeg_impl = 'torch'       # its JPEG (docs/method.md#jpeg): 'torch' (batched, on the device) | 'pil' (libjpeg)
 # what the decoder sees (the paper's Table 5)
 mode = 'topk'             # 'frozen' (no training) | 'top1' | 'topk'
 top_k = 5                 # candidates per position and group in mode 'topk'

@@ -55,7 +55,7 @@ val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 
 crop_size = 256           # HR training crop side, a multiple of patch (LR crop = crop_size / 4)
 batch_size = 8
 degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic' (clean LR, easier)
-jpeg_impl = 'torch'       # the degradation's JPEG: 'torch' (batched on the device) | 'pil' (libjpeg, CPU); docs/method.md#jpeg
+jpeg_impl = 'torch'       # its JPEG (docs/method.md#jpeg): 'torch' (batched, on the device) | 'pil' (libjpeg)
 # model: the fields of model.GeneratorConfig (docs/method.md#generator); groups, codebook_size
 # and scale come from the tokenizer, feat_dim and pooled_dims from the prior
 patch = 16                # HR pixels per token side; must equal the tokenizer's

@@ -177,8 +177,8 @@ def test_code_blocks_against_a_per_block_dct_loop():
                         s = sum(f[i][j] * cos[v][i] * cos[u][j] for i in range(8) for j in range(8))
                         qv = float(table[b, v, u])
                         fq[v][u] = round(0.25 * c[v] * c[u] * s / qv) * qv
-                want = [[sum(0.25 * c[v] * c[u] * fq[v][u] * cos[v][i] * cos[u][j] for v in range(8) for u in range(8))
-                         for j in range(8)] for i in range(8)]
+                want = [[sum(0.25 * c[v] * c[u] * fq[v][u] * cos[v][i] * cos[u][j]
+                              for v in range(8) for u in range(8)) for j in range(8)] for i in range(8)]
                 torch.testing.assert_close(got[b, 0, by:by + 8, bx:bx + 8], torch.tensor(want, dtype=x.dtype),
                                            rtol=0, atol=1e-9)
 
