@@ -1,10 +1,18 @@
 """
 Small benchmarks, one function per mode, one grep-able number each:
 
-    python bench.py --mode=degrade --batch_size=16 --device=cuda
+    python bench.py --mode=degrade --batch_size=16 --device=cuda --jpeg_impl=torch
+    python bench.py --mode=generator --device=cpu
     python bench.py --mode=tokenizer --tok_config=config/tokenizer_paper.py --device=cuda
     python bench.py --mode=sr --tok_config=config/tokenizer_paper.py --gen_config=config/generator_paper.py
 
+degrade mode times degradation.degrade on a batch of training crops already on the device, with
+the JPEG of jpeg_impl ('torch': batched on the device; 'pil': libjpeg on the CPU, per image).
+generator mode times one full stage-2 training step of gen_config on a tokenizer of tok_config
+(tokenizer targets, prior + LoRA, generator, model.generator_losses, backward, AdamW; + the
+discriminator step with --gen_gan=True) three ways: the data alone (data.PairSampler: crops, host
+-> device, degradation), the step on a fresh batch from the sampler (what generator.py does) and
+the step on one pre-made batch; the difference of the last two is what the data costs the step.
 tokenizer mode times one full stage-1 training step (encode, grouped VQ, decode, L1 + LPIPS +
 commitment, backward, AdamW; + discriminator and GAN terms with --tok_gan=True) on random crops
 of the config's size, so it measures the model, not the data pipeline.
@@ -25,12 +33,12 @@ import eval as ev
 from common import autocast_ctx, maybe_compile, peak_flops, pick_device
 from degradation import DegradeConfig, degrade
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
-                   config_from_settings, count_params, flops_per_image, g_loss_hinge, hinge_d_loss,
-                   resize_image, super_resolve)
+                   config_from_settings, count_params, discriminator_step, flops_per_image, g_loss_hinge,
+                   generator_losses, hinge_d_loss, param_groups, resize_image, super_resolve, vanilla_d_loss)
 from prior import build_sr_prior
 
 # -----------------------------------------------------------------------------
-mode = 'degrade'            # degrade | tokenizer
+mode = 'degrade'            # degrade | generator | tokenizer | sr
 device = 'auto'             # auto | cpu | cuda | mps
 threads = 0                 # torch CPU threads; 0 = torch's default
 seed = 0
@@ -41,13 +49,16 @@ batch_size = 8              # HR crops per degrade() call
 crop = 256                  # HR crop side (LR side = crop / 4)
 image_dir = 'assets/images/train'  # prepared by `python data.py`
 deg_mode = 'realesrgan'     # realesrgan | bicubic
+jpeg_impl = 'torch'         # the degradation's JPEG (degrade and generator modes): torch | pil
 # tokenizer mode: tokenizer.py's settings with this config file applied (model sizes, crop, batch)
 tok_config = 'config/tokenizer_tiny.py'
 tok_gan = False             # include the discriminator step and the GAN term
 dtype = 'auto'              # auto (bf16 on capable GPUs) | float32 | bfloat16
 compile = False             # torch.compile the tokenizer / generator (CUDA only)
-# sr mode: the chain of tok_config + gen_config (generator.py's settings with it applied)
+# sr and generator modes: the chain of tok_config + gen_config (generator.py's settings with it
+# applied: model sizes; for generator mode also crop, batch, degradation, loss weights)
 gen_config = 'config/generator_tiny.py'
+gen_gan = False             # generator mode: include the GAN term and the discriminator step
 sr_sizes = (64, 128)        # LR 64 -> HR 256 and LR 128 -> HR 512
 from configurator import configure, fail, script_settings
 config = configure(globals())
@@ -68,7 +79,7 @@ def hr_batch(gen):
 def bench_degrade(dev):
     gen = torch.Generator().manual_seed(seed)
     hr = hr_batch(gen).to(dev)
-    cfg = DegradeConfig(mode=deg_mode)
+    cfg = DegradeConfig(mode=deg_mode, jpeg_impl=jpeg_impl)
 
     def step():
         _, lr = degrade(hr, cfg, gen)
@@ -83,8 +94,8 @@ def bench_degrade(dev):
         step()
     dt = time.perf_counter() - t0
     pairs = iters * batch_size
-    print(f"degrade: {pairs} pairs of {crop}x{crop} -> {crop // 4}x{crop // 4} ({deg_mode}) on {dev}, "
-          f"batch {batch_size}")
+    print(f"degrade: {pairs} pairs of {crop}x{crop} -> {crop // 4}x{crop // 4} ({deg_mode}, jpeg {jpeg_impl}) "
+          f"on {dev}, batch {batch_size}")
     print(f"degrade_pairs_per_s: {pairs / dt:.1f}")
     print(f"degrade_ms_per_pair: {1000 * dt / pairs:.2f}")
 
@@ -150,8 +161,10 @@ def bench_tokenizer(dev):
     print(f"mfu: {flops / peak:.3f}" if peak else "mfu: n/a (no datasheet peak for this device)")
 
 
-@torch.no_grad()
-def bench_sr(dev):
+def build_chain(dev):
+    """The tokenizer, generator and prior of tok_config + gen_config on dev, built as generator.py
+    builds them (random tokenizer and generator weights: the time does not depend on them; the
+    prior has its ImageNet weights) -> (tokenizer, generator, prior or None, generator settings)."""
     tcfg = config_from_settings(TokenizerConfig, script_settings('tokenizer.py', [tok_config]))
     g = script_settings('generator.py', [gen_config])
     prior = None
@@ -159,15 +172,75 @@ def bench_sr(dev):
         prior = build_sr_prior(dict(name=g['prior_name'], feat_tap=g['prior_feat_tap'], lora_rank=g['lora_rank'],
                                     lora_alpha=g['lora_alpha']))
     else:  # as generator.py: no prior switches off what needs it
-        g.update(use_sft=False, cls_tokens='none')
+        g.update(use_sft=False, cls_tokens='none', repa_weight=0.0, lora_rank=0)
     gcfg = config_from_settings(GeneratorConfig, g, patch=tcfg.patch, scale=4, groups=tcfg.groups,
                                 codebook_size=tcfg.codebook_size, feat_dim=prior.feat_dim if prior else 0,
                                 pooled_dims=tuple(prior.pooled_dims) if prior else ())
+    tok, gen = Tokenizer(tcfg).to(dev), Generator(gcfg).to(dev)
+    return tok, gen, prior.to(dev) if prior is not None else None, g
+
+
+def bench_generator(dev):
+    tok, gen, prior, g = build_chain(dev)
+    tok.eval().requires_grad_(False)  # frozen, as in generator.py
+    crop_, batch = g['crop_size'], g['batch_size']
+    sampler = data.PairSampler(image_dir, crop_, batch, seed=seed, device=dev,
+                               deg_cfg=DegradeConfig(mode=g['degradation'], jpeg_impl=jpeg_impl))
     dt_name, ctx = autocast_ctx(dev, dtype)
-    tok = Tokenizer(tcfg).to(dev).eval()
-    gen = Generator(gcfg).to(dev).eval()
-    if prior is not None:
-        prior.to(dev).eval()
+    disc = PatchDiscriminator().to(dev).requires_grad_(False)
+    lpips_net = ev.load_lpips(dev)
+    lpips_fn = lambda x, y: ev.lpips_dist(lpips_net, x, y)
+    groups_ = param_groups(gen, g['weight_decay']) + (param_groups(prior, g['weight_decay']) if prior else [])
+    opt = torch.optim.AdamW([p for p in groups_ if p['params']], lr=g['learning_rate'], betas=g['betas'])
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=g['d_learning_rate'], betas=g['d_betas'],
+                              weight_decay=g['weight_decay'])
+    trainable = [p for group in opt.param_groups for p in group['params']]
+    fwd = maybe_compile(gen, compile, dev)
+
+    def step(hr, lr):  # generator.py's step, without logging and the schedule
+        with torch.no_grad():
+            q_hr = tok.encode(hr)[1]                  # (B, G, h, w) targets
+        with ctx:
+            loss, _, _, sr = generator_losses(g, tok, fwd, prior, lpips_fn, disc, hr, lr, q_hr, gen_gan)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, g['grad_clip'] if g['grad_clip'] > 0 else float('inf'))
+        opt.step()
+        if gen_gan:
+            discriminator_step(disc, d_opt, vanilla_d_loss, hr, sr, ctx)
+        sync(dev)
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(dev)
+        return (time.perf_counter() - t0) / iters
+
+    premade = sampler.next()                          # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
+    for _ in range(warmup_iters):
+        step(*sampler.next())
+    t_data = timed(sampler.next)
+    t_fresh = timed(lambda: step(*sampler.next()))
+    t_premade = timed(lambda: step(*premade))
+    print(f"generator: {gen_config} on {tok_config}, {count_params(gen) / 1e6:.2f}M params, batch {batch} x "
+          f"{crop_}x{crop_}, degradation {g['degradation']} (jpeg {jpeg_impl}), {dt_name}, "
+          f"compile={compile and dev.startswith('cuda')}, gan={gen_gan}, on {dev}")
+    print(f"generator_data_ms_per_batch: {1000 * t_data:.1f}")
+    print(f"generator_ms_per_iter: {1000 * t_fresh:.1f}")
+    print(f"generator_ms_per_iter_premade: {1000 * t_premade:.1f}")
+    print(f"generator_img_per_s: {batch / t_fresh:.1f}")
+    print(f"generator_img_per_s_premade: {batch / t_premade:.1f}")
+    print(f"data_share_of_step: {max(0.0, 1 - t_premade / t_fresh):.2f}")
+
+
+@torch.no_grad()
+def bench_sr(dev):
+    tok, gen, prior, _ = build_chain(dev)
+    for m in (tok, gen, prior):
+        if m is not None:
+            m.eval()
+    dt_name, ctx = autocast_ctx(dev, dtype)
     if compile and dev.startswith('cuda'):
         gen, tok.decoder = torch.compile(gen), torch.compile(tok.decoder)
     n = sum(count_params(m) for m in (tok.decoder, gen, prior) if m is not None)
@@ -195,7 +268,7 @@ def bench_sr(dev):
         print(f"process_peak_rss_mb: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
 
 
-MODES = {'degrade': bench_degrade, 'tokenizer': bench_tokenizer, 'sr': bench_sr}
+MODES = {'degrade': bench_degrade, 'generator': bench_generator, 'tokenizer': bench_tokenizer, 'sr': bench_sr}
 
 if __name__ == '__main__':
     if mode not in MODES:

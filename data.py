@@ -175,13 +175,16 @@ class PairSampler:
 
 def build_val_pairs(src_dir, out_dir, crop=256, scale=4, seed=0, deg_cfg=None):
     """Centre crop of every image in src_dir, degraded once (one image at a time, fixed seed):
-    out_dir/{hr,lr,lr_bicubic}/NAME.png + manifest.json. HR is the photo itself (usm_gt ignored).
-    Skipped when the manifest (seed, crop, scale, degradation) matches and all files exist.
-    Returns True when it (re)built the pairs."""
-    cfg = DegradeConfig(**{**asdict(deg_cfg or DegradeConfig()), 'scale': scale, 'usm_gt': False})
+    out_dir/{hr,lr,lr_bicubic}/NAME.png + manifest.json. HR is the photo itself (usm_gt ignored);
+    JPEG is always real libjpeg (jpeg_impl ignored), so the fixed pairs never depend on the codec
+    chosen for training. Skipped when the manifest (seed, crop, scale, degradation) matches and all
+    files exist. Returns True when it (re)built the pairs."""
+    cfg = DegradeConfig(**{**asdict(deg_cfg or DegradeConfig()), 'scale': scale, 'usm_gt': False,
+                           'jpeg_impl': 'pil'})
     paths = list_images(src_dir)
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    manifest = dict(seed=seed, crop=crop, scale=scale, deg_cfg=json.loads(json.dumps(asdict(cfg))))
+    deg = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != 'jpeg_impl'}  # always 'pil'
+    manifest = dict(seed=seed, crop=crop, scale=scale, deg_cfg=deg)
     mpath = os.path.join(out_dir, 'manifest.json')
     if os.path.exists(mpath):
         with open(mpath) as f:

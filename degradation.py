@@ -9,10 +9,12 @@ Deliberate differences, all for batching on one device: kernels, second-blur coi
 noise type/level/gray coin, JPEG quality and the final-step order are drawn per sample; the three
 resize scales and interpolation modes are drawn per batch (a batch must share one size, as in the
 reference); Gaussian gray noise is drawn per sample (the reference shares one gray field across the
-batch); JPEG is real libjpeg through PIL on CPU with 4:2:0 chroma and integer quality (the
-reference's DiffJPEG is a float re-implementation of the same codec); there is no training-pair
-queue. usm_gt defaults to off (x4plus sharpens its GT) so targets stay the photos that validation
-scores against.
+batch); JPEG uses integer qualities and is either jpeg_torch, a batched torch version of libjpeg's
+baseline codec on the images' device (the reference's DiffJPEG is one too, but with float-scaled
+tables, zero padding, nearest-neighbour chroma and no intermediate rounding), or real libjpeg
+through PIL on the CPU (jpeg_impl='pil'; the fixed validation pairs always use it); there is no
+training-pair queue. usm_gt defaults to off (x4plus sharpens its GT) so targets stay the photos
+that validation scores against.
 """
 import io
 import math
@@ -69,6 +71,7 @@ class DegradeConfig:
     poisson_scale_range2: tuple = (0.05, 2.5)
     gray_noise_prob2: float = 0.4
     jpeg_range2: tuple = (30, 95)
+    jpeg_impl: str = 'torch'      # 'torch' (jpeg_torch: batched, on the device) | 'pil' (libjpeg, CPU)
     # final step: p of [resize + sinc] then JPEG, else JPEG then [resize + sinc]
     resize_first_prob: float = 0.5
     # ground truth unsharp mask (BasicSR USMSharp); LR is then made from the sharpened GT
@@ -80,6 +83,8 @@ class DegradeConfig:
     def __post_init__(self):
         if self.mode not in ('realesrgan', 'bicubic', 'none'):
             raise ValueError(f"DegradeConfig.mode must be 'realesrgan', 'bicubic' or 'none', got {self.mode!r}")
+        if self.jpeg_impl not in JPEG:
+            raise ValueError(f"DegradeConfig.jpeg_impl must be 'torch' or 'pil', got {self.jpeg_impl!r}")
         if len(self.kernel_list) != len(self.kernel_prob) or any(k % 2 == 0 for k in self.kernel_sizes):
             raise ValueError("DegradeConfig: kernel_list and kernel_prob must have equal length, kernel_sizes odd")
         for k in ('resize_prob', 'resize_prob2'):
@@ -275,15 +280,99 @@ def add_noise(x, p):
     return (x + noise).clamp(0, 1)
 
 
-def jpeg(x, quality):
-    """Real JPEG round trip per sample (PIL/libjpeg on CPU, 4:2:0, integer quality)."""
+# -----------------------------------------------------------------------------
+# JPEG (docs/method.md#jpeg): real libjpeg through PIL on the CPU, or the same baseline codec
+# batched in torch on the images' device
+
+# the IJG base quantisation tables (ITU-T T.81 Annex K), natural order: row = vertical frequency
+_Q_LUMA = torch.tensor([
+    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55],
+    [14, 13, 16, 24, 40, 57, 69, 56], [14, 17, 22, 29, 51, 87, 80, 62],
+    [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]])
+_Q_CHROMA = torch.tensor([
+    [17, 18, 24, 47, 99, 99, 99, 99], [18, 21, 26, 66, 99, 99, 99, 99],
+    [24, 26, 56, 99, 99, 99, 99, 99], [47, 66, 99, 99, 99, 99, 99, 99]] + [[99] * 8] * 4)
+
+
+def jpeg_qualities(quality):
+    """Per-sample qualities (floats, as drawn) -> the integer qualities both codecs use."""
+    return np.rint(np.asarray(quality, dtype=np.float64)).astype(np.int64)
+
+
+def jpeg_tables(quality):
+    """libjpeg's jpeg_set_quality, in its integer arithmetic: quality (B,) long -> luma and chroma
+    tables (B, 8, 8), base * s / 100 rounded, s = 5000 / q below 50 else 200 - 2q, clamped to
+    [1, 255] (baseline JPEG)."""
+    q = quality.clamp(1, 100).view(-1, 1, 1)
+    s = torch.where(q < 50, 5000 // q, 200 - 2 * q)
+    return [((t.to(q.device) * s + 50) // 100).clamp(1, 255) for t in (_Q_LUMA, _Q_CHROMA)]
+
+
+def dct_matrix(device=None, dtype=torch.float32):
+    """(8, 8) orthonormal DCT-II, row u = c_u cos((2x + 1) u pi / 16): D X D^T is JPEG's 2D FDCT."""
+    x = torch.arange(8, dtype=torch.float64)
+    d = torch.cos((2 * x[None] + 1) * x[:, None] * math.pi / 16) * math.sqrt(2 / 8)
+    d[0] /= math.sqrt(2)
+    return d.to(device, dtype)
+
+
+# JFIF colour conversion of libjpeg (jccolor.c, jdcolor.c) on 0..255 samples; Cb, Cr centred on 0
+_RGB_TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_CBCR_TO_RGB = torch.tensor([[0.0, 1.402], [-0.344136, -0.714136], [1.772, 0.0]])
+
+
+def _code_blocks(plane, table):
+    """DCT, quantisation, rounding, dequantisation and IDCT of every 8x8 block, as two batched
+    matmuls with the 64x64 Kronecker form of the DCT (vec(D X D^T) = (D kron D) vec(X), row-major):
+    plane (B, C, H, W) level-shifted samples (H, W multiples of 8), table (B, 8, 8) -> (B, C, H, W)."""
+    B, C, H, W = plane.shape
+    k = torch.kron(*[dct_matrix(plane.device, plane.dtype)] * 2)          # (64, 64)
+    t = table.reshape(B, 64, 1).to(plane.dtype)                             # (B, 64, 1)
+    blk = plane.view(B, C, H // 8, 8, W // 8, 8).permute(0, 1, 2, 4, 3, 5).reshape(B, -1, 64)  # (B, N, 64)
+    coef = torch.bmm(blk, (k / t).mT).round_()       # quantised coefficients round(F / Q); (B, N, 64)
+    blk = torch.bmm(coef, k * t)                      # dequantised (F' = round(F / Q) Q), inverse DCT
+    return blk.view(B, C, H // 8, W // 8, 8, 8).permute(0, 1, 2, 4, 3, 5).reshape(B, C, H, W)
+
+
+def jpeg_torch(x, quality):
+    """Baseline JPEG round trip of a batch on x's device, following libjpeg (what PIL runs):
+    RGB -> YCbCr (JFIF), 4:2:0 (2x2 means), 8x8 DCT, quantisation by the IJG tables scaled by each
+    sample's integer quality, rounding, dequantisation, IDCT, chroma upsampled by libjpeg's
+    "fancy" triangle filter (= bilinear), YCbCr -> RGB; rounded and clamped wherever libjpeg keeps
+    8-bit samples. Sides that are not multiples of 16 are padded by edge replication (as libjpeg
+    fills its MCUs) and cropped back. x (B, 3, H, W) in [0, 1] -> (B, 3, H, W) on 8-bit levels.
+    Computed in float32 (the matmuls must not run in TF32 or bf16: the coefficients would cross
+    rounding boundaries); in-place ops on the intermediates, whose allocation costs a CPU more than
+    the ops themselves."""
+    B, _, H, W = x.shape
+    q = torch.from_numpy(jpeg_qualities(quality)).to(x.device)
+    t_luma, t_chroma = jpeg_tables(q)                                     # (B, 8, 8) each
+    rgb = x.float().clamp(0, 1).mul_(255).round_()                        # 8-bit samples
+    if H % 16 or W % 16:
+        rgb = F.pad(rgb, (0, -W % 16, 0, -H % 16), mode='replicate')      # (B, 3, H16, W16)
+    m = _RGB_TO_YCC.to(rgb)
+    ycc = (m @ rgb.flatten(2)).view(rgb.shape).round_()                  # (B, 3, H16, W16)
+    y = _code_blocks(ycc[:, :1].sub_(128), t_luma).round_().clamp_(-128, 127)  # Y - 128; Cb, Cr are centred
+    c = F.avg_pool2d(ycc[:, 1:], 2).round_()                              # (B, 2, H16/2, W16/2)
+    c = _code_blocks(c, t_chroma).round_().clamp_(-128, 127)
+    c = F.interpolate(c, scale_factor=2, mode='bilinear', align_corners=False).round_()
+    rgb = (_CBCR_TO_RGB.to(c) @ c.flatten(2)).view(B, 3, *c.shape[-2:]).add_(y).add_(128)
+    return rgb.round_().clamp_(0, 255).div_(255)[..., :H, :W].to(x.dtype)
+
+
+def jpeg_pil(x, quality):
+    """Real JPEG round trip per sample (PIL/libjpeg on the CPU, 4:2:0, integer quality)."""
     arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     out = []
-    for a, q in zip(arr, quality):
+    for a, q in zip(arr, jpeg_qualities(quality)):
         buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format='JPEG', quality=int(round(float(q))))
+        Image.fromarray(a).save(buf, format='JPEG', quality=int(q))
         out.append(np.asarray(Image.open(buf).convert('RGB')))
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255.0
+
+
+JPEG = {'torch': jpeg_torch, 'pil': jpeg_pil}
 
 
 def _check_batch(hr, scale):
@@ -309,6 +398,7 @@ def degrade(hr, cfg=None, gen=None):
     if cfg.mode != 'realesrgan':
         return hr, (bicubic_downsample(hr, cfg.scale) if cfg.mode == 'bicubic' else None)
     p = sample_params(B, cfg, gen)
+    jpeg = JPEG[cfg.jpeg_impl]
     x = hr
     # ---- order 1: blur, resize, noise, JPEG
     if cfg.blur:

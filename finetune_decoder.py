@@ -53,6 +53,7 @@ val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 
 crop_size = 256           # HR training crop side, a multiple of the tokenizer's patch
 batch_size = 8
 degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic'
+jpeg_impl = 'torch'       # its JPEG (docs/method.md#jpeg): 'torch' (batched, on the device) | 'pil' (libjpeg)
 # what the decoder sees (the paper's Table 5)
 mode = 'topk'             # 'frozen' (no training) | 'top1' | 'topk'
 top_k = 5                 # candidates per position and group in mode 'topk'
@@ -92,6 +93,8 @@ def check_config():
         problems.append("set max_iters > 0 or max_minutes > 0")
     if degradation not in ('realesrgan', 'bicubic'):
         problems.append(f"degradation={degradation!r} must be 'realesrgan' or 'bicubic'")
+    if jpeg_impl not in ('torch', 'pil'):
+        problems.append(f"jpeg_impl={jpeg_impl!r} must be 'torch' or 'pil'")
     for k in ('l1_weight', 'lpips_weight', 'gan_weight'):
         if globals()[k] < 0:
             problems.append(f"{k}={globals()[k]} must be >= 0 (0 disables it)")
@@ -129,7 +132,7 @@ log = Logger(out_dir, config, notes)
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
 try:
     sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
-                               deg_cfg=DegradeConfig(mode=degradation))
+                               deg_cfg=DegradeConfig(mode=degradation, jpeg_impl=jpeg_impl))
     val = data.load_val_pairs(val_dir)
 except ValueError as e:  # a missing or incomplete folder
     fail(f"finetune_decoder.py: {e}")

@@ -36,9 +36,9 @@ from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, 
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
-                   config_from_settings, count_params, discriminator_step, g_loss_vanilla, param_groups,
-                   ste_onehot, super_resolve, vanilla_d_loss)
-from prior import LoRAWeights, build_sr_prior, frozen_features, repa_loss, upsample_for_prior
+                   config_from_settings, count_params, discriminator_step, generator_losses, param_groups,
+                   super_resolve, vanilla_d_loss)
+from prior import LoRAWeights, build_sr_prior
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -57,6 +57,7 @@ val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 
 crop_size = 256           # HR training crop side, a multiple of patch (LR crop = crop_size / 4)
 batch_size = 8
 degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic' (clean LR, easier)
+jpeg_impl = 'torch'       # its JPEG (docs/method.md#jpeg): 'torch' (batched, on the device) | 'pil' (libjpeg)
 # model: the fields of model.GeneratorConfig (docs/method.md#generator); groups, codebook_size
 # and scale come from the tokenizer, feat_dim and pooled_dims from the prior
 patch = 16                # HR pixels per token side; must equal the tokenizer's
@@ -109,6 +110,8 @@ def check_config():
         problems.append("set max_iters > 0 or max_minutes > 0")
     if degradation not in ('realesrgan', 'bicubic'):
         problems.append(f"degradation={degradation!r} must be 'realesrgan' or 'bicubic'")
+    if jpeg_impl not in ('torch', 'pil'):
+        problems.append(f"jpeg_impl={jpeg_impl!r} must be 'torch' or 'pil'")
     if crop_size % patch:
         problems.append(f"crop_size={crop_size} must be a multiple of patch={patch}")
     for k in ('ce_weight', 'repa_weight', 'l1_weight', 'lpips_weight', 'gan_weight', 'lora_rank'):
@@ -169,7 +172,7 @@ del tok
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
 try:
     sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
-                               deg_cfg=DegradeConfig(mode=degradation))
+                               deg_cfg=DegradeConfig(mode=degradation, jpeg_impl=jpeg_impl))
     val = data.load_val_pairs(val_dir)
 except ValueError as e:  # a missing or incomplete folder
     fail(f"generator.py: {e}")
@@ -184,6 +187,7 @@ if prior is not None:
     prior.to(device)
 disc = PatchDiscriminator().to(device).requires_grad_(False)
 lpips_net = ev.load_lpips(device)
+lpips_fn = lambda x, y: ev.lpips_dist(lpips_net, x, y)  # (B,) distances
 groups_ = param_groups(generator, weight_decay) + (param_groups(prior, weight_decay) if prior else [])
 optimizer = torch.optim.AdamW([g for g in groups_ if g['params']], lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
@@ -235,7 +239,6 @@ def evaluate(tag):
 timer = Timer()
 minutes = lambda: elapsed_before + timer.minutes()
 decay_steps = decay_iters or max_iters
-pixel_on = l1_weight > 0 or lpips_weight > 0
 metrics, t_log, imgs_since_log = {}, time.time(), 0
 while True:
     out_of_time = max_minutes > 0 and minutes() >= max_minutes
@@ -263,42 +266,24 @@ while True:
         _, q_hr, _, _ = tokenizer.encode(hr)         # (B, G, h, w) targets, frozen tokenizer
 
     # generator + LoRA step (the discriminator is frozen outside discriminator_step)
-    zero = torch.zeros((), device=hr.device)
-    ce = repa = l1 = lp = g = zero
     with ctx:
-        feat = pooled = None
-        if prior is not None:
-            with torch.set_grad_enabled(lora_rank > 0):
-                feat, pooled = prior(upsample_for_prior(lr))
-            if repa_on:  # 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)]), docs/method.md#repa
-                repa = repa_loss(feat.float(), frozen_features(prior, hr)[0].float())
-        logits = train_gen(lr, feat, pooled)        # (B, G, h, w, K)
-        if ce_weight > 0:
-            ce = F.cross_entropy(logits.float().flatten(0, 3), q_hr.flatten())
-        if pixel_on or gan_on:  # reconstruction-aware: decode the straight-through one-hot
-            zq = tokenizer.quantizer.codes_from_onehot(ste_onehot(logits))  # (B, C, h, w)
-            sr = tokenizer.decode(zq).float()       # (B, 3, crop, crop); no param of D changes
-            l1 = (sr - hr).abs().mean() if l1_weight > 0 else zero
-            lp = ev.lpips_dist(lpips_net, sr, hr).mean() if lpips_weight > 0 else zero
-            g = g_loss_vanilla(disc(sr)) if gan_on else zero
-        loss = (ce_weight * ce + repa_weight * repa + l1_weight * l1 + lpips_weight * lp
-                + gan_weight * g)
+        loss, parts, logits, sr = generator_losses(config, tokenizer, train_gen, prior, lpips_fn, disc, hr, lr,
+                                                   q_hr, gan_on)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else math.inf)
-    stop_if_diverged(step, log, grad_norm, loss=loss, ce=ce, repa=repa, l1=l1, lpips=lp, g=g)
+    stop_if_diverged(step, log, grad_norm, loss=loss, **parts)
     optimizer.step()
 
     # discriminator step: HR is real, the decoded prediction fake
-    d = discriminator_step(disc, d_optimizer, vanilla_d_loss, hr, sr, ctx) if gan_on else zero
+    d = discriminator_step(disc, d_optimizer, vanilla_d_loss, hr, sr, ctx) if gan_on else torch.zeros(())
 
     step += 1
     imgs_since_log += B
     if step % log_interval == 0:
         dt = time.time() - t_log
         acc = (logits.detach().argmax(-1) == q_hr).float().mean()
-        parts = dict(loss=loss, ce=ce, repa=repa, l1=l1, lpips=lp, g=g, d=d, acc=acc)
-        parts = {k: v.item() for k, v in parts.items()}
+        parts = {k: v.item() for k, v in dict(loss=loss, **parts, d=d, acc=acc).items()}
         history['train'].append(dict(step=step, **parts, rate=rate))
         log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
             f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")

@@ -8,7 +8,8 @@ papers, is in docs/method.md; comments here point to its sections.
     4. Tokenizer               TokenizerConfig, Tokenizer: encoder + quantizer + decoder (stage 1)
     5. Generators              GeneratorConfig, Generator: LR image -> token logits (stage 2)
     6. Training helpers        config_from_settings, group masking, frequency targets,
-                               straight-through one-hot, top-K sampling, parameter groups, FLOPs
+                               straight-through one-hot, the stage-2 loss, top-K sampling,
+                               parameter groups, FLOPs
     7. GAN                     PatchDiscriminator, GAN losses, adaptive weight, discriminator_step
     8. Chain and inference     load_sr_chain, super_resolve
 
@@ -923,6 +924,38 @@ def ste_onehot(logits):
     p = logits.float().softmax(-1)
     onehot = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
     return onehot + (p - p.detach())
+
+
+def generator_losses(s, tokenizer, generator, prior, lpips_fn, disc, hr, lr, q_hr, gan_on):
+    """The stage-2 loss of one batch (docs/method.md#generator-loss), for generator.py and bench.py:
+        ce_weight * CE(logits, q_HR) + repa_weight * REPA + l1_weight * L1 + lpips_weight * LPIPS
+        + gan_weight * GAN_vanilla,
+    the pixel terms on the decoded straight-through one-hot D(sum_k w_k e_k), w = ste_onehot(logits)
+    (the frozen decoder and codebooks pass gradients to the logits). s: generator.py's settings
+    (the weights, lora_rank); generator: the module to call (compiled or not); lpips_fn(x, y) -> (B,);
+    hr (B, 3, H, W), lr (B, 3, H/4, W/4), q_hr (B, G, h, w) the tokenizer's indices of hr.
+    -> (loss, parts: dict of the unweighted terms, logits (B, G, h, w, K), sr (B, 3, H, W) or None)."""
+    from prior import frozen_features, repa_loss, upsample_for_prior  # local, as in super_resolve
+    zero = torch.zeros((), device=hr.device)
+    ce = repa = l1 = lp = g = zero
+    sr = feat = pooled = None
+    if prior is not None:
+        with torch.set_grad_enabled(s['lora_rank'] > 0):
+            feat, pooled = prior(upsample_for_prior(lr))
+        if s['repa_weight'] > 0 and s['lora_rank'] > 0:  # 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)]), #repa
+            repa = repa_loss(feat.float(), frozen_features(prior, hr)[0].float())
+    logits = generator(lr, feat, pooled)                     # (B, G, h, w, K)
+    if s['ce_weight'] > 0:
+        ce = F.cross_entropy(logits.float().flatten(0, 3), q_hr.flatten())
+    if s['l1_weight'] > 0 or s['lpips_weight'] > 0 or gan_on:  # reconstruction-aware terms
+        zq = tokenizer.quantizer.codes_from_onehot(ste_onehot(logits))  # (B, C, h, w)
+        sr = tokenizer.decode(zq).float()                    # no parameter of the decoder changes
+        l1 = (sr - hr).abs().mean() if s['l1_weight'] > 0 else zero
+        lp = lpips_fn(sr, hr).mean() if s['lpips_weight'] > 0 else zero
+        g = g_loss_vanilla(disc(sr)) if gan_on else zero
+    loss = (s['ce_weight'] * ce + s['repa_weight'] * repa + s['l1_weight'] * l1 + s['lpips_weight'] * lp
+            + s['gan_weight'] * g)
+    return loss, dict(ce=ce, repa=repa, l1=l1, lpips=lp, g=g), logits, sr
 
 
 def sample_topk(logits, k, generator=None):

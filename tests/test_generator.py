@@ -9,7 +9,7 @@ import data
 import eval as ev
 from conftest import GEN_TINY, generator_args, tokenizer_args
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
-                   g_loss_vanilla, load_sr_chain, rope_2d, ste_onehot, super_resolve)
+                   g_loss_vanilla, generator_losses, load_sr_chain, rope_2d, ste_onehot, super_resolve)
 from prior import LoRA, build_sr_prior, frozen_features, repa_loss, upsample_for_prior
 
 TOK = tokenizer_args(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32, enc_depth=1, enc_heads=2,
@@ -139,6 +139,12 @@ def test_full_loss_trains_only_generator_and_lora():
     sr = tok.decode(tok.quantizer.codes_from_onehot(ste_onehot(logits)))
     loss = (F.cross_entropy(logits.flatten(0, 3), q.flatten()) + repa_loss(feat, frozen_features(prior, hr)[0])
             + (sr - hr).abs().mean() + ev.lpips_dist(lpips_net, sr, hr).mean() + 0.5 * g_loss_vanilla(disc(sr)))
+    # the loss generator.py and bench.py share is this sum, term by term
+    s = dict(ce_weight=1.0, repa_weight=1.0, l1_weight=1.0, lpips_weight=1.0, gan_weight=0.5, lora_rank=2)
+    shared, parts, _, sr_shared = generator_losses(s, tok, g, prior, lambda x, y: ev.lpips_dist(lpips_net, x, y),
+                                                   disc, hr, lr, q, gan_on=True)
+    assert torch.equal(sr_shared, sr) and set(parts) == {'ce', 'repa', 'l1', 'lpips', 'g'}
+    torch.testing.assert_close(shared, loss, rtol=1e-6, atol=0)
     loss.backward()
     lora = {id(p) for m in prior.modules() if isinstance(m, LoRA) for p in (m.lora_A, m.lora_B)}
     assert all(p.grad is not None for p in g.parameters())
