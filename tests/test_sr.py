@@ -1,5 +1,5 @@
-"""sr.py: tiling and blending against the untiled result, padding, odd sizes; output names;
-checkpoint errors."""
+"""sr.py: tiling and blending against the untiled result, padding, odd sizes; a forward pass
+without host synchronisation; output names; checkpoint errors."""
 import os
 import subprocess
 import sys
@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from model import load_sr_chain, sr_function, super_resolve
 from sr import _ramp, output_names, tiled_sr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +59,83 @@ def test_ramp_weights_are_flat_at_the_border_and_positive_inside():
 def test_bad_tile_settings_are_refused():
     with pytest.raises(ValueError, match='tile=30'):
         tiled_sr(torch.rand(1, 3, 64, 64), nearest, tile=30, overlap=8, multiple=4)
+
+# ----------------------------------------------------------------------------- no host sync
+
+
+class NoHostSync(TorchDispatchMode):
+    """Raises on every operator that makes the host wait for a device's values: reading a scalar
+    (.item(), bool(), int(), float(), `if tensor:` all end in aten._local_scalar_dense), comparing
+    whole tensors into a Python bool, and ops whose output shape depends on the data (nonzero,
+    masked indexing, unique, ...). On a CPU nothing waits, but the same code on a GPU would."""
+    SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
+               torch.ops.aten.nonzero.default, torch.ops.aten.nonzero_static.default,
+               torch.ops.aten.masked_select.default, torch.ops.aten._unique2.default,
+               torch.ops.aten.unique_dim.default, torch.ops.aten.unique_consecutive.default,
+               torch.ops.aten.bincount.default, torch.ops.aten.repeat_interleave.Tensor}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        masked = func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
+                          torch.ops.aten.index_put_.default) and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in args[1])
+        if func in self.SYNCING or masked:
+            raise RuntimeError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def no_host_sync(monkeypatch):
+    """NoHostSync, plus .tolist() / .numpy(), which read the data without a dispatched operator."""
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("host synchronisation: Tensor.tolist / Tensor.numpy")
+    monkeypatch.setattr(torch.Tensor, 'tolist', refuse)
+    monkeypatch.setattr(torch.Tensor, 'numpy', refuse)
+    return NoHostSync
+
+
+@pytest.mark.parametrize('sync', [lambda x: x.sum().item(), lambda x: bool(x.max() > 0),
+                                  lambda x: 1 if x.sum() > 0 else 0, lambda x: x[x > 0.5],
+                                  lambda x: torch.nonzero(x), lambda x: x.unique(), lambda x: x.tolist(),
+                                  lambda x: torch.equal(x, x), lambda x: int(x.argmax())])
+def test_the_host_sync_check_catches_each_kind_of_sync(no_host_sync, sync):
+    with pytest.raises(RuntimeError, match='host synchronisation'), no_host_sync():
+        sync(torch.rand(4, 4))
+
+
+def test_super_resolve_makes_no_host_sync(tiny_gen, no_host_sync):
+    """The whole chain (prior, generator, top-1 indices, decoder) on a batch, under the check: it
+    must finish, and give what it gives outside the check."""
+    tok, gen, prior = load_sr_chain(tiny_gen, 'cpu')
+    lr = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(0))
+    with no_host_sync():
+        sr, idx = super_resolve(lr, tok, gen, prior, return_indices=True)
+        fn_sr = sr_function(tok, gen, prior, 'cpu', cuda_graphs=True)(lr)  # cuda_graphs: no effect on a CPU
+    assert sr.shape == (2, 3, 96, 160) and idx.shape[0] == 2
+    ref = super_resolve(lr, tok, gen, prior)
+    assert torch.equal(sr, ref) and torch.equal(fn_sr, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+def test_super_resolve_on_cuda_without_sync_with_flash_attention_and_cuda_graphs(tiny_gen):
+    """On a GPU: no synchronising CUDA call in the forward (torch's sync debug mode), bf16
+    attention through the flash kernel (forced: SDPA raises if it cannot use it), and the CUDA-graph
+    replay equal to the eager chain."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    tok, gen, prior = load_sr_chain(tiny_gen, 'cuda')
+    lr = torch.rand(4, 3, 32, 32, device='cuda')
+    with torch.autocast('cuda', dtype=torch.bfloat16), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        super_resolve(lr, tok, gen, prior)  # warm-up: cuDNN / cuBLAS set-up may synchronise once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            eager = super_resolve(lr, tok, gen, prior)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        graphed = sr_function(tok, gen, prior, 'cuda', cuda_graphs=True)
+        for _ in range(3):  # warm-up, capture, replay
+            out = graphed(lr).clone()
+    # bf16: compiled kernels round differently, which may flip a near-tie token here and there
+    assert out.shape == eager.shape and (out - eager).abs().mean() < 5e-3
 
 # ----------------------------------------------------------------------------- the script
 
