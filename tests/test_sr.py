@@ -273,3 +273,13 @@ def test_wrong_kind_truncated_and_relative_checkpoints_get_one_clear_line(tiny_t
     q = subprocess.run([sys.executable, str(ROOT / 'sr.py'), f'--input={img}', f'--gen_ckpt={tiny_gen}',
                         f'--out_dir={tmp_path}/o'], cwd='/', capture_output=True, text=True, timeout=300)
     assert q.returncode == 0 and (tmp_path / 'o' / 'x_x4.png').is_file(), q.stderr
+
+
+def test_bench_runs_the_streamed_tiling_on_a_large_input(run_script):
+    """bench.py --mode=sr_large: sr.py's tiling of a resized validation photo, with bicubic as the SR
+    function (the tiling alone): 100 LR pixels in tiles of 64 with overlap 16 start at 0 and 36
+    per axis, so 4 tiles, and a 400 x 400 output."""
+    p = run_script('bench.py', ['--mode=sr_large', '--side=100', '--sr_fn=bicubic', '--threads=1'])
+    assert '-> 400x400, 4 tiles of 64 (overlap 16)' in p.stdout, p.stdout
+    for key in ('sr_large_tiles_s:', 'sr_large_png_s:', 'process_peak_rss_mb:'):
+        assert key in p.stdout, key
