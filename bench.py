@@ -5,6 +5,8 @@ Small benchmarks, one function per mode, one grep-able number each:
     python bench.py --mode=generator --device=cpu
     python bench.py --mode=tokenizer --tok_config=config/tokenizer_paper.py --device=cuda
     python bench.py --mode=sr --tok_config=config/tokenizer_paper.py --gen_config=config/generator_paper.py
+    python bench.py --mode=sr --device=cuda --compile=True --cuda_graphs=True
+    python bench.py --mode=sr_large --side=4000
 
 degrade mode times degradation.degrade on a batch of training crops already on the device, with
 the JPEG of jpeg_impl ('torch': batched on the device; 'pil': libjpeg on the CPU, per image).
@@ -16,13 +18,18 @@ the step on one pre-made batch; the difference of the last two is what the data 
 tokenizer mode times one full stage-1 training step (encode, grouped VQ, decode, L1 + LPIPS +
 commitment, backward, AdamW; + discriminator and GAN terms with --tok_gan=True) on random crops
 of the config's size, so it measures the model, not the data pipeline.
-sr mode times inference (prior + generator + top-1 decode, model.super_resolve) of one LR image
-per size in sr_sizes, for the models of tok_config + gen_config (random generator weights: the
-time does not depend on them); peak memory is the CUDA allocator's peak on a GPU and the process's
-peak resident set on a CPU (which includes the models and LPIPS-free start-up, so an upper bound).
+sr mode times inference (prior + generator + top-1 decode, model.super_resolve) per LR size in
+sr_sizes: ms per image at batch 1 and images/s at batch sr_batch, eager and, with --compile=True,
+compiled (--cuda_graphs=True: CUDA graphs). The models of tok_config + gen_config have random
+weights (the time does not depend on them); peak memory is the CUDA allocator's peak on a GPU and
+the process's peak resident set on a CPU (which includes the models and start-up, so an upper bound).
+sr_large mode runs sr.py's streamed tiling (sr.tiled_sr, load and PNG write included) on one
+side x side LR image, a validation photo resized, with the same random-weight chain: time and peak
+memory of a large input, not image quality.
 """
 import os
 import resource
+import tempfile
 import time
 
 import torch
@@ -30,15 +37,15 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from common import autocast_ctx, maybe_compile, peak_flops, pick_device
+from common import autocast_ctx, maybe_compile, peak_flops, pick_device, save_png
 from degradation import DegradeConfig, degrade
 from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
                    config_from_settings, count_params, discriminator_step, flops_per_image, g_loss_hinge,
-                   generator_losses, hinge_d_loss, param_groups, resize_image, super_resolve, vanilla_d_loss)
+                   generator_losses, hinge_d_loss, param_groups, resize_image, sr_function, vanilla_d_loss)
 from prior import build_sr_prior
 
 # -----------------------------------------------------------------------------
-mode = 'degrade'            # degrade | generator | tokenizer | sr
+mode = 'degrade'            # degrade | generator | tokenizer | sr | sr_large
 device = 'auto'             # auto | cpu | cuda | mps
 threads = 0                 # torch CPU threads; 0 = torch's default
 seed = 0
@@ -54,12 +61,22 @@ jpeg_impl = 'torch'         # the degradation's JPEG (degrade and generator mode
 tok_config = 'config/tokenizer_tiny.py'
 tok_gan = False             # include the discriminator step and the GAN term
 dtype = 'auto'              # auto (bf16 on capable GPUs) | float32 | bfloat16
-compile = False             # torch.compile the tokenizer / generator (CUDA only)
+compile = False             # torch.compile: tokenizer / generator (CUDA only); sr mode adds compiled rows (on a CPU: minutes)
 # sr and generator modes: the chain of tok_config + gen_config (generator.py's settings with it
 # applied: model sizes; for generator mode also crop, batch, degradation, loss weights)
 gen_config = 'config/generator_tiny.py'
 gen_gan = False             # generator mode: include the GAN term and the discriminator step
 sr_sizes = (64, 128)        # LR 64 -> HR 256 and LR 128 -> HR 512
+sr_batch = 16               # images per pass of the throughput rows (batch 1 rows: latency)
+batch_iters = 3             # timed iterations at sr_batch
+cuda_graphs = False         # the compiled rows with CUDA graphs (compile mode 'reduce-overhead'; plain compile off CUDA)
+# sr_large mode: sr.py's tiling of one side x side LR image, with the sr-mode chain
+side = 4000                 # LR side in pixels (the output is 4x)
+photo = 'assets/images/val/ColorfulCups.png'  # resized (bicubic) to side x side
+tile = 64                   # sr.py's tile, overlap and batch_size
+overlap = 16
+tile_batch = 1
+sr_fn = 'chain'             # chain | bicubic: the tiling's own time and memory, without the models
 from configurator import configure, fail, script_settings
 config = configure(globals())
 # -----------------------------------------------------------------------------
@@ -234,41 +251,111 @@ def bench_generator(dev):
     print(f"data_share_of_step: {max(0.0, 1 - t_premade / t_fresh):.2f}")
 
 
+def random_chain(dev):
+    """build_chain in eval mode, frozen, the prior channels-last as model.load_sr_chain makes it."""
+    tok, gen, prior, _ = build_chain(dev)
+    for m in (tok, gen):
+        m.eval().requires_grad_(False)
+    if prior is not None:
+        prior.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+    n = sum(count_params(m) for m in (tok.decoder, gen, prior) if m is not None)
+    print(f"chain: {tok_config} + {gen_config}, {n / 1e6:.1f}M params used at inference (decoder "
+          f"{count_params(tok.decoder) / 1e6:.2f}M + generator {count_params(gen) / 1e6:.2f}M + prior), random weights")
+    return tok, gen, prior
+
+
+def time_calls(fn, x, n, dev):
+    for _ in range(warmup_iters):
+        fn(x)
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn(x)
+    sync(dev)
+    return (time.perf_counter() - t0) / n
+
+
 @torch.no_grad()
 def bench_sr(dev):
-    tok, gen, prior, _ = build_chain(dev)
-    for m in (tok, gen, prior):
-        if m is not None:
-            m.eval()
+    tok, gen, prior = random_chain(dev)
     dt_name, ctx = autocast_ctx(dev, dtype)
-    if compile and dev.startswith('cuda'):
-        gen, tok.decoder = torch.compile(gen), torch.compile(tok.decoder)
-    n = sum(count_params(m) for m in (tok.decoder, gen, prior) if m is not None)
-    print(f"tokenizer: {count_params(tok) / 1e6:.2f}M params; generator: {count_params(gen) / 1e6:.2f}M params")
-    print(f"sr: {tok_config} + {gen_config}, {n / 1e6:.1f}M params used at inference (decoder + generator "
-          f"+ prior), {dt_name}, compile={compile and dev.startswith('cuda')}, batch 1, on {dev}")
+    variants = [('', sr_function(tok, gen, prior, dev))]
+    if compile or cuda_graphs:  # each input shape compiles (and with CUDA graphs, captures) once, in the warm-up
+        variants.append(('_compiled', sr_function(tok, gen, prior, dev, compile=True, cuda_graphs=cuda_graphs)))
+    print(f"sr: {dt_name}, batch 1 and {sr_batch}, compiled rows: {bool(compile or cuda_graphs)}, "
+          f"cuda_graphs: {cuda_graphs and dev.startswith('cuda')}, on {dev}")
     for side in sr_sizes:
-        lr = torch.rand(1, 3, side, side, device=dev)
-        with ctx:
-            for _ in range(warmup_iters):
-                super_resolve(lr, tok, gen, prior)
-            sync(dev)
-            if dev.startswith('cuda'):
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                super_resolve(lr, tok, gen, prior)
-            sync(dev)
-        dt = (time.perf_counter() - t0) / iters
         tag = f"{side}_to_{4 * side}"
-        print(f"sr_ms_per_image_{tag}: {1000 * dt:.1f}")
-        if dev.startswith('cuda'):
-            print(f"sr_peak_mem_mb_{tag}: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+        for suffix, fn in variants:
+            for batch, n in ((1, iters), (sr_batch, batch_iters)):
+                if dev.startswith('cuda'):
+                    torch.cuda.reset_peak_memory_stats()
+                with ctx:
+                    dt = time_calls(fn, torch.rand(batch, 3, side, side, device=dev), n, dev)
+                b = '' if batch == 1 else f"_b{batch}"
+                if batch == 1:
+                    print(f"sr_ms_per_image_{tag}{suffix}: {1000 * dt:.1f}")
+                else:
+                    print(f"sr_img_per_s{b}_{tag}{suffix}: {batch / dt:.1f}")
+                if dev.startswith('cuda'):
+                    print(f"sr_peak_mem_mb{b}_{tag}{suffix}: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
     if not dev.startswith('cuda'):
-        print(f"process_peak_rss_mb: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+        print(f"process_peak_rss_mb: {peak_rss_mb():.0f}")
 
 
-MODES = {'degrade': bench_degrade, 'generator': bench_generator, 'tokenizer': bench_tokenizer, 'sr': bench_sr}
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+@torch.no_grad()
+def bench_sr_large(dev):
+    """sr.py's path for one large image: load, streamed tiles, PNG (written to a temporary folder)."""
+    from PIL import Image
+    from sr import _starts, tile_warning, tiled_sr
+    if sr_fn not in ('chain', 'bicubic'):
+        raise ValueError(f"sr_fn={sr_fn!r}: expected chain | bicubic")
+    dt_name, ctx = autocast_ctx(dev, dtype)
+    if sr_fn == 'chain':
+        tok, gen, prior = random_chain(dev)
+        chain = sr_function(tok, gen, prior, dev, compile, cuda_graphs)
+        multiple = gen.config.patch // gen.config.scale
+    else:
+        chain = lambda x: F.interpolate(x, scale_factor=4, mode='bicubic', align_corners=False).clamp(0, 1)
+        multiple = 2
+
+    def fn(x):
+        with ctx:
+            return chain(x)
+    if tile_warning(tile, overlap):
+        print(tile_warning(tile, overlap))
+    with tempfile.TemporaryDirectory() as tmp:
+        with Image.open(photo) as im:
+            im.convert('RGB').resize((side, side), Image.Resampling.BICUBIC).save(os.path.join(tmp, 'lr.png'))
+        print(f"process_peak_rss_mb_before_image: {peak_rss_mb():.0f}")
+        t0 = time.perf_counter()
+        lr = data.load_image(os.path.join(tmp, 'lr.png'))[None].to(dev)  # as sr.py reads it
+        sync(dev)
+        t1 = time.perf_counter()
+        sr = tiled_sr(lr, fn, 4, tile, overlap, multiple, tile_batch)[0]  # (H, W, 3) uint8
+        t2 = time.perf_counter()
+        save_png(sr, os.path.join(tmp, 'sr.png'))
+        t3 = time.perf_counter()
+        png_mb = os.path.getsize(os.path.join(tmp, 'sr.png')) / 2**20
+    n_tiles = len(_starts(side + (-side) % multiple, tile, tile - overlap)) ** 2 if tile > 0 else 1
+    print(f"sr_large: {side}x{side} ({photo} resized) -> {sr.shape[0]}x{sr.shape[1]}, "
+          f"{n_tiles} tiles of {tile} (overlap {overlap}), {tile_batch} per pass, SR by {sr_fn}, {dt_name}, on {dev}")
+    print(f"sr_large_output_mb: {sr.nbytes / 2**20:.0f}")  # the uint8 image sr.py holds
+    print(f"sr_large_load_s: {t1 - t0:.1f}")
+    print(f"sr_large_tiles_s: {t2 - t1:.1f}")
+    print(f"sr_large_ms_per_tile: {1000 * (t2 - t1) / n_tiles:.1f}")
+    print(f"sr_large_png_s: {t3 - t2:.1f} ({png_mb:.0f} MB file)")
+    if dev.startswith('cuda'):
+        print(f"cuda_peak_mem_mb: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+    print(f"process_peak_rss_mb: {peak_rss_mb():.0f}")
+
+
+MODES = {'degrade': bench_degrade, 'generator': bench_generator, 'tokenizer': bench_tokenizer, 'sr': bench_sr,
+         'sr_large': bench_sr_large}
 
 if __name__ == '__main__':
     if mode not in MODES:

@@ -376,10 +376,17 @@ def save_grid(rows, path, labels=None):
         atomic_write(os.path.splitext(path)[0] + '.txt', write)
 
 
+def to_uint8(img):
+    """(..., 3, H, W) float tensor in [0, 1] -> (..., H, W, 3) uint8 numpy array on the host: the
+    one rounding every saved image goes through."""
+    img = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return img.movedim(-3, -1).cpu().numpy()
+
+
 def save_png(img, path):
     """PNG of a (3, H, W) float tensor in [0, 1] or an (H, W, 3) uint8 array, written atomically."""
     if torch.is_tensor(img):
-        img = (img.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        img = to_uint8(img)
     atomic_write(path, lambda tmp: Image.fromarray(img).save(tmp, format='PNG'))
 
 

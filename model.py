@@ -11,7 +11,7 @@ papers, is in docs/method.md; comments here point to its sections.
                                straight-through one-hot, the stage-2 loss, top-K sampling,
                                parameter groups, FLOPs
     7. GAN                     PatchDiscriminator, GAN losses, adaptive weight, discriminator_step
-    8. Chain and inference     load_sr_chain, super_resolve
+    8. Chain and inference     load_sr_chain, super_resolve, sr_function (compiled, CUDA graphs)
 
 The prior network (EfficientNet-Lite0 + LoRA) lives in prior.py: it is not a submodule of any model
 here, so a generator without a prior builds none, and checkpoints hold only the LoRA tensors.
@@ -1132,6 +1132,8 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
     mods = [m for m in (tokenizer, generator, prior) if m is not None]
     for m in mods:
         m.to(device).eval().requires_grad_(False)
+    if prior is not None:  # a conv net: NHWC is what cuDNN's fast (bf16 tensor-core) kernels want
+        prior.to(memory_format=torch.channels_last)
     return tokenizer, generator, prior
 
 
@@ -1139,10 +1141,38 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
 def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
     """lr (B, 3, h, w) in [0, 1] -> sr (B, 3, scale*h, scale*w) clamped to [0, 1]: top-1 indices
     of every group, decoded by the tokenizer (docs/method.md#inference: always top-1).
-    With return_indices also the predicted indices (B, G, h', w')."""
+    With return_indices also the predicted indices (B, G, h', w').
+    Nothing here reads a tensor's value on the host (no .item(), no branch on data, no
+    data-dependent shapes: tests/test_sr.py checks it), so on a GPU the whole chain is queued
+    without waiting and can be captured as one CUDA graph (sr_function). The prior runs in
+    channels-last (NHWC); its output, and so the result, equals the NCHW one bit for bit when
+    load_sr_chain has made its weights channels-last too."""
     from prior import upsample_for_prior
     c = generator.config
-    feat, pooled = prior(upsample_for_prior(lr, c.scale)) if prior is not None else (None, None)
+    feat, pooled = None, None
+    if prior is not None:
+        feat, pooled = prior(upsample_for_prior(lr, c.scale).contiguous(memory_format=torch.channels_last))
     idx = generator(lr, feat, pooled).argmax(-1)  # (B, G, h', w')
     sr = tokenizer.decode_indices(idx).float().clamp(0, 1)
     return (sr, idx) if return_indices else sr
+
+
+def sr_function(tokenizer, generator, prior=None, device='cpu', compile=False, cuda_graphs=False):
+    """super_resolve as one callable lr (B, 3, h, w) -> sr (B, 3, s*h, s*w), for sr.py and bench.py.
+    compile=True wraps it in torch.compile (any device; on a CPU it costs minutes of start-up).
+    cuda_graphs=True compiles with mode='reduce-overhead': on CUDA, each input shape is captured
+    once as a CUDA graph and then replayed with one launch, which removes the per-kernel launch
+    cost that dominates small images (sr.py's tiles all have one shape). It needs the sync-free
+    forward above; elsewhere than on CUDA it is ignored. A graph's output is overwritten by the
+    next call: use (or copy) it before calling again, as sr.tiled_sr does."""
+    fn = lambda lr: super_resolve(lr, tokenizer, generator, prior)
+    cuda_graphs = cuda_graphs and str(device).startswith('cuda')
+    if not (compile or cuda_graphs):
+        return fn
+    compiled = torch.compile(fn, mode='reduce-overhead' if cuda_graphs else 'default')
+
+    def run(lr):
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous call's output is consumed
+        return compiled(lr)
+    return run

@@ -5,21 +5,30 @@ records the stage-1 tokenizer it was trained on) and, optionally, a stage-3 fine
     python sr.py --input=photo.jpg                         # -> out/sr/photo_x4.png
     python sr.py --input=my_folder/ --out_dir=out/sr_big --tile=96
     python sr.py --input=photo.jpg --decoder_ckpt=out/finetune_decoder/ckpt.pt
+    python sr.py --input=my_folder/ --device=cuda --batch_size=16 --cuda_graphs=True
 
 Any size: the LR image is padded (reflect) to a multiple of the generator's LR patch and, when
 larger than `tile`, cut into overlapping tiles whose outputs are blended with linear ramps over the
-overlap, so there are no seams. Grayscale, palette, RGBA (composited on white) and 16-bit inputs
-are converted to RGB by data.load_image; an unreadable file is reported and skipped, the others
-are still processed (exit code 1 if any failed).
+overlap, so there are no seams. The tiles are streamed into the output, one row band at a time, so
+memory is the uint8 output image plus one band of tiles, whatever the image size (tiled_sr).
+Images that fit one tile and have the same size as the files before them in the folder go through
+the models together, `batch_size` at a time; a tiled image sends `batch_size` tiles per pass.
+Grayscale, palette, RGBA (composited on white) and 16-bit inputs are converted to RGB by
+data.load_image; an unreadable file is reported and skipped, the others are still processed (exit
+code 1 if any failed).
 """
 import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data
+from common import to_uint8
+
+MIN_TILE = 32  # LR pixels: smaller tiles give the generator and the prior little context
 
 
 def _starts(n, tile, step):
@@ -30,17 +39,28 @@ def _starts(n, tile, step):
     return s + [n - tile]
 
 
-def _ramp(n, overlap, lo_edge, hi_edge):
+def _ramp(n, overlap, lo_edge, hi_edge, device=None):
     """1-D blend weights of one tile: linear ramps over `overlap` on the sides that meet another
-    tile, flat 1 on sides at the image border (so the border is never down-weighted)."""
-    w = torch.ones(n)
+    tile, flat 1 on sides at the image border (so the border is never down-weighted). Made on
+    `device`: a copy from the host would make a GPU wait."""
+    w = torch.ones(n, device=device)
     if overlap > 0:
-        r = (torch.arange(overlap, dtype=torch.float32) + 0.5) / overlap  # (0, 1), never exactly 0
+        r = (torch.arange(overlap, dtype=torch.float32, device=device) + 0.5) / overlap  # (0, 1), never 0
         if not lo_edge:
             w[:overlap] = r
         if not hi_edge:
             w[n - overlap:] = torch.minimum(w[n - overlap:], r.flip(0))
     return w
+
+
+def tile_warning(tile, overlap):
+    """One line when the tiles are tiny (below MIN_TILE LR pixels) or overlap more than half their
+    side (every LR pixel then goes through the models more than 4 times), else None."""
+    if tile <= 0 or (tile >= MIN_TILE and 2 * overlap <= tile):
+        return None
+    return (f"sr.py: warning: tile={tile}, overlap={overlap} computes every LR pixel "
+            f"{(tile / (tile - overlap)) ** 2:.0f} times on average; tiles below {MIN_TILE} LR pixels "
+            f"or overlapping more than half their side are slow and see little context (default: --tile=64 --overlap=16)")
 
 
 def output_names(paths):
@@ -53,42 +73,90 @@ def output_names(paths):
             for s, p in zip(stems, paths)]
 
 
-@torch.no_grad()
-def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1):
-    """Apply an x`scale` SR function `fn` ((1,3,h,w) -> (1,3,h*s,w*s)) to lr (1,3,H,W) in
-    overlapping LR tiles of side `tile`, blending the outputs; tile=0 runs the whole image.
-    The image is reflect-padded to a multiple of `multiple` LR pixels and the output cropped back."""
-    _, _, H, W = lr.shape
+def pad_to_multiple(lr, multiple):
+    """Pad (B, 3, H, W) at the bottom and right to multiples of `multiple` (reflect; replicate for
+    images too small to reflect)."""
+    H, W = lr.shape[-2:]
     ph, pw = (-H) % multiple, (-W) % multiple
-    if ph or pw:  # reflect needs pad < size; replicate covers tiny images
-        mode = 'reflect' if ph < H and pw < W else 'replicate'
-        lr = F.pad(lr, (0, pw, 0, ph), mode=mode)
+    if ph or pw:
+        lr = F.pad(lr, (0, pw, 0, ph), mode='reflect' if ph < H and pw < W else 'replicate')
+    return lr
+
+
+@torch.no_grad()
+def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1, batch_size=1):
+    """Apply an x`scale` SR function `fn` ((n, 3, h, w) -> (n, 3, h*s, w*s), values in [0, 1]) to
+    lr (B, 3, H, W) -> uint8 images (B, H*s, W*s, 3) on the host (common.to_uint8's rounding).
+    tile=0, or an image within one tile, is one call of fn for the whole batch. A larger image is
+    cut into overlapping LR tiles of side `tile`, `batch_size` tiles per call, whose outputs are
+    blended with linear ramps over the overlap. The tiles are streamed: one row band of tiles at a
+    time is added into a float accumulator (colour and weight sums) on lr's device, and the rows no
+    later band reaches are normalised and written into the uint8 output at once; the band's other
+    rows carry over. Memory: the output (3 bytes per pixel), one band (16 bytes per pixel of a
+    band, tile*s rows) and one call's tiles. Blending in this order gives the float sums of blending
+    into a whole-image canvas, bit for bit. The image is reflect-padded to a multiple of `multiple`
+    LR pixels and the output cropped back."""
+    B, _, H, W = lr.shape
+    s = scale
+    lr = pad_to_multiple(lr, multiple)
     Hp, Wp = lr.shape[-2:]
     if tile <= 0 or (Hp <= tile and Wp <= tile):
-        return fn(lr)[..., :H * scale, :W * scale]
+        return to_uint8(fn(lr)[..., :H * s, :W * s])
     if tile % multiple or overlap % multiple or not 0 <= overlap < tile:
         raise ValueError(f"sr.py: tile={tile} and overlap={overlap} must be multiples of the LR "
                          f"patch {multiple}, with 0 <= overlap < tile")
-    out = torch.zeros(1, 3, Hp * scale, Wp * scale, device=lr.device)
-    wsum = torch.zeros(1, 1, Hp * scale, Wp * scale, device=lr.device)
+    out = np.empty((B, H * s, W * s, 3), dtype=np.uint8)
+    th, tw = min(tile, Hp), min(tile, Wp)
     ys, xs = _starts(Hp, tile, tile - overlap), _starts(Wp, tile, tile - overlap)
-    for y in ys:
-        for x in xs:
-            th, tw = min(tile, Hp), min(tile, Wp)
-            sr = fn(lr[..., y:y + th, x:x + tw])                                # (1,3,th*s,tw*s)
-            wy = _ramp(th * scale, overlap * scale, y == 0, y + th == Hp)
-            wx = _ramp(tw * scale, overlap * scale, x == 0, x + tw == Wp)
-            w = (wy[:, None] * wx[None, :]).to(lr.device)[None, None]        # (1,1,th*s,tw*s)
-            Y, X = y * scale, x * scale
-            out[..., Y:Y + th * scale, X:X + tw * scale] += sr * w
-            wsum[..., Y:Y + th * scale, X:X + tw * scale] += w
-    return (out / wsum)[..., :H * scale, :W * scale]
+    wxs = [_ramp(tw * s, overlap * s, x == 0, x + tw == Wp, lr.device) for x in xs]
+    for b in range(B):
+        carry = lr.new_zeros(4, 0, Wp * s)  # sums of the rows the previous band shares with this one
+        for i, y in enumerate(ys):
+            Y, Y_next = y * s, (ys[i + 1] if i + 1 < len(ys) else Hp) * s  # first rows of this / next band
+            band = lr.new_zeros(4, th * s, Wp * s)  # rows [Y, Y + th*s): colour * weight, weight
+            band[:, :carry.shape[1]] = carry
+            wy = _ramp(th * s, overlap * s, y == 0, y + th == Hp, lr.device)
+            for j in range(0, len(xs), batch_size):
+                sr = fn(torch.stack([lr[b, :, y:y + th, x:x + tw] for x in xs[j:j + batch_size]]))
+                for x, wx, sr_3hw in zip(xs[j:j + batch_size], wxs[j:j + batch_size], sr):
+                    w = wy[:, None] * wx[None, :]                                # (th*s, tw*s)
+                    band[:3, :, x * s:(x + tw) * s] += sr_3hw * w
+                    band[3, :, x * s:(x + tw) * s] += w
+            rows = min(Y_next, H * s) - Y  # finished rows that are not padding
+            if rows > 0:
+                out[b, Y:Y + rows] = to_uint8(band[:3, :rows, :W * s] / band[3:, :rows, :W * s])
+            carry = band[:, Y_next - Y:]
+    return out
+
+
+def loaded(paths, failed):
+    """(path, name, lr (3, h, w)) per readable image; an unreadable one is reported and added to
+    `failed`, and the rest go on."""
+    for path, name in zip(paths, output_names(paths)):
+        try:
+            yield path, name, data.load_image(path)
+        except data.ImageLoadError as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            failed.append(path)
+
+
+def runs(items, batch_size, key):
+    """Consecutive items with equal key(item), at most batch_size per list; key None: alone."""
+    run = []
+    for item in items:
+        k = key(item)
+        if run and (len(run) == batch_size or k is None or k != key(run[0])):
+            yield run
+            run = []
+        run.append(item)
+    if run:
+        yield run
 
 
 if __name__ == '__main__':
     from configurator import configure, fail
-    from common import pick_device, save_png
-    from model import load_sr_chain, super_resolve
+    from common import autocast_ctx, pick_device, save_png
+    from model import load_sr_chain, sr_function
     # -----------------------------------------------------------------------------
     input = ''                              # an image file or a folder of images
     out_dir = 'out/sr'                      # <name>_x4.png per input
@@ -96,13 +164,19 @@ if __name__ == '__main__':
     decoder_ckpt = ''                       # stage-3 fine-tuned decoder; '' = the tokenizer's own
     tile = 64                               # LR tile side in pixels (0 = whole image at once)
     overlap = 16                            # LR pixels shared by neighbouring tiles
+    batch_size = 1                          # images of one size (or tiles of one image) per forward pass; 16 on a GPU
     device = 'auto'
+    dtype = 'auto'                          # auto (bf16 autocast on capable GPUs, else fp32) | float32 | bfloat16
+    compile = False                         # torch.compile the chain (start-up minutes on a CPU)
+    cuda_graphs = False                     # CUDA graphs per input shape (compile mode 'reduce-overhead'); CUDA only
     config = configure(globals())
     # -----------------------------------------------------------------------------
     if not input:
         fail("sr.py: set --input=FILE_OR_FOLDER")
     if tile < 0 or overlap < 0 or (tile > 0 and overlap >= tile):
         fail(f"sr.py: tile={tile}, overlap={overlap}: need tile >= 0 (0 = whole image) and 0 <= overlap < tile")
+    if batch_size < 1:
+        fail(f"sr.py: batch_size={batch_size} must be >= 1")
     if not os.path.exists(input):
         fail(f"sr.py: input '{input}' does not exist")
     paths = data.list_images(input) if os.path.isdir(input) else [input]
@@ -110,26 +184,35 @@ if __name__ == '__main__':
         fail(f"sr.py: no images in folder '{input}'")
     device = pick_device(device)
     try:
+        dtype, ctx = autocast_ctx(device, dtype)
         tokenizer, generator, prior = load_sr_chain(gen_ckpt, device, decoder_ckpt or None)
     except (FileNotFoundError, ValueError) as e:
         fail(f"sr.py: {e}")
     multiple = generator.config.patch // generator.config.scale     # LR pixels per token side
     if tile % multiple or overlap % multiple:
         fail(f"sr.py: tile={tile} and overlap={overlap} must be multiples of the generator's LR patch {multiple}")
-    fn = lambda x: super_resolve(x, tokenizer, generator, prior)
+    if tile_warning(tile, overlap):
+        print(tile_warning(tile, overlap), file=sys.stderr)
+    if cuda_graphs and not device.startswith('cuda'):
+        print(f"sr.py: cuda_graphs=True has no effect on {device}", file=sys.stderr)
+    chain = sr_function(tokenizer, generator, prior, device, compile, cuda_graphs)
+
+    def fn(lr):
+        with ctx:
+            return chain(lr)
+
     os.makedirs(out_dir, exist_ok=True)
     failed = []
-    for path, name in zip(paths, output_names(paths)):
-        try:
-            lr = data.load_image(path)[None].to(device)                     # (1,3,h,w)
-        except data.ImageLoadError as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            failed.append(path)
-            continue
+    one_pass = lambda item: tuple(item[2].shape) if tile <= 0 or max(item[2].shape[1:]) <= tile else None
+    for run in runs(loaded(paths, failed), batch_size, key=one_pass):  # equal sizes that fit one tile
         t0 = time.time()
-        sr = tiled_sr(lr, fn, generator.config.scale, tile, overlap, multiple)
-        dst = os.path.join(out_dir, name)
-        save_png(sr[0], dst)                                            # atomic write
-        print(f"{path}: {tuple(lr.shape[-2:])} -> {tuple(sr.shape[-2:])} in {time.time() - t0:.2f} s -> {dst}")
+        lr = torch.stack([item[2] for item in run]).to(device)         # (n, 3, h, w)
+        sr = tiled_sr(lr, fn, generator.config.scale, tile, overlap, multiple, batch_size)  # (n, H, W, 3) uint8
+        dt = (time.time() - t0) / len(run)
+        for (path, name, _), img in zip(run, sr):
+            dst = os.path.join(out_dir, name)
+            save_png(img, dst)                                              # atomic write
+            batch = f" (batch of {len(run)})" if len(run) > 1 else ""
+            print(f"{path}: {tuple(lr.shape[-2:])} -> {img.shape[:2]} in {dt:.2f} s{batch} -> {dst}")
     print(f"done: {len(paths) - len(failed)} written to {out_dir}, {len(failed)} failed")
     sys.exit(1 if failed else 0)
