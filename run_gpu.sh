@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU recipe: the three stages of config/*_gpu.py (2 + 2 + 0.75 minutes of one H100/H200), the
+# The GPU recipe: the three stages of config/*_gpu.py (1.75 + 1.75 + 0.5 minutes of one H100/H200), the
 # chain's evaluation table on the degraded validation pairs and sr.py on their LR images.
 # Extra arguments go to every stage script (e.g. --dtype=float32). Outputs under out/*_gpu.
 set -euo pipefail
