@@ -59,6 +59,7 @@ deg_mode = 'realesrgan'     # realesrgan | bicubic
 jpeg_impl = 'torch'         # the degradation's JPEG (degrade and generator modes): torch | pil
 # tokenizer mode: tokenizer.py's settings with this config file applied (model sizes, crop, batch)
 tok_config = 'config/tokenizer_tiny.py'
+tok_args = ''               # more tokenizer.py settings on top, e.g. '--hierarchical=True --lpips_weight=5'
 tok_gan = False             # include the discriminator step and the GAN term
 dtype = 'auto'              # auto (bf16 on capable GPUs) | float32 | bfloat16
 compile = False             # torch.compile: tokenizer / generator (CUDA only); sr mode adds compiled rows (on a CPU: minutes)
@@ -123,7 +124,7 @@ def sync(dev):
 
 
 def bench_tokenizer(dev):
-    settings = script_settings('tokenizer.py', [tok_config])
+    settings = script_settings('tokenizer.py', [tok_config, *tok_args.split()])
     cfg = config_from_settings(TokenizerConfig, settings)
     crop_, batch = settings['crop_size'], settings['batch_size']
     dt_name, ctx = autocast_ctx(dev, dtype)
@@ -165,7 +166,7 @@ def bench_tokenizer(dev):
     for _ in range(iters):
         step()
     dt = (time.perf_counter() - t0) / iters
-    print(f"tokenizer: {tok_config}, {count_params(model) / 1e6:.2f}M params, {settings['quantizer']} "
+    print(f"tokenizer: {tok_config} {tok_args}, {count_params(model) / 1e6:.2f}M params, {settings['quantizer']} "
           f"{'hierarchical ' if hier else ''}quantizer, batch {batch} x {crop_}x{crop_}, {dt_name}, "
           f"compile={compile and dev.startswith('cuda') and not hier}, gan={tok_gan}, on {dev}")
     print(f"tokenizer_ms_per_iter: {1000 * dt:.1f}")
@@ -182,7 +183,7 @@ def build_chain(dev):
     """The tokenizer, generator and prior of tok_config + gen_config on dev, built as generator.py
     builds them (random tokenizer and generator weights: the time does not depend on them; the
     prior has its ImageNet weights) -> (tokenizer, generator, prior or None, generator settings)."""
-    tcfg = config_from_settings(TokenizerConfig, script_settings('tokenizer.py', [tok_config]))
+    tcfg = config_from_settings(TokenizerConfig, script_settings('tokenizer.py', [tok_config, *tok_args.split()]))
     g = script_settings('generator.py', [gen_config])
     prior = None
     if g['use_prior']:
