@@ -309,9 +309,10 @@ while True:
     # generator (autoencoder) step on the (decode, target) pairs of the chosen quantizer
     with ctx:
         pairs, commit = reconstructions(x)
-        l1, l2, lp = (sum(f(dec.float(), t) for dec, t in pairs) / len(pairs) for f in (
-            lambda d, t: (d - t).abs().mean(), lambda d, t: (d - t).pow(2).mean(),
-            lambda d, t: ev.lpips_dist(lpips_net, d, t).mean() if lpips_weight > 0 else d.sum() * 0))
+        n = len(pairs)                                           # each loss: the mean over the pairs
+        l1 = sum((d.float() - t).abs().mean() for d, t in pairs) / n
+        l2 = sum((d.float() - t).pow(2).mean() for d, t in pairs) / n
+        lp = sum(ev.lpips_dist(lpips_net, d.float(), t).mean() for d, t in pairs) / n if lpips_weight > 0 else l1 * 0
         xrec, target = pairs[-1]                                 # full size: the GAN's pair
         g = g_loss_hinge(disc(xrec)) if gan_on else l1 * 0
         rec_loss = l1_weight * l1 + l2_weight * l2 + lpips_weight * lp
