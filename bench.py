@@ -123,6 +123,25 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
+def counted_flops(fn):
+    """FLOPs of one call of fn as torch's FlopCounterMode counts them: every matmul, convolution and
+    attention of the forward and backward passes of all the models that run (LPIPS and the prior
+    included); elementwise ops, norms, the code lookup and the optimizer are not counted. Run eagerly
+    (compiled graphs are not seen by the counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def print_mfu(prefix, flops_per_iter, dt, dev):
+    peak = peak_flops(dev)
+    print(f"{prefix}_gflop_per_iter: {flops_per_iter / 1e9:.1f}")
+    print(f"{prefix}_tflops: {flops_per_iter / dt / 1e12:.2f}")
+    print(f"{prefix}_mfu: {flops_per_iter / dt / peak:.3f}" if peak else
+          f"{prefix}_mfu: n/a (no datasheet peak for this device)")
+
+
 def bench_tokenizer(dev):
     settings = script_settings('tokenizer.py', [tok_config, *tok_args.split()])
     cfg = config_from_settings(TokenizerConfig, settings)
@@ -138,13 +157,13 @@ def bench_tokenizer(dev):
     hier = settings['quantizer'] == 'msrq' and settings['hierarchical']
     scales = cfg.rq_scales if hier else (1.0,)
 
-    def step():
+    def step(net=fwd):
         with ctx:
             if hier:  # Algorithm 1: one encode + decode per scale, each vs x resized
                 decs, _, commit, _ = model.hierarchical(x, drop_B=torch.rand(batch, device=dev) < 0.5)
                 pairs = [(d, resize_image(x, s)) for d, s in zip(decs, scales)]
             else:
-                xrec, _, commit, _ = fwd(x)
+                xrec, _, commit, _ = net(x)
                 pairs = [(xrec, x)]
             loss = commit + sum((d.float() - t).abs().mean() + ev.lpips_dist(lpips_net, d.float(), t).mean()
                                 for d, t in pairs)
@@ -158,6 +177,7 @@ def bench_tokenizer(dev):
         if dev.startswith('cuda'):
             torch.cuda.synchronize()
 
+    counted = counted_flops(lambda: step(model))  # one eager step
     for _ in range(warmup_iters):
         step()
     if dev.startswith('cuda'):
@@ -173,10 +193,11 @@ def bench_tokenizer(dev):
     print(f"tokenizer_img_per_s: {batch / dt:.1f}")
     if dev.startswith('cuda'):
         print(f"peak_mem_mb: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
-    peak = peak_flops(dev)
-    flops = sum(flops_per_image(model.model_args, round(s * crop_), round(s * crop_)) for s in scales) * batch / dt
-    print(f"tokenizer_tflops: {flops / 1e12:.2f}")  # encoder + decoder matmuls only (model.flops_per_image)
-    print(f"mfu: {flops / peak:.3f}" if peak else "mfu: n/a (no datasheet peak for this device)")
+    # counted: every matmul / conv / attention of the step (LPIPS included); model: the encoder and
+    # decoder alone, from the formula of model.flops_per_image (a check of that formula, too)
+    print_mfu('tokenizer', counted, dt, dev)
+    print_mfu('tokenizer_model', sum(flops_per_image(model.model_args, round(s * crop_), round(s * crop_))
+                                     for s in scales) * batch, dt, dev)
 
 
 def build_chain(dev):
@@ -236,6 +257,9 @@ def bench_generator(dev):
         return (time.perf_counter() - t0) / iters
 
     premade = sampler.next()                          # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
+    eager, fwd = fwd, gen
+    counted = counted_flops(lambda: step(*premade))   # one eager step
+    fwd = eager
     for _ in range(warmup_iters):
         step(*sampler.next())
     t_data = timed(sampler.next)
@@ -250,6 +274,7 @@ def bench_generator(dev):
     print(f"generator_img_per_s: {batch / t_fresh:.1f}")
     print(f"generator_img_per_s_premade: {batch / t_premade:.1f}")
     print(f"data_share_of_step: {max(0.0, 1 - t_premade / t_fresh):.2f}")
+    print_mfu('generator', counted, t_fresh, dev)  # tokenizer targets, prior + LoRA, generator, LPIPS
 
 
 def random_chain(dev):
