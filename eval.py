@@ -23,6 +23,7 @@ import pickle
 import sys
 import tarfile
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -344,7 +345,6 @@ def scale_decodes(tok, hr, tokenization='hierarchical', device='cpu', ctx=None, 
     Algorithm 1 ('hierarchical') or from the plain full-size quantization ('plain'); decode n uses
     the steps of scales 1..n on the grid of scale n (docs/method.md#hierarchical-tokenization).
     -> [(s_n, decodes (N, 3, s_n H, s_n W) in [0, 1], targets: hr resized by s_n)], [idx (N, h_i, w_i)]."""
-    from contextlib import nullcontext
     from model import resize_image
     scales = tok.quantizer.scales
     decs, idxs = [[] for _ in scales], []
