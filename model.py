@@ -67,10 +67,18 @@ def rope_2d(h, w, head_dim, base=10000.0, device=None):
     Returns cos, sin: (h*w, head_dim/2) float32."""
     if head_dim % 4 != 0:
         raise ValueError(f"rope_2d: head_dim={head_dim} must be divisible by 4 (2 axes x pairs)")
-    n_freq = head_dim // 4
-    inv_freq = base ** (-torch.arange(n_freq, dtype=torch.float64, device=device) / n_freq)
     t = torch.arange(h * w, device=device)
-    row, col = (t // w).double(), (t % w).double()
+    return rope_angles((t // w).double(), (t % w).double(), head_dim, base)
+
+
+def rope_angles(row, col, head_dim, base=10000.0):
+    """cos, sin (T, head_dim/2) of 2D RoPE at any positions row, col (T,) (float64; not only
+    integers: the next-scale generator places a coarse step's cells at their centres on the full
+    grid). rope_2d is this at the integer grid positions."""
+    if head_dim % 4 != 0:
+        raise ValueError(f"rope_angles: head_dim={head_dim} must be divisible by 4 (2 axes x pairs)")
+    n_freq = head_dim // 4
+    inv_freq = base ** (-torch.arange(n_freq, dtype=torch.float64, device=row.device) / n_freq)
     ang = torch.cat([row[:, None] * inv_freq, col[:, None] * inv_freq], dim=1)  # (T, hd/2)
     return ang.cos().float(), ang.sin().float()
 
@@ -93,10 +101,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)  # residual projection
 
-    def forward(self, x, rope=None, n_prefix=0, attn_mask=None):
+    def forward(self, x, rope=None, n_prefix=0, attn_mask=None, kv_cache=None):
         """x: (B, T, dim) with T = n_prefix + h*w. The first n_prefix tokens (e.g. CLS tokens of the
         generator) carry no position and are not rotated. rope = (cos, sin) from rope_2d or None.
-        attn_mask: optional bool/float mask broadcastable to (B, nh, T, T) (True = attend)."""
+        attn_mask: optional bool/float mask broadcastable to (B, nh, T, T_keys) (True = attend).
+        kv_cache: a dict, for step-by-step inference: the keys / values of earlier calls (rotated,
+        in cache['k'], cache['v']) are prepended to this call's, which are then appended to it; x
+        then attends to every cached token and to itself."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         # q, k, v: (B, nh, T, hs)
@@ -107,6 +118,10 @@ class Attention(nn.Module):
                                  f"has {T - n_prefix} spatial tokens (T={T}, n_prefix={n_prefix})")
             q = torch.cat([q[:, :, :n_prefix], apply_rope(q[:, :, n_prefix:], cos, sin)], dim=2)
             k = torch.cat([k[:, :, :n_prefix], apply_rope(k[:, :, n_prefix:], cos, sin)], dim=2)
+        if kv_cache is not None:
+            if 'k' in kv_cache:
+                k, v = torch.cat([kv_cache['k'], k], dim=2), torch.cat([kv_cache['v'], v], dim=2)
+            kv_cache['k'], kv_cache['v'] = k, v                            # (B, nh, T_keys, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -124,8 +139,8 @@ class Block(nn.Module):
     def _norm(self, norm, x, mod):
         return norm(x) if mod is None else norm(x) * (1 + mod[0]) + mod[1]  # mod = (gamma, beta)
 
-    def forward(self, x, rope=None, mod=None, n_prefix=0, attn_mask=None):
-        x = x + self.attn(self._norm(self.norm1, x, mod), rope, n_prefix, attn_mask)
+    def forward(self, x, rope=None, mod=None, n_prefix=0, attn_mask=None, kv_cache=None):
+        x = x + self.attn(self._norm(self.norm1, x, mod), rope, n_prefix, attn_mask, kv_cache)
         x = x + self.mlp(self._norm(self.norm2, x, mod))
         return x
 
@@ -865,6 +880,254 @@ class Generator(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# 5b. Next-scale generator (H-VAR, docs/method.md#next-scale-generator)
+#
+# Predicts the L steps of a multi-scale RQ tokenization one step at a time, conditioned on the
+# frozen tokenizer encoder's features of the LR image upsampled to the target size. It works at the
+# tokenizer's native size (token grid R = rq_steps[-1]), as VAR does; sr.py tiles larger images.
+
+CLASS_DEGRADED, CLASS_BILINEAR, CLASS_NULL = 0, 1, 2  # input kinds of the 3-class embedding
+
+
+@dataclass
+class NextScaleConfig(ModelConfig):
+    """Stage 2 of H-VAR. patch, latent_dim, codebook_size, rq_steps and rq_scales come from the
+    tokenizer; the rest are generator.py's settings of the same names."""
+    patch: int                # HR pixels per token side (the tokenizer's)
+    scale: int                # HR side / LR side
+    latent_dim: int           # C: channels of the codes and of the condition (encoder) features
+    codebook_size: int        # K logits per token (the shared codebook)
+    rq_steps: tuple           # step sides on the native grid, R = rq_steps[-1] (the tokenizer's)
+    rq_scales: tuple          # target scales s_n (the tokenizer's)
+    hierarchical: bool        # targets from Algorithm 1 (True) or from the plain full-size RQ (False)
+    width: int
+    depth: int
+    n_head: int
+    mlp_ratio: float
+    rope_base: float
+
+    def __post_init__(self):
+        self.rq_steps, self.rq_scales = tuple(self.rq_steps), tuple(self.rq_scales)  # lists from JSON
+        self.check_types()
+        self.check_positive('patch', 'scale', 'latent_dim', 'width', 'depth', 'n_head')
+        self.check_positive('codebook_size', minimum=2)
+        try:
+            step_partition(self.rq_steps, self.rq_scales)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: {e}") from None
+        if self.width % self.n_head or (self.width // self.n_head) % 4:
+            self.bad('n_head', f"must divide width={self.width} into heads of a size divisible by 4 (2D RoPE)")
+        if self.mlp_ratio <= 0:
+            self.bad('mlp_ratio', "must be > 0")
+        if (self.rq_steps[-1] * self.patch) % self.scale:
+            self.bad('scale', f"must divide the native HR side {self.rq_steps[-1] * self.patch}")
+
+    @property
+    def hr_size(self):
+        return self.rq_steps[-1] * self.patch      # the native HR side (training crops, sr.py tiles)
+
+
+class NextScaleGenerator(nn.Module):
+    """Sequence [condition (R*R tokens) | step 1 (rho_1^2) | ... | step L (rho_L^2)], block-causal:
+    the condition sees itself, step i sees the condition, itself and the steps before it.
+    Token embedding: a linear map of the C-dim input + a learned step embedding (0 = condition)
+    + the class embedding of the input kind (degraded / bilinear-only / null) on every token.
+    2D RoPE places every token on the full R x R grid: the condition at its cells, a step's cells
+    at their centres ((a + 1/2) R / rho_i - 1/2), so all scales share one coordinate frame.
+    Step inputs (VAR's teacher forcing, step_inputs): step 1 gets the condition area-pooled to
+    rho_1; step i the sum of the code contributions of steps < i, area-pooled to rho_i. That sum is
+    made on the grid of step i's target scale for hierarchical tokens (as Algorithm 1 made them)
+    and on the full grid for plain ones."""
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        R, L = c.rq_steps[-1], len(c.rq_steps)
+        self.cond_proj = nn.Linear(c.latent_dim, c.width)
+        self.in_proj = nn.Linear(c.latent_dim, c.width)
+        self.step_emb = nn.Embedding(L + 1, c.width)
+        self.class_emb = nn.Embedding(3, c.width)
+        self.blocks = nn.ModuleList([Block(c.width, c.n_head, c.mlp_ratio) for _ in range(c.depth)])
+        self.norm = RMSNorm(c.width)
+        self.head = nn.Linear(c.width, c.codebook_size)
+        init_transformer_weights(self, c.depth)
+        for e in (self.step_emb, self.class_emb):
+            nn.init.normal_(e.weight, std=0.02)
+        self.shapes = [(r, r) for r in c.rq_steps]
+        parts = step_partition(c.rq_steps, c.rq_scales)
+        side = {i: c.rq_steps[p[-1]] if c.hierarchical else R for p in parts for i in p}
+        self.step_grid = [(side[i], side[i]) for i in range(L)]
+        self.sizes = [R * R] + [r * r for r in c.rq_steps]          # tokens per block
+        self.n_cond = R * R
+        # positions on the full grid and the block-causal mask, for the longest sequence
+        rows, cols, block = [], [], []
+        for b, r in enumerate((R,) + tuple(c.rq_steps)):
+            centre = (torch.arange(r, dtype=torch.float64) + 0.5) * R / r - 0.5   # (r,)
+            rows.append(centre.repeat_interleave(r))
+            cols.append(centre.repeat(r))
+            block.append(torch.full((r * r,), b))
+        cos, sin = rope_angles(torch.cat(rows), torch.cat(cols), c.width // c.n_head, c.rope_base)
+        block = torch.cat(block)
+        self.register_buffer('rope_cos', cos, persistent=False)         # (T, hs/2)
+        self.register_buffer('rope_sin', sin, persistent=False)
+        self.register_buffer('mask', block[:, None] >= block[None, :], persistent=False)  # (T, T)
+
+    @property
+    def model_args(self):
+        return asdict(self.config)
+
+    def embed_cond(self, cond_BChw, cls_B):
+        R = self.config.rq_steps[-1]
+        if cond_BChw.dim() != 4 or tuple(cond_BChw.shape[1:]) != (self.config.latent_dim, R, R):
+            raise ValueError(f"NextScaleGenerator: expected condition features (B, {self.config.latent_dim}, "
+                             f"{R}, {R}), got {tuple(cond_BChw.shape)}")
+        x = self.cond_proj(cond_BChw.flatten(2).transpose(1, 2))              # (B, R*R, width)
+        return x + self.step_emb.weight[0] + self.class_emb(cls_B)[:, None]
+
+    def embed_step(self, i, in_BChw, cls_B):
+        x = self.in_proj(in_BChw.flatten(2).transpose(1, 2))                  # (B, rho_i^2, width)
+        return x + self.step_emb.weight[i + 1] + self.class_emb(cls_B)[:, None]
+
+    def forward(self, cond_BChw, inputs, cls_B):
+        """Teacher-forced pass, one masked forward. cond (B, C, R, R) (zeros for the null class);
+        inputs [(B, C, rho_i, rho_i)] of steps 1..n (n <= L), from step_inputs; cls_B (B,) long.
+        -> logits (B, N, K) of those steps, N = sum_{i<=n} rho_i^2 (step-major, row-major)."""
+        x = torch.cat([self.embed_cond(cond_BChw, cls_B)] +
+                      [self.embed_step(i, t, cls_B) for i, t in enumerate(inputs)], dim=1)
+        T = x.shape[1]
+        rope, mask = (self.rope_cos[:T], self.rope_sin[:T]), self.mask[:T, :T]
+        for blk in self.blocks:
+            x = blk(x, rope, attn_mask=mask)
+        return self.head(self.norm(x[:, self.n_cond:]))
+
+    def next_input(self, quantizer, idxs, i, acc):
+        """Input of step i >= 1 from the tokens idxs of steps < i: the running sum acc = [f, grid]
+        of their contributions on step i's grid (recomputed where the grid changes), area-pooled
+        to rho_i. One function for teacher forcing and sampling, so both see the same inputs."""
+        grid = self.step_grid[i]
+        if acc[1] != grid:
+            acc[0], acc[1] = quantizer.decode_steps(idxs[:i], grid), grid
+        else:
+            acc[0] = acc[0] + quantizer.contribution(i - 1, idxs[i - 1], grid)
+        return F.adaptive_avg_pool2d(acc[0], self.shapes[i])
+
+    def step_inputs(self, quantizer, cond_BChw, idxs):
+        """Teacher-forcing inputs [(B, C, rho_i, rho_i)] of all L steps from the tokens idxs
+        [(B, rho_i, rho_i)] (the last step's tokens are not needed)."""
+        ins, acc = [F.adaptive_avg_pool2d(cond_BChw.float(), self.shapes[0])], [None, None]
+        for i in range(1, len(self.shapes)):
+            ins.append(self.next_input(quantizer, idxs, i, acc))
+        return ins
+
+    @torch.no_grad()
+    def generate(self, quantizer, cond_BChw, cls_B, top_k=1, temperature=1.0, cfg=0.0, kv_cache=True,
+                 rng=None):
+        """Next-scale sampling. With kv_cache each step runs only its own tokens against the cached
+        keys / values of the condition and the earlier steps; without, step i reruns the masked
+        forward over the whole prefix. Per step: top_k=1 is argmax, k > 1 samples among the k most
+        probable (sample_topk), 0 from the whole distribution, logits divided by temperature.
+        cfg > 0: classifier-free guidance, logits (1 + cfg) l(c) - cfg l(null).
+        -> [idx (B, rho_i, rho_i)] * L, [logits (B, rho_i^2, K)] * L (after guidance, before temperature)."""
+        B = cond_BChw.shape[0]
+        cond = cond_BChw.float()
+        if cfg > 0:
+            cond = torch.cat([cond, torch.zeros_like(cond)])
+            cls_B = torch.cat([cls_B, torch.full_like(cls_B, CLASS_NULL)])
+        caches = [dict() for _ in self.blocks] if kv_cache else None
+        if kv_cache:
+            x = self.embed_cond(cond, cls_B)
+            rope = (self.rope_cos[:self.n_cond], self.rope_sin[:self.n_cond])
+            for blk, cache in zip(self.blocks, caches):
+                x = blk(x, rope, kv_cache=cache)                      # the condition sees only itself
+        ins, acc, idxs, idxs2, out_logits = [F.adaptive_avg_pool2d(cond, self.shapes[0])], [None, None], [], [], []
+        for i, shape in enumerate(self.shapes):
+            if kv_cache:
+                lo = sum(self.sizes[:i + 1])
+                rope = (self.rope_cos[lo:lo + self.sizes[i + 1]], self.rope_sin[lo:lo + self.sizes[i + 1]])
+                x = self.embed_step(i, ins[i], cls_B)
+                for blk, cache in zip(self.blocks, caches):
+                    x = blk(x, rope, kv_cache=cache)                  # sees the cache and itself
+                logits = self.head(self.norm(x)).float()              # (B or 2B, rho_i^2, K)
+            else:
+                logits = self(cond, ins, cls_B)[:, -self.sizes[i + 1]:].float()
+            if cfg > 0:
+                logits = (1 + cfg) * logits[:B] - cfg * logits[B:]
+            k = logits.shape[-1] if top_k == 0 else top_k
+            idx = sample_topk(logits / temperature if k > 1 else logits, k, rng).view(B, *shape)
+            idxs.append(idx)
+            out_logits.append(logits)
+            idxs2.append(torch.cat([idx, idx]) if cfg > 0 else idx)   # both halves continue alike
+            if i + 1 < len(self.shapes):
+                ins.append(self.next_input(quantizer, idxs2, i + 1, acc))
+        return idxs, out_logits
+
+
+def flat_tokens(idxs):
+    """[idx (B, rho_i, rho_i)] * L -> (B, N): the sequence order of NextScaleGenerator's logits."""
+    return torch.cat([i.flatten(1) for i in idxs], dim=1)
+
+
+def sequence_logp(logits_BNK, tokens_BN):
+    """log p(z) of a teacher-forced sequence: sum over its tokens of log softmax(logits)[z], (B,)."""
+    return logits_BNK.float().log_softmax(-1).gather(-1, tokens_BN[..., None])[..., 0].sum(1)
+
+
+def dpo_loss(logp_hr, logp_lr, beta):
+    """H-VAR's DPO regulariser (docs/method.md#dpo): -log sigmoid(beta (log p(z_HR) - log p(z_LR))),
+    averaged over the batch. Lowering it raises log p(z_HR) and lowers log p(z_LR)."""
+    return -F.logsigmoid(beta * (logp_hr - logp_lr)).mean()
+
+
+def hvar_tokens(tokenizer, x, hierarchical):
+    """Targets of the next-scale generator: Algorithm 1's tokens of x or the plain RQ ones."""
+    with torch.no_grad():
+        return tokenizer.encode_hierarchical(x) if hierarchical else tokenizer.encode(x)[1]
+
+
+@torch.no_grad()
+def hvar_condition(tokenizer, lr, cls_B, scale):
+    """lr (B, 3, h, w) -> the LR bilinearly upsampled to the target size (B, 3, s h, s w) and the
+    condition: the frozen encoder's features of it (B, C, R, R), zero for the null class."""
+    up = F.interpolate(lr, scale_factor=scale, mode='bilinear', align_corners=False).clamp(0, 1)
+    cond = tokenizer.encoder(up).float()
+    return up, cond * (cls_B != CLASS_NULL).to(cond.dtype)[:, None, None, None]
+
+
+def step_accuracy(logits_BNK, tokens_BN, sizes):
+    """Top-1 accuracy of each step: (L,) from the flat logits / tokens and the steps' token counts."""
+    hit = (logits_BNK.argmax(-1) == tokens_BN).float()
+    return torch.stack([h.mean() for h in hit.split(list(sizes), dim=1)])
+
+
+def hvar_losses(s, tokenizer, generator, hr, lr, cls_B):
+    """The H-VAR stage-2 loss of one batch (docs/method.md#next-scale-generator), for generator.py
+    and bench.py: ce_weight * CE(z_HR) + dpo_weight * L_DPO, both under teacher forcing; L_DPO
+    needs a second sequence, z_LR (the tokens of the upsampled LR), run in the same forward pass.
+    s: generator.py's settings; generator: the module to call (compiled or not).
+    -> (loss, parts (ce, dpo, logp_gap), per-step accuracy (L,))."""
+    c = generator.config
+    up, cond = hvar_condition(tokenizer, lr, cls_B, c.scale)
+    z_hr = hvar_tokens(tokenizer, hr, c.hierarchical)
+    ins = generator.step_inputs(tokenizer.quantizer, cond, z_hr)
+    t_hr = flat_tokens(z_hr)                                            # (B, N)
+    zero = torch.zeros((), device=hr.device)
+    if s['dpo']:
+        z_lr = hvar_tokens(tokenizer, up, c.hierarchical)
+        ins_lr = generator.step_inputs(tokenizer.quantizer, cond, z_lr)
+        logits = generator(torch.cat([cond, cond]), [torch.cat(p) for p in zip(ins, ins_lr)],
+                           torch.cat([cls_B, cls_B]))
+        logits, logits_lr = logits.chunk(2)
+        logp_hr, logp_lr = sequence_logp(logits, t_hr), sequence_logp(logits_lr, flat_tokens(z_lr))
+        dpo, gap = dpo_loss(logp_hr, logp_lr, s['dpo_beta']), (logp_hr - logp_lr).mean().detach()
+    else:
+        logits = generator(cond, ins, cls_B)                            # (B, N, K)
+        dpo = gap = zero
+    ce = F.cross_entropy(logits.float().flatten(0, 1), t_hr.flatten())
+    loss = s['ce_weight'] * ce + s['dpo_weight'] * dpo
+    acc = step_accuracy(logits.detach(), t_hr, [r * r for r in c.rq_steps])
+    return loss, dict(ce=ce, dpo=dpo, logp_gap=gap), acc
+
+
+# -----------------------------------------------------------------------------
 # 6. Training helpers
 
 def config_from_settings(cls, settings, **derived):
@@ -1100,7 +1363,8 @@ def load_tokenizer(path, device='cpu', what='--tok_ckpt'):
 
 
 def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
-    """Stage-2 checkpoint -> (tokenizer, generator, prior) in eval mode, frozen, on device.
+    """Stage-2 checkpoint -> (tokenizer, generator, prior) in eval mode, frozen, on device; the
+    generator is a Generator (HiTokSR) or a NextScaleGenerator (H-VAR, no prior), as trained.
     The tokenizer is rebuilt from the path saved in the generator checkpoint (tok_ckpt, absolute;
     a relative one from older runs is tried next to the generator checkpoint too); its decoder is
     replaced by decoder_ckpt's 'decoder' state dict when given (stage 3). prior is None for a
@@ -1124,7 +1388,10 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
         if d.get('tok_model_args') != t['model_args']:
             raise ValueError(f"{decoder_ckpt} is a decoder for another tokenizer than the one of {gen_ckpt}")
         tokenizer.decoder.load_state_dict(d['decoder'])
-    generator = Generator(GeneratorConfig.from_dict(g['model_args']))
+    if g.get('method', 'hitoksr') == 'hvar':
+        generator = NextScaleGenerator(NextScaleConfig.from_dict(g['model_args']))
+    else:
+        generator = Generator(GeneratorConfig.from_dict(g['model_args']))
     generator.load_state_dict(g['generator'])
     prior = build_sr_prior(g['prior_args'])
     if prior is not None:
@@ -1157,14 +1424,50 @@ def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
     return (sr, idx) if return_indices else sr
 
 
-def sr_function(tokenizer, generator, prior=None, device='cpu', compile=False, cuda_graphs=False):
+@torch.no_grad()
+def hvar_super_resolve(lr, tokenizer, generator, cls=CLASS_DEGRADED, top_k=1, temperature=1.0, cfg=0.0,
+                       kv_cache=True, rng=None, return_indices=False):
+    """H-VAR: lr (B, 3, h, w) at the generator's native LR size -> [one image per target scale
+    s_n: (B, 3, 4 s_n h, 4 s_n w)], i.e. x1 (denoised), x2 and x4 for scales (0.25, 0.5, 1), all
+    from the one token sequence of one pass (decode n uses the steps of scales 1..n); with
+    return_indices also the tokens [idx (B, rho_i, rho_i)]. cls: the input kind (0 degraded,
+    1 bilinear-only, 2 null); sampling settings as NextScaleGenerator.generate."""
+    c = generator.config
+    side = c.hr_size // c.scale
+    if lr.dim() != 4 or tuple(lr.shape[-2:]) != (side, side):
+        raise ValueError(f"hvar_super_resolve: the generator works on {side}x{side} LR images "
+                         f"(its tokenizer's native {c.hr_size} px / {c.scale}), got {tuple(lr.shape)}; "
+                         f"sr.py tiles other sizes")
+    cls_B = torch.full((lr.shape[0],), cls, dtype=torch.long, device=lr.device)
+    _, cond = hvar_condition(tokenizer, lr, cls_B, c.scale)
+    idxs, _ = generator.generate(tokenizer.quantizer, cond, cls_B, top_k, temperature, cfg, kv_cache, rng)
+    outs = [tokenizer.decode_steps(idxs, n + 1).float().clamp(0, 1) for n in range(len(c.rq_scales))]
+    return (outs, idxs) if return_indices else outs
+
+
+def output_scales(generator):
+    """The SR factors a generator's one pass yields: (4,) for HiTokSR, (1, 2, 4) for H-VAR's
+    scales (0.25, 0.5, 1) at x4."""
+    c = generator.config
+    if isinstance(generator, NextScaleGenerator):
+        return tuple(round(s * c.scale) for s in c.rq_scales)
+    return (c.scale,)
+
+
+def sr_function(tokenizer, generator, prior=None, device='cpu', compile=False, cuda_graphs=False, **sample):
     """super_resolve as one callable lr (B, 3, h, w) -> sr (B, 3, s*h, s*w), for sr.py and bench.py.
     compile=True wraps it in torch.compile (any device; on a CPU it costs minutes of start-up).
     cuda_graphs=True compiles with mode='reduce-overhead': on CUDA, each input shape is captured
     once as a CUDA graph and then replayed with one launch, which removes the per-kernel launch
     cost that dominates small images (sr.py's tiles all have one shape). It needs the sync-free
     forward above; elsewhere than on CUDA it is ignored. A graph's output is overwritten by the
-    next call: use (or copy) it before calling again, as sr.tiled_sr does."""
+    next call: use (or copy) it before calling again, as sr.tiled_sr does.
+    An H-VAR generator (NextScaleGenerator) gives lr -> [sr at each of output_scales(generator)]
+    (hvar_super_resolve, with the sampling settings `sample`); its step-by-step loop with a growing
+    KV cache is not captured as a CUDA graph (cuda_graphs is ignored for it)."""
+    if isinstance(generator, NextScaleGenerator):
+        fn = lambda lr: hvar_super_resolve(lr, tokenizer, generator, **sample)
+        return torch.compile(fn) if compile else fn
     fn = lambda lr: super_resolve(lr, tokenizer, generator, prior)
     cuda_graphs = cuda_graphs and str(device).startswith('cuda')
     if not (compile or cuda_graphs):
