@@ -14,7 +14,8 @@ which reads sys.argv:
 - `--key=value` overrides a setting; the value is parsed as a Python literal, falling back to a
   plain string (so `--out_dir=out/x` needs no quotes).
 - Unknown keys and wrong types are refused, naming the valid keys. An int is accepted where a float
-  is expected (`--learning_rate=1` means 1.0); nothing else is coerced.
+  is expected (`--learning_rate=1` means 1.0), a list where a tuple is, and a single value where a
+  tuple of such values is (`--scales=4` means (4,)); nothing else is coerced.
 
 A setting is any global whose name does not start with '_' and whose value is an int, float, bool,
 str, tuple, dict or None. configure() returns the resolved settings as a dict (to be printed and
@@ -45,6 +46,8 @@ def _check(key, value, current, valid, origin):
         return float(value)
     if type(old) is tuple and type(value) is list:
         value = tuple(value)
+    if type(old) is tuple and old and type(value) is type(old[0]):  # --scales=4 means (4,)
+        value = (value,)
     if type(value) is not type(old):
         raise ConfigError(f"{origin}: config key '{key}' expects {type(old).__name__} "
                           f"(default {old!r}), got {type(value).__name__} {value!r}")
