@@ -1,12 +1,25 @@
 """
-Stage 2: train the semantic-guided token generator with reconstruction-aware losses
-(HiTokSR + TVQ&RAP; docs/method.md#generator).
+Stage 2: train the token generator. Two methods, one loop, chosen by `method`:
+  'hitoksr': the semantic-guided generator with reconstruction-aware losses (HiTokSR + TVQ&RAP;
+             docs/method.md#generator), on a grouped-VQ tokenizer: all tokens in one pass.
+  'hvar':    H-VAR's next-scale generator (docs/method.md#next-scale-generator) on a multi-scale RQ
+             tokenizer: step by step, CE + DPO; one pass yields the x1, x2 and x4 outputs.
 
     python generator.py config/generator_tiny.py                 # 2-core CPU, ~10 minutes
     python generator.py config/generator_paper.py                # paper sizes, one GPU
+    python generator.py config/generator_hvar_tiny.py            # H-VAR, 2-core CPU
     python generator.py config/generator_tiny.py --init_from=resume   # continue exactly
 
-Each step degrades an HR crop to LR (Real-ESRGAN), takes the frozen stage-1 tokenizer's indices of
+H-VAR: each step degrades an HR crop (or, for bilinear_frac of the pairs, only downsamples it
+bilinearly: class 1; cond_drop of them get the null class 2, with no condition), takes the frozen
+tokenizer's hierarchical tokens z_HR of the HR crop as targets and, for DPO, those of the LR
+upsampled bilinearly, z_LR; the condition is the encoder's features of that upsampled LR. Loss:
+    ce_weight * CE(z_HR) + dpo_weight * -log sigmoid(dpo_beta * (log p(z_HR) - log p(z_LR)))
+with the log-likelihoods of both sequences under teacher forcing. Ablations: --dpo=False,
+--hvar_tokens=plain (the plain RQ tokens of the same tokenizer: no valid x1 / x2), --bilinear_frac=0.
+
+HiTokSR:
+each step degrades an HR crop to LR (Real-ESRGAN), takes the frozen stage-1 tokenizer's indices of
 the HR crop as targets (q_HR), runs the prior (ImageNet EfficientNet-Lite0 + LoRA) on the LR image
 upsampled to HR size, and predicts all G x h x w indices in one pass. Loss
 (docs/method.md#generator-loss):
@@ -35,9 +48,11 @@ from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, 
                     write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
-from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
-                   config_from_settings, count_params, discriminator_step, generator_losses, param_groups,
-                   super_resolve, vanilla_d_loss)
+from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
+                   NextScaleGenerator, PatchDiscriminator, Tokenizer, TokenizerConfig, config_from_settings,
+                   count_params, discriminator_step, generator_losses, hvar_losses, hvar_super_resolve,
+                   output_scales, param_groups, resize_image, super_resolve, vanilla_d_loss)
+from sr import tiled_sr
 from prior import LoRAWeights, build_sr_prior
 
 # -----------------------------------------------------------------------------
@@ -46,6 +61,7 @@ out_dir = 'out/generator'
 init_from = 'scratch'     # 'scratch' | 'resume' (from out_dir/ckpt.pt: weights, optimizers, RNG, data)
 overwrite = False         # True: a scratch run may replace an earlier run's out_dir/ckpt.pt (else refused)
 tok_ckpt = 'out/tokenizer/ckpt.pt'  # frozen stage-1 tokenizer (codebooks + decoder, targets q_HR)
+method = 'hitoksr'        # 'hitoksr' (grouped-VQ tokenizer, one pass, prior, pixel losses) | 'hvar' (msrq tokenizer, next-scale)
 eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkpoint)
 log_interval = 10         # steps between log lines
 max_iters = 2000          # total optimizer steps
@@ -56,6 +72,7 @@ train_dir = 'assets/images/train'
 val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 -> hr 256x256)
 crop_size = 256           # HR training crop side, a multiple of patch (LR crop = crop_size / 4)
 batch_size = 8
+grad_accum = 1            # micro-batches of batch_size per optimizer step (batch = batch_size * grad_accum)
 degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic' (clean LR, easier)
 jpeg_impl = 'torch'       # its JPEG (docs/method.md#jpeg): 'torch' (batched, on the device) | 'pil' (libjpeg)
 # model: the fields of model.GeneratorConfig (docs/method.md#generator); groups, codebook_size
@@ -67,7 +84,14 @@ n_head = 12
 mlp_ratio = 4.0           # SwiGLU hidden = 2/3 * mlp_ratio * width
 rope_base = 10000.0       # 2D RoPE frequency base
 stem_dim = 128            # channels of the LR 3x3 conv before the stride patch/4 patchifier
-# semantic prior
+# H-VAR (method='hvar'; docs/method.md#next-scale-generator); it has no prior and no pixel losses
+hvar_tokens = 'hierarchical'  # targets: 'hierarchical' (Algorithm 1) | 'plain' (full-size RQ, no valid x1 / x2)
+dpo = True                # the DPO regulariser (needs z_LR: a second sequence in the same forward pass)
+dpo_beta = 0.2
+dpo_weight = 1.0          # equal weight with CE, as the paper
+bilinear_frac = 0.1       # pairs whose LR is only a bilinear downsample of HR (class 1), <= 0.25
+cond_drop = 0.1           # pairs with the null class and no condition (for optional CFG at inference)
+# semantic prior (HiTokSR)
 use_prior = True          # False: no prior at all (no SFT, no CLS tokens, no REPA, no LoRA)
 prior_name = 'efficientnet_lite0'
 prior_feat_tap = 'head'   # the prior map for SFT / REPA: 'head' (1280ch, H/32) or 's16' (112ch, H/16)
@@ -122,6 +146,18 @@ def check_config():
     if not os.path.isfile(tok_ckpt):
         problems.append(f"tok_ckpt='{tok_ckpt}' not found: train stage 1 first "
                         f"(python tokenizer.py config/tokenizer_tiny.py) or pass --tok_ckpt=PATH")
+    if grad_accum < 1:
+        problems.append(f"grad_accum={grad_accum} must be >= 1")
+    if method not in ('hitoksr', 'hvar'):
+        problems.append(f"method={method!r} must be 'hitoksr' or 'hvar'")
+    if hvar_tokens not in ('hierarchical', 'plain'):
+        problems.append(f"hvar_tokens={hvar_tokens!r} must be 'hierarchical' or 'plain'")
+    if not 0 <= bilinear_frac <= 0.25:
+        problems.append(f"bilinear_frac={bilinear_frac} must be in [0, 0.25] (H-VAR uses a small fraction)")
+    if not 0 <= cond_drop < 1 or bilinear_frac + cond_drop >= 1:
+        problems.append(f"cond_drop={cond_drop} must be in [0, 1) with bilinear_frac + cond_drop < 1")
+    if dpo_beta <= 0 or dpo_weight < 0:
+        problems.append(f"dpo_beta={dpo_beta} must be > 0 and dpo_weight={dpo_weight} >= 0")
     if problems:
         fail('generator.py: ' + '; '.join(problems))
 
@@ -133,23 +169,36 @@ try:
 except ValueError as e:
     fail(f"generator.py: {e}")
 tcfg = TokenizerConfig.from_dict(tok['model_args'])
-if tcfg.quantizer != 'grouped':
-    fail(f"generator.py: {tok_ckpt} is a multi-scale RQ tokenizer (quantizer='{tcfg.quantizer}'); this "
-         f"generator predicts grouped-VQ tokens: train stage 1 with quantizer='grouped'")
+hvar = method == 'hvar'
+if hvar and tcfg.quantizer != 'msrq':
+    fail(f"generator.py: method='hvar' predicts multi-scale RQ tokens, but {tok_ckpt} is a grouped-VQ "
+         f"tokenizer (quantizer='{tcfg.quantizer}'): train stage 1 with config/tokenizer_hrq_tiny.py")
+if not hvar and tcfg.quantizer != 'grouped':
+    fail(f"generator.py: {tok_ckpt} is a multi-scale RQ tokenizer (quantizer='{tcfg.quantizer}'); "
+         f"method='hitoksr' predicts grouped-VQ tokens: train stage 1 with quantizer='grouped', or use --method=hvar")
+if hvar and crop_size != tcfg.rq_steps[-1] * tcfg.patch:
+    fail(f"generator.py: crop_size={crop_size}, but the H-VAR generator works at its tokenizer's native size "
+         f"rq_steps[-1] x patch = {tcfg.rq_steps[-1] * tcfg.patch} (set --crop_size to it)")
 if tcfg.patch != patch:
     fail(f"generator.py: patch={patch} but the tokenizer {tok_ckpt} has patch={tcfg.patch}: the "
          f"generator predicts one index per tokenizer token, set --patch={tcfg.patch}")
-if not use_prior:  # the one-flag "no prior" ablation switches off everything that needs it
-    use_sft, cls_tokens, repa_weight, lora_rank = False, 'none', 0.0, 0
-    config.update(use_sft=use_sft, cls_tokens=cls_tokens, repa_weight=repa_weight, lora_rank=lora_rank)
+if not use_prior or hvar:  # the one-flag "no prior" ablation switches off everything that needs it
+    use_prior, use_sft, cls_tokens, repa_weight, lora_rank = False, False, 'none', 0.0, 0  # (H-VAR has none)
+    config.update(use_prior=use_prior, use_sft=use_sft, cls_tokens=cls_tokens, repa_weight=repa_weight,
+                  lora_rank=lora_rank)
 torch.manual_seed(seed)  # before the prior: its LoRA A matrices are drawn at construction
 prior_args = dict(name=prior_name, feat_tap=prior_feat_tap, lora_rank=lora_rank,
                   lora_alpha=lora_alpha) if use_prior else None
 try:
     prior = build_sr_prior(prior_args)
-    gcfg = config_from_settings(GeneratorConfig, config, scale=4, groups=tcfg.groups,
-                                codebook_size=tcfg.codebook_size, feat_dim=prior.feat_dim if prior else 0,
-                                pooled_dims=tuple(prior.pooled_dims) if prior else ())
+    if hvar:
+        gcfg = config_from_settings(NextScaleConfig, config, scale=4, latent_dim=tcfg.latent_dim,
+                                    codebook_size=tcfg.codebook_size, rq_steps=tcfg.rq_steps,
+                                    rq_scales=tcfg.rq_scales, hierarchical=hvar_tokens == 'hierarchical')
+    else:
+        gcfg = config_from_settings(GeneratorConfig, config, scale=4, groups=tcfg.groups,
+                                    codebook_size=tcfg.codebook_size, feat_dim=prior.feat_dim if prior else 0,
+                                    pooled_dims=tuple(prior.pooled_dims) if prior else ())
 except (ValueError, ImportError) as e:
     fail(f"generator.py: {e}")
 model_args = asdict(gcfg)
@@ -159,7 +208,7 @@ if threads:
 device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'generator', model_args=model_args,
-                                       prior_args=prior_args)
+                                       prior_args=prior_args, method=method)
 log = Logger(out_dir, config, notes)
 
 # frozen tokenizer: targets q_HR (encoder + VQ) and the decoder the pixel losses go through
@@ -182,7 +231,7 @@ if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
 
 # model, prior (outside the generator module, see model.py), discriminator (frozen between its own
 # steps), LPIPS
-generator = Generator(gcfg).to(device)
+generator = (NextScaleGenerator if hvar else Generator)(gcfg).to(device)
 if prior is not None:
     prior.to(device)
 disc = PatchDiscriminator().to(device).requires_grad_(False)
@@ -195,6 +244,9 @@ trainable = [p for g in optimizer.param_groups for p in g['params']]
 # everything an exact resume needs, declared once: saved by save_state, restored by load_state
 state = dict(generator=generator, prior_lora=LoRAWeights(prior), disc=disc, optimizer=optimizer,
              d_optimizer=d_optimizer, sampler=sampler)
+if hvar:  # no prior, no discriminator
+    for k in ('prior_lora', 'disc', 'd_optimizer'):
+        del state[k]
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
@@ -202,27 +254,84 @@ ckpt = None  # free the loaded tensors
 train_gen = maybe_compile(generator, compile, device)
 n_lora = sum(p.numel() for p in LoRAWeights(prior).state_dict().values())
 h_tok = crop_size // patch
-log(f"generator: {count_params(generator) / 1e6:.2f}M params, LoRA "
-    f"{n_lora / 1e6:.3f}M, {tcfg.groups} heads x {tcfg.codebook_size} logits, grid {h_tok}x{h_tok}, "
-    f"prior {prior_name if prior else 'none'} (sft {use_sft}, cls {cls_tokens}, lora rank {lora_rank}, "
-    f"repa {'on' if repa_on else 'off'}), tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}")
+if hvar:
+    log(f"H-VAR generator: {count_params(generator) / 1e6:.2f}M params, {tcfg.codebook_size} logits, "
+        f"{generator.n_cond} condition + {sum(generator.sizes[1:])} image tokens ({hvar_tokens} targets, steps "
+        f"{tcfg.rq_steps}, scales {tcfg.rq_scales}), dpo {dpo} (beta {dpo_beta}), bilinear_frac {bilinear_frac}, "
+        f"cond_drop {cond_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}")
+else:
+    log(f"generator: {count_params(generator) / 1e6:.2f}M params, LoRA "
+        f"{n_lora / 1e6:.3f}M, {tcfg.groups} heads x {tcfg.codebook_size} logits, grid {h_tok}x{h_tok}, "
+        f"prior {prior_name if prior else 'none'} (sft {use_sft}, cls {cls_tokens}, lora rank {lora_rank}, "
+        f"repa {'on' if repa_on else 'off'}), tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}")
 
 
 # fixed references on the validation pairs: the tokenizer's indices of HR (the targets of the token
 # accuracy), its reconstruction (an upper bound for SR through this decoder) and bicubic upsampling
-val_q, = batched(lambda x: (tokenizer.encode(x)[1].cpu(),), val_hr, device=device)  # (N, G, h, w)
-val_rec, = batched(lambda q: (tokenizer.decode_indices(q).float().clamp(0, 1).cpu(),), val_q, device=device)
+METRICS = ('psnr_y', 'ssim_y', 'lpips', 'grid', 'color_err')
+scores = lambda sr, hr, border: {k: v for k, v in ev.evaluate(sr, hr, border, lpips_net, patch=patch).items()
+                                 if k in METRICS}
 val_bic = ev.bicubic_upsample(val_lr)
-ref = {f'r_{k}': v for k, v in ev.evaluate(val_rec, val_hr, 4, lpips_net, patch=patch).items() if k != 'per_image'}
-ref.update({f'bicubic_{k}': v for k, v in ev.evaluate(val_bic, val_hr, 4, lpips_net, patch=patch).items()
-            if k != 'per_image'})
+if hvar:  # per output factor f (x1, x2, x4): HR resized by f / 4; bicubic from the LR; the tokens' decode
+    factors = output_scales(generator)
+    targets = {f: resize_image(val_hr, f / 4) for f in factors}
+    recs = ev.scale_decodes(tokenizer, val_hr, hvar_tokens, device)[0]
+    ref = {}
+    for f, (_, rec, _) in zip(factors, recs):
+        bic = val_lr if f == 1 else ev.bicubic_upsample(val_lr, f)
+        ref.update({f'x{f}_r_{k}': v for k, v in scores(rec, targets[f], f).items()})
+        ref.update({f'x{f}_bicubic_{k}': v for k, v in scores(bic, targets[f], f).items()})
+    ref.update({k[3:]: v for k, v in ref.items() if k.startswith('x4_')})  # r_*, bicubic_* at x4
+    native = crop_size // 4
+    val_crop_hr, val_crop_lr = val_hr[..., :crop_size, :crop_size], val_lr[..., :native, :native]
+else:
+    val_q, = batched(lambda x: (tokenizer.encode(x)[1].cpu(),), val_hr, device=device)  # (N, G, h, w)
+    val_rec, = batched(lambda q: (tokenizer.decode_indices(q).float().clamp(0, 1).cpu(),), val_q, device=device)
+    ref = {f'r_{k}': v for k, v in scores(val_rec, val_hr, 4).items()}
+    ref.update({f'bicubic_{k}': v for k, v in scores(val_bic, val_hr, 4).items()})
 log('references: ' + ' '.join(f"{k} {v:.4f}" for k, v in ref.items()))
+
+
+def scale_accuracy(acc_L):
+    """Per-step accuracies (L,) -> per target scale, weighted by the steps' token counts."""
+    n = torch.tensor([r * r for r in tcfg.rq_steps], dtype=torch.float32)
+    return [float((acc_L[p].cpu() * n[p]).sum() / n[p].sum()) for p in tokenizer.quantizer.partition]
+
+
+@torch.no_grad()
+def evaluate_hvar(tag):
+    """H-VAR: x1, x2, x4 of the degraded validation LR from one top-1 pass per tile (tiles of the
+    native size, as sr.py), each scored against HR resized to its size next to bicubic; token
+    accuracy per step and scale under teacher forcing on the top-left native crops."""
+    fn = lambda y: hvar_super_resolve(y, tokenizer, generator)
+    outs = tiled_sr(val_lr.to(device), fn, factors, tile=native, overlap=native // 4, batch_size=16, fixed_tile=True)
+    outs = [torch.from_numpy(o).permute(0, 3, 1, 2).float() / 255 for o in outs]  # (N, 3, f h, f w) each
+    out = {}
+    for f, sr in zip(factors, outs):
+        out.update({f'x{f}_{k}': v for k, v in scores(sr, targets[f], f).items()})
+    out['lpips_vs_bicubic'] = out['x4_lpips'] / ref['bicubic_lpips']
+    cls = torch.full((len(val_crop_hr),), CLASS_DEGRADED, device=device)
+    _, parts, acc = hvar_losses(dict(config, dpo=True), tokenizer, generator, val_crop_hr.to(device),
+                                val_crop_lr.to(device), cls)
+    out.update(val_ce=float(parts['ce']), val_logp_gap=float(parts['logp_gap']), token_acc_mean=float(acc.mean()))
+    out.update({f'token_acc_s{n + 1}': a for n, a in enumerate(scale_accuracy(acc))})
+    out.update({f'token_acc_step{i + 1}': float(a) for i, a in enumerate(acc)})
+    rows = [F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6]] + [o[:6] for o in outs]
+    save_grid(rows + [val_hr[:6]], os.path.join(out_dir, f'samples_{tag}.png'))
+    with open(os.path.join(out_dir, f'samples_{tag}.txt'), 'w') as fh:
+        fh.write('rows: LR (nearest), bicubic, ' + ', '.join(f'H-VAR x{f} (top-1, nearest to HR size)' for f in factors)
+                 + ', HR\n')
+    return out
 
 
 @torch.no_grad()
 def evaluate(tag):
     """Super-resolve the degraded validation LR with top-1 tokens; score next to bicubic."""
     generator.eval()
+    if hvar:
+        out = evaluate_hvar(tag)
+        generator.train()
+        return out
     sr, idx = batched(lambda y: [t.cpu() for t in super_resolve(y, tokenizer, generator, prior, True)],
                       val_lr, device=device)
     acc = (idx == val_q).float().mean(dim=(0, 2, 3))                           # (G,)
@@ -249,7 +358,8 @@ while True:
         history['eval'].append(dict(step=step, **metrics))
         save_curves(history, os.path.join(out_dir, 'curves.png'))
         if step > 0 or done:
-            save_state(ckpt_path, state, 'generator', model_args=model_args, prior_args=prior_args, config=config,
+            save_state(ckpt_path, state, 'generator', method=method, model_args=model_args, prior_args=prior_args,
+                       config=config,
                        tok_ckpt=os.path.abspath(tok_ckpt), tok_model_args=asdict(tcfg), tok_step=tok_step,
                        step=step, minutes=minutes(), metrics=metrics, history=history)
     if done:
@@ -259,38 +369,51 @@ while True:
     rate = learning_rate_at(step, progress, learning_rate, warmup_iters, learning_rate_floor)
     set_learning_rate(optimizer, rate)
     set_learning_rate(d_optimizer, rate * d_learning_rate / learning_rate)
-    hr, lr = sampler.next()                         # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
-    B = hr.shape[0]
-    gan_on = gan_weight > 0 and step >= gan_start
-    with torch.no_grad():
-        _, q_hr, _, _ = tokenizer.encode(hr)         # (B, G, h, w) targets, frozen tokenizer
-
-    # generator + LoRA step (the discriminator is frozen outside discriminator_step)
-    with ctx:
-        loss, parts, logits, sr = generator_losses(config, tokenizer, train_gen, prior, lpips_fn, disc, hr, lr,
-                                                   q_hr, gan_on)
+    gan_on = gan_weight > 0 and step >= gan_start and not hvar
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    for _ in range(grad_accum):  # micro-batches of batch_size; their mean gradient makes one step
+        hr, lr = sampler.next()                     # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
+        B = hr.shape[0]
+        if hvar:  # input kinds: degraded (0), bilinear-only (1, LR replaced), null (2, no condition)
+            u = torch.rand(B).to(device)
+            cls = torch.where(u < bilinear_frac, CLASS_BILINEAR,
+                              torch.where(u < bilinear_frac + cond_drop, CLASS_NULL, CLASS_DEGRADED))
+            bil = F.interpolate(hr, scale_factor=0.25, mode='bilinear', align_corners=False, antialias=True)
+            lr = torch.where((cls == CLASS_BILINEAR)[:, None, None, None], bil.clamp(0, 1), lr)
+            with ctx:
+                loss, parts, acc = hvar_losses(config, tokenizer, train_gen, hr, lr, cls)
+        else:
+            with torch.no_grad():
+                _, q_hr, _, _ = tokenizer.encode(hr)  # (B, G, h, w) targets, frozen tokenizer
+            # generator + LoRA step (the discriminator is frozen outside discriminator_step)
+            with ctx:
+                loss, parts, logits, sr = generator_losses(config, tokenizer, train_gen, prior, lpips_fn, disc, hr,
+                                                           lr, q_hr, gan_on)
+        (loss / grad_accum).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else math.inf)
     stop_if_diverged(step, log, grad_norm, loss=loss, **parts)
     optimizer.step()
 
-    # discriminator step: HR is real, the decoded prediction fake
+    # discriminator step: HR is real, the decoded prediction (of the last micro-batch) fake
     d = discriminator_step(disc, d_optimizer, vanilla_d_loss, hr, sr, ctx) if gan_on else torch.zeros(())
 
     step += 1
-    imgs_since_log += B
+    imgs_since_log += B * grad_accum
     if step % log_interval == 0:
         dt = time.time() - t_log
-        acc = (logits.detach().argmax(-1) == q_hr).float().mean()
-        parts = {k: v.item() for k, v in dict(loss=loss, **parts, d=d, acc=acc).items()}
+        if hvar:  # token accuracy per target scale
+            parts.update({f'acc_s{n + 1}': torch.tensor(a) for n, a in enumerate(scale_accuracy(acc))})
+        else:
+            parts.update(d=d, acc=(logits.detach().argmax(-1) == q_hr).float().mean())
+        parts = {k: v.item() for k, v in dict(loss=loss, **parts).items()}
         history['train'].append(dict(step=step, **parts, rate=rate))
         log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
             f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 
-final = dict(metrics, bicubic_psnr_y=ref['bicubic_psnr_y'], bicubic_ssim_y=ref['bicubic_ssim_y'],
-             bicubic_lpips=ref['bicubic_lpips'], r_psnr_y=ref['r_psnr_y'], r_lpips=ref['r_lpips'],
+prefixes = [f'x{f}_' for f in factors] if hvar else ['']
+final = dict(metrics, **{p + k: ref[p + k] for p in prefixes for k in
+                         ('bicubic_psnr_y', 'bicubic_ssim_y', 'bicubic_lpips', 'r_psnr_y', 'r_lpips')},
              steps=step, minutes=round(minutes(), 2))
 write_json(final, os.path.join(out_dir, 'summary.json'))
 log(summary('generator', final))
