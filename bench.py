@@ -6,6 +6,7 @@ Small benchmarks, one function per mode, one grep-able number each:
     python bench.py --mode=tokenizer --tok_config=config/tokenizer_paper.py --device=cuda
     python bench.py --mode=sr --tok_config=config/tokenizer_paper.py --gen_config=config/generator_paper.py
     python bench.py --mode=sr --device=cuda --compile=True --cuda_graphs=True
+    python bench.py --mode=sr --tok_config=config/tokenizer_hrq_tiny.py --gen_config=config/generator_hvar_tiny.py
     python bench.py --mode=sr_large --side=4000
 
 degrade mode times degradation.degrade on a batch of training crops already on the device, with
@@ -20,7 +21,8 @@ commitment, backward, AdamW; + discriminator and GAN terms with --tok_gan=True) 
 of the config's size, so it measures the model, not the data pipeline.
 sr mode times inference (prior + generator + top-1 decode, model.super_resolve) per LR size in
 sr_sizes: ms per image at batch 1 and images/s at batch sr_batch, eager and, with --compile=True,
-compiled (--cuda_graphs=True: CUDA graphs). The models of tok_config + gen_config have random
+compiled (--cuda_graphs=True: CUDA graphs); an H-VAR gen_config (method='hvar', on a msrq tok_config)
+is timed at its native LR size, with and without the KV cache. The models of tok_config + gen_config have random
 weights (the time does not depend on them); peak memory is the CUDA allocator's peak on a GPU and
 the process's peak resident set on a CPU (which includes the models and start-up, so an upper bound).
 sr_large mode runs sr.py's streamed tiling (sr.tiled_sr, load and PNG write included) on one
@@ -39,9 +41,10 @@ import data
 import eval as ev
 from common import autocast_ctx, maybe_compile, peak_flops, pick_device, save_png
 from degradation import DegradeConfig, degrade
-from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
-                   config_from_settings, count_params, discriminator_step, flops_per_image, g_loss_hinge,
-                   generator_losses, hinge_d_loss, param_groups, resize_image, sr_function, vanilla_d_loss)
+from model import (Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator, PatchDiscriminator, Tokenizer,
+                   TokenizerConfig, config_from_settings, count_params, discriminator_step, flops_per_image,
+                   g_loss_hinge, generator_losses, hinge_d_loss, hvar_losses, param_groups, resize_image,
+                   sr_function, vanilla_d_loss)
 from prior import build_sr_prior
 
 # -----------------------------------------------------------------------------
@@ -207,6 +210,11 @@ def build_chain(dev):
     tcfg = config_from_settings(TokenizerConfig, script_settings('tokenizer.py', [tok_config, *tok_args.split()]))
     g = script_settings('generator.py', [gen_config])
     prior = None
+    if g['method'] == 'hvar':  # H-VAR: the next-scale generator on a multi-scale RQ tokenizer, no prior
+        gcfg = config_from_settings(NextScaleConfig, g, patch=tcfg.patch, scale=4, latent_dim=tcfg.latent_dim,
+                                    codebook_size=tcfg.codebook_size, rq_steps=tcfg.rq_steps,
+                                    rq_scales=tcfg.rq_scales, hierarchical=g['hvar_tokens'] == 'hierarchical')
+        return Tokenizer(tcfg).to(dev), NextScaleGenerator(gcfg).to(dev), None, g
     if g['use_prior']:
         prior = build_sr_prior(dict(name=g['prior_name'], feat_tap=g['prior_feat_tap'], lora_rank=g['lora_rank'],
                                     lora_alpha=g['lora_alpha']))
@@ -236,16 +244,23 @@ def bench_generator(dev):
     trainable = [p for group in opt.param_groups for p in group['params']]
     fwd = maybe_compile(gen, compile, dev)
 
+    hvar = g['method'] == 'hvar'
+
     def step(hr, lr, net=fwd):  # generator.py's step, without logging and the schedule
-        with torch.no_grad():
-            q_hr = tok.encode(hr)[1]                  # (B, G, h, w) targets
-        with ctx:
-            loss, _, _, sr = generator_losses(g, tok, net, prior, lpips_fn, disc, hr, lr, q_hr, gen_gan)
+        if hvar:  # the classes do not change the work (a null condition is zeros)
+            with ctx:
+                loss = hvar_losses(g, tok, net, hr, lr, torch.zeros(len(hr), dtype=torch.long, device=dev))[0]
+            sr = None
+        else:
+            with torch.no_grad():
+                q_hr = tok.encode(hr)[1]              # (B, G, h, w) targets
+            with ctx:
+                loss, _, _, sr = generator_losses(g, tok, net, prior, lpips_fn, disc, hr, lr, q_hr, gen_gan)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, g['grad_clip'] if g['grad_clip'] > 0 else float('inf'))
         opt.step()
-        if gen_gan:
+        if gen_gan and not hvar:
             discriminator_step(disc, d_opt, vanilla_d_loss, hr, sr, ctx)
         sync(dev)
 
@@ -282,9 +297,11 @@ def random_chain(dev):
         m.eval().requires_grad_(False)
     if prior is not None:
         prior.to(memory_format=torch.channels_last).eval().requires_grad_(False)
-    n = sum(count_params(m) for m in (tok.decoder, gen, prior) if m is not None)
+    cond = tok.encoder if isinstance(gen, NextScaleGenerator) else prior   # what conditions the generator
+    n = sum(count_params(m) for m in (tok.decoder, gen, cond) if m is not None)
     print(f"chain: {tok_config} + {gen_config}, {n / 1e6:.1f}M params used at inference (decoder "
-          f"{count_params(tok.decoder) / 1e6:.2f}M + generator {count_params(gen) / 1e6:.2f}M + prior), random weights")
+          f"{count_params(tok.decoder) / 1e6:.2f}M + generator {count_params(gen) / 1e6:.2f}M + "
+          f"{'encoder' if cond is tok.encoder else 'prior'}), random weights")
     return tok, gen, prior
 
 
@@ -300,8 +317,35 @@ def time_calls(fn, x, n, dev):
 
 
 @torch.no_grad()
+def bench_sr_hvar(dev, tok, gen):
+    """H-VAR: one pass (x1, x2, x4) on LR images of the generator's native size, with and without
+    the KV cache (without: step i reruns the masked forward over the whole prefix)."""
+    dt_name, ctx = autocast_ctx(dev, dtype)
+    side = gen.config.hr_size // gen.config.scale
+    tag = f"{side}_to_{4 * side}"
+    print(f"sr (H-VAR, x1 + x2 + x4 in one pass, top-1): {dt_name}, batch 1 and {sr_batch}, "
+          f"{gen.n_cond} condition + {sum(gen.sizes[1:])} image tokens, on {dev}")
+    for suffix, kv in (('_kv_cache', True), ('_no_kv_cache', False)):
+        fn = sr_function(tok, gen, None, dev, compile, kv_cache=kv)
+        for batch, n in ((1, iters), (sr_batch, batch_iters)):
+            if dev.startswith('cuda'):
+                torch.cuda.reset_peak_memory_stats()
+            with ctx:
+                dt = time_calls(fn, torch.rand(batch, 3, side, side, device=dev), n, dev)
+            b = '' if batch == 1 else f"_b{batch}"
+            print(f"sr_ms_per_image_{tag}{suffix}: {1000 * dt:.1f}" if batch == 1 else
+                  f"sr_img_per_s{b}_{tag}{suffix}: {batch / dt:.1f}")
+            if dev.startswith('cuda'):
+                print(f"sr_peak_mem_mb{b}_{tag}{suffix}: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+    if not dev.startswith('cuda'):
+        print(f"process_peak_rss_mb: {peak_rss_mb():.0f}")
+
+
+@torch.no_grad()
 def bench_sr(dev):
     tok, gen, prior = random_chain(dev)
+    if isinstance(gen, NextScaleGenerator):
+        return bench_sr_hvar(dev, tok, gen)
     dt_name, ctx = autocast_ctx(dev, dtype)
     variants = [('', sr_function(tok, gen, prior, dev))]
     if compile or cuda_graphs:  # each input shape compiles (and with CUDA graphs, captures) once, in the warm-up

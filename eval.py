@@ -6,6 +6,9 @@ and a CLI that scores the validation pairs:
     python eval.py --sr=bicubic --lr_kind=degraded      # bicubic upsampling of the degraded LR
     python eval.py --sr=bicubic --lr_kind=bicubic       # ... of the clean bicubic-downsampled LR
     python eval.py --sr=out/my_model/val_png            # a folder of PNGs named like the val pairs
+    python eval.py --sr=chain --gen_ckpt=out/generator/ckpt.pt   # a trained chain (HiTokSR or H-VAR)
+    python eval.py --sr=chain --gen_ckpt=out/generator_hvar/ckpt.pt --compare_ckpt=out/generator/ckpt.pt
+                                                        # H-VAR's x1 / x2 / x4 rows, HiTokSR's x4 beside
 
 Conventions (all inputs are (B, 3, H, W) RGB floats in [0, 1]):
 - psnr/ssim first round to 8-bit levels, (x * 255).round(), exactly as a saved PNG would be, so a
@@ -317,12 +320,49 @@ def load_sr_dir(sr_dir, names, shape):
 
 
 @torch.no_grad()
-def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='cpu'):
+def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', batch_size=16):
+    """Rows for an H-VAR chain: per output factor f of its one pass (x1 = denoising, x2, x4), the
+    baseline (x1: the degraded LR itself; else bicubic from it), the tokenizer's decode of HR's own
+    tokens at that scale, and the generator's top-1 output (tiled at its native size, as sr.py),
+    each scored against HR resized by f / 4 with crop_border * f / 4 pixels."""
+    from model import hvar_super_resolve, output_scales, resize_image
+    from sr import tiled_sr
+    factors = output_scales(gen)
+    native = gen.config.hr_size // gen.config.scale
+    fn = lambda y: hvar_super_resolve(y, tok, gen)
+    outs = tiled_sr(pairs['lr'].to(device), fn, factors, tile=native, overlap=native // 4,
+                    batch_size=batch_size, fixed_tile=True)
+    recs = scale_decodes(tok, pairs['hr'], 'hierarchical' if gen.config.hierarchical else 'plain', device)[0]
+    rows, p = [], tok.config.patch
+    for f, out, (_, rec, _) in zip(factors, outs, recs):
+        target = dict(hr=resize_image(pairs['hr'], f / 4), names=pairs['names'])
+        border = max(1, round(crop_border * f / 4))
+        base = pairs['lr'] if f == 1 else bicubic_upsample(pairs['lr'], f)
+        sr = torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255
+        rows += [score(f"x{f}: {'degraded LR itself' if f == 1 else 'bicubic (degraded LR)'}", base, target,
+                       lpips_net, border, p),
+                 score(f"x{f}: tokenizer decode of HR's tokens", rec, target, lpips_net, border, p),
+                 score(f"x{f}: H-VAR generator (top-1)", sr, target, lpips_net, border, p)]
+    return rows
+
+
+@torch.no_grad()
+def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='cpu', compare_ckpt=''):
     """Rows for a checkpoint chain on the degraded validation pairs: bicubic, the tokenizer's
     reconstruction of HR (an upper bound for any SR through this decoder), stage 2 (generator +
-    stage-1 decoder) and, with decoder_ckpt, stage 3 (the fine-tuned decoder). Top-1 tokens."""
-    from model import load_sr_chain, super_resolve
+    stage-1 decoder) and, with decoder_ckpt, stage 3 (the fine-tuned decoder). Top-1 tokens.
+    An H-VAR chain gives its rows per output scale (hvar_chain_rows); compare_ckpt adds the x4
+    row of another chain (e.g. HiTokSR's stage 2 next to H-VAR)."""
+    from model import NextScaleGenerator, load_sr_chain, super_resolve
     tok, gen, prior = load_sr_chain(gen_ckpt, device)
+    if isinstance(gen, NextScaleGenerator):
+        if decoder_ckpt:
+            raise ValueError(f"--decoder_ckpt: {gen_ckpt} is an H-VAR chain, which has no stage 3")
+        rows = hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border, device)
+        if compare_ckpt:
+            other = chain_rows(pairs, compare_ckpt, '', lpips_net, crop_border, device)[-1]
+            rows.insert(len(rows) - 1, dict(other, name=f"x4: {compare_ckpt} ({other['name']})"))  # H-VAR's x4 stays last
+        return rows
     batches = lambda xs, bs=4: (xs[i:i + bs].to(device) for i in range(0, len(xs), bs))
     images = lambda outs: torch.cat([o.float().clamp(0, 1).cpu() for o in outs])
     idx = [super_resolve(y, tok, gen, prior, True)[1] for y in batches(pairs['lr'])]  # top-1 (b, G, h, w)
@@ -375,6 +415,7 @@ if __name__ == '__main__':
     lr_kind = 'degraded'           # which LR the bicubic baseline upsamples: degraded | bicubic
     gen_ckpt = 'out/generator/ckpt.pt'  # sr='chain': the stage-2 checkpoint (it records its tokenizer)
     decoder_ckpt = ''              # sr='chain': a stage-3 checkpoint adds its row ('' = none)
+    compare_ckpt = ''              # sr='chain' on an H-VAR chain: another chain's x4 row next to it (e.g. HiTokSR's)
     tok_ckpt = 'out/tokenizer_hrq/ckpt.pt'  # sr='scales': a multi-scale RQ tokenizer checkpoint
     tokenization = 'hierarchical'  # sr='scales': 'hierarchical' (Algorithm 1) | 'plain' | 'both'
     val_dir = 'assets/val_pairs'   # made by `python data.py`
@@ -386,7 +427,7 @@ if __name__ == '__main__':
     config = configure(globals())
     if lr_kind not in ('degraded', 'bicubic'):
         fail(f"eval.py: lr_kind={lr_kind!r} must be degraded or bicubic")
-    for key, path in (('gen_ckpt', gen_ckpt), ('decoder_ckpt', decoder_ckpt)):
+    for key, path in (('gen_ckpt', gen_ckpt), ('decoder_ckpt', decoder_ckpt), ('compare_ckpt', compare_ckpt)):
         if sr == 'chain' and path and not os.path.isfile(path):
             fail(f"eval.py: {key}='{path}' not found (train that stage first or pass --{key}=PATH)")
     if sr == 'scales' and tokenization not in ('hierarchical', 'plain', 'both'):
@@ -405,7 +446,7 @@ if __name__ == '__main__':
     if sr == 'chain':
         name = name or 'chain'
         try:
-            rows = chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border, device)
+            rows = chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border, device, compare_ckpt)
         except (FileNotFoundError, ValueError) as err:
             fail(f"eval.py: {err}")
         print_table(rows)
