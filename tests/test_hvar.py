@@ -1,0 +1,254 @@
+"""H-VAR's next-scale generator (docs/method.md#next-scale-generator): the KV cache against one
+masked forward, the block-causal mask, the teacher-forcing inputs against the tokenizer's own
+quantization, DPO against a hand computation, multi-scale tiling, and the scripts (generator.py
+smoke run and exact resume, sr.py --scales, eval.py on the chain, one-line config errors)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+from conftest import SMALL_TOK, tokenizer_args
+from model import (CLASS_NULL, NextScaleConfig, NextScaleGenerator, Tokenizer, TokenizerConfig, dpo_loss,
+                   flat_tokens, hvar_condition, hvar_losses, hvar_super_resolve, hvar_tokens, load_sr_chain,
+                   nearest_code, resize_image, rope_2d, rope_angles, sequence_logp)
+from sr import tiled_sr
+
+STEPS, SCALES = (1, 2, 3, 4, 6, 8), (0.25, 0.5, 1.0)   # grid 8: x1 = steps 1-3 (side 2), x2 = 4 (4), x4 = 5-6
+
+
+def tiny_chain(hierarchical=True, seed=0):
+    """A random msrq tokenizer (patch 8, 64 px native, K 32) and a generator with weights large
+    enough that every logit depends visibly on its inputs."""
+    torch.manual_seed(seed)
+    tok = Tokenizer(TokenizerConfig(**tokenizer_args(
+        quantizer='msrq', groups=1, latent_dim=8, codebook_size=32, rq_steps=STEPS, rq_scales=SCALES, rq_phi=2,
+        patch=8, enc_width=32, enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2)))
+    with torch.no_grad():
+        tok.quantizer.codebook.normal_()
+    gen = NextScaleGenerator(NextScaleConfig(
+        patch=8, scale=4, latent_dim=8, codebook_size=32, rq_steps=STEPS, rq_scales=SCALES,
+        hierarchical=hierarchical, width=32, depth=2, n_head=2, mlp_ratio=2.0, rope_base=100.0))
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.normal_(0, 0.2)
+    return tok.eval().requires_grad_(False), gen.eval()
+
+
+def sizes():
+    return [r * r for r in STEPS]
+
+
+@pytest.mark.parametrize('hierarchical, cfg', [(True, 0.0), (False, 0.0), (True, 1.5)])
+def test_kv_cache_equals_one_masked_forward(hierarchical, cfg):
+    """Step-by-step sampling with the KV cache gives the logits of one teacher-forced masked forward
+    over the sequence it sampled (guided: (1 + cfg) l(c) - cfg l(null) of two such forwards), and
+    sampling without the cache gives the same tokens and logits."""
+    tok, gen = tiny_chain(hierarchical)
+    lr, cls = torch.rand(2, 3, 16, 16), torch.tensor([0, 1])
+    _, cond = hvar_condition(tok, lr, cls, 4)
+    idxs, logits = gen.generate(tok.quantizer, cond, cls, cfg=cfg)
+    idxs_nc, logits_nc = gen.generate(tok.quantizer, cond, cls, cfg=cfg, kv_cache=False)
+    assert [i.shape[-1] for i in idxs] == list(STEPS)
+    assert all(torch.equal(a, b) for a, b in zip(idxs, idxs_nc))
+    with torch.no_grad():
+        full = gen(cond, gen.step_inputs(tok.quantizer, cond, idxs), cls)              # (2, N, K)
+        if cfg > 0:
+            null = torch.zeros_like(cond)
+            full = (1 + cfg) * full - cfg * gen(null, gen.step_inputs(tok.quantizer, null, idxs),
+                                                torch.full_like(cls, CLASS_NULL))
+    cached = torch.cat(logits, 1)
+    assert cached.shape == full.shape == (2, sum(sizes()), 32)
+    assert float((cached - full).abs().max()) < 1e-4 * float(full.abs().max())     # fp32 summation order only
+    assert float((torch.cat(logits_nc, 1) - full).abs().max()) < 1e-4 * float(full.abs().max())
+    assert torch.equal(flat_tokens(idxs), cached.argmax(-1))                        # top-1 of its own logits
+
+
+def test_mask_is_block_causal():
+    """Changing the tokens of step i+1 changes no logit of steps <= i+1 (their inputs never see
+    them) and changes step i+2's; the mask itself is 'key block <= query block'."""
+    tok, gen = tiny_chain()
+    cond, cls = torch.randn(1, 8, 8, 8), torch.zeros(1, dtype=torch.long)
+    idxs = [torch.randint(32, (1, r, r)) for r in STEPS]
+    ends = np.cumsum(sizes())
+    for i in (0, 2, 3):                                   # within x1, at the x1 -> x2 grid change, within x4
+        other = [x.clone() for x in idxs]
+        other[i + 1] = (other[i + 1] + 1) % 32
+        with torch.no_grad():
+            a = gen(cond, gen.step_inputs(tok.quantizer, cond, idxs), cls)
+            b = gen(cond, gen.step_inputs(tok.quantizer, cond, other), cls)
+        assert torch.equal(a[:, :ends[i + 1]], b[:, :ends[i + 1]]), i
+        assert not torch.allclose(a[:, ends[i + 1]:ends[i + 2]], b[:, ends[i + 1]:ends[i + 2]]), i
+    block = torch.repeat_interleave(torch.arange(len(STEPS) + 1), torch.tensor([64] + sizes()))
+    naive = torch.tensor([[int(block[k]) <= int(block[q]) for k in range(len(block))] for q in range(len(block))])
+    assert torch.equal(gen.mask, naive)
+
+
+def test_rope_positions_on_the_full_grid():
+    """The condition sits at the integer cells of the 8x8 grid (rope_2d's angles); step 1's single
+    cell at the grid centre (3.5, 3.5); step 2's four cells at 1.5 and 5.5."""
+    _, gen = tiny_chain()
+    cos, sin = rope_2d(8, 8, 16, 100.0)
+    assert torch.equal(gen.rope_cos[:64], cos) and torch.equal(gen.rope_sin[:64], sin)
+    c, s = rope_angles(torch.tensor([3.5, 1.5, 1.5, 5.5, 5.5], dtype=torch.float64),
+                       torch.tensor([3.5, 1.5, 5.5, 1.5, 5.5], dtype=torch.float64), 16, 100.0)
+    assert torch.allclose(gen.rope_cos[64:69], c) and torch.allclose(gen.rope_sin[64:69], s)
+
+
+@pytest.mark.parametrize('hierarchical', [True, False])
+def test_step_inputs_reproduce_the_tokenizers_choices(hierarchical):
+    """Teacher forcing sees what the tokenizer saw: the tokenizer chose step i's tokens as the nearest
+    codes of area(z_n - F_i), with z_n the encoder features at step i's scale (full size for plain
+    tokens) and F_i the contributions of steps < i; the generator's input is area(F_i). So the
+    nearest codes of area(z_n) - input_i are the tokens themselves."""
+    tok, gen = tiny_chain(hierarchical)
+    x = torch.rand(2, 3, 64, 64)
+    idxs = hvar_tokens(tok, x, hierarchical)
+    ins = gen.step_inputs(tok.quantizer, torch.randn(2, 8, 8, 8), idxs)
+    scale_of = {i: n for n, part in enumerate(tok.quantizer.partition) for i in part}
+    agree, total = 0, 0
+    for i in range(1, len(STEPS)):
+        z = tok.encoder(resize_image(x, SCALES[scale_of[i]] if hierarchical else 1.0))
+        r = F.adaptive_avg_pool2d(z, (STEPS[i], STEPS[i])) - ins[i]
+        near = nearest_code(r.permute(0, 2, 3, 1).reshape(-1, 8), tok.quantizer.codebook[0])
+        agree += int((near == idxs[i].flatten()).sum())
+        total += near.numel()
+    assert agree == total, (agree, total)   # (accumulating on the wrong grid agrees on ~96% only)
+
+
+def test_dpo_against_hand_computation_and_its_gradient():
+    """Toy sequences of 2 tokens over K=3: log p by hand, L = -log sigmoid(beta (lp_HR - lp_LR));
+    a gradient step on the logits raises log p(z_HR) and lowers log p(z_LR)."""
+    o_hr = torch.tensor([[[2.0, 0.5, -1.0], [0.0, 1.0, 0.0]]], requires_grad=True)    # (1, 2, 3)
+    o_lr = torch.tensor([[[1.0, 1.0, 1.0], [3.0, -2.0, 0.5]]], requires_grad=True)
+    z_hr, z_lr = torch.tensor([[1, 2]]), torch.tensor([[0, 0]])
+    lsm = lambda o, k: o[k] - math.log(sum(math.exp(v) for v in o))
+    hand_hr = lsm([2.0, 0.5, -1.0], 1) + lsm([0.0, 1.0, 0.0], 2)
+    hand_lr = lsm([1.0, 1.0, 1.0], 0) + lsm([3.0, -2.0, 0.5], 0)
+    lp_hr, lp_lr = sequence_logp(o_hr, z_hr), sequence_logp(o_lr, z_lr)
+    assert abs(lp_hr.item() - hand_hr) < 1e-5 and abs(lp_lr.item() - hand_lr) < 1e-5
+    loss = dpo_loss(lp_hr, lp_lr, 0.2)
+    hand = -math.log(1 / (1 + math.exp(-0.2 * (hand_hr - hand_lr))))
+    assert abs(loss.item() - hand) < 1e-5
+    loss.backward()
+    with torch.no_grad():
+        new_hr, new_lr = sequence_logp(o_hr - 0.5 * o_hr.grad, z_hr), sequence_logp(o_lr - 0.5 * o_lr.grad, z_lr)
+    assert new_hr.item() > lp_hr.item() and new_lr.item() < lp_lr.item()
+    assert dpo_loss(new_hr, new_lr, 0.2).item() < loss.item()
+
+
+def test_losses_ce_plus_dpo_and_ablation():
+    """hvar_losses: CE is the mean token NLL of z_HR; with DPO the second sequence is z_LR, the
+    tokens of the bilinearly upsampled LR; without, dpo is 0 and the loss is CE alone."""
+    tok, gen = tiny_chain()
+    gen.train()
+    hr, lr, cls = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 16, 16), torch.tensor([0, 2])
+    s = dict(dpo=True, dpo_beta=0.2, ce_weight=1.0, dpo_weight=1.0)
+    loss, parts, acc = hvar_losses(s, tok, gen, hr, lr, cls)
+    up, cond = hvar_condition(tok, lr, cls, 4)
+    assert torch.equal(cond[1], torch.zeros_like(cond[1]))                       # null class: no condition
+    z_hr, z_lr = hvar_tokens(tok, hr, True), hvar_tokens(tok, up, True)
+    with torch.no_grad():
+        l_hr = gen(cond, gen.step_inputs(tok.quantizer, cond, z_hr), cls)
+        l_lr = gen(cond, gen.step_inputs(tok.quantizer, cond, z_lr), cls)
+    lp_hr, lp_lr = sequence_logp(l_hr, flat_tokens(z_hr)), sequence_logp(l_lr, flat_tokens(z_lr))
+    assert abs(parts['ce'].item() + lp_hr.mean().item() / sum(sizes())) < 1e-4
+    assert abs(float(parts['dpo']) - float(dpo_loss(lp_hr, lp_lr, 0.2))) < 1e-4
+    assert abs(float(loss) - float(parts['ce'] + parts['dpo'])) < 1e-5 and acc.shape == (len(STEPS),)
+    loss2, parts2, _ = hvar_losses(dict(s, dpo=False), tok, gen, hr, lr, cls)
+    assert float(parts2['dpo']) == 0 and abs(float(loss2) - float(parts['ce'])) < 1e-5
+
+
+def test_multiscale_tiling_equals_one_scale_at_a_time():
+    """tiled_sr with scales (1, 2, 4) and a multi-output fn blends each output exactly as a separate
+    single-scale run would; fixed_tile pads a small image up to the tile."""
+    f = lambda x: [x.clone(), F.interpolate(x, scale_factor=2, mode='bilinear'), F.interpolate(x, scale_factor=4)]
+    lr = torch.rand(1, 3, 40, 52)
+    outs = tiled_sr(lr, f, (1, 2, 4), tile=16, overlap=4, fixed_tile=True)
+    for k, s in enumerate((1, 2, 4)):
+        one = tiled_sr(lr, lambda x: f(x)[k], s, tile=16, overlap=4)
+        assert outs[k].shape == (1, 40 * s, 52 * s, 3) and np.array_equal(outs[k], one), s
+    seen = []
+    small = tiled_sr(torch.rand(1, 3, 10, 12), lambda x: seen.append(x.shape) or f(x), (1, 2, 4), tile=16,
+                     overlap=4, fixed_tile=True)
+    assert seen == [(1, 3, 16, 16)] and [o.shape[1:3] for o in small] == [(10, 12), (20, 24), (40, 48)]
+
+
+def test_super_resolve_gives_each_scale_from_one_sequence():
+    """x1, x2, x4 decode the prefixes of one token sequence: decode n uses the steps of scales 1..n."""
+    tok, gen = tiny_chain()
+    lr = torch.rand(2, 3, 16, 16)
+    outs, idxs = hvar_super_resolve(lr, tok, gen, return_indices=True)
+    assert [o.shape[-1] for o in outs] == [16, 32, 64]
+    for n, o in enumerate(outs):
+        assert torch.equal(o, tok.decode_steps(idxs, n + 1).float().clamp(0, 1))
+    with pytest.raises(ValueError, match='16x16 LR'):
+        hvar_super_resolve(torch.rand(1, 3, 32, 32), tok, gen)
+
+
+# ----------------------------------------------------------------------------- the scripts
+
+MSRQ = ['config/tokenizer_hrq_tiny.py', '--crop_size=128', '--patch=8', '--batch_size=2', *SMALL_TOK,
+        '--codebook_size=16', '--max_minutes=0', '--threads=1', '--eval_interval=1000', '--max_iters=2']
+HVAR = ['config/generator_hvar_tiny.py', '--crop_size=128', '--batch_size=2', '--width=32', '--depth=1',
+        '--n_head=2', '--max_minutes=0', '--threads=1', '--log_interval=1', '--warmup_iters=2',
+        '--bilinear_frac=0.25', '--cond_drop=0.25']
+
+
+@pytest.fixture(scope='module')
+def hrq_tok(run_script, tiny_val, tmp_path_factory):
+    out = tmp_path_factory.mktemp('hrq')
+    run_script('tokenizer.py', MSRQ + [f'--val_dir={tiny_val}', f'--out_dir={out}'])
+    return out / 'ckpt.pt'
+
+
+def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume, hrq_tok, tiny_val, tmp_path):
+    args = HVAR + [f'--tok_ckpt={hrq_tok}', f'--val_dir={tiny_val}']
+    out, a = check_exact_resume('generator.py', args, tmp_path, 2, ('generator',))
+    for key in ('x1_psnr_y:', 'x2_lpips:', 'x4_lpips:', 'x1_bicubic_lpips:', 'token_acc_s3:', 'val_logp_gap:'):
+        assert key in out, key
+    assert 'dpo ' in out.split('step 1 |')[1].split('\n')[0] and 'acc_s1' in out
+    assert a['method'] == 'hvar' and 'disc' not in a and 'prior_lora' not in a
+    for f in ('log.txt', 'curves.png', 'summary.json', 'samples_000004.png'):
+        assert (tmp_path / 'straight' / f).is_file(), f
+    # sr.py --scales on a folder: NAME_x1 / x2 / x4, equal to the chain's own pass on these 64 px LR
+    # images (tiles of the native 32 px, as the run's evaluation)
+    ckpt, sr_out = tmp_path / 'straight' / 'ckpt.pt', tmp_path / 'sr'
+    p = run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={ckpt}', f'--out_dir={sr_out}', '--scales=1,2,4'])
+    pairs = data.load_val_pairs(str(tiny_val))
+    tok, gen, _ = load_sr_chain(ckpt)
+    ref = tiled_sr(pairs['lr'], lambda y: hvar_super_resolve(y, tok, gen), (1, 2, 4), tile=32, overlap=8,
+                   fixed_tile=True)
+    for k, s in enumerate((1, 2, 4)):
+        for i, name in enumerate(pairs['names']):
+            img = (data.load_image(str(sr_out / f'{name}_x{s}.png')) * 255).round().byte().permute(1, 2, 0)
+            assert img.shape == (64 * s, 64 * s, 3) and np.array_equal(img.numpy(), ref[k][i]), (name, s)
+    assert 'done: 2 written' in p.stdout
+    # eval.py scores the same chain per scale; x4 equals the run's final evaluation
+    p = run_script('eval.py', ['--sr=chain', f'--gen_ckpt={ckpt}', f'--val_dir={tiny_val}',
+                               f'--out_json={tmp_path / "eval.json"}'])
+    assert 'x1: degraded LR itself' in p.stdout and 'x2: H-VAR generator (top-1)' in p.stdout
+    lpips_x4 = float(p.stdout.split('lpips: ')[1].split()[0])
+    assert abs(lpips_x4 - a['metrics']['x4_lpips']) < 1e-3
+
+
+@pytest.mark.parametrize('which, arg, words', [
+    ('grouped', '', "method='hvar' predicts multi-scale RQ tokens"),
+    ('msrq', '--crop_size=64', 'native size'),
+    ('msrq', '--bilinear_frac=0.5', 'bilinear_frac=0.5 must be in [0, 0.25]'),
+    ('msrq', '--method=hitoksr', 'use --method=hvar'),
+])
+def test_config_errors_are_one_line(run_script, hrq_tok, tiny_tok, tiny_val, tmp_path, which, arg, words):
+    tok = hrq_tok if which == 'msrq' else tiny_tok
+    p = run_script('generator.py', HVAR + [f'--tok_ckpt={tok}', f'--val_dir={tiny_val}', f'--out_dir={tmp_path}',
+                                           '--max_iters=1'] + ([arg] if arg else []), check=False)
+    assert p.returncode != 0 and words in p.stderr and 'config error' in p.stderr, p.stderr
+    assert 'Traceback' not in p.stderr and 'step ' not in p.stdout
+
+
+def test_sr_scales_refused_for_a_one_scale_chain(run_script, tiny_gen, tiny_val, tmp_path):
+    p = run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={tiny_gen}', f'--out_dir={tmp_path}',
+                             '--scales=1,2,4'], check=False)
+    assert p.returncode != 0 and 'yields the factors (4,)' in p.stderr and 'Traceback' not in p.stderr
