@@ -214,7 +214,10 @@ def build_chain(dev):
         gcfg = config_from_settings(NextScaleConfig, g, patch=tcfg.patch, scale=4, latent_dim=tcfg.latent_dim,
                                     codebook_size=tcfg.codebook_size, rq_steps=tcfg.rq_steps,
                                     rq_scales=tcfg.rq_scales, hierarchical=g['hvar_tokens'] == 'hierarchical')
-        return Tokenizer(tcfg).to(dev), NextScaleGenerator(gcfg).to(dev), None, g
+        tok, gen = Tokenizer(tcfg).to(dev), NextScaleGenerator(gcfg).to(dev)
+        if gcfg.head == 'codebook':
+            gen.tie_codebook(tok.quantizer.codebook[0])
+        return tok, gen, None, g
     if g['use_prior']:
         prior = build_sr_prior(dict(name=g['prior_name'], feat_tap=g['prior_feat_tap'], lora_rank=g['lora_rank'],
                                     lora_alpha=g['lora_alpha']))

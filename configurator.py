@@ -17,8 +17,8 @@ which reads sys.argv:
   is expected (`--learning_rate=1` means 1.0), a list where a tuple is, and a single value where a
   tuple of such values is (`--scales=4` means (4,)); nothing else is coerced.
 
-A setting is any global whose name does not start with '_' and whose value is an int, float, bool,
-str, tuple, dict or None. configure() returns the resolved settings as a dict (to be printed and
+A setting is any global whose name does not start with '_', is not all capitals (a constant, e.g.
+one imported from model.py) and whose value is an int, float, bool, str, tuple, dict or None. configure() returns the resolved settings as a dict (to be printed and
 saved in the checkpoint).
 """
 import ast
@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 def settings_of(g):
     return {k: v for k, v in g.items()
-            if not k.startswith('_') and type(v) in SETTING_TYPES}
+            if not k.startswith('_') and not k.isupper() and type(v) in SETTING_TYPES}
 
 
 def _check(key, value, current, valid, origin):

@@ -86,6 +86,7 @@ rope_base = 10000.0       # 2D RoPE frequency base
 stem_dim = 128            # channels of the LR 3x3 conv before the stride patch/4 patchifier
 # H-VAR (method='hvar'; docs/method.md#next-scale-generator); it has no prior and no pixel losses
 hvar_tokens = 'hierarchical'  # targets: 'hierarchical' (Algorithm 1) | 'plain' (full-size RQ, no valid x1 / x2)
+head = 'codebook'         # output head: 'codebook' (distances to the tokenizer's codes) | 'linear' (VAR's width -> K)
 dpo = True                # the DPO regulariser (needs z_LR: a second sequence in the same forward pass)
 dpo_beta = 0.2
 dpo_weight = 1.0          # equal weight with CE, as the paper
@@ -232,6 +233,8 @@ if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
 # model, prior (outside the generator module, see model.py), discriminator (frozen between its own
 # steps), LPIPS
 generator = (NextScaleGenerator if hvar else Generator)(gcfg).to(device)
+if hvar and head == 'codebook':
+    generator.tie_codebook(tokenizer.quantizer.codebook[0])
 if prior is not None:
     prior.to(device)
 disc = PatchDiscriminator().to(device).requires_grad_(False)
@@ -255,7 +258,7 @@ train_gen = maybe_compile(generator, compile, device)
 n_lora = sum(p.numel() for p in LoRAWeights(prior).state_dict().values())
 h_tok = crop_size // patch
 if hvar:
-    log(f"H-VAR generator: {count_params(generator) / 1e6:.2f}M params, {tcfg.codebook_size} logits, "
+    log(f"H-VAR generator: {count_params(generator) / 1e6:.2f}M params, {tcfg.codebook_size} logits ({head} head), "
         f"{generator.n_cond} condition + {sum(generator.sizes[1:])} image tokens ({hvar_tokens} targets, steps "
         f"{tcfg.rq_steps}, scales {tcfg.rq_scales}), dpo {dpo} (beta {dpo_beta}), bilinear_frac {bilinear_frac}, "
         f"cond_drop {cond_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}")
@@ -317,10 +320,8 @@ def evaluate_hvar(tag):
     out.update({f'token_acc_s{n + 1}': a for n, a in enumerate(scale_accuracy(acc))})
     out.update({f'token_acc_step{i + 1}': float(a) for i, a in enumerate(acc)})
     rows = [F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6]] + [o[:6] for o in outs]
-    save_grid(rows + [val_hr[:6]], os.path.join(out_dir, f'samples_{tag}.png'))
-    with open(os.path.join(out_dir, f'samples_{tag}.txt'), 'w') as fh:
-        fh.write('rows: LR (nearest), bicubic, ' + ', '.join(f'H-VAR x{f} (top-1, nearest to HR size)' for f in factors)
-                 + ', HR\n')
+    save_grid(rows + [val_hr[:6]], os.path.join(out_dir, f'samples_{tag}.png'),
+              ['LR (nearest)', 'bicubic'] + [f'H-VAR x{f} (top-1, nearest-upsampled)' for f in factors] + ['HR'])
     return out
 
 

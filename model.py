@@ -900,6 +900,7 @@ class NextScaleConfig(ModelConfig):
     rq_steps: tuple           # step sides on the native grid, R = rq_steps[-1] (the tokenizer's)
     rq_scales: tuple          # target scales s_n (the tokenizer's)
     hierarchical: bool        # targets from Algorithm 1 (True) or from the plain full-size RQ (False)
+    head: str                 # 'linear' (VAR: width -> K) | 'codebook' (width -> C, logits from distances to the codes)
     width: int
     depth: int
     n_head: int
@@ -921,6 +922,8 @@ class NextScaleConfig(ModelConfig):
             self.bad('mlp_ratio', "must be > 0")
         if (self.rq_steps[-1] * self.patch) % self.scale:
             self.bad('scale', f"must divide the native HR side {self.rq_steps[-1] * self.patch}")
+        if self.head not in ('linear', 'codebook'):
+            self.bad('head', "expected 'linear' or 'codebook'")
 
     @property
     def hr_size(self):
@@ -937,7 +940,11 @@ class NextScaleGenerator(nn.Module):
     Step inputs (VAR's teacher forcing, step_inputs): step 1 gets the condition area-pooled to
     rho_1; step i the sum of the code contributions of steps < i, area-pooled to rho_i. That sum is
     made on the grid of step i's target scale for hierarchical tokens (as Algorithm 1 made them)
-    and on the full grid for plain ones."""
+    and on the full grid for plain ones.
+    Output head: 'linear' is VAR's classifier (width -> K). 'codebook' predicts a C-dim vector r
+    and scores each code by its distance, logits_k = -t ||r - e_k||^2 + const = t (2 r.e_k - ||e_k||^2),
+    t = exp(log_t) learned: the codes are the tokenizer's (a frozen copy, set by tie_codebook), so
+    similar codes get similar logits and the model regresses the residual the tokenizer quantized."""
     def __init__(self, config):
         super().__init__()
         self.config = c = config
@@ -948,7 +955,12 @@ class NextScaleGenerator(nn.Module):
         self.class_emb = nn.Embedding(3, c.width)
         self.blocks = nn.ModuleList([Block(c.width, c.n_head, c.mlp_ratio) for _ in range(c.depth)])
         self.norm = RMSNorm(c.width)
-        self.head = nn.Linear(c.width, c.codebook_size)
+        if c.head == 'codebook':
+            self.head = nn.Linear(c.width, c.latent_dim)
+            self.register_buffer('codebook', torch.zeros(c.codebook_size, c.latent_dim))  # set by tie_codebook
+            self.log_t = nn.Parameter(torch.zeros(()))
+        else:
+            self.head = nn.Linear(c.width, c.codebook_size)
         init_transformer_weights(self, c.depth)
         for e in (self.step_emb, self.class_emb):
             nn.init.normal_(e.weight, std=0.02)
@@ -975,6 +987,23 @@ class NextScaleGenerator(nn.Module):
     def model_args(self):
         return asdict(self.config)
 
+    @torch.no_grad()
+    def tie_codebook(self, codebook_KC):
+        """head='codebook': copy the tokenizer's codes (K, C) and start the inverse temperature at
+        1 / (median squared distance of a code to its nearest other code), so neighbouring codes
+        differ by about one logit."""
+        self.codebook.copy_(codebook_KC)
+        d = torch.cdist(codebook_KC.float(), codebook_KC.float()).pow(2).fill_diagonal_(float('inf'))
+        self.log_t.fill_(-math.log(float(d.min(1).values.median().clamp_min(1e-12))))
+
+    def logits(self, h_BTd):
+        """(B, T, width) -> (B, T, K)."""
+        h = self.head(self.norm(h_BTd))
+        if self.config.head == 'linear':
+            return h
+        e = self.codebook.to(h.dtype)                                           # (K, C)
+        return (2 * h @ e.t() - e.pow(2).sum(-1)) * self.log_t.exp().to(h.dtype)
+
     def embed_cond(self, cond_BChw, cls_B):
         R = self.config.rq_steps[-1]
         if cond_BChw.dim() != 4 or tuple(cond_BChw.shape[1:]) != (self.config.latent_dim, R, R):
@@ -997,7 +1026,7 @@ class NextScaleGenerator(nn.Module):
         rope, mask = (self.rope_cos[:T], self.rope_sin[:T]), self.mask[:T, :T]
         for blk in self.blocks:
             x = blk(x, rope, attn_mask=mask)
-        return self.head(self.norm(x[:, self.n_cond:]))
+        return self.logits(x[:, self.n_cond:])
 
     def next_input(self, quantizer, idxs, i, acc):
         """Input of step i >= 1 from the tokens idxs of steps < i: the running sum acc = [f, grid]
@@ -1046,7 +1075,7 @@ class NextScaleGenerator(nn.Module):
                 x = self.embed_step(i, ins[i], cls_B)
                 for blk, cache in zip(self.blocks, caches):
                     x = blk(x, rope, kv_cache=cache)                  # sees the cache and itself
-                logits = self.head(self.norm(x)).float()              # (B or 2B, rho_i^2, K)
+                logits = self.logits(x).float()                       # (B or 2B, rho_i^2, K)
             else:
                 logits = self(cond, ins, cls_B)[:, -self.sizes[i + 1]:].float()
             if cfg > 0:

@@ -17,6 +17,7 @@ width = 1024
 depth = 16
 n_head = 16
 mlp_ratio = 7.0
+head = 'linear'            # VAR's classifier, as the paper (the tiny config uses 'codebook')
 learning_rate = 1e-3
 betas = (0.9, 0.95)
 weight_decay = 0.005

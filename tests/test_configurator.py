@@ -5,7 +5,7 @@ from configurator import ConfigError, configure
 
 def fresh():
     return dict(batch_size=8, lr=1e-4, compile=True, out_dir='out/x', betas=(0.9, 0.95),
-                deg={}, seed=None, _private=3, math=pytest)  # last two are not settings
+                deg={}, seed=None, _private=3, math=pytest, MIN_TILE=32)  # last three are not settings
 
 
 def test_overrides_and_files(tmp_path):
@@ -17,7 +17,10 @@ def test_overrides_and_files(tmp_path):
     assert g['batch_size'] == 16 and out['batch_size'] == 16
     assert g['lr'] == 1.0 and type(g['lr']) is float  # int -> float widening
     assert g['compile'] is False and g['out_dir'] == 'out/y' and g['betas'] == (0.8, 0.9)
-    assert '_private' not in out and 'math' not in out
+    assert '_private' not in out and 'math' not in out and 'MIN_TILE' not in out  # constants are not settings
+    with pytest.raises(ConfigError, match="unknown config key 'MIN_TILE'"):
+        configure(fresh(), ['--MIN_TILE=8'], verbose=False)
+    assert configure(fresh(), ['--betas=0.5'], verbose=False)['betas'] == (0.5,)  # one value for a tuple
 
 
 def test_unknown_key_lists_valid_keys(tmp_path):

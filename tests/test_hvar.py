@@ -19,7 +19,7 @@ from sr import tiled_sr
 STEPS, SCALES = (1, 2, 3, 4, 6, 8), (0.25, 0.5, 1.0)   # grid 8: x1 = steps 1-3 (side 2), x2 = 4 (4), x4 = 5-6
 
 
-def tiny_chain(hierarchical=True, seed=0):
+def tiny_chain(hierarchical=True, seed=0, head='linear'):
     """A random msrq tokenizer (patch 8, 64 px native, K 32) and a generator with weights large
     enough that every logit depends visibly on its inputs."""
     torch.manual_seed(seed)
@@ -30,10 +30,12 @@ def tiny_chain(hierarchical=True, seed=0):
         tok.quantizer.codebook.normal_()
     gen = NextScaleGenerator(NextScaleConfig(
         patch=8, scale=4, latent_dim=8, codebook_size=32, rq_steps=STEPS, rq_scales=SCALES,
-        hierarchical=hierarchical, width=32, depth=2, n_head=2, mlp_ratio=2.0, rope_base=100.0))
+        hierarchical=hierarchical, head=head, width=32, depth=2, n_head=2, mlp_ratio=2.0, rope_base=100.0))
     with torch.no_grad():
         for p in gen.parameters():
             p.normal_(0, 0.2)
+    if head == 'codebook':
+        gen.tie_codebook(tok.quantizer.codebook[0])
     return tok.eval().requires_grad_(False), gen.eval()
 
 
@@ -41,12 +43,13 @@ def sizes():
     return [r * r for r in STEPS]
 
 
-@pytest.mark.parametrize('hierarchical, cfg', [(True, 0.0), (False, 0.0), (True, 1.5)])
-def test_kv_cache_equals_one_masked_forward(hierarchical, cfg):
+@pytest.mark.parametrize('hierarchical, cfg, head', [(True, 0.0, 'linear'), (False, 0.0, 'linear'),
+                                                     (True, 1.5, 'linear'), (True, 0.0, 'codebook')])
+def test_kv_cache_equals_one_masked_forward(hierarchical, cfg, head):
     """Step-by-step sampling with the KV cache gives the logits of one teacher-forced masked forward
     over the sequence it sampled (guided: (1 + cfg) l(c) - cfg l(null) of two such forwards), and
     sampling without the cache gives the same tokens and logits."""
-    tok, gen = tiny_chain(hierarchical)
+    tok, gen = tiny_chain(hierarchical, head=head)
     lr, cls = torch.rand(2, 3, 16, 16), torch.tensor([0, 1])
     _, cond = hvar_condition(tok, lr, cls, 4)
     idxs, logits = gen.generate(tok.quantizer, cond, cls, cfg=cfg)
@@ -64,6 +67,25 @@ def test_kv_cache_equals_one_masked_forward(hierarchical, cfg):
     assert float((cached - full).abs().max()) < 1e-4 * float(full.abs().max())     # fp32 summation order only
     assert float((torch.cat(logits_nc, 1) - full).abs().max()) < 1e-4 * float(full.abs().max())
     assert torch.equal(flat_tokens(idxs), cached.argmax(-1))                        # top-1 of its own logits
+
+
+def test_codebook_head_scores_codes_by_distance():
+    """head='codebook': logits_k = -t ||r - e_k||^2 up to a per-token constant, r the head's output
+    and e the tokenizer's codes; t starts at 1 / median nearest-code squared distance."""
+    tok, gen = tiny_chain(head='codebook')
+    e = tok.quantizer.codebook[0]
+    assert torch.equal(gen.codebook, e)
+    d = torch.cdist(e, e).pow(2).fill_diagonal_(float('inf')).min(1).values
+    tiny_chain_t = NextScaleGenerator(gen.config)
+    tiny_chain_t.tie_codebook(e)
+    assert abs(float(tiny_chain_t.log_t) + math.log(float(d.median()))) < 1e-5
+    h = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        logits, r = gen.logits(h), gen.head(gen.norm(h))
+    dist = -gen.log_t.exp() * torch.cdist(r, e[None].expand(2, -1, -1)).pow(2)      # (2, 5, K)
+    diff = logits - dist
+    assert torch.allclose(diff, diff[..., :1].expand_as(diff), atol=1e-3)
+    assert torch.equal(logits.argmax(-1), dist.argmax(-1))
 
 
 def test_mask_is_block_causal():
