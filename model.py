@@ -941,10 +941,13 @@ class NextScaleGenerator(nn.Module):
     rho_1; step i the sum of the code contributions of steps < i, area-pooled to rho_i. That sum is
     made on the grid of step i's target scale for hierarchical tokens (as Algorithm 1 made them)
     and on the full grid for plain ones.
-    Output head: 'linear' is VAR's classifier (width -> K). 'codebook' predicts a C-dim vector r
-    and scores each code by its distance, logits_k = -t ||r - e_k||^2 + const = t (2 r.e_k - ||e_k||^2),
-    t = exp(log_t) learned: the codes are the tokenizer's (a frozen copy, set by tie_codebook), so
-    similar codes get similar logits and the model regresses the residual the tokenizer quantized."""
+    Output head: 'linear' is VAR's classifier (width -> K). 'codebook' predicts the residual the
+    tokenizer quantizes at step i as a C-dim vector, r_i = skip_i + Linear(h), and scores each code
+    by its distance, logits_k = -t ||r_i - e_k||^2 + const = t (2 r_i.e_k - ||e_k||^2), t = exp(log_t)
+    learned, e a frozen copy of the tokenizer's codes (tie_codebook). skip_i = area(cond, rho_i) -
+    in_i (in_1 counted as 0) is that residual computed from the LR's features instead of the HR's:
+    the linear layer starts at zero, so the untrained model predicts the LR's own tokens and learns
+    the correction."""
     def __init__(self, config):
         super().__init__()
         self.config = c = config
@@ -956,7 +959,7 @@ class NextScaleGenerator(nn.Module):
         self.blocks = nn.ModuleList([Block(c.width, c.n_head, c.mlp_ratio) for _ in range(c.depth)])
         self.norm = RMSNorm(c.width)
         if c.head == 'codebook':
-            self.head = nn.Linear(c.width, c.latent_dim)
+            self.head = nn.Linear(c.width, c.latent_dim)                     # zeroed below
             self.register_buffer('codebook', torch.zeros(c.codebook_size, c.latent_dim))  # set by tie_codebook
             self.log_t = nn.Parameter(torch.zeros(()))
         else:
@@ -964,6 +967,8 @@ class NextScaleGenerator(nn.Module):
         init_transformer_weights(self, c.depth)
         for e in (self.step_emb, self.class_emb):
             nn.init.normal_(e.weight, std=0.02)
+        if c.head == 'codebook':
+            nn.init.zeros_(self.head.weight)
         self.shapes = [(r, r) for r in c.rq_steps]
         parts = step_partition(c.rq_steps, c.rq_scales)
         side = {i: c.rq_steps[p[-1]] if c.hierarchical else R for p in parts for i in p}
@@ -996,13 +1001,21 @@ class NextScaleGenerator(nn.Module):
         d = torch.cdist(codebook_KC.float(), codebook_KC.float()).pow(2).fill_diagonal_(float('inf'))
         self.log_t.fill_(-math.log(float(d.min(1).values.median().clamp_min(1e-12))))
 
-    def logits(self, h_BTd):
-        """(B, T, width) -> (B, T, K)."""
+    def skips(self, cond_BChw, inputs):
+        """head='codebook': skip_i = area(cond, rho_i) - in_i (in_1 as 0) for the given steps,
+        flattened step-major: (B, N, C)."""
+        out = [F.adaptive_avg_pool2d(cond_BChw.float(), self.shapes[i]) - (t if i > 0 else 0)
+               for i, t in enumerate(inputs)]
+        return torch.cat([o.flatten(2).transpose(1, 2) for o in out], dim=1)
+
+    def logits(self, h_BTd, skip_BTC=None):
+        """(B, T, width) and, for head='codebook', the skips (B, T, C) -> (B, T, K)."""
         h = self.head(self.norm(h_BTd))
         if self.config.head == 'linear':
             return h
-        e = self.codebook.to(h.dtype)                                           # (K, C)
-        return (2 * h @ e.t() - e.pow(2).sum(-1)) * self.log_t.exp().to(h.dtype)
+        r = h.float() + skip_BTC                                                # (B, T, C)
+        e = self.codebook.float()                                               # (K, C)
+        return (2 * r @ e.t() - e.pow(2).sum(-1)) * self.log_t.exp()
 
     def embed_cond(self, cond_BChw, cls_B):
         R = self.config.rq_steps[-1]
@@ -1026,7 +1039,8 @@ class NextScaleGenerator(nn.Module):
         rope, mask = (self.rope_cos[:T], self.rope_sin[:T]), self.mask[:T, :T]
         for blk in self.blocks:
             x = blk(x, rope, attn_mask=mask)
-        return self.logits(x[:, self.n_cond:])
+        skip = self.skips(cond_BChw, inputs) if self.config.head == 'codebook' else None
+        return self.logits(x[:, self.n_cond:], skip)
 
     def next_input(self, quantizer, idxs, i, acc):
         """Input of step i >= 1 from the tokens idxs of steps < i: the running sum acc = [f, grid]
@@ -1075,7 +1089,10 @@ class NextScaleGenerator(nn.Module):
                 x = self.embed_step(i, ins[i], cls_B)
                 for blk, cache in zip(self.blocks, caches):
                     x = blk(x, rope, kv_cache=cache)                  # sees the cache and itself
-                logits = self.logits(x).float()                       # (B or 2B, rho_i^2, K)
+                skip = None
+                if self.config.head == 'codebook':
+                    skip = (F.adaptive_avg_pool2d(cond, shape) - (ins[i] if i > 0 else 0)).flatten(2).transpose(1, 2)
+                logits = self.logits(x, skip).float()                 # (B or 2B, rho_i^2, K)
             else:
                 logits = self(cond, ins, cls_B)[:, -self.sizes[i + 1]:].float()
             if cfg > 0:

@@ -15,6 +15,8 @@ patch = 8                 # must equal the tokenizer's
 width = 192
 depth = 4
 n_head = 4                # head size 48
+head = 'codebook'         # residual regression onto the tokenizer's codes, starting from the LR's own
+                          # tokens (docs/method.md#next-scale-generator); 'linear' is VAR's classifier
 learning_rate = 1e-3         # the paper's
 weight_decay = 0.005
 warmup_iters = 20

@@ -79,13 +79,20 @@ def test_codebook_head_scores_codes_by_distance():
     tiny_chain_t = NextScaleGenerator(gen.config)
     tiny_chain_t.tie_codebook(e)
     assert abs(float(tiny_chain_t.log_t) + math.log(float(d.median()))) < 1e-5
-    h = torch.randn(2, 5, 32)
+    h, skip = torch.randn(2, 5, 32), torch.randn(2, 5, 8)
     with torch.no_grad():
-        logits, r = gen.logits(h), gen.head(gen.norm(h))
+        logits, r = gen.logits(h, skip), gen.head(gen.norm(h)) + skip
     dist = -gen.log_t.exp() * torch.cdist(r, e[None].expand(2, -1, -1)).pow(2)      # (2, 5, K)
     diff = logits - dist
     assert torch.allclose(diff, diff[..., :1].expand_as(diff), atol=1e-3)
     assert torch.equal(logits.argmax(-1), dist.argmax(-1))
+    # untrained (zero linear layer), the model predicts the LR's own residuals: the codes nearest to
+    # area(cond) - in_i, i.e. for step 1 the nearest code of the pooled condition
+    fresh = NextScaleGenerator(gen.config)
+    fresh.tie_codebook(e)
+    cond, cls = torch.randn(1, 8, 8, 8), torch.zeros(1, dtype=torch.long)
+    idxs, _ = fresh.generate(tok.quantizer, cond, cls)
+    assert int(idxs[0]) == int(nearest_code(cond.mean((2, 3)), e))
 
 
 def test_mask_is_block_causal():
