@@ -50,7 +50,8 @@ from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
                    NextScaleGenerator, PatchDiscriminator, Tokenizer, TokenizerConfig, config_from_settings,
-                   count_params, discriminator_step, generator_losses, hvar_losses, hvar_super_resolve,
+                   count_params, discriminator_step, flat_tokens, generator_losses, hvar_condition, hvar_losses,
+                   hvar_super_resolve, hvar_tokens,
                    output_scales, param_groups, resize_image, super_resolve, vanilla_d_loss)
 from sr import tiled_sr
 from prior import LoRAWeights, build_sr_prior
@@ -253,6 +254,15 @@ if hvar:  # no prior, no discriminator
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
+if hvar and head == 'codebook' and ckpt is None:  # data init of the temperature, on one training batch
+    hr, lr = sampler.next()
+    cls = torch.full((len(hr),), CLASS_DEGRADED, device=device)
+    _, cond = hvar_condition(tokenizer, lr, cls, gcfg.scale)
+    z_hr = hvar_tokens(tokenizer, hr, gcfg.hierarchical)
+    ce0, ce1 = generator.calibrate_temperature(cond, generator.step_inputs(tokenizer.quantizer, cond, z_hr), cls,
+                                               flat_tokens(z_hr))
+    log(f"codebook head: inverse temperature {generator.log_t.exp().item():.1f} (cross-entropy on one training "
+        f"batch {ce0:.3f} -> {ce1:.3f})")
 ckpt = None  # free the loaded tensors
 train_gen = maybe_compile(generator, compile, device)
 n_lora = sum(p.numel() for p in LoRAWeights(prior).state_dict().values())

@@ -95,6 +95,26 @@ def test_codebook_head_scores_codes_by_distance():
     assert int(idxs[0]) == int(nearest_code(cond.mean((2, 3)), e))
 
 
+def test_temperature_calibration_minimises_cross_entropy():
+    """The codebook head's data init of t: the cross-entropy on the batch is no higher than before
+    nor at the neighbouring grid values, and the ranking of the codes (argmax) does not change."""
+    tok, gen = tiny_chain(head='codebook')
+    x, cls = torch.rand(2, 3, 64, 64), torch.zeros(2, dtype=torch.long)
+    _, cond = hvar_condition(tok, F.interpolate(x, scale_factor=0.25, mode='area'), cls, 4)
+    z = hvar_tokens(tok, x, True)
+    ins, t = gen.step_inputs(tok.quantizer, cond, z), flat_tokens(z)
+    with torch.no_grad():
+        top = gen(cond, ins, cls).argmax(-1)
+    before, after = gen.calibrate_temperature(cond, ins, cls, t)
+    ce = lambda: float(F.cross_entropy(gen(cond, ins, cls).flatten(0, 1), t.flatten()))
+    with torch.no_grad():
+        assert after <= before and abs(ce() - after) < 1e-4 and torch.equal(gen(cond, ins, cls).argmax(-1), top)
+        best = float(gen.log_t)
+        for step in (-0.1, 0.1):
+            gen.log_t.fill_(best + step)
+            assert ce() >= after - 1e-6
+
+
 def test_mask_is_block_causal():
     """Changing the tokens of step i+1 changes no logit of steps <= i+1 (their inputs never see
     them) and changes step i+2's; the mask itself is 'key block <= query block'."""
