@@ -51,7 +51,7 @@ from degradation import DegradeConfig
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
                    NextScaleGenerator, PatchDiscriminator, Tokenizer, TokenizerConfig, config_from_settings,
                    count_params, discriminator_step, flat_tokens, generator_losses, hvar_condition, hvar_losses,
-                   hvar_super_resolve, hvar_tokens,
+                   hvar_super_resolve, msrq_tokens,
                    output_scales, param_groups, resize_image, super_resolve, vanilla_d_loss)
 from sr import tiled_sr
 from prior import LoRAWeights, build_sr_prior
@@ -258,7 +258,7 @@ if hvar and head == 'codebook' and ckpt is None:  # data init of the temperature
     hr, lr = sampler.next()
     cls = torch.full((len(hr),), CLASS_DEGRADED, device=device)
     _, cond = hvar_condition(tokenizer, lr, cls, gcfg.scale)
-    z_hr = hvar_tokens(tokenizer, hr, gcfg.hierarchical)
+    z_hr = msrq_tokens(tokenizer, hr, gcfg.hierarchical)
     ce0, ce1 = generator.calibrate_temperature(cond, generator.step_inputs(tokenizer.quantizer, cond, z_hr), cls,
                                                flat_tokens(z_hr))
     log(f"codebook head: inverse temperature {generator.log_t.exp().item():.1f} (cross-entropy on one training "

@@ -1135,7 +1135,7 @@ def dpo_loss(logp_hr, logp_lr, beta):
     return -F.logsigmoid(beta * (logp_hr - logp_lr)).mean()
 
 
-def hvar_tokens(tokenizer, x, hierarchical):
+def msrq_tokens(tokenizer, x, hierarchical):
     """Targets of the next-scale generator: Algorithm 1's tokens of x or the plain RQ ones."""
     with torch.no_grad():
         return tokenizer.encode_hierarchical(x) if hierarchical else tokenizer.encode(x)[1]
@@ -1164,12 +1164,12 @@ def hvar_losses(s, tokenizer, generator, hr, lr, cls_B):
     -> (loss, parts (ce, dpo, logp_gap), per-step accuracy (L,))."""
     c = generator.config
     up, cond = hvar_condition(tokenizer, lr, cls_B, c.scale)
-    z_hr = hvar_tokens(tokenizer, hr, c.hierarchical)
+    z_hr = msrq_tokens(tokenizer, hr, c.hierarchical)
     ins = generator.step_inputs(tokenizer.quantizer, cond, z_hr)
     t_hr = flat_tokens(z_hr)                                            # (B, N)
     zero = torch.zeros((), device=hr.device)
     if s['dpo']:
-        z_lr = hvar_tokens(tokenizer, up, c.hierarchical)
+        z_lr = msrq_tokens(tokenizer, up, c.hierarchical)
         ins_lr = generator.step_inputs(tokenizer.quantizer, cond, z_lr)
         logits = generator(torch.cat([cond, cond]), [torch.cat(p) for p in zip(ins, ins_lr)],
                            torch.cat([cls_B, cls_B]))

@@ -1,5 +1,9 @@
 # H-VAR's next-scale generator on a 2-core CPU in ~15 minutes, on the hierarchical tokenizer of
-# config/tokenizer_hrq_tiny.py (stage (c): plain multi-scale RQ, then the hierarchical fine-tuning).
+# config/tokenizer_hrq_tiny.py: plain multi-scale RQ, then its hierarchical fine-tuning with L1 + LPIPS
+# (row (c') of the README's Table 1a):
+#   python tokenizer.py config/tokenizer_hrq_tiny.py
+#   python tokenizer.py config/tokenizer_hrq_tiny.py --hierarchical=True --freeze_encoder=True \
+#       --init_from=out/tokenizer_hrq/ckpt.pt --out_dir=out/tokenizer_hrq_ft --max_minutes=4
 # 128x128 HR crops (the tokenizer's native size: 16 x patch 8) <- 32x32 LR; sequence = 256
 # condition tokens + 680 image tokens (steps 1,2,3,4,5,6,8,10,13,16; x1 = steps 1-4 at 32 px,
 # x2 = 1-7 at 64 px, x4 = all at 128 px). Larger images are tiled at this size (sr.py, eval).

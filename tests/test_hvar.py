@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import data
 from conftest import SMALL_TOK, tokenizer_args
 from model import (CLASS_NULL, NextScaleConfig, NextScaleGenerator, Tokenizer, TokenizerConfig, dpo_loss,
-                   flat_tokens, hvar_condition, hvar_losses, hvar_super_resolve, hvar_tokens, load_sr_chain,
+                   flat_tokens, hvar_condition, hvar_losses, hvar_super_resolve, msrq_tokens, load_sr_chain,
                    nearest_code, resize_image, rope_2d, rope_angles, sequence_logp)
 from sr import tiled_sr
 
@@ -101,7 +101,7 @@ def test_temperature_calibration_minimises_cross_entropy():
     tok, gen = tiny_chain(head='codebook')
     x, cls = torch.rand(2, 3, 64, 64), torch.zeros(2, dtype=torch.long)
     _, cond = hvar_condition(tok, F.interpolate(x, scale_factor=0.25, mode='area'), cls, 4)
-    z = hvar_tokens(tok, x, True)
+    z = msrq_tokens(tok, x, True)
     ins, t = gen.step_inputs(tok.quantizer, cond, z), flat_tokens(z)
     with torch.no_grad():
         top = gen(cond, ins, cls).argmax(-1)
@@ -154,7 +154,7 @@ def test_step_inputs_reproduce_the_tokenizers_choices(hierarchical):
     nearest codes of area(z_n) - input_i are the tokens themselves."""
     tok, gen = tiny_chain(hierarchical)
     x = torch.rand(2, 3, 64, 64)
-    idxs = hvar_tokens(tok, x, hierarchical)
+    idxs = msrq_tokens(tok, x, hierarchical)
     ins = gen.step_inputs(tok.quantizer, torch.randn(2, 8, 8, 8), idxs)
     scale_of = {i: n for n, part in enumerate(tok.quantizer.partition) for i in part}
     agree, total = 0, 0
@@ -198,7 +198,7 @@ def test_losses_ce_plus_dpo_and_ablation():
     loss, parts, acc = hvar_losses(s, tok, gen, hr, lr, cls)
     up, cond = hvar_condition(tok, lr, cls, 4)
     assert torch.equal(cond[1], torch.zeros_like(cond[1]))                       # null class: no condition
-    z_hr, z_lr = hvar_tokens(tok, hr, True), hvar_tokens(tok, up, True)
+    z_hr, z_lr = msrq_tokens(tok, hr, True), msrq_tokens(tok, up, True)
     with torch.no_grad():
         l_hr = gen(cond, gen.step_inputs(tok.quantizer, cond, z_hr), cls)
         l_lr = gen(cond, gen.step_inputs(tok.quantizer, cond, z_lr), cls)
