@@ -41,7 +41,8 @@ import data
 import eval as ev
 from common import autocast_ctx, maybe_compile, peak_flops, pick_device, save_png
 from degradation import DegradeConfig, degrade
-from model import (Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator, PatchDiscriminator, Tokenizer,
+from model import (Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator, PatchDiscriminator,
+                   TextureGenerator, TextureGeneratorConfig, Tokenizer,
                    TokenizerConfig, config_from_settings, count_params, discriminator_step, flops_per_image,
                    g_loss_hinge, generator_losses, hinge_d_loss, hvar_losses, param_groups, resize_image,
                    sr_function, vanilla_d_loss)
@@ -165,6 +166,10 @@ def bench_tokenizer(dev):
             if hier:  # Algorithm 1: one encode + decode per scale, each vs x resized
                 decs, _, commit, _ = model.hierarchical(x, drop_B=torch.rand(batch, device=dev) < 0.5)
                 pairs = [(d, resize_image(x, s)) for d, s in zip(decs, scales)]
+            elif cfg.quantizer == 'tvq':  # texture VQ: the structure branch's two losses too, as tokenizer.py
+                zq, _, commit, _, f_l = model.encode_tvq(x)
+                pairs = [(model.decode(zq, f_l), x)]
+                commit = commit + sum(model.structure_losses(x, f_l)[:2])
             else:
                 xrec, _, commit, _ = net(x)
                 pairs = [(xrec, x)]
@@ -223,10 +228,13 @@ def build_chain(dev):
                                     lora_alpha=g['lora_alpha']))
     else:  # as generator.py: no prior switches off what needs it
         g.update(use_sft=False, cls_tokens='none', repa_weight=0.0, lora_rank=0)
-    gcfg = config_from_settings(GeneratorConfig, g, patch=tcfg.patch, scale=4, groups=tcfg.groups,
-                                codebook_size=tcfg.codebook_size, feat_dim=prior.feat_dim if prior else 0,
-                                pooled_dims=tuple(prior.pooled_dims) if prior else ())
-    tok, gen = Tokenizer(tcfg).to(dev), Generator(gcfg).to(dev)
+    derived = dict(patch=tcfg.patch, scale=4, groups=tcfg.groups, codebook_size=tcfg.codebook_size,
+                   feat_dim=prior.feat_dim if prior else 0, pooled_dims=tuple(prior.pooled_dims) if prior else ())
+    tvq = g['method'] == 'tvq'  # texture VQ: the generator with the structure head
+    if tvq:
+        derived.update(struct_dim=tcfg.tvq_struct_dim, struct_pool=tcfg.tvq_struct_pool)
+    gcfg = config_from_settings(TextureGeneratorConfig if tvq else GeneratorConfig, g, **derived)
+    tok, gen = Tokenizer(tcfg).to(dev), (TextureGenerator if tvq else Generator)(gcfg).to(dev)
     return tok, gen, prior.to(dev) if prior is not None else None, g
 
 
@@ -255,10 +263,10 @@ def bench_generator(dev):
                 loss = hvar_losses(g, tok, net, hr, lr, torch.zeros(len(hr), dtype=torch.long, device=dev))[0]
             sr = None
         else:
-            with torch.no_grad():
-                q_hr = tok.encode(hr)[1]              # (B, G, h, w) targets
+            with torch.no_grad():                     # (B, G, h, w) targets [, texture VQ: F_L]
+                _, q_hr, _, _, *f_l_hr = tok.encode_tvq(hr) if g['method'] == 'tvq' else tok.encode(hr)
             with ctx:
-                loss, _, _, sr = generator_losses(g, tok, net, prior, lpips_fn, disc, hr, lr, q_hr, gen_gan)
+                loss, _, _, sr = generator_losses(g, tok, net, prior, lpips_fn, disc, hr, lr, q_hr, gen_gan, *f_l_hr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, g['grad_clip'] if g['grad_clip'] > 0 else float('inf'))

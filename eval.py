@@ -365,13 +365,16 @@ def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='
         return rows
     batches = lambda xs, bs=4: (xs[i:i + bs].to(device) for i in range(0, len(xs), bs))
     images = lambda outs: torch.cat([o.float().clamp(0, 1).cpu() for o in outs])
-    idx = [super_resolve(y, tok, gen, prior, True)[1] for y in batches(pairs['lr'])]  # top-1 (b, G, h, w)
+    outs = [super_resolve(y, tok, gen, prior, True) for y in batches(pairs['lr'])]  # top-1 (b, G, h, w)
+    idx = [q for _, q in outs]
     p = tok.config.patch  # the grid score looks for this tokenizer's patch grid
     rows = [score('bicubic (degraded LR)', bicubic_upsample(pairs['lr']), pairs, lpips_net, crop_border, p),
             score('stage 1: tokenizer reconstruction of HR', images(tok(x)[0] for x in batches(pairs['hr'])),
                   pairs, lpips_net, crop_border, p),
-            score('stage 2: generator + stage-1 decoder', images(tok.decode_indices(q) for q in idx),
-                  pairs, lpips_net, crop_border, p)]
+            score('stage 2: generator + stage-1 decoder', images(sr for sr, _ in outs), pairs, lpips_net,
+                  crop_border, p)]
+    if decoder_ckpt and tok.config.quantizer == 'tvq':
+        raise ValueError(f"--decoder_ckpt: {gen_ckpt} is a texture-VQ chain, which has no stage 3")
     if decoder_ckpt:
         tok3, _, _ = load_sr_chain(gen_ckpt, device, decoder_ckpt)
         rows.append(score('stage 3: generator + fine-tuned decoder', images(tok3.decode_indices(q) for q in idx),

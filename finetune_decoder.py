@@ -120,6 +120,9 @@ try:  # the whole chain, frozen and in eval mode; the tokenizer comes from the g
 except (ValueError, FileNotFoundError, KeyError) as e:
     fail(f"finetune_decoder.py: cannot load the stage-1/2 chain from {gen_ckpt}: {e}")
 tcfg, gcfg = tokenizer.config, generator.config
+if tcfg.quantizer != 'grouped':
+    fail(f"finetune_decoder.py: {gen_ckpt} is a chain on a quantizer='{tcfg.quantizer}' tokenizer; stage 3 "
+         f"fine-tunes the decoder of a grouped-VQ chain (method='hitoksr') only")
 if crop_size % tcfg.patch:
     fail(f"finetune_decoder.py: crop_size={crop_size} must be a multiple of the tokenizer's patch={tcfg.patch}")
 decoder = tokenizer.decoder

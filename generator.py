@@ -4,10 +4,13 @@ Stage 2: train the token generator. Two methods, one loop, chosen by `method`:
              docs/method.md#generator), on a grouped-VQ tokenizer: all tokens in one pass.
   'hvar':    H-VAR's next-scale generator (docs/method.md#next-scale-generator) on a multi-scale RQ
              tokenizer: step by step, CE + DPO; one pass yields the x1, x2 and x4 outputs.
+  'tvq':     TVQ&RAP's predictor (docs/method.md#texture-predictor) on a texture-VQ tokenizer: the
+             'hitoksr' loop with one texture head and a structure-map head, + struct_weight * MSE(F_L).
 
     python generator.py config/generator_tiny.py                 # 2-core CPU, ~10 minutes
     python generator.py config/generator_paper.py                # paper sizes, one GPU
     python generator.py config/generator_hvar_tiny.py            # H-VAR, 2-core CPU
+    python generator.py config/generator_tvq_tiny.py             # texture VQ, 2-core CPU
     python generator.py config/generator_tiny.py --init_from=resume   # continue exactly
 
 H-VAR: each step degrades an HR crop (or, for bilinear_frac of the pairs, only downsamples it
@@ -49,9 +52,9 @@ from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, 
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
-                   NextScaleGenerator, PatchDiscriminator, Tokenizer, TokenizerConfig, config_from_settings,
-                   count_params, discriminator_step, flat_tokens, generator_losses, hvar_condition, hvar_losses,
-                   hvar_super_resolve, msrq_tokens,
+                   NextScaleGenerator, PatchDiscriminator, TextureGenerator, TextureGeneratorConfig, Tokenizer,
+                   TokenizerConfig, config_from_settings, count_params, discriminator_step, flat_tokens,
+                   generator_losses, hvar_condition, hvar_losses, hvar_super_resolve, msrq_tokens,
                    output_scales, param_groups, resize_image, super_resolve, vanilla_d_loss)
 from sr import tiled_sr
 from prior import LoRAWeights, build_sr_prior
@@ -62,7 +65,8 @@ out_dir = 'out/generator'
 init_from = 'scratch'     # 'scratch' | 'resume' (from out_dir/ckpt.pt: weights, optimizers, RNG, data)
 overwrite = False         # True: a scratch run may replace an earlier run's out_dir/ckpt.pt (else refused)
 tok_ckpt = 'out/tokenizer/ckpt.pt'  # frozen stage-1 tokenizer (codebooks + decoder, targets q_HR)
-method = 'hitoksr'        # 'hitoksr' (grouped-VQ tokenizer, one pass, prior, pixel losses) | 'hvar' (msrq tokenizer, next-scale)
+method = 'hitoksr'        # 'hitoksr' (grouped-VQ tokenizer, one pass, prior, pixel losses) | 'hvar' (msrq tokenizer,
+                          # next-scale) | 'tvq' (texture-VQ tokenizer: texture indices + structure map, one pass)
 eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkpoint)
 log_interval = 10         # steps between log lines
 max_iters = 2000          # total optimizer steps
@@ -103,7 +107,8 @@ cls_tokens = 'multi'      # 'none' | 'single' (last stage's pooled vector) | 'mu
 lora_rank = 4             # LoRA rank on the prior's linear / 1x1 convs (0 = frozen prior, no LoRA)
 lora_alpha = 4.0
 # loss weights (the paper's Eq. 10: 1, 1, 1, 1, 0.5)
-ce_weight = 1.0
+struct_weight = 1.0       # method='tvq': MSE of the predicted structure map F_L (TVQ&RAP Eq. 9)
+ce_weight = 1.0           # (TVQ&RAP: 0.5)
 repa_weight = 1.0
 l1_weight = 1.0
 lpips_weight = 1.0
@@ -140,7 +145,7 @@ def check_config():
         problems.append(f"jpeg_impl={jpeg_impl!r} must be 'torch' or 'pil'")
     if crop_size % patch:
         problems.append(f"crop_size={crop_size} must be a multiple of patch={patch}")
-    for k in ('ce_weight', 'repa_weight', 'l1_weight', 'lpips_weight', 'gan_weight', 'lora_rank'):
+    for k in ('ce_weight', 'repa_weight', 'l1_weight', 'lpips_weight', 'gan_weight', 'lora_rank', 'struct_weight'):
         if globals()[k] < 0:
             problems.append(f"{k}={globals()[k]} must be >= 0 (0 disables it)")
     if ce_weight == l1_weight == lpips_weight == gan_weight == 0:
@@ -150,8 +155,8 @@ def check_config():
                         f"(python tokenizer.py config/tokenizer_tiny.py) or pass --tok_ckpt=PATH")
     if grad_accum < 1:
         problems.append(f"grad_accum={grad_accum} must be >= 1")
-    if method not in ('hitoksr', 'hvar'):
-        problems.append(f"method={method!r} must be 'hitoksr' or 'hvar'")
+    if method not in ('hitoksr', 'hvar', 'tvq'):
+        problems.append(f"method={method!r} must be 'hitoksr', 'hvar' or 'tvq'")
     if hvar_tokens not in ('hierarchical', 'plain'):
         problems.append(f"hvar_tokens={hvar_tokens!r} must be 'hierarchical' or 'plain'")
     if not 0 <= bilinear_frac <= 0.25:
@@ -175,9 +180,19 @@ hvar = method == 'hvar'
 if hvar and tcfg.quantizer != 'msrq':
     fail(f"generator.py: method='hvar' predicts multi-scale RQ tokens, but {tok_ckpt} is a grouped-VQ "
          f"tokenizer (quantizer='{tcfg.quantizer}'): train stage 1 with config/tokenizer_hrq_tiny.py")
-if not hvar and tcfg.quantizer != 'grouped':
+tvq = method == 'tvq'
+if tvq and tcfg.quantizer != 'tvq':
+    fail(f"generator.py: method='tvq' predicts texture-VQ tokens and a structure map, but {tok_ckpt} has "
+         f"quantizer='{tcfg.quantizer}': train stage 1 with config/tokenizer_tvq_tiny.py")
+if method == 'hitoksr' and tcfg.quantizer == 'tvq':
+    fail(f"generator.py: {tok_ckpt} is a texture-VQ tokenizer (quantizer='tvq'); method='hitoksr' predicts "
+         f"grouped-VQ tokens only: use --method=tvq")
+if method == 'hitoksr' and tcfg.quantizer != 'grouped':
     fail(f"generator.py: {tok_ckpt} is a multi-scale RQ tokenizer (quantizer='{tcfg.quantizer}'); "
          f"method='hitoksr' predicts grouped-VQ tokens: train stage 1 with quantizer='grouped', or use --method=hvar")
+if tvq and crop_size % (patch * tcfg.tvq_struct_pool):
+    fail(f"generator.py: crop_size={crop_size} must be a multiple of patch x tvq_struct_pool = "
+         f"{patch * tcfg.tvq_struct_pool} (the tokenizer's structure cell)")
 if hvar and crop_size != tcfg.rq_steps[-1] * tcfg.patch:
     fail(f"generator.py: crop_size={crop_size}, but the H-VAR generator works at its tokenizer's native size "
          f"rq_steps[-1] x patch = {tcfg.rq_steps[-1] * tcfg.patch} (set --crop_size to it)")
@@ -197,10 +212,12 @@ try:
         gcfg = config_from_settings(NextScaleConfig, config, scale=4, latent_dim=tcfg.latent_dim,
                                     codebook_size=tcfg.codebook_size, rq_steps=tcfg.rq_steps,
                                     rq_scales=tcfg.rq_scales, hierarchical=hvar_tokens == 'hierarchical')
-    else:
-        gcfg = config_from_settings(GeneratorConfig, config, scale=4, groups=tcfg.groups,
-                                    codebook_size=tcfg.codebook_size, feat_dim=prior.feat_dim if prior else 0,
-                                    pooled_dims=tuple(prior.pooled_dims) if prior else ())
+    else:  # the texture-VQ generator: the same, plus the tokenizer's structure-map shape
+        derived = dict(scale=4, groups=tcfg.groups, codebook_size=tcfg.codebook_size,
+                       feat_dim=prior.feat_dim if prior else 0, pooled_dims=tuple(prior.pooled_dims) if prior else ())
+        if tvq:
+            derived.update(struct_dim=tcfg.tvq_struct_dim, struct_pool=tcfg.tvq_struct_pool)
+        gcfg = config_from_settings(TextureGeneratorConfig if tvq else GeneratorConfig, config, **derived)
 except (ValueError, ImportError) as e:
     fail(f"generator.py: {e}")
 model_args = asdict(gcfg)
@@ -233,7 +250,7 @@ if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
 
 # model, prior (outside the generator module, see model.py), discriminator (frozen between its own
 # steps), LPIPS
-generator = (NextScaleGenerator if hvar else Generator)(gcfg).to(device)
+generator = (NextScaleGenerator if hvar else TextureGenerator if tvq else Generator)(gcfg).to(device)
 if hvar and head == 'codebook':
     generator.tie_codebook(tokenizer.quantizer.codebook[0])
 if prior is not None:
@@ -275,6 +292,8 @@ if hvar:
 else:
     log(f"generator: {count_params(generator) / 1e6:.2f}M params, LoRA "
         f"{n_lora / 1e6:.3f}M, {tcfg.groups} heads x {tcfg.codebook_size} logits, grid {h_tok}x{h_tok}, "
+        + (f"structure map {tcfg.tvq_struct_dim} x {h_tok // tcfg.tvq_struct_pool}x{h_tok // tcfg.tvq_struct_pool}, "
+           if tvq else '') +
         f"prior {prior_name if prior else 'none'} (sft {use_sft}, cls {cls_tokens}, lora rank {lora_rank}, "
         f"repa {'on' if repa_on else 'off'}), tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}")
 
@@ -299,7 +318,11 @@ if hvar:  # per output factor f (x1, x2, x4): HR resized by f / 4; bicubic from 
     val_crop_hr, val_crop_lr = val_hr[..., :crop_size, :crop_size], val_lr[..., :native, :native]
 else:
     val_q, = batched(lambda x: (tokenizer.encode(x)[1].cpu(),), val_hr, device=device)  # (N, G, h, w)
-    val_rec, = batched(lambda q: (tokenizer.decode_indices(q).float().clamp(0, 1).cpu(),), val_q, device=device)
+    if tvq:  # texture indices decoded with the tokenizer's own structure map of HR (also a target)
+        val_rec, val_fl = batched(lambda x: (tokenizer(x)[0].float().clamp(0, 1).cpu(), tokenizer.encode_tvq(x)[4].cpu()),
+                                  val_hr, device=device)
+    else:
+        val_rec, = batched(lambda q: (tokenizer.decode_indices(q).float().clamp(0, 1).cpu(),), val_q, device=device)
     ref = {f'r_{k}': v for k, v in scores(val_rec, val_hr, 4).items()}
     ref.update({f'bicubic_{k}': v for k, v in scores(val_bic, val_hr, 4).items()})
 log('references: ' + ' '.join(f"{k} {v:.4f}" for k, v in ref.items()))
@@ -350,6 +373,9 @@ def evaluate(tag):
     out = dict(psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'], grid=m['grid'], color_err=m['color_err'],
                lpips_vs_bicubic=m['lpips'] / ref['bicubic_lpips'], token_acc_mean=float(acc.mean()))
     out.update({f'token_acc_g{g}': float(a) for g, a in enumerate(acc.tolist())})
+    if tvq:  # the predicted structure map against the tokenizer's map of HR
+        f_l, = batched(lambda y: (generator(y)[1].float().cpu(),), val_lr, device=device)
+        out['struct_mse'] = float((f_l - val_fl).pow(2).mean())
     save_grid([F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6], sr[:6], val_hr[:6]],
               os.path.join(out_dir, f'samples_{tag}.png'), ['LR (nearest)', 'bicubic', 'SR (top-1)', 'HR'])
     generator.train()
@@ -394,12 +420,12 @@ while True:
             with ctx:
                 loss, parts, acc = hvar_losses(config, tokenizer, train_gen, hr, lr, cls)
         else:
-            with torch.no_grad():
-                _, q_hr, _, _ = tokenizer.encode(hr)  # (B, G, h, w) targets, frozen tokenizer
+            with torch.no_grad():  # targets of the frozen tokenizer: q_HR (B, G, h, w) [, F_L (B, C_L, h/r, w/r)]
+                _, q_hr, _, _, *f_l_hr = tokenizer.encode_tvq(hr) if tvq else tokenizer.encode(hr)
             # generator + LoRA step (the discriminator is frozen outside discriminator_step)
             with ctx:
                 loss, parts, logits, sr = generator_losses(config, tokenizer, train_gen, prior, lpips_fn, disc, hr,
-                                                           lr, q_hr, gan_on)
+                                                           lr, q_hr, gan_on, *f_l_hr)
         (loss / grad_accum).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else math.inf)
     stop_if_diverged(step, log, grad_norm, loss=loss, **parts)

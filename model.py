@@ -4,9 +4,11 @@ papers, is in docs/method.md; comments here point to its sections.
 
     1. Transformer blocks      RMSNorm, SwiGLU, 2D RoPE, attention (takes a mask), Block (SFT-modulated)
     2. ViT autoencoder         ViTEncoder, ViTDecoder: patchify -> blocks -> latents and back
-    3. Quantizers              GroupedVQ (HiTokSR) and its code-usage statistics
-    4. Tokenizer               TokenizerConfig, Tokenizer: encoder + quantizer + decoder (stage 1)
-    5. Generators              GeneratorConfig, Generator: LR image -> token logits (stage 2)
+    3. Quantizers              GroupedVQ (HiTokSR) and its code-usage statistics, MultiScaleRQ (H-VAR)
+    4. Tokenizer               TokenizerConfig, Tokenizer: encoder + quantizer + decoder (stage 1);
+                               texture VQ (TVQ&RAP): texture + structure maps, structure autoencoder
+    5. Generators              GeneratorConfig, Generator: LR image -> token logits (stage 2);
+                               TextureGenerator: also the structure map; NextScaleGenerator (H-VAR)
     6. Training helpers        config_from_settings, group masking, frequency targets,
                                straight-through one-hot, the stage-2 loss, top-K sampling,
                                parameter groups, FLOPs
@@ -598,16 +600,34 @@ class TokenizerConfig(ModelConfig):
     vq_restart_dead: bool     # codebook remedy 2: re-seed codes unused for a window of calls
     vq_restart_every: int     # training calls per dead-code window
     vq_dead_threshold: float  # dead = chosen fewer times than this in the window
-    quantizer: str            # 'grouped' (HiTokSR) | 'msrq' (multi-scale residual, H-VAR)
+    quantizer: str            # 'grouped' (HiTokSR) | 'msrq' (multi-scale residual, H-VAR) | 'tvq' (texture VQ)
     rq_steps: tuple           # msrq: step sides on the training grid, increasing, last = grid side
     rq_scales: tuple          # msrq: target scales of the hierarchical tokenization, last = 1
     rq_phi: int               # msrq: shared phi convs (0: phi is the identity)
     rq_phi_ratio: float       # msrq: r in phi(h) = (1 - r) h + r conv3x3(h)
+    tvq_struct_dim: int       # tvq: C_L, channels of the continuous structure map F_L
+    tvq_struct_pool: int      # tvq: F_L side = token grid side / this (4 with patch 8: H/32)
+    tvq_down: int             # tvq: the structure autoencoder sees x downsampled by this factor
+    tvq_down_width: int       # tvq: width, blocks, heads of the structure autoencoder's ViTs
+    tvq_down_depth: int
+    tvq_down_heads: int
 
     def __post_init__(self):
         self.check_types()
-        if self.quantizer not in ('grouped', 'msrq'):
-            self.bad('quantizer', "expected 'grouped' or 'msrq'")
+        if self.quantizer not in ('grouped', 'msrq', 'tvq'):
+            self.bad('quantizer', "expected 'grouped', 'msrq' or 'tvq'")
+        if self.quantizer == 'tvq':
+            if self.groups != 1:
+                self.bad('groups', "must be 1 with quantizer='tvq' (one texture codebook of latent_dim dims)")
+            self.check_positive('tvq_struct_dim', 'tvq_struct_pool', 'tvq_down', 'tvq_down_width',
+                                'tvq_down_heads')
+            self.check_positive('tvq_down_depth', minimum=0)
+            if (self.patch * self.tvq_struct_pool) % self.tvq_down:
+                self.bad('tvq_down', f"must divide patch x tvq_struct_pool = {self.patch * self.tvq_struct_pool} "
+                                     f"(the structure autoencoder's patch on the downsampled image)")
+            w, heads = self.tvq_down_width, self.tvq_down_heads
+            if w % heads or (w // heads) % 4:
+                self.bad('tvq_down_heads', f"must divide tvq_down_width={w} into heads of a size divisible by 4 (2D RoPE)")
         if self.quantizer == 'msrq':
             if self.groups != 1:
                 self.bad('groups', "must be 1 with quantizer='msrq' (one shared codebook of latent_dim dims)")
@@ -637,8 +657,11 @@ class TokenizerConfig(ModelConfig):
             self.bad('mlp_ratio', "must be > 0")
 
 
-# checkpoints written before multi-scale RQ existed hold grouped-VQ tokenizers
-TokenizerConfig.ADDED_FIELDS = dict(quantizer='grouped', rq_steps=(), rq_scales=(1.0,), rq_phi=0, rq_phi_ratio=0.5)
+# checkpoints written before multi-scale RQ / texture VQ existed hold grouped-VQ tokenizers (the
+# texture-VQ values are unused by them)
+TokenizerConfig.ADDED_FIELDS = dict(quantizer='grouped', rq_steps=(), rq_scales=(1.0,), rq_phi=0, rq_phi_ratio=0.5,
+                                    tvq_struct_dim=64, tvq_struct_pool=4, tvq_down=8, tvq_down_width=128,
+                                    tvq_down_depth=2, tvq_down_heads=4)
 
 
 def resize_image(x, s):
@@ -650,10 +673,18 @@ def resize_image(x, s):
 
 
 class Tokenizer(nn.Module):
+    """Encoder + quantizer + decoder. With quantizer='tvq' (texture VQ, docs/method.md#texture-vq)
+    the encoder emits C + C_L channels: the first C are the texture map F_H, quantized by a
+    GroupedVQ with G = 1; the last C_L, area-pooled by tvq_struct_pool, the continuous structure
+    map F_L. The decoder reads [F_H^vq, F_L bilinearly upsampled to the token grid] (C + C_L
+    channels), and a small structure autoencoder (struct_encoder / struct_decoder) on x downsampled
+    by tvq_down gives F_down, the target F_L is aligned to."""
     def __init__(self, config):
         super().__init__()
         self.config = c = config
-        self.encoder = ViTEncoder(c.patch, c.enc_width, c.enc_depth, c.enc_heads, c.latent_dim,
+        self.tvq = c.quantizer == 'tvq'
+        c_l = c.tvq_struct_dim if self.tvq else 0   # structure channels beside the quantized ones
+        self.encoder = ViTEncoder(c.patch, c.enc_width, c.enc_depth, c.enc_heads, c.latent_dim + c_l,
                                   c.mlp_ratio, c.rope_base)
         vq = (c.beta, c.vq_data_init, c.vq_restart_dead, c.vq_restart_every, c.vq_dead_threshold)
         if c.quantizer == 'msrq':
@@ -661,8 +692,14 @@ class Tokenizer(nn.Module):
                                           c.rq_phi, c.rq_phi_ratio, *vq)
         else:
             self.quantizer = GroupedVQ(c.latent_dim, c.groups, c.codebook_size, *vq)
-        self.decoder = ViTDecoder(c.patch, c.dec_width, c.dec_depth, c.dec_heads, c.latent_dim,
+        self.decoder = ViTDecoder(c.patch, c.dec_width, c.dec_depth, c.dec_heads, c.latent_dim + c_l,
                                   c.mlp_ratio, c.rope_base, c.dec_refine, c.dec_refine_ch, c.dec_overlap)
+        if self.tvq:  # E_down, D_down: patch p * pool / down on x / down puts F_down on the grid of F_L
+            p_down = c.patch * c.tvq_struct_pool // c.tvq_down
+            self.struct_encoder = ViTEncoder(p_down, c.tvq_down_width, c.tvq_down_depth, c.tvq_down_heads,
+                                             c.tvq_struct_dim, c.mlp_ratio, c.rope_base)
+            self.struct_decoder = ViTDecoder(p_down, c.tvq_down_width, c.tvq_down_depth, c.tvq_down_heads,
+                                             c.tvq_struct_dim, c.mlp_ratio, c.rope_base)
 
     @property
     def model_args(self):
@@ -673,28 +710,72 @@ class Tokenizer(nn.Module):
         return self.decoder.last_layer  # where adaptive_gan_weight compares gradients
 
     def encode(self, x):
-        """x (B, 3, H, W) -> zq_ste (B, C, h, w), idx (B, G, h, w), commit_loss, stats."""
+        """x (B, 3, H, W) -> zq_ste (B, C, h, w), idx (B, G, h, w), commit_loss, stats.
+        tvq: those of the texture map F_H; encode_tvq also gives the structure map."""
+        if self.tvq:
+            return self.encode_tvq(x)[:4]
         return self.quantizer(self.encoder(x))
 
-    def decode(self, zq_BChw):
+    def decode(self, zq_BChw, f_l=None):
+        """Latents -> image. tvq: zq is F_H^vq and f_l (B, C_L, h/pool, w/pool) the structure map,
+        x_hat = D(F_H^vq, F_L) (TVQ&RAP Eq. 3)."""
+        if self.tvq:
+            if f_l is None:
+                raise ValueError("Tokenizer.decode: a texture-VQ tokenizer decodes its texture codes together "
+                                 "with the structure map f_l (B, C_L, h/pool, w/pool)")
+            up = F.interpolate(f_l.to(zq_BChw.dtype), size=zq_BChw.shape[-2:], mode='bilinear', align_corners=False)
+            zq_BChw = torch.cat([zq_BChw, up], dim=1)                        # (B, C + C_L, h, w)
         return self.decoder(zq_BChw)
 
-    def decode_indices(self, idx_BGhw, k=None):
-        """Decode from indices; k (int or (B,)) active groups decodes a prefix (coarse image)."""
+    def decode_indices(self, idx_BGhw, k=None, f_l=None):
+        """Decode from indices; k (int or (B,)) active groups decodes a prefix (coarse image);
+        tvq: f_l is the structure map that goes with the texture indices."""
         if isinstance(self.quantizer, MultiScaleRQ):
             return self.decode_steps(idx_BGhw)
         z = self.quantizer.lookup(idx_BGhw)
         if k is not None:
             z = mask_groups(z, k, self.config.groups)
-        return self.decoder(z)
+        return self.decode(z, f_l)
 
     def forward(self, x, k=None):
         """-> xrec (B, 3, H, W), idx (B, G, h, w) (msrq: a list of L step maps), commit_loss, stats.
         Quantize before masking so the commitment loss covers all groups (docs/method.md#group-masking)."""
+        if self.tvq:
+            zq, idx, commit, stats, f_l = self.encode_tvq(x)
+            return self.decode(zq, f_l), idx, commit, stats
         zq, idx, commit, stats = self.encode(x)
         if k is not None:
             zq = mask_groups(zq, k, self.config.groups)
         return self.decoder(zq), idx, commit, stats
+
+    # texture VQ only (docs/method.md#texture-vq)
+
+    def encode_tvq(self, x):
+        """[F_H, F_L] = E(x) (TVQ&RAP Eq. 1), F_H quantized with the one texture codebook:
+        x (B, 3, H, W), H and W multiples of patch * tvq_struct_pool -> zq_ste (B, C, h, w),
+        idx (B, 1, h, w), commit_loss, stats, f_l (B, C_L, h/pool, w/pool), continuous."""
+        c = self.config
+        if not self.tvq:
+            raise ValueError("Tokenizer.encode_tvq needs quantizer='tvq'")
+        side = c.patch * c.tvq_struct_pool
+        if x.shape[-2] % side or x.shape[-1] % side:
+            raise ValueError(f"Tokenizer.encode_tvq: image sides {tuple(x.shape[-2:])} must be multiples of "
+                             f"patch x tvq_struct_pool = {side} (the structure map's cell)")
+        z = self.encoder(x)                                                 # (B, C + C_L, h, w)
+        f_h, f_l = z[:, :c.latent_dim], F.avg_pool2d(z[:, c.latent_dim:], c.tvq_struct_pool)
+        zq, idx, commit, stats = self.quantizer(f_h)
+        return zq, idx, commit, stats, f_l
+
+    def structure_losses(self, x, f_l):
+        """The structure branch (TVQ&RAP Eq. 2 and Sec. 3.1): x_down = x resized by 1 / tvq_down,
+        F_down = E_down(x_down), x_down_hat = D_down(F_down). -> align = mean (F_L - sg[F_down])^2
+        (the structure map pulled toward the small autoencoder's code, which itself learns only from
+        its reconstruction), down_mse = mean (x_down_hat - x_down)^2 (Eq. 8), x_down_hat."""
+        x_down = resize_image(x, 1 / self.config.tvq_down)                  # (B, 3, H/down, W/down)
+        f_down = self.struct_encoder(x_down)                                # (B, C_L, H/(p pool), W/(p pool))
+        x_down_hat = self.struct_decoder(f_down)
+        align = (f_l.float() - f_down.detach().float()).pow(2).mean()
+        return align, (x_down_hat.float() - x_down).pow(2).mean(), x_down_hat
 
     # multi-scale RQ only (docs/method.md#hierarchical-tokenization)
 
@@ -844,6 +925,13 @@ class Generator(nn.Module):
         """lr (B, 3, H/s, W/s) in [0, 1]; prior_feat (B, feat_dim, hf, wf) when use_sft; prior_pooled
         [(B, pooled_dims[i])] per stage when cls_tokens != 'none' -> logits (B, G, h, w, K)."""
         c = self.config
+        x, h, w = self.hidden(lr, prior_feat, prior_pooled)
+        logits = self.head(x)  # (B, h*w, G*K)
+        return logits.view(-1, h, w, c.groups, c.codebook_size).permute(0, 3, 1, 2, 4)
+
+    def hidden(self, lr, prior_feat=None, prior_pooled=None):
+        """The trunk of forward: -> the normed image tokens (B, h*w, width), h, w."""
+        c = self.config
         s = c.patch // c.scale
         if lr.dim() != 4 or lr.shape[1] != 3 or lr.shape[2] % s or lr.shape[3] % s:
             raise ValueError(f"Generator: expected LR images (B, 3, H, W) with H, W multiples of "
@@ -874,9 +962,44 @@ class Generator(nn.Module):
                 mod = (torch.cat([pad, self.sft_gamma[i](cond)], 1),
                        torch.cat([pad, self.sft_beta[i](cond)], 1))
             x = blk(x, rope, mod, n_prefix)
-        x = self.norm(x[:, n_prefix:])  # CLS tokens dropped after the last block
-        logits = self.head(x)  # (B, h*w, G*K)
-        return logits.view(B, h, w, c.groups, c.codebook_size).permute(0, 3, 1, 2, 4)
+        return self.norm(x[:, n_prefix:]), h, w  # CLS tokens dropped after the last block
+
+
+@dataclass
+class TextureGeneratorConfig(GeneratorConfig):
+    """Stage 2 on a texture-VQ tokenizer (docs/method.md#texture-predictor): a GeneratorConfig
+    (groups = 1, the texture codebook's K) plus the tokenizer's structure-map shape."""
+    struct_dim: int           # C_L of the tokenizer's structure map (tvq_struct_dim)
+    struct_pool: int          # token-grid cells per structure cell side (tvq_struct_pool)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.check_positive('struct_dim', 'struct_pool')
+
+
+class TextureGenerator(Generator):
+    """The Generator with a second head: the same tokens, area-pooled by struct_pool, regress the
+    continuous structure map F_L (RMS-normed tokens -> Linear to C_L), next to the texture logits."""
+    def __init__(self, config):
+        super().__init__(config)
+        self.struct_head = nn.Linear(config.width, config.struct_dim)
+        nn.init.normal_(self.struct_head.weight, std=0.02)
+        nn.init.zeros_(self.struct_head.bias)
+
+    def forward(self, lr, prior_feat=None, prior_pooled=None):
+        """-> logits (B, 1, h, w, K) of the texture indices, f_l (B, C_L, h/pool, w/pool).
+        lr sides must be multiples of pool * patch / scale (8 LR pixels with patch 8, pool 4)."""
+        c = self.config
+        side = c.struct_pool * c.patch // c.scale
+        if lr.dim() == 4 and (lr.shape[-2] % side or lr.shape[-1] % side):
+            raise ValueError(f"TextureGenerator: LR sides {tuple(lr.shape[-2:])} must be multiples of "
+                             f"struct_pool x patch / scale = {side}")
+        x, h, w = self.hidden(lr, prior_feat, prior_pooled)
+        B = x.shape[0]
+        logits = self.head(x).view(B, h, w, c.groups, c.codebook_size).permute(0, 3, 1, 2, 4)
+        cells = F.avg_pool2d(x.transpose(1, 2).reshape(B, c.width, h, w), c.struct_pool)  # (B, width, h/r, w/r)
+        f_l = self.struct_head(cells.flatten(2).transpose(1, 2))                          # (B, h*w/r^2, C_L)
+        return logits, f_l.transpose(1, 2).reshape(B, c.struct_dim, *cells.shape[-2:])
 
 
 # -----------------------------------------------------------------------------
@@ -1247,7 +1370,7 @@ def ste_onehot(logits):
     return onehot + (p - p.detach())
 
 
-def generator_losses(s, tokenizer, generator, prior, lpips_fn, disc, hr, lr, q_hr, gan_on):
+def generator_losses(s, tokenizer, generator, prior, lpips_fn, disc, hr, lr, q_hr, gan_on, f_l_hr=None):
     """The stage-2 loss of one batch (docs/method.md#generator-loss), for generator.py and bench.py:
         ce_weight * CE(logits, q_HR) + repa_weight * REPA + l1_weight * L1 + lpips_weight * LPIPS
         + gan_weight * GAN_vanilla,
@@ -1255,6 +1378,9 @@ def generator_losses(s, tokenizer, generator, prior, lpips_fn, disc, hr, lr, q_h
     (the frozen decoder and codebooks pass gradients to the logits). s: generator.py's settings
     (the weights, lora_rank); generator: the module to call (compiled or not); lpips_fn(x, y) -> (B,);
     hr (B, 3, H, W), lr (B, 3, H/4, W/4), q_hr (B, G, h, w) the tokenizer's indices of hr.
+    A TextureGenerator also predicts the structure map: + struct_weight * MSE(F_L_pred, f_l_hr)
+    (TVQ&RAP Eq. 9, with f_l_hr the tokenizer's map of hr), and the image is decoded from the
+    texture one-hot and the predicted F_L (docs/method.md#texture-predictor).
     -> (loss, parts: dict of the unweighted terms, logits (B, G, h, w, K), sr (B, 3, H, W) or None)."""
     from prior import frozen_features, repa_loss, upsample_for_prior  # local, as in super_resolve
     zero = torch.zeros((), device=hr.device)
@@ -1265,18 +1391,24 @@ def generator_losses(s, tokenizer, generator, prior, lpips_fn, disc, hr, lr, q_h
             feat, pooled = prior(upsample_for_prior(lr))
         if s['repa_weight'] > 0 and s['lora_rank'] > 0:  # 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)]), #repa
             repa = repa_loss(feat.float(), frozen_features(prior, hr)[0].float())
-    logits = generator(lr, feat, pooled)                     # (B, G, h, w, K)
+    out = generator(lr, feat, pooled)                        # logits (B, G, h, w, K) [, F_L (B, C_L, h/r, w/r)]
+    logits, f_l = out if isinstance(out, tuple) else (out, None)
     if s['ce_weight'] > 0:
         ce = F.cross_entropy(logits.float().flatten(0, 3), q_hr.flatten())
+    struct = F.mse_loss(f_l.float(), f_l_hr.float()) if f_l is not None else zero
     if s['l1_weight'] > 0 or s['lpips_weight'] > 0 or gan_on:  # reconstruction-aware terms
         zq = tokenizer.quantizer.codes_from_onehot(ste_onehot(logits))  # (B, C, h, w)
-        sr = tokenizer.decode(zq).float()                    # no parameter of the decoder changes
+        sr = tokenizer.decode(zq, f_l).float()               # no parameter of the decoder changes
         l1 = (sr - hr).abs().mean() if s['l1_weight'] > 0 else zero
         lp = lpips_fn(sr, hr).mean() if s['lpips_weight'] > 0 else zero
         g = g_loss_vanilla(disc(sr)) if gan_on else zero
     loss = (s['ce_weight'] * ce + s['repa_weight'] * repa + s['l1_weight'] * l1 + s['lpips_weight'] * lp
             + s['gan_weight'] * g)
-    return loss, dict(ce=ce, repa=repa, l1=l1, lpips=lp, g=g), logits, sr
+    parts = dict(ce=ce, repa=repa, l1=l1, lpips=lp, g=g)
+    if f_l is not None:
+        loss = loss + s['struct_weight'] * struct
+        parts['struct'] = struct
+    return loss, parts, logits, sr
 
 
 def sample_topk(logits, k, generator=None):
@@ -1425,7 +1557,8 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
     generator is a Generator (HiTokSR) or a NextScaleGenerator (H-VAR, no prior), as trained.
     The tokenizer is rebuilt from the path saved in the generator checkpoint (tok_ckpt, absolute;
     a relative one from older runs is tried next to the generator checkpoint too); its decoder is
-    replaced by decoder_ckpt's 'decoder' state dict when given (stage 3). prior is None for a
+    replaced by decoder_ckpt's 'decoder' state dict when given (stage 3). A texture-VQ chain
+    (method 'tvq') gives a TextureGenerator. prior is None for a
     generator trained with use_prior=False. A missing, unreadable or wrong kind of file raises
     FileNotFoundError / ValueError naming it."""
     import os
@@ -1448,6 +1581,8 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
         tokenizer.decoder.load_state_dict(d['decoder'])
     if g.get('method', 'hitoksr') == 'hvar':
         generator = NextScaleGenerator(NextScaleConfig.from_dict(g['model_args']))
+    elif g.get('method') == 'tvq':
+        generator = TextureGenerator(TextureGeneratorConfig.from_dict(g['model_args']))
     else:
         generator = Generator(GeneratorConfig.from_dict(g['model_args']))
     generator.load_state_dict(g['generator'])
@@ -1465,7 +1600,8 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
 @torch.no_grad()
 def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
     """lr (B, 3, h, w) in [0, 1] -> sr (B, 3, scale*h, scale*w) clamped to [0, 1]: top-1 indices
-    of every group, decoded by the tokenizer (docs/method.md#inference: always top-1).
+    of every group, decoded by the tokenizer (docs/method.md#inference: always top-1); a texture-VQ
+    chain decodes them with the generator's structure map.
     With return_indices also the predicted indices (B, G, h', w').
     Nothing here reads a tensor's value on the host (no .item(), no branch on data, no
     data-dependent shapes: tests/test_sr.py checks it), so on a GPU the whole chain is queued
@@ -1477,8 +1613,10 @@ def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
     feat, pooled = None, None
     if prior is not None:
         feat, pooled = prior(upsample_for_prior(lr, c.scale).contiguous(memory_format=torch.channels_last))
-    idx = generator(lr, feat, pooled).argmax(-1)  # (B, G, h', w')
-    sr = tokenizer.decode_indices(idx).float().clamp(0, 1)
+    out = generator(lr, feat, pooled)
+    logits, f_l = out if isinstance(out, tuple) else (out, None)  # a TextureGenerator adds F_L
+    idx = logits.argmax(-1)  # (B, G, h', w')
+    sr = tokenizer.decode_indices(idx, f_l=f_l).float().clamp(0, 1)
     return (sr, idx) if return_indices else sr
 
 

@@ -219,6 +219,7 @@ if __name__ == '__main__':
         fail(f"sr.py: scales={scales}: this generator ({gen_ckpt}) yields the factors "
              f"{output_scales(generator)} in one pass")
     multiple = generator.config.patch // generator.config.scale     # LR pixels per token side
+    multiple *= getattr(generator.config, 'struct_pool', 1)           # texture VQ: per structure cell
     if hvar:  # fixed size: the tokenizer's native grid
         native = generator.config.hr_size // generator.config.scale
         overlap = round(overlap * native / tile) if tile > 0 else native // 4   # the same share of the tile

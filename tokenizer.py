@@ -2,6 +2,7 @@
 Stage 1: train the coarse-to-fine grouped-VQ tokenizer (HiTokSR; docs/method.md#grouped-vq).
 
     python tokenizer.py config/tokenizer_tiny.py                 # 2-core CPU, ~9 minutes
+    python tokenizer.py config/tokenizer_tvq_tiny.py             # texture VQ (TVQ&RAP), 2-core CPU
     python tokenizer.py config/tokenizer_paper.py                # paper sizes, one GPU
     python tokenizer.py config/tokenizer_tiny.py --init_from=resume   # continue exactly
 
@@ -86,6 +87,16 @@ rq_phi_ratio = 0.5        # r in phi(h) = (1 - r) h + r conv3x3(h)
 hierarchical = False      # msrq: train on Algorithm 1's tokens, one decode per scale vs the resized image
 quant_dropout = 0.5       # hierarchical: P(a sample's decoder gets the unquantized encoder features)
 freeze_encoder = False    # train codebook, phi and decoder only (fine-tuning from init_from=PATH)
+# texture VQ (TVQ&RAP; docs/method.md#texture-vq): quantizer='tvq' with groups=1; latent_dim is then
+# the texture map's channels (paper 256) and codebook_size the texture codebook (paper 1024)
+tvq_struct_dim = 64       # C_L, channels of the continuous structure map F_L (paper 64)
+tvq_struct_pool = 4       # F_L cell = 4 x 4 tokens: H/32 with patch 8 (paper)
+tvq_down = 8              # the structure autoencoder sees x downsampled 8x (paper)
+tvq_down_width = 128      # its two small ViTs (E_down, D_down): width, blocks, heads
+tvq_down_depth = 2
+tvq_down_heads = 4
+align_weight = 1.0        # mean (F_L - sg[F_down])^2 (the paper gives no weight)
+down_weight = 1.0         # mean (D_down(F_down) - x_down)^2, the structure autoencoder's own loss (Eq. 8)
 # loss weights (the paper's 1, 1, 0.8, 1)
 l1_weight = 1.0
 l2_weight = 0.0           # H-VAR's hierarchical fine-tuning: l2 1, LPIPS 5, l1 0
@@ -133,6 +144,11 @@ def check_config():
     if hierarchical and lpips_weight > 0 and min(rq_scales) * crop_size < 32:
         problems.append(f"crop_size={crop_size} x the smallest scale {min(rq_scales)} is below 32 px, "
                         f"too small for LPIPS (AlexNet): use larger crops or lpips_weight=0")
+    if quantizer == 'tvq' and crop_size % (patch * tvq_struct_pool):
+        problems.append(f"crop_size={crop_size} must be a multiple of patch x tvq_struct_pool = "
+                        f"{patch * tvq_struct_pool} (the structure map's cell)")
+    if align_weight < 0 or down_weight < 0:
+        problems.append(f"align_weight={align_weight} and down_weight={down_weight} must be >= 0")
     if not 0.0 <= quant_dropout <= 1.0:
         problems.append(f"quant_dropout={quant_dropout} must be in [0, 1]")
     if max_iters <= 0 and max_minutes <= 0:
@@ -154,7 +170,7 @@ device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
 torch.manual_seed(seed)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'tokenizer', model_args=model_args)
-msrq = quantizer == 'msrq'
+msrq, tvq = quantizer == 'msrq', quantizer == 'tvq'
 if init_from not in ('scratch', 'resume'):  # fine-tuning: the weights of another run, same model
     try:
         init = load_checkpoint(init_from, '--init_from', kind='tokenizer')
@@ -173,8 +189,9 @@ try:
 except ValueError as e:  # a missing or incomplete folder
     fail(f"tokenizer.py: {e}")
 val_hr = val['hr']                                              # (N, 3, 256, 256) in [0, 1]
-if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
-    fail(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of patch={patch}")
+cell = patch * tvq_struct_pool if tvq else patch
+if val_hr.shape[-1] % cell or val_hr.shape[-2] % cell:
+    fail(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of {cell} (patch{' x tvq_struct_pool' * tvq})")
 mask_gen = torch.Generator().manual_seed(seed + 1)  # group-masking / quantization-dropout draws
 
 # model, discriminator (frozen between its own steps), LPIPS (frozen, real ImageNet AlexNet)
@@ -198,6 +215,8 @@ ckpt = None  # free the loaded tensors
 train_model = maybe_compile(model, compile, device)
 codes = (f"multi-scale RQ: {codebook_size} codes x {latent_dim} dims, steps {tuple(rq_steps)}, "
          f"{'hierarchical over scales ' + str(tuple(rq_scales)) if hierarchical else 'plain'}" if msrq else
+         f"texture VQ: {codebook_size} codes x {latent_dim} dims at H/{patch}, structure map {tvq_struct_dim} "
+         f"channels at H/{patch * tvq_struct_pool} aligned to an autoencoder of x/{tvq_down}" if tvq else
          f"{groups} groups x {codebook_size} codes x {latent_dim // groups} dims")
 log(f"tokenizer: {count_params(model) / 1e6:.2f}M params ({count_params(model, True) / 1e6:.2f}M trained), "
     f"{codes}, grid {crop_size // patch}x{crop_size // patch}, device {device}, {dtype}"
@@ -234,11 +253,14 @@ def evaluate(tag):
         out = evaluate_msrq(net, tag)
         net.train(net is model)
         return out
-    recs, idxs = [], []
+    recs, idxs, struct = [], [], []
     for i in range(0, len(val_hr), 4):
         x = val_hr[i:i + 4].to(device)
         with ctx:
             xrec, idx, _, _ = net(x)
+            if tvq:  # the structure branch: alignment of F_L, the small autoencoder's reconstruction
+                align, down, _ = net.structure_losses(x, net.encode_tvq(x)[4])
+                struct.append(torch.stack([align, down]).float().cpu() * len(x))
         recs.append(xrec.float().clamp(0, 1).cpu())
         idxs.append(idx.cpu())
     rec, idx = torch.cat(recs), torch.cat(idxs)                # (N,3,H,W), (N,G,h,w)
@@ -249,6 +271,9 @@ def evaluate(tag):
                r_color_err=m['color_err'],
                code_usage_min=float(use.min()), code_usage_mean=float(use.mean()),
                perplexity_min=float(ppl.min()))
+    if tvq:
+        align, down = (sum(struct) / len(val_hr)).tolist()
+        out.update(val_align=align, down_psnr=-10 * math.log10(max(down, 1e-10)))
     rows, labels = [val_hr[:6], rec[:6]], ['HR', 'reconstruction (all groups)']
     for k in range(1, groups):  # prefix decodes vs their Haar low-pass targets (Table 3)
         dec = torch.cat([net.decode_indices(idx[i:i + 4].to(device), k).float().clamp(0, 1).cpu()
@@ -263,19 +288,25 @@ def evaluate(tag):
 
 
 def reconstructions(x):
-    """The quantizer's training decodes: -> [(decode, target)], commit loss.
+    """The quantizer's training decodes: -> [(decode, target)], commit loss, structure-branch losses.
     grouped: one decode with a random prefix of k groups vs its frequency-matched target;
-    msrq: the full-size decode vs x, or with hierarchical one decode per scale vs x resized."""
+    msrq: the full-size decode vs x, or with hierarchical one decode per scale vs x resized;
+    tvq: D(F_H^vq, F_L) vs x, and the alignment and x_down losses of the structure branch."""
+    zero = torch.zeros((), device=x.device)
     if msrq and hierarchical:
         drop = torch.rand(x.shape[0], generator=mask_gen).to(x.device) < quant_dropout
         decs, _, commit, _ = model.hierarchical(x, drop_B=drop)
-        return [(d, resize_image(x, s)) for d, s in zip(decs, rq_scales)], commit
+        return [(d, resize_image(x, s)) for d, s in zip(decs, rq_scales)], commit, (zero, zero)
     if msrq:
         xrec, _, commit, _ = train_model(x)
-        return [(xrec, x)], commit
+        return [(xrec, x)], commit, (zero, zero)
+    if tvq:  # the structure autoencoder trains jointly; the alignment does not move it (sg[F_down])
+        zq, _, commit, _, f_l = model.encode_tvq(x)
+        align, down, _ = model.structure_losses(x, f_l)
+        return [(model.decode(zq, f_l), x)], commit, (align, down)
     k = sample_active_groups(x.shape[0], groups, p_full if group_masking else 1.0, generator=mask_gen).to(x.device)
     xrec, _, commit, _ = train_model(x, k)  # all groups quantized, groups > k zeroed before decoding
-    return [(xrec, frequency_targets(x, k, groups) if dwt_targets else x)], commit
+    return [(xrec, frequency_targets(x, k, groups) if dwt_targets else x)], commit, (zero, zero)
 
 
 timer = Timer()
@@ -308,7 +339,7 @@ while True:
 
     # generator (autoencoder) step on the (decode, target) pairs of the chosen quantizer
     with ctx:
-        pairs, commit = reconstructions(x)
+        pairs, commit, (align, down) = reconstructions(x)
         n = len(pairs)                                           # each loss: the mean over the pairs
         l1 = sum((d.float() - t).abs().mean() for d, t in pairs) / n
         l2 = sum((d.float() - t).pow(2).mean() for d, t in pairs) / n
@@ -317,11 +348,13 @@ while True:
         g = g_loss_hinge(disc(xrec)) if gan_on else l1 * 0
         rec_loss = l1_weight * l1 + l2_weight * l2 + lpips_weight * lp
         g_scale = adaptive_gan_weight(rec_loss, g, model.last_layer) if gan_on and adaptive_gan else 1.0
-        loss = rec_loss + commit_weight * commit + gan_weight * g_scale * g
+        loss = (rec_loss + commit_weight * commit + gan_weight * g_scale * g
+                + align_weight * align + down_weight * down)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    stop_if_diverged(step, log, grad_norm, loss=loss, l1=l1, l2=l2, lpips=lp, commit=commit, g=g)
+    stop_if_diverged(step, log, grad_norm, loss=loss, l1=l1, l2=l2, lpips=lp, commit=commit, g=g, align=align,
+                     down=down)
     optimizer.step()
     if ema is not None:  # ema <- decay * ema + (1 - decay) * weights; buffers (code hits) copied
         with torch.no_grad():
@@ -337,7 +370,7 @@ while True:
     imgs_since_log += B
     if step % log_interval == 0:
         dt = time.time() - t_log
-        parts = dict(loss=loss, l1=l1, l2=l2, lpips=lp, commit=commit, g=g, d=d)
+        parts = dict(loss=loss, l1=l1, l2=l2, lpips=lp, commit=commit, g=g, d=d, **(dict(align=align, down=down) if tvq else {}))
         parts = {k: v.item() for k, v in parts.items()}
         history['train'].append(dict(step=step, **parts, rate=rate))
         log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
