@@ -7,6 +7,7 @@ Kept deliberately small; everything model-specific lives in model.py.
 """
 import atexit
 import contextlib
+import datetime
 import errno
 import json
 import math
@@ -50,7 +51,8 @@ def ddp_setup(device='auto'):
     if device.startswith('cuda'):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    backend = 'nccl' if device.startswith('cuda') else 'gloo'
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))  # while rank 0 evaluates
     return rank, local_rank, world, device
 
 

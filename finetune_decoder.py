@@ -148,6 +148,11 @@ disc = PatchDiscriminator().to(device).requires_grad_(False)  # trains only in d
 lpips_net = ev.load_lpips(device)
 optimizer = torch.optim.AdamW(param_groups(decoder, weight_decay), lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
+train_decoder = ddp_wrap(maybe_compile(decoder, compile, device))  # DDP: gradients averaged in backward
+train_disc = ddp_wrap(disc.requires_grad_(True))  # the discriminator's, in discriminator_step
+disc.requires_grad_(False)
+if rank > 0:
+    torch.manual_seed(seed_r)  # its own global-RNG draws
 # everything an exact resume needs, declared once: saved by save_state, restored by load_state
 # ('decoder' is all that sr.py / eval.py need: load_sr_chain(..., decoder_ckpt=this file))
 state = dict(decoder=decoder, disc=disc, optimizer=optimizer, d_optimizer=d_optimizer, sampler=sampler,
@@ -156,11 +161,6 @@ step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
-train_decoder = ddp_wrap(maybe_compile(decoder, compile, device))  # DDP: gradients averaged in backward
-train_disc = ddp_wrap(disc.requires_grad_(True))  # the discriminator's, in discriminator_step
-disc.requires_grad_(False)
-if rank > 0:
-    torch.manual_seed(seed_r)  # its own global-RNG draws
 log(f"finetune_decoder: mode {mode}" + (f" (top-{top_k})" if mode == 'topk' else '')
     + f", decoder {count_params(decoder) / 1e6:.2f}M params trainable; generator "
       f"{gen_ckpt} (frozen), tokenizer grid {crop_size // tcfg.patch}x{crop_size // tcfg.patch}, "

@@ -242,6 +242,14 @@ groups_ = param_groups(generator, weight_decay) + (param_groups(prior, weight_de
 optimizer = torch.optim.AdamW([g for g in groups_ if g['params']], lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
 trainable = [p for g in optimizer.param_groups for p in g['params']]
+# DDP: the training forward, generator and LoRA together (some LoRA layers may feed nothing the
+# loss sees in an ablation: find_unused); the discriminator's in discriminator_step
+train_step = ddp_wrap(TrainStep(generator, *([prior] if prior is not None else [])),
+                      find_unused=prior is not None)
+train_disc = ddp_wrap(disc.requires_grad_(True))
+disc.requires_grad_(False)
+if rank > 0:
+    torch.manual_seed(seed_r)  # its own global-RNG draws (H-VAR's input classes)
 # everything an exact resume needs, declared once: saved by save_state, restored by load_state
 state = dict(generator=generator, prior_lora=LoRAWeights(prior), disc=disc, optimizer=optimizer,
              d_optimizer=d_optimizer, sampler=sampler)
@@ -253,14 +261,6 @@ history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.pn
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 train_gen = maybe_compile(generator, compile, device)
-# DDP: the training forward, generator and LoRA together (some LoRA layers may feed nothing the
-# loss sees in an ablation: find_unused); the discriminator's in discriminator_step
-train_step = ddp_wrap(TrainStep(generator, *([prior] if prior is not None else [])),
-                      find_unused=prior is not None)
-train_disc = ddp_wrap(disc.requires_grad_(True))
-disc.requires_grad_(False)
-if rank > 0:
-    torch.manual_seed(seed_r)  # its own global-RNG draws (H-VAR's input classes)
 n_lora = sum(p.numel() for p in LoRAWeights(prior).state_dict().values())
 h_tok = crop_size // patch
 if hvar:

@@ -193,6 +193,11 @@ lpips_net = ev.load_lpips(device)
 optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=betas, weight_decay=weight_decay)
 ema = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
+train_step = ddp_wrap(TrainStep(model))  # DDP: the training forward; gradients averaged in backward
+train_disc = ddp_wrap(disc.requires_grad_(True))  # the discriminator's, in discriminator_step
+disc.requires_grad_(False)
+if rank > 0:
+    torch.manual_seed(seed_r)  # its own global-RNG draws (the quantizer's restarts use rank 0's)
 # everything an exact resume needs, declared once: saved by save_state, restored by load_state
 state = dict(model=model, disc=disc, optimizer=optimizer, d_optimizer=d_optimizer, sampler=sampler,
              mask_gen=mask_gen, **({'ema': ema} if ema is not None else {}))
@@ -201,11 +206,6 @@ history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.pn
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 train_model = maybe_compile(model, compile, device)
-train_step = ddp_wrap(TrainStep(model))  # DDP: the training forward; gradients averaged in backward
-train_disc = ddp_wrap(disc.requires_grad_(True))  # the discriminator's, in discriminator_step
-disc.requires_grad_(False)
-if rank > 0:
-    torch.manual_seed(seed_r)  # its own global-RNG draws (the quantizer's restarts use rank 0's)
 codes = (f"multi-scale RQ: {codebook_size} codes x {latent_dim} dims, steps {tuple(rq_steps)}, "
          f"{'hierarchical over scales ' + str(tuple(rq_scales)) if hierarchical else 'plain'}" if msrq else
          f"{groups} groups x {codebook_size} codes x {latent_dim // groups} dims")
