@@ -242,10 +242,12 @@ groups_ = param_groups(generator, weight_decay) + (param_groups(prior, weight_de
 optimizer = torch.optim.AdamW([g for g in groups_ if g['params']], lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
 trainable = [p for g in optimizer.param_groups for p in g['params']]
-# DDP: the training forward, generator and LoRA together (some LoRA layers may feed nothing the
-# loss sees in an ablation: find_unused); the discriminator's in discriminator_step
+# DDP: the training forward, generator and LoRA together; every LoRA layer gets a gradient when the
+# prior's last map ('head', what the CLS tokens always include) reaches the loss, else DDP must look
+# for those that get none (find_unused). The discriminator's DDP is used in discriminator_step.
+lora_all_used = cls_tokens != 'none' or (prior_feat_tap == 'head' and (use_sft or repa_on))
 train_step = ddp_wrap(TrainStep(generator, *([prior] if prior is not None else [])),
-                      find_unused=prior is not None)
+                      find_unused=lora_rank > 0 and not lora_all_used)
 train_disc = ddp_wrap(disc.requires_grad_(True))
 disc.requires_grad_(False)
 if rank > 0:
