@@ -73,7 +73,7 @@ rope_base = 10000.0       # 2D RoPE frequency base
 beta = 0.25               # commitment weight inside L_commit (docs/method.md#grouped-vq)
 vq_data_init = True       # codebook remedy 1: initialise codes from encoder outputs of batch 1
 vq_restart_dead = True    # codebook remedy 2: re-seed codes unused for a while from the batch
-vq_restart_every = 100    # training steps per dead-code window
+vq_restart_every = 100    # training calls (micro-batches) per dead-code window
 vq_dead_threshold = 1.0   # a code chosen fewer times than this in a window is dead
 # coarse-to-fine training (the paper's Table 3 ablations)
 group_masking = True      # keep a random prefix of k groups
