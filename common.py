@@ -63,10 +63,6 @@ def ddp_world():
     return 0, 1
 
 
-def is_master():
-    return ddp_world()[0] == 0
-
-
 def ddp_cleanup():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -127,11 +123,6 @@ def mean_items(parts):
     values = torch.stack([torch.as_tensor(v).detach().to(_comm_device(), torch.float64).reshape(())
                           for v in parts.values()])
     return dict(zip(parts, mean_over_ranks(values).tolist()))
-
-
-def barrier():
-    if _distributed():
-        dist.barrier()
 
 
 class TrainStep(torch.nn.Module):
