@@ -1,12 +1,13 @@
 """
 The few pieces of training plumbing every stage script shares: device and dtype selection, the
-learning-rate schedule, the checkpoint of a stage's declared state (exact resume), one atomic
-writer for every file, the claim of an out_dir (lock, no silent replacement), a log file, PNG
-sample grids, training curves and the final summary block. Kept deliberately small; everything
-model-specific lives in model.py.
+learning-rate schedule, data-parallel training under torchrun (DDP), the checkpoint of a stage's
+declared state (exact resume), one atomic writer for every file, the claim of an out_dir (lock, no
+silent replacement), a log file, PNG sample grids, training curves and the final summary block.
+Kept deliberately small; everything model-specific lives in model.py.
 """
 import atexit
 import contextlib
+import datetime
 import errno
 import json
 import math
@@ -19,6 +20,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
@@ -33,11 +35,144 @@ def pick_device(device='auto'):
     return 'cpu'
 
 
+# -----------------------------------------------------------------------------
+# Data-parallel training (DDP): `torchrun --nproc_per_node=N script.py ...` starts N copies of a
+# stage script; each trains on its own batches, the gradients are averaged in backward, and rank 0
+# alone evaluates and writes. Every helper below is a no-op in a plain `python script.py`.
+
+def ddp_setup(device='auto'):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE: join the process group (NCCL on GPUs, gloo on
+    CPU), one GPU per process. -> (rank, local_rank, world_size, device). Without torchrun:
+    (0, 0, 1, pick_device(device)) and no process group."""
+    device = pick_device(device)
+    if 'RANK' not in os.environ:
+        return 0, 0, 1, device
+    rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    backend = 'nccl' if device.startswith('cuda') else 'gloo'
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))  # while rank 0 evaluates
+    return rank, local_rank, world, device
+
+
+def ddp_world():
+    """-> (rank, world_size): (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def ddp_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _distributed():
+    return ddp_world()[1] > 1
+
+
+def _comm_device():
+    return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu'
+
+
+def sum_over_ranks(x):
+    """The sum of x (a tensor) over the ranks, as a new tensor; x itself in a single process."""
+    if not _distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+def mean_over_ranks(x):
+    return sum_over_ranks(x) / ddp_world()[1] if _distributed() else x
+
+
+def gather_over_ranks(x, dim=0):
+    """Every rank's x concatenated along dim in rank order (what one process holding all ranks'
+    batches would have); x itself in a single process. Every rank's x has the same shape."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(ddp_world()[1])]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim)
+
+
+def from_rank0_(x):
+    """Overwrite the tensor x with rank 0's, in place (e.g. after random draws that differ by rank)."""
+    if _distributed():
+        dist.broadcast(x, 0)
+    return x
+
+
+def rank0_number(value):
+    """Rank 0's value of a Python number on every rank: its clock decides when a time-budgeted run
+    ends and how far its learning rate has decayed, so that all ranks agree."""
+    if not _distributed():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_comm_device())
+    dist.broadcast(t, 0)
+    return t.item()
+
+
+def mean_items(parts):
+    """{name: scalar tensor} -> {name: float}, each averaged over the ranks (what the log shows)."""
+    if not _distributed():
+        return {k: v.item() for k, v in parts.items()}
+    values = torch.stack([torch.as_tensor(v).detach().to(_comm_device(), torch.float64).reshape(())
+                          for v in parts.values()])
+    return dict(zip(parts, mean_over_ranks(values).tolist()))
+
+
+class TrainStep(torch.nn.Module):
+    """The modules a stage trains, as one module whose forward runs a function of them:
+    step(fn, *args) = fn(*args). Wrapped by ddp_wrap, the function becomes DDP's forward, so a
+    step that calls several modules (generator and prior) or a method other than forward
+    (Tokenizer.hierarchical) still gets its gradients averaged over the ranks in backward."""
+    def __init__(self, *modules):
+        super().__init__()
+        self.parts = torch.nn.ModuleList(modules)
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+def ddp_wrap(module, find_unused=False):
+    """DistributedDataParallel(module) under torchrun (rank 0's weights are copied to every rank
+    here; backward averages the gradients over the ranks), the module itself in a single process.
+    find_unused: some trainable parameters may get no gradient in a step (DDP then looks for them)."""
+    if not _distributed():
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=find_unused)
+
+
+def no_sync(module, sync):
+    """Around the forward and backward of a micro-batch: the gradient all-reduce is skipped unless
+    sync (the last micro-batch of a step), so grad_accum costs one all-reduce per step."""
+    if sync or not isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
+def rank_states(state, names):
+    """Under DDP, the state of each rank's own streams (the objects `names` of a stage's state: its
+    data sampler, its generators; and the global RNGs), gathered so rank 0 saves them all:
+    -> dict(ranks=[one dict per rank], world_size=N) to pass to save_state; {} in a single process
+    (nothing is added to its checkpoint). load_state gives each rank its own back."""
+    if not _distributed():
+        return {}
+    mine = dict({name: _get_state(state[name]) for name in names}, rng=rng_state())
+    ranks = [None] * ddp_world()[1]
+    dist.all_gather_object(ranks, mine)
+    return dict(ranks=ranks, world_size=len(ranks))
+
+
 def setting_problems(s):
     """Range checks of the settings every stage script has, before any work: one message per bad
     value, with the valid range (the scripts add their own checks and fail with all of them)."""
     problems = []
-    for key in ('batch_size', 'crop_size', 'eval_interval', 'log_interval'):
+    for key in ('batch_size', 'grad_accum', 'crop_size', 'eval_interval', 'log_interval'):
         if s[key] < 1:
             problems.append(f"{key}={s[key]} must be >= 1")
     for key in ('warmup_iters', 'max_iters', 'max_minutes', 'decay_iters', 'grad_clip', 'weight_decay',
@@ -203,6 +338,10 @@ def checkpoint_to_resume(out_dir, init_from, kind, **expected):
     for key, value in expected.items():
         if ckpt.get(key) != value:
             fail(f"resume: model settings differ from {path}: {key} saved {ckpt.get(key)}, now {value}")
+    saved, world = ckpt.get('world_size', 1), ddp_world()[1]
+    if saved != world:  # each rank resumes its own data and RNG streams (rank_states)
+        fail(f"resume: {path} was saved by {saved} process(es), this run has {world}: resume with the "
+             f"same number of processes (torchrun --nnodes x --nproc_per_node)")
     return path, ckpt
 
 
@@ -218,17 +357,28 @@ def load_state(ckpt, state):
         else:
             unwrap(obj).load_state_dict(ckpt[name])
     set_rng_state(ckpt['rng'])
+    rank, world = ddp_world()
+    if world > 1:  # under DDP the top-level streams are rank 0's: each rank takes its own (rank_states)
+        for name, saved in ckpt['ranks'][rank].items():
+            if name == 'rng':
+                set_rng_state(saved)
+            elif isinstance(state[name], torch.Generator):
+                state[name].set_state(saved)
+            else:
+                state[name].load_state_dict(saved)
     return ckpt['step'], ckpt['minutes']
 
 
 def stop_if_diverged(step, log, grad_norm, **loss_parts):
     """The divergence guard, called after backward and before the optimizer step: a non-finite
-    gradient norm or loss part ends the run here, naming the step and the parts, so the diverged
-    weights are never taken, evaluated or saved: the last checkpoint in out_dir stays as it was.
+    gradient norm or loss part (of any rank, under DDP) ends the run here, naming the step and the
+    parts, so the diverged weights are never taken, evaluated or saved: the last checkpoint in
+    out_dir stays as it was.
     One host sync per step (a stack of scalars)."""
     dev = torch.as_tensor(grad_norm).device
     values = torch.stack([torch.as_tensor(v, device=dev).detach().float().reshape(())
                           for v in (grad_norm, *loss_parts.values())])   # on the training device
+    values = mean_over_ranks(values)  # DDP: every rank sees a non-finite part of any rank and stops
     if bool(values.isfinite().all()):  # the one sync
         return
     parts = ' '.join(f"{k} {v:.4g}" for k, v in zip(['grad_norm', *loss_parts], values.tolist()))

@@ -22,6 +22,7 @@ one imported from model.py) and whose value is an int, float, bool, str, tuple, 
 saved in the checkpoint).
 """
 import ast
+import os
 import sys
 
 SETTING_TYPES = (bool, int, float, str, tuple, dict, type(None))
@@ -100,7 +101,9 @@ def configure(g, argv=None, verbose=True):
             key, text = arg[2:].split('=', 1)
             current[key] = _check(key, _parse_value(text), current, valid, f"argument '{arg}'")
     g.update(current)
-    if verbose:  # the resolved config, one grep-able line (scripts also save it with each checkpoint)
+    # the resolved config, one grep-able line (scripts also save it with each checkpoint); under
+    # torchrun only rank 0 prints it
+    if verbose and os.environ.get('RANK', '0') == '0':
         print('config: ' + ' '.join(f'{k}={current[k]!r}' for k in sorted(current)))
     return dict(current)
 

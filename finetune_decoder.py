@@ -5,6 +5,7 @@ Stage 3: fine-tune the tokenizer's decoder on the generator's own (imperfect) to
     python finetune_decoder.py config/finetune_decoder_tiny.py              # 2-core CPU, ~4 minutes
     python finetune_decoder.py config/finetune_decoder_paper.py             # paper sizes, one GPU
     python finetune_decoder.py config/finetune_decoder_tiny.py --init_from=resume   # continue exactly
+    torchrun --standalone --nproc_per_node=8 finetune_decoder.py config/finetune_decoder_paper.py   # 8 GPUs
 
 The stage-1 decoder was trained on the tokens of clean HR images; at inference it receives the
 stage-2 generator's predictions from degraded LR images, which are often wrong. Here the generator,
@@ -27,9 +28,10 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, claim_out_dir,
-                    learning_rate_at, load_state, maybe_compile, pick_device, save_curves, save_grid,
-                    save_state, set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
+from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, claim_out_dir, ddp_cleanup,
+                    ddp_setup, ddp_wrap, learning_rate_at, load_state, maybe_compile, mean_items, no_sync,
+                    rank0_number, rank_states, save_curves, save_grid, save_state, set_learning_rate,
+                    setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, count_params, discriminator_step, g_loss_vanilla, load_sr_chain,
@@ -51,7 +53,8 @@ decay_iters = 0           # length of the cosine decay in steps (0 = max_iters)
 train_dir = 'assets/images/train'
 val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 -> hr 256x256)
 crop_size = 256           # HR training crop side, a multiple of the tokenizer's patch
-batch_size = 8
+batch_size = 8            # per process (DDP: each of the N ranks draws its own batch)
+grad_accum = 1            # micro-batches per optimizer step (images per step = batch_size * grad_accum * N)
 degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic'
 jpeg_impl = 'torch'       # its JPEG (docs/method.md#jpeg): 'torch' (batched, on the device) | 'pil' (libjpeg)
 # what the decoder sees (the paper's Table 5)
@@ -108,11 +111,13 @@ def check_config():
 
 
 check_config()
-notes = claim_out_dir(out_dir, init_from, overwrite)  # lock, no silent replacement, old temp files
+rank, local_rank, world, device = ddp_setup(device)  # (0, 0, 1, device) without torchrun
+master = rank == 0  # evaluates and writes every file; the other ranks only train
+notes = claim_out_dir(out_dir, init_from, overwrite) if master else []  # lock, no silent replacement
+seed_r = seed + 1000 * rank  # this rank's data and top-K streams (rank 0: those of a single run)
 k_train = {'frozen': 0, 'top1': 1, 'topk': top_k}[mode]
 if threads:
     torch.set_num_threads(threads)
-device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
 torch.manual_seed(seed)
 try:  # the whole chain, frozen and in eval mode; the tokenizer comes from the generator's checkpoint
@@ -130,22 +135,27 @@ decoder.requires_grad_(True)  # the only trainable module (mode 'frozen' never t
 chain = dict(gen_ckpt=os.path.abspath(gen_ckpt), tok_model_args=asdict(tcfg), gen_model_args=asdict(gcfg),
              mode=mode, top_k=k_train)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'decoder', **chain)
-log = Logger(out_dir, config, notes)
+log = Logger(out_dir, config, notes) if master else (lambda msg: None)
 
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
 try:
-    sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
+    sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed_r, device=device,
                                deg_cfg=DegradeConfig(mode=degradation, jpeg_impl=jpeg_impl))
     val = data.load_val_pairs(val_dir)
 except ValueError as e:  # a missing or incomplete folder
     fail(f"finetune_decoder.py: {e}")
 val_hr, val_lr = val['hr'], val['lr']                         # (N,3,256,256), (N,3,64,64)
-topk_gen = torch.Generator(device=device).manual_seed(seed + 2)  # the top-K draws, saved for resume
+topk_gen = torch.Generator(device=device).manual_seed(seed_r + 2)  # the top-K draws, saved for resume
 
 disc = PatchDiscriminator().to(device).requires_grad_(False)  # trains only in discriminator_step
 lpips_net = ev.load_lpips(device)
 optimizer = torch.optim.AdamW(param_groups(decoder, weight_decay), lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
+train_decoder = ddp_wrap(maybe_compile(decoder, compile, device))  # DDP: gradients averaged in backward
+train_disc = ddp_wrap(disc.requires_grad_(True))  # the discriminator's, in discriminator_step
+disc.requires_grad_(False)
+if rank > 0:
+    torch.manual_seed(seed_r)  # its own global-RNG draws
 # everything an exact resume needs, declared once: saved by save_state, restored by load_state
 # ('decoder' is all that sr.py / eval.py need: load_sr_chain(..., decoder_ckpt=this file))
 state = dict(decoder=decoder, disc=disc, optimizer=optimizer, d_optimizer=d_optimizer, sampler=sampler,
@@ -154,11 +164,11 @@ step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
-train_decoder = maybe_compile(decoder, compile, device)
 log(f"finetune_decoder: mode {mode}" + (f" (top-{top_k})" if mode == 'topk' else '')
     + f", decoder {count_params(decoder) / 1e6:.2f}M params trainable; generator "
       f"{gen_ckpt} (frozen), tokenizer grid {crop_size // tcfg.patch}x{crop_size // tcfg.patch}, "
-      f"G {tcfg.groups} x K {tcfg.codebook_size}, device {device}, {dtype}")
+      f"G {tcfg.groups} x K {tcfg.codebook_size}, device {device}, {dtype}"
+    + (f", DDP over {world} processes" if world > 1 else ''))
 
 
 # fixed references: the generator is frozen, so its top-1 tokens for the validation LR never change;
@@ -195,61 +205,68 @@ decay_steps = decay_iters or max_iters
 decoder.train(mode != 'frozen')
 metrics, t_log, imgs_since_log = {}, time.time(), 0
 while True:
-    out_of_time = max_minutes > 0 and minutes() >= max_minutes
+    # under DDP rank 0's clock decides, so that all ranks stop together and share the learning rate
+    out_of_time = max_minutes > 0 and rank0_number(minutes()) >= max_minutes
     done = mode == 'frozen' or step >= max_iters or out_of_time
     if step % eval_interval == 0 or done:
-        metrics = evaluate(f'{step:06d}')
-        log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        history['eval'].append(dict(step=step, **metrics))
-        save_curves(history, os.path.join(out_dir, 'curves.png'))
-        if step > 0 or done:
+        if master:  # the other ranks wait in rank_states
+            metrics = evaluate(f'{step:06d}')
+            log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            history['eval'].append(dict(step=step, **metrics))
+            save_curves(history, os.path.join(out_dir, 'curves.png'))
+        per_rank = rank_states(state, ('sampler', 'topk_gen'))  # DDP: every rank's data and RNG state
+        if master and (step > 0 or done):
             save_state(ckpt_path, state, 'decoder', config=config, step=step, minutes=minutes(),
-                       metrics=metrics, history=history, **chain)
+                       metrics=metrics, history=history, **chain, **per_rank)
     if done:
         break
 
-    progress = minutes() / max_minutes if max_minutes > 0 else step / decay_steps
+    progress = rank0_number(minutes()) / max_minutes if max_minutes > 0 else step / decay_steps
     rate = learning_rate_at(step, progress, learning_rate, warmup_iters, learning_rate_floor)
     set_learning_rate(optimizer, rate)
     set_learning_rate(d_optimizer, rate * d_learning_rate / learning_rate)
-    hr, lr = sampler.next()                     # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
-    B = hr.shape[0]
     gan_on = gan_weight > 0 and step >= gan_start
-    with torch.no_grad(), ctx:  # the frozen generator's candidates, then one draw per position/group
-        feat, pooled = prior(upsample_for_prior(lr, gcfg.scale)) if prior is not None else (None, None)
-        logits = generator(lr, feat, pooled)    # (B, G, h, w, K)
-        idx = sample_topk(logits, k_train, topk_gen)  # (B, G, h, w), among the top-k of each
-        zq = tokenizer.quantizer.lookup(idx)        # (B, C, h, w), codebooks frozen
-        flipped = (idx != logits.argmax(-1)).float().mean()  # share of inputs that are not top-1
-
-    # decoder step (the discriminator is frozen outside discriminator_step)
-    with ctx:
-        sr = train_decoder(zq).float()              # (B, 3, crop, crop)
-        l1 = (sr - hr).abs().mean()
-        lp = ev.lpips_dist(lpips_net, sr, hr).mean() if lpips_weight > 0 else l1 * 0
-        g = g_loss_vanilla(disc(sr)) if gan_on else l1 * 0
-        loss = l1_weight * l1 + lpips_weight * lp + gan_weight * g
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    for micro in range(grad_accum):  # micro-batches; their mean gradient (over the ranks too) makes one step
+        hr, lr = sampler.next()                     # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
+        B = hr.shape[0]
+        with torch.no_grad(), ctx:  # the frozen generator's candidates, then one draw per position/group
+            feat, pooled = prior(upsample_for_prior(lr, gcfg.scale)) if prior is not None else (None, None)
+            logits = generator(lr, feat, pooled)    # (B, G, h, w, K)
+            idx = sample_topk(logits, k_train, topk_gen)  # (B, G, h, w), among the top-k of each
+            zq = tokenizer.quantizer.lookup(idx)        # (B, C, h, w), codebooks frozen
+            flipped = (idx != logits.argmax(-1)).float().mean()  # share of inputs that are not top-1
+
+        # decoder step (the discriminator is frozen outside discriminator_step)
+        with no_sync(train_decoder, micro == grad_accum - 1):  # DDP: one gradient all-reduce per step
+            with ctx:
+                sr = train_decoder(zq).float()              # (B, 3, crop, crop)
+                l1 = (sr - hr).abs().mean()
+                lp = ev.lpips_dist(lpips_net, sr, hr).mean() if lpips_weight > 0 else l1 * 0
+                g = g_loss_vanilla(disc(sr)) if gan_on else l1 * 0
+                loss = l1_weight * l1 + lpips_weight * lp + gan_weight * g
+            (loss / grad_accum).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), grad_clip if grad_clip > 0 else math.inf)
     stop_if_diverged(step, log, grad_norm, loss=loss, l1=l1, lpips=lp, g=g)
     optimizer.step()
 
-    # discriminator step: HR is real, the decoded sample fake
-    d = (discriminator_step(disc, d_optimizer, vanilla_d_loss, hr, sr, ctx) if gan_on
+    # discriminator step: HR is real, the decoded sample (of the last micro-batch) fake
+    d = (discriminator_step(train_disc, d_optimizer, vanilla_d_loss, hr, sr, ctx) if gan_on
          else torch.zeros((), device=hr.device))
 
     step += 1
-    imgs_since_log += B
+    imgs_since_log += B * grad_accum * world
     if step % log_interval == 0:
         dt = time.time() - t_log
         parts = {'loss': loss, 'l1': l1, 'lpips': lp, 'g': g, 'd': d, 'not-top1': flipped}
-        parts = {k: v.item() for k, v in parts.items()}
+        parts = mean_items(parts)  # DDP: of all ranks
         history['train'].append(dict(step=step, **parts, rate=rate))
         log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
             f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 
-final = dict(metrics, **ref, mode=mode, top_k=k_train, steps=step, minutes=round(minutes(), 2))
-write_json(final, os.path.join(out_dir, 'summary.json'))
-log(summary('finetune_decoder', final))
+if master:
+    final = dict(metrics, **ref, mode=mode, top_k=k_train, steps=step, minutes=round(minutes(), 2))
+    write_json(final, os.path.join(out_dir, 'summary.json'))
+    log(summary('finetune_decoder', final))
+ddp_cleanup()

@@ -12,6 +12,7 @@ Stage 2: train the token generator. Two methods, one loop, chosen by `method`:
     python generator.py config/generator_hvar_tiny.py            # H-VAR, 2-core CPU
     python generator.py config/generator_tvq_tiny.py             # texture VQ, 2-core CPU
     python generator.py config/generator_tiny.py --init_from=resume   # continue exactly
+    torchrun --standalone --nproc_per_node=8 generator.py config/generator_paper.py   # 8 GPUs (DDP)
 
 H-VAR: each step degrades an HR crop (or, for bilinear_frac of the pairs, only downsamples it
 bilinearly: class 1; cond_drop of them get the null class 2, with no condition), takes the frozen
@@ -45,10 +46,10 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, claim_out_dir,
-                    learning_rate_at, load_checkpoint, load_state, maybe_compile, pick_device, save_curves,
-                    save_grid, save_state, set_learning_rate, setting_problems, stop_if_diverged, summary,
-                    write_json)
+from common import (Logger, Timer, TrainStep, autocast_ctx, batched, checkpoint_to_resume, claim_out_dir,
+                    ddp_cleanup, ddp_setup, ddp_wrap, from_rank0_, learning_rate_at, load_checkpoint, load_state,
+                    maybe_compile, mean_items, no_sync, rank0_number, rank_states, save_curves, save_grid, save_state,
+                    set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
@@ -76,8 +77,8 @@ decay_iters = 0           # length of the cosine decay in steps (0 = max_iters)
 train_dir = 'assets/images/train'
 val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 -> hr 256x256)
 crop_size = 256           # HR training crop side, a multiple of patch (LR crop = crop_size / 4)
-batch_size = 8
-grad_accum = 1            # micro-batches of batch_size per optimizer step (batch = batch_size * grad_accum)
+batch_size = 8            # per process (DDP: each of the N ranks draws its own batch)
+grad_accum = 1            # micro-batches per optimizer step (images per step = batch_size * grad_accum * N)
 degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic' (clean LR, easier)
 jpeg_impl = 'torch'       # its JPEG (docs/method.md#jpeg): 'torch' (batched, on the device) | 'pil' (libjpeg)
 # model: the fields of model.GeneratorConfig (docs/method.md#generator); groups, codebook_size
@@ -153,8 +154,6 @@ def check_config():
     if not os.path.isfile(tok_ckpt):
         problems.append(f"tok_ckpt='{tok_ckpt}' not found: train stage 1 first "
                         f"(python tokenizer.py config/tokenizer_tiny.py) or pass --tok_ckpt=PATH")
-    if grad_accum < 1:
-        problems.append(f"grad_accum={grad_accum} must be >= 1")
     if method not in ('hitoksr', 'hvar', 'tvq'):
         problems.append(f"method={method!r} must be 'hitoksr', 'hvar' or 'tvq'")
     if hvar_tokens not in ('hierarchical', 'plain'):
@@ -170,7 +169,10 @@ def check_config():
 
 
 check_config()
-notes = claim_out_dir(out_dir, init_from, overwrite)  # lock, no silent replacement, old temp files
+rank, local_rank, world, device = ddp_setup(device)  # (0, 0, 1, device) without torchrun
+master = rank == 0  # evaluates and writes every file; the other ranks only train
+notes = claim_out_dir(out_dir, init_from, overwrite) if master else []  # lock, no silent replacement
+seed_r = seed + 1000 * rank  # this rank's data stream (rank 0: that of a single run)
 try:
     tok = load_checkpoint(tok_ckpt, '--tok_ckpt', kind='tokenizer')
 except ValueError as e:
@@ -224,11 +226,10 @@ model_args = asdict(gcfg)
 repa_on = repa_weight > 0 and lora_rank > 0  # a frozen prior has nothing for REPA to train
 if threads:
     torch.set_num_threads(threads)
-device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'generator', model_args=model_args,
                                        prior_args=prior_args, method=method)
-log = Logger(out_dir, config, notes)
+log = Logger(out_dir, config, notes) if master else (lambda msg: None)
 
 # frozen tokenizer: targets q_HR (encoder + VQ) and the decoder the pixel losses go through
 tokenizer = Tokenizer(tcfg)
@@ -239,7 +240,7 @@ del tok
 
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
 try:
-    sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
+    sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed_r, device=device,
                                deg_cfg=DegradeConfig(mode=degradation, jpeg_impl=jpeg_impl))
     val = data.load_val_pairs(val_dir)
 except ValueError as e:  # a missing or incomplete folder
@@ -262,6 +263,16 @@ groups_ = param_groups(generator, weight_decay) + (param_groups(prior, weight_de
 optimizer = torch.optim.AdamW([g for g in groups_ if g['params']], lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
 trainable = [p for g in optimizer.param_groups for p in g['params']]
+# DDP: the training forward, generator and LoRA together; every LoRA layer gets a gradient when the
+# prior's last map ('head', what the CLS tokens always include) reaches the loss, else DDP must look
+# for those that get none (find_unused). The discriminator's DDP is used in discriminator_step.
+lora_all_used = cls_tokens != 'none' or (prior_feat_tap == 'head' and (use_sft or repa_on))
+train_step = ddp_wrap(TrainStep(generator, *([prior] if prior is not None else [])),
+                      find_unused=lora_rank > 0 and not lora_all_used)
+train_disc = ddp_wrap(disc.requires_grad_(True))
+disc.requires_grad_(False)
+if rank > 0:
+    torch.manual_seed(seed_r)  # its own global-RNG draws (H-VAR's input classes)
 # everything an exact resume needs, declared once: saved by save_state, restored by load_state
 state = dict(generator=generator, prior_lora=LoRAWeights(prior), disc=disc, optimizer=optimizer,
              d_optimizer=d_optimizer, sampler=sampler)
@@ -278,6 +289,8 @@ if hvar and head == 'codebook' and ckpt is None:  # data init of the temperature
     z_hr = msrq_tokens(tokenizer, hr, gcfg.hierarchical)
     ce0, ce1 = generator.calibrate_temperature(cond, generator.step_inputs(tokenizer.quantizer, cond, z_hr), cls,
                                                flat_tokens(z_hr))
+    with torch.no_grad():
+        from_rank0_(generator.log_t)  # DDP: every rank keeps rank 0's value (the ranks' batches differ)
     log(f"codebook head: inverse temperature {generator.log_t.exp().item():.1f} (cross-entropy on one training "
         f"batch {ce0:.3f} -> {ce1:.3f})")
 ckpt = None  # free the loaded tensors
@@ -288,14 +301,16 @@ if hvar:
     log(f"H-VAR generator: {count_params(generator) / 1e6:.2f}M params, {tcfg.codebook_size} logits ({head} head), "
         f"{generator.n_cond} condition + {sum(generator.sizes[1:])} image tokens ({hvar_tokens} targets, steps "
         f"{tcfg.rq_steps}, scales {tcfg.rq_scales}), dpo {dpo} (beta {dpo_beta}), bilinear_frac {bilinear_frac}, "
-        f"cond_drop {cond_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}")
+        f"cond_drop {cond_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
+        + (f", DDP over {world} processes" if world > 1 else ''))
 else:
     log(f"generator: {count_params(generator) / 1e6:.2f}M params, LoRA "
         f"{n_lora / 1e6:.3f}M, {tcfg.groups} heads x {tcfg.codebook_size} logits, grid {h_tok}x{h_tok}, "
         + (f"structure map {tcfg.tvq_struct_dim} x {h_tok // tcfg.tvq_struct_pool}x{h_tok // tcfg.tvq_struct_pool}, "
            if tvq else '') +
         f"prior {prior_name if prior else 'none'} (sft {use_sft}, cls {cls_tokens}, lora rank {lora_rank}, "
-        f"repa {'on' if repa_on else 'off'}), tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}")
+        f"repa {'on' if repa_on else 'off'}), tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
+        + (f", DDP over {world} processes" if world > 1 else ''))
 
 
 # fixed references on the validation pairs: the tokenizer's indices of HR (the targets of the token
@@ -387,28 +402,31 @@ minutes = lambda: elapsed_before + timer.minutes()
 decay_steps = decay_iters or max_iters
 metrics, t_log, imgs_since_log = {}, time.time(), 0
 while True:
-    out_of_time = max_minutes > 0 and minutes() >= max_minutes
+    # under DDP rank 0's clock decides, so that all ranks stop together and share the learning rate
+    out_of_time = max_minutes > 0 and rank0_number(minutes()) >= max_minutes
     done = step >= max_iters or out_of_time
     if step % eval_interval == 0 or done:
-        metrics = evaluate(f'{step:06d}')
-        log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        history['eval'].append(dict(step=step, **metrics))
-        save_curves(history, os.path.join(out_dir, 'curves.png'))
-        if step > 0 or done:
+        if master:  # the other ranks wait in rank_states
+            metrics = evaluate(f'{step:06d}')
+            log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            history['eval'].append(dict(step=step, **metrics))
+            save_curves(history, os.path.join(out_dir, 'curves.png'))
+        per_rank = rank_states(state, ('sampler',))  # DDP: every rank's data and RNG state
+        if master and (step > 0 or done):
             save_state(ckpt_path, state, 'generator', method=method, model_args=model_args, prior_args=prior_args,
                        config=config,
                        tok_ckpt=os.path.abspath(tok_ckpt), tok_model_args=asdict(tcfg), tok_step=tok_step,
-                       step=step, minutes=minutes(), metrics=metrics, history=history)
+                       step=step, minutes=minutes(), metrics=metrics, history=history, **per_rank)
     if done:
         break
 
-    progress = minutes() / max_minutes if max_minutes > 0 else step / decay_steps
+    progress = rank0_number(minutes()) / max_minutes if max_minutes > 0 else step / decay_steps
     rate = learning_rate_at(step, progress, learning_rate, warmup_iters, learning_rate_floor)
     set_learning_rate(optimizer, rate)
     set_learning_rate(d_optimizer, rate * d_learning_rate / learning_rate)
     gan_on = gan_weight > 0 and step >= gan_start and not hvar
     optimizer.zero_grad(set_to_none=True)
-    for _ in range(grad_accum):  # micro-batches of batch_size; their mean gradient makes one step
+    for micro in range(grad_accum):  # micro-batches; their mean gradient (over the ranks too) makes one step
         hr, lr = sampler.next()                     # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
         B = hr.shape[0]
         if hvar:  # input kinds: degraded (0), bilinear-only (1, LR replaced), null (2, no condition)
@@ -417,40 +435,43 @@ while True:
                               torch.where(u < bilinear_frac + cond_drop, CLASS_NULL, CLASS_DEGRADED))
             bil = F.interpolate(hr, scale_factor=0.25, mode='bilinear', align_corners=False, antialias=True)
             lr = torch.where((cls == CLASS_BILINEAR)[:, None, None, None], bil.clamp(0, 1), lr)
-            with ctx:
-                loss, parts, acc = hvar_losses(config, tokenizer, train_gen, hr, lr, cls)
         else:
             with torch.no_grad():  # targets of the frozen tokenizer: q_HR (B, G, h, w) [, F_L (B, C_L, h/r, w/r)]
                 _, q_hr, _, _, *f_l_hr = tokenizer.encode_tvq(hr) if tvq else tokenizer.encode(hr)
-            # generator + LoRA step (the discriminator is frozen outside discriminator_step)
-            with ctx:
-                loss, parts, logits, sr = generator_losses(config, tokenizer, train_gen, prior, lpips_fn, disc, hr,
-                                                           lr, q_hr, gan_on, *f_l_hr)
-        (loss / grad_accum).backward()
+        with no_sync(train_step, micro == grad_accum - 1):  # DDP: one gradient all-reduce per step
+            with ctx:  # generator + LoRA (the discriminator is frozen outside discriminator_step)
+                if hvar:
+                    loss, parts, acc = train_step(hvar_losses, config, tokenizer, train_gen, hr, lr, cls)
+                else:
+                    loss, parts, logits, sr = train_step(generator_losses, config, tokenizer, train_gen, prior,
+                                                         lpips_fn, disc, hr, lr, q_hr, gan_on, *f_l_hr)
+            (loss / grad_accum).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else math.inf)
     stop_if_diverged(step, log, grad_norm, loss=loss, **parts)
     optimizer.step()
 
     # discriminator step: HR is real, the decoded prediction (of the last micro-batch) fake
-    d = discriminator_step(disc, d_optimizer, vanilla_d_loss, hr, sr, ctx) if gan_on else torch.zeros(())
+    d = discriminator_step(train_disc, d_optimizer, vanilla_d_loss, hr, sr, ctx) if gan_on else torch.zeros(())
 
     step += 1
-    imgs_since_log += B * grad_accum
+    imgs_since_log += B * grad_accum * world
     if step % log_interval == 0:
         dt = time.time() - t_log
         if hvar:  # token accuracy per target scale
             parts.update({f'acc_s{n + 1}': torch.tensor(a) for n, a in enumerate(scale_accuracy(acc))})
         else:
             parts.update(d=d, acc=(logits.detach().argmax(-1) == q_hr).float().mean())
-        parts = {k: v.item() for k, v in dict(loss=loss, **parts).items()}
+        parts = mean_items(dict(loss=loss, **parts))  # DDP: of all ranks
         history['train'].append(dict(step=step, **parts, rate=rate))
         log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
             f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 
-prefixes = [f'x{f}_' for f in factors] if hvar else ['']
-final = dict(metrics, **{p + k: ref[p + k] for p in prefixes for k in
-                         ('bicubic_psnr_y', 'bicubic_ssim_y', 'bicubic_lpips', 'r_psnr_y', 'r_lpips')},
-             steps=step, minutes=round(minutes(), 2))
-write_json(final, os.path.join(out_dir, 'summary.json'))
-log(summary('generator', final))
+if master:
+    prefixes = [f'x{f}_' for f in factors] if hvar else ['']
+    final = dict(metrics, **{p + k: ref[p + k] for p in prefixes for k in
+                             ('bicubic_psnr_y', 'bicubic_ssim_y', 'bicubic_lpips', 'r_psnr_y', 'r_lpips')},
+                 steps=step, minutes=round(minutes(), 2))
+    write_json(final, os.path.join(out_dir, 'summary.json'))
+    log(summary('generator', final))
+ddp_cleanup()

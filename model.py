@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import from_rank0_, gather_over_ranks, sum_over_ranks  # DDP; no-ops in one process
 from wavelets import lowpass
 
 # -----------------------------------------------------------------------------
@@ -325,7 +326,10 @@ class GroupedVQ(nn.Module):
       replaced by random encoder vectors (+ 1% noise so duplicates can split), and hits reset
       (Jukebox / SoundStream style). The replacement is written with torch.where, so there is no
       host sync and RNG use is the same every call: deterministic given torch's global RNG.
-    Optimizer moments of a replaced code are left as they are."""
+    Optimizer moments of a replaced code are left as they are.
+    Under DDP (torchrun) every rank keeps the same codebooks: hits are summed over the ranks, the
+    pool of replacements holds every rank's vectors (rank order: one process's pool of the whole
+    batch) and rank 0's draws are broadcast, so a restart is that of one process with all batches."""
     def __init__(self, latent_dim, groups, codebook_size, beta=0.25, data_init=True,
                  restart_dead=True, restart_every=100, dead_threshold=1.0):
         super().__init__()
@@ -367,6 +371,7 @@ class GroupedVQ(nn.Module):
             self.hits.mul_((~due).float())  # start a new counting window
         new_GKd = new_GKd.to(self.codebook.dtype)
         self.codebook.copy_(torch.where(replace_GK[..., None], new_GKd, self.codebook))
+        from_rank0_(self.codebook.data)  # DDP: the draws above differ by rank; rank 0's count
         return replace_GK.sum(1)  # (G,)
 
     def forward(self, z_BChw):
@@ -379,7 +384,7 @@ class GroupedVQ(nn.Module):
         z_GNd = self._flat(z_BChw)
         n_replaced = torch.zeros(self.G, dtype=torch.long, device=z_BChw.device)
         if self.training and (self.data_init or self.restart_dead):
-            n_replaced = self._replace_codes(z_GNd.detach())
+            n_replaced = self._replace_codes(gather_over_ranks(z_GNd.detach(), dim=1))
         idx_GN = torch.stack([nearest_code(z_GNd[g], self.codebook[g]) for g in range(self.G)])
         zhat_GNd = self.codebook[torch.arange(self.G, device=idx_GN.device)[:, None], idx_GN].float()
         commit = ((zhat_GNd - z_GNd.detach()).pow(2).mean((1, 2))  # moves codes to the encoder
@@ -389,7 +394,7 @@ class GroupedVQ(nn.Module):
         idx_BGhw = idx_GN.view(self.G, B, h, w).transpose(0, 1).contiguous()
         counts = code_counts(idx_BGhw, self.K)
         if self.training:
-            self.hits.add_(counts)
+            self.hits.add_(sum_over_ranks(counts))
             self.calls.add_(1)
         stats = stats_from_counts(counts)
         stats['n_replaced'] = n_replaced
@@ -504,7 +509,8 @@ class MultiScaleRQ(GroupedVQ):
         """Training only: data init of the codebook from the encoder vectors at every step's side."""
         if self.training and self.data_init:
             z = z_BChw.detach().float()
-            pool = torch.cat([F.adaptive_avg_pool2d(z, s).permute(0, 2, 3, 1).reshape(-1, self.C) for s in shapes])
+            pool = torch.cat([gather_over_ranks(F.adaptive_avg_pool2d(z, s).permute(0, 2, 3, 1)  # DDP: all ranks'
+                                                .reshape(-1, self.C)) for s in shapes])
             self._replace_codes(pool[None], init=True, restart=False)
 
     def after_quantize(self, idxs, pool):
@@ -512,10 +518,11 @@ class MultiScaleRQ(GroupedVQ):
         The replaced codes take effect at the next call (this call's lookups are done)."""
         counts = sum(code_counts(i[:, None], self.K) for i in idxs)          # (1, K)
         if self.training:
-            self.hits.add_(counts)
+            self.hits.add_(sum_over_ranks(counts))
             self.calls.add_(1)
             if self.restart_dead:
-                self._replace_codes(torch.cat(pool)[None], init=False, restart=True)
+                pool = torch.cat([gather_over_ranks(r_Nd) for r_Nd in pool])  # DDP: all ranks', by step
+                self._replace_codes(pool[None], init=False, restart=True)
         return counts
 
     def forward(self, z_BChw):

@@ -5,6 +5,7 @@ Stage 1: train the coarse-to-fine grouped-VQ tokenizer (HiTokSR; docs/method.md#
     python tokenizer.py config/tokenizer_tvq_tiny.py             # texture VQ (TVQ&RAP), 2-core CPU
     python tokenizer.py config/tokenizer_paper.py                # paper sizes, one GPU
     python tokenizer.py config/tokenizer_tiny.py --init_from=resume   # continue exactly
+    torchrun --standalone --nproc_per_node=8 tokenizer.py config/tokenizer_paper.py   # 8 GPUs (DDP)
 
 Each step encodes an HR crop, quantizes every group against its own codebook, keeps a random
 prefix of k of the G groups (group masking), decodes, and compares the result with the Haar
@@ -26,9 +27,10 @@ import torch
 
 import data
 import eval as ev
-from common import (Logger, Timer, autocast_ctx, checkpoint_to_resume, claim_out_dir, learning_rate_at,
-                    load_checkpoint, load_state, maybe_compile, pick_device, save_curves, save_grid, save_state,
-                    set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
+from common import (Logger, Timer, TrainStep, autocast_ctx, checkpoint_to_resume, claim_out_dir, ddp_cleanup,
+                    ddp_setup, ddp_wrap, learning_rate_at, load_checkpoint, load_state, maybe_compile, mean_items,
+                    no_sync, rank0_number, rank_states, save_curves, save_grid, save_state, set_learning_rate,
+                    setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, adaptive_gan_weight, config_from_settings,
@@ -51,7 +53,8 @@ decay_iters = 0           # length of the cosine decay in steps (0 = max_iters)
 train_dir = 'assets/images/train'   # any folder of images (data.py prepares the default one)
 val_dir = 'assets/val_pairs'        # HR crops of the fixed validation pairs
 crop_size = 256           # HR training crop side, a multiple of patch
-batch_size = 8
+batch_size = 8            # per process (DDP: each of the N ranks draws its own batch)
+grad_accum = 1            # micro-batches per optimizer step (images per step = batch_size * grad_accum * N)
 # model: the fields of model.TokenizerConfig, paper sizes (docs/method.md#grouped-vq)
 patch = 16                # HR pixels per token side
 latent_dim = 32           # C
@@ -71,7 +74,7 @@ rope_base = 10000.0       # 2D RoPE frequency base
 beta = 0.25               # commitment weight inside L_commit (docs/method.md#grouped-vq)
 vq_data_init = True       # codebook remedy 1: initialise codes from encoder outputs of batch 1
 vq_restart_dead = True    # codebook remedy 2: re-seed codes unused for a while from the batch
-vq_restart_every = 100    # training steps per dead-code window
+vq_restart_every = 100    # training calls (micro-batches) per dead-code window
 vq_dead_threshold = 1.0   # a code chosen fewer times than this in a window is dead
 # coarse-to-fine training (the paper's Table 3 ablations)
 group_masking = True      # keep a random prefix of k groups
@@ -163,10 +166,12 @@ try:  # validates G | C, K >= 2, head sizes ... before any data is loaded
 except ValueError as e:
     fail(f"tokenizer.py: {e}")
 model_args = asdict(tcfg)
-notes = claim_out_dir(out_dir, init_from, overwrite)  # lock, no silent replacement, old temp files
+rank, local_rank, world, device = ddp_setup(device)  # (0, 0, 1, device) without torchrun
+master = rank == 0  # evaluates and writes every file; the other ranks only train
+notes = claim_out_dir(out_dir, init_from, overwrite) if master else []  # lock, no silent replacement
+seed_r = seed + 1000 * rank  # this rank's data and mask streams (rank 0: those of a single run)
 if threads:
     torch.set_num_threads(threads)
-device = pick_device(device)
 dtype, ctx = autocast_ctx(device, dtype)
 torch.manual_seed(seed)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'tokenizer', model_args=model_args)
@@ -179,11 +184,11 @@ if init_from not in ('scratch', 'resume'):  # fine-tuning: the weights of anothe
     if init['model_args'] != model_args:
         diff = {k: (init['model_args'].get(k), v) for k, v in model_args.items() if init['model_args'].get(k) != v}
         fail(f"tokenizer.py: --init_from={init_from} has other model settings (saved, now): {diff}")
-log = Logger(out_dir, config, notes)
+log = Logger(out_dir, config, notes) if master else (lambda msg: None)
 
 # data: HR crops only (the tokenizer never sees LR images)
 try:
-    sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed, device=device,
+    sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed_r, device=device,
                                deg_cfg=DegradeConfig(mode='none'))
     val = data.load_val_pairs(val_dir)
 except ValueError as e:  # a missing or incomplete folder
@@ -192,7 +197,7 @@ val_hr = val['hr']                                              # (N, 3, 256, 25
 cell = patch * tvq_struct_pool if tvq else patch
 if val_hr.shape[-1] % cell or val_hr.shape[-2] % cell:
     fail(f"validation crops {tuple(val_hr.shape[-2:])} are not a multiple of {cell} (patch{' x tvq_struct_pool' * tvq})")
-mask_gen = torch.Generator().manual_seed(seed + 1)  # group-masking / quantization-dropout draws
+mask_gen = torch.Generator().manual_seed(seed_r + 1)  # group-masking / quantization-dropout draws
 
 # model, discriminator (frozen between its own steps), LPIPS (frozen, real ImageNet AlexNet)
 model = Tokenizer(tcfg).to(device)
@@ -205,6 +210,11 @@ lpips_net = ev.load_lpips(device)
 optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=betas, weight_decay=weight_decay)
 ema = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
+train_step = ddp_wrap(TrainStep(model))  # DDP: the training forward; gradients averaged in backward
+train_disc = ddp_wrap(disc.requires_grad_(True))  # the discriminator's, in discriminator_step
+disc.requires_grad_(False)
+if rank > 0:
+    torch.manual_seed(seed_r)  # its own global-RNG draws (the quantizer's restarts use rank 0's)
 # everything an exact resume needs, declared once: saved by save_state, restored by load_state
 state = dict(model=model, disc=disc, optimizer=optimizer, d_optimizer=d_optimizer, sampler=sampler,
              mask_gen=mask_gen, **({'ema': ema} if ema is not None else {}))
@@ -220,6 +230,7 @@ codes = (f"multi-scale RQ: {codebook_size} codes x {latent_dim} dims, steps {tup
          f"{groups} groups x {codebook_size} codes x {latent_dim // groups} dims")
 log(f"tokenizer: {count_params(model) / 1e6:.2f}M params ({count_params(model, True) / 1e6:.2f}M trained), "
     f"{codes}, grid {crop_size // patch}x{crop_size // patch}, device {device}, {dtype}"
+    + (f", DDP over {world} processes" if world > 1 else '')
     + (f", fine-tuning {init_from}" if init_from not in ('scratch', 'resume') else ''))
 
 
@@ -314,44 +325,50 @@ minutes = lambda: elapsed_before + timer.minutes()
 decay_steps = decay_iters or max_iters
 metrics, t_log, imgs_since_log = {}, time.time(), 0
 while True:
-    out_of_time = max_minutes > 0 and minutes() >= max_minutes
+    # under DDP rank 0's clock decides, so that all ranks stop together and share the learning rate
+    out_of_time = max_minutes > 0 and rank0_number(minutes()) >= max_minutes
     done = step >= max_iters or out_of_time
     if step % eval_interval == 0 or done:
-        metrics, use, ppl = evaluate(f'{step:06d}')
-        log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items())
-            + f" | usage per {'step, all steps' if msrq else 'group'} " + ' '.join(f"{u:.2f}" for u in use.tolist())
-            + ' | ppl ' + ' '.join(f"{p:.0f}" for p in ppl.tolist()))
-        history['eval'].append(dict(step=step, **metrics))
-        save_curves(history, os.path.join(out_dir, 'curves.png'))
-        if step > 0 or done:
+        if master:  # the other ranks wait in rank_states
+            metrics, use, ppl = evaluate(f'{step:06d}')
+            log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items())
+                + f" | usage per {'step, all steps' if msrq else 'group'} "
+                + ' '.join(f"{u:.2f}" for u in use.tolist())
+                + ' | ppl ' + ' '.join(f"{p:.0f}" for p in ppl.tolist()))
+            history['eval'].append(dict(step=step, **metrics))
+            save_curves(history, os.path.join(out_dir, 'curves.png'))
+        per_rank = rank_states(state, ('sampler', 'mask_gen'))  # DDP: every rank's data and RNG state
+        if master and (step > 0 or done):
             save_state(ckpt_path, state, 'tokenizer', model_args=model_args, config=config, step=step,
-                       minutes=minutes(), metrics=metrics, history=history)
+                       minutes=minutes(), metrics=metrics, history=history, **per_rank)
     if done:
         break
 
-    progress = minutes() / max_minutes if max_minutes > 0 else step / decay_steps
+    progress = rank0_number(minutes()) / max_minutes if max_minutes > 0 else step / decay_steps
     rate = learning_rate_at(step, progress, learning_rate, warmup_iters, learning_rate_floor)
     set_learning_rate(optimizer, rate)
     set_learning_rate(d_optimizer, rate * d_learning_rate / learning_rate)
-    x, _ = sampler.next()                                      # (B, 3, crop, crop)
-    B = x.shape[0]
     gan_on = gan_weight > 0 and step >= gan_start
-
-    # generator (autoencoder) step on the (decode, target) pairs of the chosen quantizer
-    with ctx:
-        pairs, commit, (align, down) = reconstructions(x)
-        n = len(pairs)                                           # each loss: the mean over the pairs
-        l1 = sum((d.float() - t).abs().mean() for d, t in pairs) / n
-        l2 = sum((d.float() - t).pow(2).mean() for d, t in pairs) / n
-        lp = sum(ev.lpips_dist(lpips_net, d.float(), t).mean() for d, t in pairs) / n if lpips_weight > 0 else l1 * 0
-        xrec, target = pairs[-1]                                 # full size: the GAN's pair
-        g = g_loss_hinge(disc(xrec)) if gan_on else l1 * 0
-        rec_loss = l1_weight * l1 + l2_weight * l2 + lpips_weight * lp
-        g_scale = adaptive_gan_weight(rec_loss, g, model.last_layer) if gan_on and adaptive_gan else 1.0
-        loss = (rec_loss + commit_weight * commit + gan_weight * g_scale * g
-                + align_weight * align + down_weight * down)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    for micro in range(grad_accum):  # micro-batches; their mean gradient (over the ranks too) makes one step
+        x, _ = sampler.next()                                  # (B, 3, crop, crop)
+        B = x.shape[0]
+        # generator (autoencoder) step on the (decode, target) pairs of the chosen quantizer
+        with no_sync(train_step, micro == grad_accum - 1):  # DDP: one gradient all-reduce per step
+            with ctx:
+                pairs, commit, (align, down) = train_step(reconstructions, x)
+                n = len(pairs)                                   # each loss: the mean over the pairs
+                l1 = sum((d.float() - t).abs().mean() for d, t in pairs) / n
+                l2 = sum((d.float() - t).pow(2).mean() for d, t in pairs) / n
+                lp = (sum(ev.lpips_dist(lpips_net, d.float(), t).mean() for d, t in pairs) / n if lpips_weight > 0
+                      else l1 * 0)
+                xrec, target = pairs[-1]                         # full size: the GAN's pair
+                g = g_loss_hinge(disc(xrec)) if gan_on else l1 * 0
+                rec_loss = l1_weight * l1 + l2_weight * l2 + lpips_weight * lp
+                g_scale = adaptive_gan_weight(rec_loss, g, model.last_layer) if gan_on and adaptive_gan else 1.0
+                loss = (rec_loss + commit_weight * commit + gan_weight * g_scale * g
+                        + align_weight * align + down_weight * down)
+            (loss / grad_accum).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     stop_if_diverged(step, log, grad_norm, loss=loss, l1=l1, l2=l2, lpips=lp, commit=commit, g=g, align=align,
                      down=down)
@@ -363,22 +380,24 @@ while True:
             for e, b in zip(ema.buffers(), model.buffers()):
                 e.copy_(b)
 
-    # discriminator step: the frequency-matched target is "real" for its decode
-    d = discriminator_step(disc, d_optimizer, hinge_d_loss, target, xrec, ctx) if gan_on else torch.zeros(())
+    # discriminator step: the frequency-matched target is "real" for its decode (the last micro-batch's)
+    d = discriminator_step(train_disc, d_optimizer, hinge_d_loss, target, xrec, ctx) if gan_on else torch.zeros(())
 
     step += 1
-    imgs_since_log += B
+    imgs_since_log += B * grad_accum * world
     if step % log_interval == 0:
         dt = time.time() - t_log
-        parts = dict(loss=loss, l1=l1, l2=l2, lpips=lp, commit=commit, g=g, d=d, **(dict(align=align, down=down) if tvq else {}))
-        parts = {k: v.item() for k, v in parts.items()}
+        parts = mean_items(dict(loss=loss, l1=l1, l2=l2, lpips=lp, commit=commit, g=g, d=d,
+                                **(dict(align=align, down=down) if tvq else {})))  # DDP: of all ranks
         history['train'].append(dict(step=step, **parts, rate=rate))
         log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
             f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
         t_log, imgs_since_log = time.time(), 0
 
-names = [f'step{i + 1}' for i in range(len(rq_steps))] + ['all'] if msrq else [f'g{g_}' for g_ in range(groups)]
-final = dict(metrics, steps=step, minutes=round(minutes(), 2),
-             **{f'code_usage_{n}': float(u) for n, u in zip(names, use.tolist())})
-write_json(final, os.path.join(out_dir, 'summary.json'))
-log(summary('tokenizer', final))
+if master:
+    names = [f'step{i + 1}' for i in range(len(rq_steps))] + ['all'] if msrq else [f'g{g_}' for g_ in range(groups)]
+    final = dict(metrics, steps=step, minutes=round(minutes(), 2),
+                 **{f'code_usage_{n}': float(u) for n, u in zip(names, use.tolist())})
+    write_json(final, os.path.join(out_dir, 'summary.json'))
+    log(summary('tokenizer', final))
+ddp_cleanup()

@@ -33,8 +33,11 @@ def generator_args(**fields):
     return asdict(config_from_settings(GeneratorConfig, script_settings('generator.py'), **fields))
 
 
-def _run(script, args, check=True):
-    p = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+def _run(script, args, check=True, nproc=1):
+    """`python script args`, or with nproc > 1 `torchrun --standalone --nproc_per_node=nproc script args`."""
+    launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
+                                 if nproc > 1 else [])
+    p = subprocess.run(launch + [script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
@@ -43,7 +46,7 @@ def _run(script, args, check=True):
 
 @pytest.fixture(scope='session')
 def run_script():
-    """run_script('x.py', [args], check=True) -> CompletedProcess (stdout/stderr as text)."""
+    """run_script('x.py', [args], check=True, nproc=1) -> CompletedProcess (stdout/stderr as text)."""
     return _run
 
 
@@ -84,16 +87,18 @@ def tiny_gen(tiny_val, tiny_tok, tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def check_exact_resume():
-    """check_exact_resume(script, args, out, n, parts) runs `script` 2n steps straight (out/'straight')
-    and n + resume + n steps (out/'split'), asserts the resumed run restarts at step n+1 and that
-    every tensor of the checkpoint parts is bit-identical; -> (stdout of the straight run, its ckpt)."""
+    """check_exact_resume(script, args, out, n, parts, nproc=1) runs `script` 2n steps straight
+    (out/'straight') and n + resume + n steps (out/'split'), asserts the resumed run restarts at step
+    n+1 and that every tensor of the checkpoint parts is bit-identical; -> (stdout of the straight
+    run, its ckpt). nproc > 1: each run under torchrun with that many processes (DDP)."""
     import torch
 
-    def check(script, args, out, n, parts):
+    def check(script, args, out, n, parts, nproc=1):
         straight, split = out / 'straight', out / 'split'
-        log = _run(script, args + [f'--out_dir={straight}', f'--max_iters={2 * n}']).stdout
-        _run(script, args + [f'--out_dir={split}', f'--max_iters={n}'])
-        resumed = _run(script, args + [f'--out_dir={split}', f'--max_iters={2 * n}', '--init_from=resume']).stdout
+        log = _run(script, args + [f'--out_dir={straight}', f'--max_iters={2 * n}'], nproc=nproc).stdout
+        _run(script, args + [f'--out_dir={split}', f'--max_iters={n}'], nproc=nproc)
+        resumed = _run(script, args + [f'--out_dir={split}', f'--max_iters={2 * n}', '--init_from=resume'],
+                       nproc=nproc).stdout
         assert 'resumed from' in resumed and f'step {n + 1} |' in resumed and 'step 1 |' not in resumed
         a = torch.load(straight / 'ckpt.pt', weights_only=False)
         b = torch.load(split / 'ckpt.pt', weights_only=False)
