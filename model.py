@@ -1072,7 +1072,8 @@ class NextScaleGenerator(nn.Module):
     made on the grid of step i's target scale for hierarchical tokens (as Algorithm 1 made them)
     and on the full grid for plain ones.
     Output head: 'linear' is VAR's classifier (width -> K). 'codebook' predicts the residual the
-    tokenizer quantizes at step i as a C-dim vector, r_i = skip_i + Linear(h), and scores each code
+    tokenizer quantizes at step i as a C-dim vector, r_i = skip_i + s Linear(h) (s the RMS of a code
+    entry, so that the correction is in the codes' units), and scores each code
     by its distance, logits_k = -t ||r_i - e_k||^2 + const = t (2 r_i.e_k - ||e_k||^2), t = exp(log_t)
     learned, e a frozen copy of the tokenizer's codes (tie_codebook). skip_i = area(cond, rho_i) -
     in_i (in_1 counted as 0) is that residual computed from the LR's features instead of the HR's:
@@ -1091,6 +1092,7 @@ class NextScaleGenerator(nn.Module):
         if c.head == 'codebook':
             self.head = nn.Linear(c.width, c.latent_dim)                     # zeroed below
             self.register_buffer('codebook', torch.zeros(c.codebook_size, c.latent_dim))  # set by tie_codebook
+            self.register_buffer('code_scale', torch.ones(()))                           # RMS of a code entry
             self.log_t = nn.Parameter(torch.zeros(()))
         else:
             self.head = nn.Linear(c.width, c.codebook_size)
@@ -1128,6 +1130,7 @@ class NextScaleGenerator(nn.Module):
         1 / (median squared distance of a code to its nearest other code), so neighbouring codes
         differ by about one logit."""
         self.codebook.copy_(codebook_KC)
+        self.code_scale.fill_(float(codebook_KC.float().pow(2).mean().sqrt()))
         d = torch.cdist(codebook_KC.float(), codebook_KC.float()).pow(2).fill_diagonal_(float('inf'))
         self.log_t.fill_(-math.log(float(d.min(1).values.median().clamp_min(1e-12))))
 
@@ -1155,7 +1158,7 @@ class NextScaleGenerator(nn.Module):
         h = self.head(self.norm(h_BTd))
         if self.config.head == 'linear':
             return h
-        r = h.float() + skip_BTC                                                # (B, T, C)
+        r = skip_BTC + self.code_scale * h.float()          # (B, T, C), the correction in the codes' units
         e = self.codebook.float()                                               # (K, C)
         return (2 * r @ e.t() - e.pow(2).sum(-1)) * self.log_t.exp()
 

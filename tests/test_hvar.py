@@ -81,7 +81,7 @@ def test_codebook_head_scores_codes_by_distance():
     assert abs(float(tiny_chain_t.log_t) + math.log(float(d.median()))) < 1e-5
     h, skip = torch.randn(2, 5, 32), torch.randn(2, 5, 8)
     with torch.no_grad():
-        logits, r = gen.logits(h, skip), gen.head(gen.norm(h)) + skip
+        logits, r = gen.logits(h, skip), skip + e.pow(2).mean().sqrt() * gen.head(gen.norm(h))
     dist = -gen.log_t.exp() * torch.cdist(r, e[None].expand(2, -1, -1)).pow(2)      # (2, 5, K)
     diff = logits - dist
     assert torch.allclose(diff, diff[..., :1].expand_as(diff), atol=1e-3)
