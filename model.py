@@ -1060,6 +1060,9 @@ class NextScaleConfig(ModelConfig):
         return self.rq_steps[-1] * self.patch      # the native HR side (training crops, sr.py tiles)
 
 
+NextScaleConfig.ADDED_FIELDS = dict(head='linear')  # checkpoints from before the codebook head
+
+
 class NextScaleGenerator(nn.Module):
     """Sequence [condition (R*R tokens) | step 1 (rho_1^2) | ... | step L (rho_L^2)], block-causal:
     the condition sees itself, step i sees the condition, itself and the steps before it.

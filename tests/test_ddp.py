@@ -124,23 +124,24 @@ def test_codebooks_identical_on_every_rank_after_restarts(two_ranks, job):
 
 # ----------------------------------------------------------------------------- the scripts under torchrun
 
-def check_rank0_wrote(out):
-    """A finished torchrun run: rank 0 alone wrote the log; its checkpoint holds both ranks' data
-    and RNG states, which differ, with rank 0's at the top level. -> the checkpoint."""
+def check_rank0_wrote(out, runs=1):
+    """`runs` finished torchrun runs in out (a resumed run appends to the log): rank 0 alone wrote
+    the log; the checkpoint holds both ranks' data and RNG states, which differ, with rank 0's at
+    the top level. -> the checkpoint."""
     ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
     assert ckpt['world_size'] == 2 and len(ckpt['ranks']) == 2
     assert not torch.equal(ckpt['ranks'][0]['sampler']['gen'], ckpt['ranks'][1]['sampler']['gen'])
     assert not torch.equal(ckpt['ranks'][0]['rng']['torch'], ckpt['ranks'][1]['rng']['torch'])
     assert torch.equal(ckpt['ranks'][0]['sampler']['gen'], ckpt['sampler']['gen'])
     log = (out / 'log.txt').read_text()
-    assert log.count('run started') == 1 and log.count('summary ----') == 1 and 'DDP over 2 processes' in log
+    assert log.count('run started') == runs and log.count('summary ----') == runs and 'DDP over 2 processes' in log
     assert not (out / 'lock').exists()
     return ckpt
 
 
 def check_ranks_resumed(out):
     """Straight and resumed runs end with the same data and RNG state on each rank."""
-    a, b = check_rank0_wrote(out / 'straight'), check_rank0_wrote(out / 'split')
+    a, b = check_rank0_wrote(out / 'straight'), check_rank0_wrote(out / 'split', runs=2)
     for ra, rb in zip(a['ranks'], b['ranks']):  # sampler, mask_gen / topk_gen, rng
         assert torch.equal(ra['sampler']['gen'], rb['sampler']['gen'])
         assert torch.equal(ra['rng']['torch'], rb['rng']['torch'])
