@@ -1582,14 +1582,15 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
     if not os.path.isfile(tok_path) and os.path.isfile(os.path.join(os.path.dirname(gen_ckpt), tok_path)):
         tok_path = os.path.join(os.path.dirname(gen_ckpt), tok_path)
     t = load_checkpoint(tok_path, f"the tokenizer of {gen_ckpt}", kind='tokenizer')
-    if t['model_args'] != g['tok_model_args'] or t.get('step') != g.get('tok_step'):
+    same = lambda a, b: a is not None and TokenizerConfig.from_dict(a) == TokenizerConfig.from_dict(b)  # old keys filled
+    if not same(t['model_args'], g['tok_model_args']) or t.get('step') != g.get('tok_step'):
         raise ValueError(f"{gen_ckpt} was trained on the tokenizer {tok_path} at step "
                          f"{g.get('tok_step')}, which now holds step {t.get('step')} / other settings")
     tokenizer = Tokenizer(TokenizerConfig.from_dict(t['model_args']))
     tokenizer.load_state_dict(t.get('ema') or t['model'])  # the EMA weights when stage 1 kept them
     if decoder_ckpt is not None:
         d = load_checkpoint(decoder_ckpt, '--decoder_ckpt', kind='decoder')
-        if d.get('tok_model_args') != t['model_args']:
+        if not same(d.get('tok_model_args'), t['model_args']):
             raise ValueError(f"{decoder_ckpt} is a decoder for another tokenizer than the one of {gen_ckpt}")
         tokenizer.decoder.load_state_dict(d['decoder'])
     if g.get('method', 'hitoksr') == 'hvar':

@@ -189,3 +189,25 @@ def test_smoke_exact_resume_and_sr_chain(tiny, tiny_val, check_exact_resume, tmp
     assert sr.shape == pairs['hr'].shape and 0 <= sr.min() and sr.max() <= 1
     m = ev.evaluate(sr, pairs['hr'], crop_border=4, lpips_net=False)
     assert abs(m['psnr_y'] - a['metrics']['psnr_y']) < 1e-6
+
+
+def test_chain_of_an_older_tokenizer_checkpoint_loads(tiny_gen, tmp_path):
+    """A tokenizer file written before later tokenizer fields existed (their keys absent) still
+    matches the settings a generator trained on it recorded (all fields, the new ones at their
+    old behaviour)."""
+    from model import TokenizerConfig
+    g = torch.load(tiny_gen, weights_only=False)
+    t = torch.load(g['tok_ckpt'], weights_only=False)
+    old = [k for k, v in TokenizerConfig.ADDED_FIELDS.items() if t['model_args'][k] == v]  # e.g. the tvq_* fields
+    assert old
+    for key in old:
+        t['model_args'].pop(key)
+    g['tok_ckpt'] = str(tmp_path / 'tok.pt')
+    torch.save(t, tmp_path / 'tok.pt')
+    torch.save(g, tmp_path / 'gen.pt')
+    tok, gen, _ = load_sr_chain(tmp_path / 'gen.pt', 'cpu')
+    assert tok.config.quantizer == 'grouped'
+    t['model_args']['codebook_size'] *= 2                                  # another tokenizer is refused
+    torch.save(t, tmp_path / 'tok.pt')
+    with pytest.raises(ValueError, match='was trained on the tokenizer'):
+        load_sr_chain(tmp_path / 'gen.pt', 'cpu')

@@ -253,7 +253,8 @@ def hrq_tok(run_script, tiny_val, tmp_path_factory):
     return out / 'ckpt.pt'
 
 
-def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume, hrq_tok, tiny_val, tmp_path):
+def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume, hrq_tok, tiny_val, tiny_gen,
+                                                  tmp_path):
     args = HVAR + [f'--tok_ckpt={hrq_tok}', f'--val_dir={tiny_val}']
     out, a = check_exact_resume('generator.py', args, tmp_path, 2, ('generator',))
     for key in ('x1_psnr_y:', 'x2_lpips:', 'x4_lpips:', 'x1_bicubic_lpips:', 'token_acc_s3:', 'val_logp_gap:'):
@@ -276,9 +277,10 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
             assert img.shape == (64 * s, 64 * s, 3) and np.array_equal(img.numpy(), ref[k][i]), (name, s)
     assert 'done: 2 written' in p.stdout
     # eval.py scores the same chain per scale; x4 equals the run's final evaluation
-    p = run_script('eval.py', ['--sr=chain', f'--gen_ckpt={ckpt}', f'--val_dir={tiny_val}',
+    p = run_script('eval.py', ['--sr=chain', f'--gen_ckpt={ckpt}', f'--val_dir={tiny_val}', f'--compare_ckpt={tiny_gen}',
                                f'--out_json={tmp_path / "eval.json"}'])
     assert 'x1: degraded LR itself' in p.stdout and 'x2: H-VAR generator (top-1)' in p.stdout
+    assert f'x4: {tiny_gen} (stage 2: generator + stage-1 decoder)' in p.stdout  # HiTokSR's row beside
     lpips_x4 = float(p.stdout.split('lpips: ')[1].split()[0])
     assert abs(lpips_x4 - a['metrics']['x4_lpips']) < 1e-3
 
