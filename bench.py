@@ -327,6 +327,21 @@ def time_calls(fn, x, n, dev):
     return (time.perf_counter() - t0) / n
 
 
+def sr_rows(fn, side, tag, suffix, ctx, dev):
+    """Print the rows of one SR variant at one LR side: ms per image at batch 1, img/s at sr_batch
+    (and the CUDA allocator's peak on a GPU)."""
+    for batch, n in ((1, iters), (sr_batch, batch_iters)):
+        if dev.startswith('cuda'):
+            torch.cuda.reset_peak_memory_stats()
+        with ctx:
+            dt = time_calls(fn, torch.rand(batch, 3, side, side, device=dev), n, dev)
+        b = '' if batch == 1 else f"_b{batch}"
+        print(f"sr_ms_per_image_{tag}{suffix}: {1000 * dt:.1f}" if batch == 1 else
+              f"sr_img_per_s{b}_{tag}{suffix}: {batch / dt:.1f}")
+        if dev.startswith('cuda'):
+            print(f"sr_peak_mem_mb{b}_{tag}{suffix}: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+
+
 @torch.no_grad()
 def bench_sr_hvar(dev, tok, gen):
     """H-VAR: one pass (x1, x2, x4) on LR images of the generator's native size, with and without
@@ -337,17 +352,7 @@ def bench_sr_hvar(dev, tok, gen):
     print(f"sr (H-VAR, x1 + x2 + x4 in one pass, top-1): {dt_name}, batch 1 and {sr_batch}, "
           f"{gen.n_cond} condition + {sum(gen.sizes[1:])} image tokens, on {dev}")
     for suffix, kv in (('_kv_cache', True), ('_no_kv_cache', False)):
-        fn = sr_function(tok, gen, None, dev, compile, kv_cache=kv)
-        for batch, n in ((1, iters), (sr_batch, batch_iters)):
-            if dev.startswith('cuda'):
-                torch.cuda.reset_peak_memory_stats()
-            with ctx:
-                dt = time_calls(fn, torch.rand(batch, 3, side, side, device=dev), n, dev)
-            b = '' if batch == 1 else f"_b{batch}"
-            print(f"sr_ms_per_image_{tag}{suffix}: {1000 * dt:.1f}" if batch == 1 else
-                  f"sr_img_per_s{b}_{tag}{suffix}: {batch / dt:.1f}")
-            if dev.startswith('cuda'):
-                print(f"sr_peak_mem_mb{b}_{tag}{suffix}: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+        sr_rows(sr_function(tok, gen, None, dev, compile, kv_cache=kv), side, tag, suffix, ctx, dev)
     if not dev.startswith('cuda'):
         print(f"process_peak_rss_mb: {peak_rss_mb():.0f}")
 
@@ -366,18 +371,7 @@ def bench_sr(dev):
     for side in sr_sizes:
         tag = f"{side}_to_{4 * side}"
         for suffix, fn in variants:
-            for batch, n in ((1, iters), (sr_batch, batch_iters)):
-                if dev.startswith('cuda'):
-                    torch.cuda.reset_peak_memory_stats()
-                with ctx:
-                    dt = time_calls(fn, torch.rand(batch, 3, side, side, device=dev), n, dev)
-                b = '' if batch == 1 else f"_b{batch}"
-                if batch == 1:
-                    print(f"sr_ms_per_image_{tag}{suffix}: {1000 * dt:.1f}")
-                else:
-                    print(f"sr_img_per_s{b}_{tag}{suffix}: {batch / dt:.1f}")
-                if dev.startswith('cuda'):
-                    print(f"sr_peak_mem_mb{b}_{tag}{suffix}: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+            sr_rows(fn, side, tag, suffix, ctx, dev)
     if not dev.startswith('cuda'):
         print(f"process_peak_rss_mb: {peak_rss_mb():.0f}")
 
