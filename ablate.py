@@ -190,7 +190,7 @@ failed += run_jobs([(k, generator_job(k)) for k in chosen if k not in failed])
 
 import data  # noqa: E402 (after the runs: the evaluation only)
 import eval as ev  # noqa: E402
-from model import load_tokenizer  # noqa: E402
+from sr import load_tokenizer  # noqa: E402
 
 
 def bits_per_image(cfg, side=128):

@@ -12,14 +12,14 @@ Small benchmarks, one function per mode, one grep-able number each:
 degrade mode times degradation.degrade on a batch of training crops already on the device, with
 the JPEG of jpeg_impl ('torch': batched on the device; 'pil': libjpeg on the CPU, per image).
 generator mode times one full stage-2 training step of gen_config on a tokenizer of tok_config
-(tokenizer targets, prior + LoRA, generator, model.generator_losses, backward, AdamW; + the
+(tokenizer targets, prior + LoRA, generator, losses.generator_losses, backward, AdamW; + the
 discriminator step with --gen_gan=True) three ways: the data alone (data.PairSampler: crops, host
 -> device, degradation), the step on a fresh batch from the sampler (what generator.py does) and
 the step on one pre-made batch; the difference of the last two is what the data costs the step.
 tokenizer mode times one full stage-1 training step (encode, grouped VQ, decode, L1 + LPIPS +
 commitment, backward, AdamW; + discriminator and GAN terms with --tok_gan=True) on random crops
 of the config's size, so it measures the model, not the data pipeline.
-sr mode times inference (prior + generator + top-1 decode, model.super_resolve) per LR size in
+sr mode times inference (prior + generator + top-1 decode, sr.super_resolve) per LR size in
 sr_sizes: ms per image at batch 1 and images/s at batch sr_batch, eager and, with --compile=True,
 compiled (--cuda_graphs=True: CUDA graphs); an H-VAR gen_config (method='hvar', on a msrq tok_config)
 is timed at its native LR size, with and without the KV cache. The models of tok_config + gen_config have random
@@ -41,11 +41,12 @@ import data
 import eval as ev
 from common import autocast_ctx, maybe_compile, peak_flops, pick_device, save_png
 from degradation import DegradeConfig, degrade
-from model import (Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator, PatchDiscriminator,
-                   TextureGenerator, TextureGeneratorConfig, Tokenizer,
-                   TokenizerConfig, config_from_settings, count_params, discriminator_step, flops_per_image,
-                   g_loss_hinge, generator_losses, hinge_d_loss, hvar_losses, param_groups, resize_image,
-                   sr_function, vanilla_d_loss)
+from model import (Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator, TextureGenerator,
+                   TextureGeneratorConfig, Tokenizer, TokenizerConfig, config_from_settings, count_params,
+                   flops_per_image, param_groups, resize_image)
+from losses import (PatchDiscriminator, discriminator_step, g_loss_hinge, generator_losses, hinge_d_loss,
+                    hvar_losses, vanilla_d_loss)
+from sr import sr_function
 from prior import build_sr_prior
 
 # -----------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def bench_generator(dev):
 
 
 def random_chain(dev):
-    """build_chain in eval mode, frozen, the prior channels-last as model.load_sr_chain makes it."""
+    """build_chain in eval mode, frozen, the prior channels-last as sr.load_sr_chain makes it."""
     tok, gen, prior, _ = build_chain(dev)
     for m in (tok, gen):
         m.eval().requires_grad_(False)

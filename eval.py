@@ -325,8 +325,8 @@ def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', bat
     baseline (x1: the degraded LR itself; else bicubic from it), the tokenizer's decode of HR's own
     tokens at that scale, and the generator's top-1 output (tiled at its native size, as sr.py),
     each scored against HR resized by f / 4 with crop_border * f / 4 pixels."""
-    from model import hvar_super_resolve, output_scales, resize_image
-    from sr import tiled_sr
+    from model import resize_image
+    from sr import hvar_super_resolve, output_scales, tiled_sr
     factors = output_scales(gen)
     native = gen.config.hr_size // gen.config.scale
     fn = lambda y: hvar_super_resolve(y, tok, gen)
@@ -353,7 +353,8 @@ def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='
     stage-1 decoder) and, with decoder_ckpt, stage 3 (the fine-tuned decoder). Top-1 tokens.
     An H-VAR chain gives its rows per output scale (hvar_chain_rows); compare_ckpt adds the x4
     row of another chain (e.g. HiTokSR's stage 2 next to H-VAR)."""
-    from model import NextScaleGenerator, load_sr_chain, super_resolve
+    from model import NextScaleGenerator
+    from sr import load_sr_chain, super_resolve
     tok, gen, prior = load_sr_chain(gen_ckpt, device)
     if isinstance(gen, NextScaleGenerator):
         if decoder_ckpt:
@@ -456,7 +457,7 @@ if __name__ == '__main__':
         print()
         print_summary(rows[-1])
     elif sr == 'scales':  # a multi-scale RQ tokenizer's reconstructions at every scale (HR crops)
-        from model import load_tokenizer
+        from sr import load_tokenizer
         name = name or 'scales'
         try:
             tok = load_tokenizer(tok_ckpt, device)

@@ -34,8 +34,9 @@ from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, 
                     setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
-from model import (PatchDiscriminator, count_params, discriminator_step, g_loss_vanilla, load_sr_chain,
-                   param_groups, sample_topk, super_resolve, vanilla_d_loss)
+from model import count_params, param_groups, sample_topk
+from losses import PatchDiscriminator, discriminator_step, g_loss_vanilla, vanilla_d_loss
+from sr import load_sr_chain, super_resolve
 from prior import upsample_for_prior
 
 # -----------------------------------------------------------------------------

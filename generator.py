@@ -53,11 +53,11 @@ from common import (Logger, Timer, TrainStep, autocast_ctx, batched, checkpoint_
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
-                   NextScaleGenerator, PatchDiscriminator, TextureGenerator, TextureGeneratorConfig, Tokenizer,
-                   TokenizerConfig, config_from_settings, count_params, discriminator_step, flat_tokens,
-                   generator_losses, hvar_condition, hvar_losses, hvar_super_resolve, msrq_tokens,
-                   output_scales, param_groups, resize_image, super_resolve, vanilla_d_loss)
-from sr import tiled_sr
+                   NextScaleGenerator, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig,
+                   config_from_settings, count_params, hvar_condition, param_groups, resize_image)
+from losses import (PatchDiscriminator, discriminator_step, flat_tokens, generator_losses, hvar_losses,
+                    msrq_tokens, vanilla_d_loss)
+from sr import hvar_super_resolve, output_scales, super_resolve, tiled_sr
 from prior import LoRAWeights, build_sr_prior
 
 # -----------------------------------------------------------------------------

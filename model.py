@@ -2,18 +2,18 @@
 All model code of the project, in the order a reader meets it. The method, with its equations and
 papers, is in docs/method.md; comments here point to its sections.
 
-    1. Transformer blocks      RMSNorm, SwiGLU, 2D RoPE, attention (takes a mask), Block (SFT-modulated)
+    1. Transformer blocks      RMSNorm, SwiGLU, 2D RoPE, attention (takes a mask and a KV cache), Block (SFT)
     2. ViT autoencoder         ViTEncoder, ViTDecoder: patchify -> blocks -> latents and back
     3. Quantizers              GroupedVQ (HiTokSR) and its code-usage statistics, MultiScaleRQ (H-VAR)
     4. Tokenizer               TokenizerConfig, Tokenizer: encoder + quantizer + decoder (stage 1);
                                texture VQ (TVQ&RAP): texture + structure maps, structure autoencoder
     5. Generators              GeneratorConfig, Generator: LR image -> token logits (stage 2);
-                               TextureGenerator: also the structure map; NextScaleGenerator (H-VAR)
-    6. Training helpers        config_from_settings, group masking, frequency targets,
-                               straight-through one-hot, the stage-2 loss, top-K sampling,
-                               parameter groups, FLOPs
-    7. GAN                     PatchDiscriminator, GAN losses, adaptive weight, discriminator_step
-    8. Chain and inference     load_sr_chain, super_resolve, sr_function (compiled, CUDA graphs)
+                               TextureGenerator: also the structure map;
+       5b.                     NextScaleGenerator (H-VAR): block-causal, KV cache, sampling, condition
+    6. Helpers                 config_from_settings, group masking, top-K sampling, parameter groups, FLOPs
+
+The losses of every stage (and the GAN discriminator) are in losses.py; loading a trained chain and
+running it (load_sr_chain, super_resolve) in sr.py.
 
 The prior network (EfficientNet-Lite0 + LoRA) lives in prior.py: it is not a submodule of any model
 here, so a generator without a prior builds none, and checkpoints hold only the LoRA tensors.
@@ -28,7 +28,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import from_rank0_, gather_over_ranks, sum_over_ranks  # DDP; no-ops in one process
-from wavelets import lowpass
 
 # -----------------------------------------------------------------------------
 # 1. Transformer blocks: RMSNorm, SwiGLU, 2D RoPE everywhere (docs/method.md#transformer-blocks)
@@ -1255,28 +1254,6 @@ class NextScaleGenerator(nn.Module):
         return idxs, out_logits
 
 
-def flat_tokens(idxs):
-    """[idx (B, rho_i, rho_i)] * L -> (B, N): the sequence order of NextScaleGenerator's logits."""
-    return torch.cat([i.flatten(1) for i in idxs], dim=1)
-
-
-def sequence_logp(logits_BNK, tokens_BN):
-    """log p(z) of a teacher-forced sequence: sum over its tokens of log softmax(logits)[z], (B,)."""
-    return logits_BNK.float().log_softmax(-1).gather(-1, tokens_BN[..., None])[..., 0].sum(1)
-
-
-def dpo_loss(logp_hr, logp_lr, beta):
-    """H-VAR's DPO regulariser (docs/method.md#dpo): -log sigmoid(beta (log p(z_HR) - log p(z_LR))),
-    averaged over the batch. Lowering it raises log p(z_HR) and lowers log p(z_LR)."""
-    return -F.logsigmoid(beta * (logp_hr - logp_lr)).mean()
-
-
-def msrq_tokens(tokenizer, x, hierarchical):
-    """Targets of the next-scale generator: Algorithm 1's tokens of x or the plain RQ ones."""
-    with torch.no_grad():
-        return tokenizer.encode_hierarchical(x) if hierarchical else tokenizer.encode(x)[1]
-
-
 @torch.no_grad()
 def hvar_condition(tokenizer, lr, cls_B, scale):
     """lr (B, 3, h, w) -> the LR bilinearly upsampled to the target size (B, 3, s h, s w) and the
@@ -1286,43 +1263,8 @@ def hvar_condition(tokenizer, lr, cls_B, scale):
     return up, cond * (cls_B != CLASS_NULL).to(cond.dtype)[:, None, None, None]
 
 
-def step_accuracy(logits_BNK, tokens_BN, sizes):
-    """Top-1 accuracy of each step: (L,) from the flat logits / tokens and the steps' token counts."""
-    hit = (logits_BNK.argmax(-1) == tokens_BN).float()
-    return torch.stack([h.mean() for h in hit.split(list(sizes), dim=1)])
-
-
-def hvar_losses(s, tokenizer, generator, hr, lr, cls_B):
-    """The H-VAR stage-2 loss of one batch (docs/method.md#next-scale-generator), for generator.py
-    and bench.py: ce_weight * CE(z_HR) + dpo_weight * L_DPO, both under teacher forcing; L_DPO
-    needs a second sequence, z_LR (the tokens of the upsampled LR), run in the same forward pass.
-    s: generator.py's settings; generator: the module to call (compiled or not).
-    -> (loss, parts (ce, dpo, logp_gap), per-step accuracy (L,))."""
-    c = generator.config
-    up, cond = hvar_condition(tokenizer, lr, cls_B, c.scale)
-    z_hr = msrq_tokens(tokenizer, hr, c.hierarchical)
-    ins = generator.step_inputs(tokenizer.quantizer, cond, z_hr)
-    t_hr = flat_tokens(z_hr)                                            # (B, N)
-    zero = torch.zeros((), device=hr.device)
-    if s['dpo']:
-        z_lr = msrq_tokens(tokenizer, up, c.hierarchical)
-        ins_lr = generator.step_inputs(tokenizer.quantizer, cond, z_lr)
-        logits = generator(torch.cat([cond, cond]), [torch.cat(p) for p in zip(ins, ins_lr)],
-                           torch.cat([cls_B, cls_B]))
-        logits, logits_lr = logits.chunk(2)
-        logp_hr, logp_lr = sequence_logp(logits, t_hr), sequence_logp(logits_lr, flat_tokens(z_lr))
-        dpo, gap = dpo_loss(logp_hr, logp_lr, s['dpo_beta']), (logp_hr - logp_lr).mean().detach()
-    else:
-        logits = generator(cond, ins, cls_B)                            # (B, N, K)
-        dpo = gap = zero
-    ce = F.cross_entropy(logits.float().flatten(0, 1), t_hr.flatten())
-    loss = s['ce_weight'] * ce + s['dpo_weight'] * dpo
-    acc = step_accuracy(logits.detach(), t_hr, [r * r for r in c.rq_steps])
-    return loss, dict(ce=ce, dpo=dpo, logp_gap=gap), acc
-
-
 # -----------------------------------------------------------------------------
-# 6. Training helpers
+# 6. Helpers: settings -> config, group masking, top-K sampling, optimizer groups, FLOPs
 
 def config_from_settings(cls, settings, **derived):
     """The one path from a stage script's flat settings to a model config (used by the scripts,
@@ -1336,17 +1278,7 @@ def config_from_settings(cls, settings, **derived):
     return cls(**{n: derived[n] if n in derived else settings[n] for n in names})
 
 
-# group masking and frequency-matched targets (docs/method.md#group-masking, #frequency-targets)
-
-def sample_active_groups(B, G, p_full=0.9, generator=None, device=None):
-    """Number of active groups per sample, (B,) long: G with prob. p_full, else uniform in 1..G-1.
-    G == 1 always gives 1."""
-    if G == 1:
-        return torch.ones(B, dtype=torch.long, device=device)
-    full = torch.rand(B, generator=generator, device=device) < p_full
-    partial = torch.randint(1, G, (B,), generator=generator, device=device)
-    return torch.where(full, torch.full_like(partial, G), partial)
-
+# group masking (docs/method.md#group-masking)
 
 def mask_groups(zq_BChw, k, G):
     """Keep groups 1..k (channels [0, k*C/G)) and zero the rest. k: int or (B,) long."""
@@ -1358,71 +1290,8 @@ def mask_groups(zq_BChw, k, G):
     keep = (group_of_ch[None] < k[:, None]).to(zq_BChw.dtype)  # (B, C)
     return zq_BChw * keep[:, :, None, None]
 
-def frequency_targets(x, k, G):
-    """Frequency-matched supervision (docs/method.md#frequency-targets): the target of a decode
-    with k active groups is the Haar low-pass lowpass(x, G - k); k = G gives x itself.
-    x (B,3,H,W), k (B,) long."""
-    target = x.clone()
-    for kv in k.unique().tolist():
-        if kv < G:
-            sel = k == kv
-            target[sel] = lowpass(x[sel], G - kv)
-    return target
 
-
-# token-level helpers of stages 2 and 3
-
-def ste_onehot(logits):
-    """Straight-through one-hot (docs/method.md#reconstruction-aware-losses): logits (..., K) -> w (..., K) whose
-    forward is exactly one_hot(argmax) and whose gradient is that of softmax(logits).
-    Written onehot + (p - sg[p]) rather than p + sg[onehot - p]: equal in value and gradient, but
-    p + (1 - p) can round away from 1, while p - p is exactly 0, so w is bit-exactly one-hot and the
-    decoded image equals tokenizer.decode_indices(argmax)."""
-    p = logits.float().softmax(-1)
-    onehot = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
-    return onehot + (p - p.detach())
-
-
-def generator_losses(s, tokenizer, generator, prior, lpips_fn, disc, hr, lr, q_hr, gan_on, f_l_hr=None):
-    """The stage-2 loss of one batch (docs/method.md#generator-loss), for generator.py and bench.py:
-        ce_weight * CE(logits, q_HR) + repa_weight * REPA + l1_weight * L1 + lpips_weight * LPIPS
-        + gan_weight * GAN_vanilla,
-    the pixel terms on the decoded straight-through one-hot D(sum_k w_k e_k), w = ste_onehot(logits)
-    (the frozen decoder and codebooks pass gradients to the logits). s: generator.py's settings
-    (the weights, lora_rank); generator: the module to call (compiled or not); lpips_fn(x, y) -> (B,);
-    hr (B, 3, H, W), lr (B, 3, H/4, W/4), q_hr (B, G, h, w) the tokenizer's indices of hr.
-    A TextureGenerator also predicts the structure map: + struct_weight * MSE(F_L_pred, f_l_hr)
-    (TVQ&RAP Eq. 9, with f_l_hr the tokenizer's map of hr), and the image is decoded from the
-    texture one-hot and the predicted F_L (docs/method.md#texture-predictor).
-    -> (loss, parts: dict of the unweighted terms, logits (B, G, h, w, K), sr (B, 3, H, W) or None)."""
-    from prior import frozen_features, repa_loss, upsample_for_prior  # local, as in super_resolve
-    zero = torch.zeros((), device=hr.device)
-    ce = repa = l1 = lp = g = zero
-    sr = feat = pooled = None
-    if prior is not None:
-        with torch.set_grad_enabled(s['lora_rank'] > 0):
-            feat, pooled = prior(upsample_for_prior(lr))
-        if s['repa_weight'] > 0 and s['lora_rank'] > 0:  # 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)]), #repa
-            repa = repa_loss(feat.float(), frozen_features(prior, hr)[0].float())
-    out = generator(lr, feat, pooled)                        # logits (B, G, h, w, K) [, F_L (B, C_L, h/r, w/r)]
-    logits, f_l = out if isinstance(out, tuple) else (out, None)
-    if s['ce_weight'] > 0:
-        ce = F.cross_entropy(logits.float().flatten(0, 3), q_hr.flatten())
-    struct = F.mse_loss(f_l.float(), f_l_hr.float()) if f_l is not None else zero
-    if s['l1_weight'] > 0 or s['lpips_weight'] > 0 or gan_on:  # reconstruction-aware terms
-        zq = tokenizer.quantizer.codes_from_onehot(ste_onehot(logits))  # (B, C, h, w)
-        sr = tokenizer.decode(zq, f_l).float()               # no parameter of the decoder changes
-        l1 = (sr - hr).abs().mean() if s['l1_weight'] > 0 else zero
-        lp = lpips_fn(sr, hr).mean() if s['lpips_weight'] > 0 else zero
-        g = g_loss_vanilla(disc(sr)) if gan_on else zero
-    loss = (s['ce_weight'] * ce + s['repa_weight'] * repa + s['l1_weight'] * l1 + s['lpips_weight'] * lp
-            + s['gan_weight'] * g)
-    parts = dict(ce=ce, repa=repa, l1=l1, lpips=lp, g=g)
-    if f_l is not None:
-        loss = loss + s['struct_weight'] * struct
-        parts['struct'] = struct
-    return loss, parts, logits, sr
-
+# sampling among the top-K tokens (stage 3, H-VAR inference)
 
 def sample_topk(logits, k, generator=None):
     """Stage 3 (docs/method.md#decoder-fine-tuning): logits (..., K) -> indices (...,) drawn among
@@ -1434,7 +1303,6 @@ def sample_topk(logits, k, generator=None):
     p = top.softmax(-1).reshape(-1, k)
     choice = torch.multinomial(p, 1, generator=generator).view(top.shape[:-1])
     return cand.gather(-1, choice[..., None])[..., 0]
-
 
 
 # optimizer and accounting
@@ -1480,212 +1348,3 @@ def flops_per_image(model_args, H, W):
         conv = 9 * ((3 + ch) * ch + 2 * c.dec_refine * ch * ch + ch * 3)  # conv_in, blocks, conv_out
         total += 6 * conv * H * W
     return total
-
-# -----------------------------------------------------------------------------
-# 7. GAN: PatchGAN discriminator and losses (VQGAN / taming-transformers)
-
-class PatchDiscriminator(nn.Module):
-    """taming's NLayerDiscriminator (pix2pix PatchGAN): 4x4 convs, stride 2 for n_layers, then
-    two stride-1 convs; 256x256 -> 30x30 logits for n_layers=3. GroupNorm (default) instead of
-    BatchNorm: batch statistics at batch 1-4 are noisy and differ between real and fake batches;
-    norm='batch' gives taming's original."""
-    def __init__(self, in_ch=3, ndf=64, n_layers=3, norm='group'):
-        super().__init__()
-        if norm not in ('group', 'batch'):
-            raise ValueError(f"PatchDiscriminator: norm={norm!r}, expected 'group' or 'batch'")
-        mk_norm = (lambda ch: nn.GroupNorm(math.gcd(32, ch), ch)) if norm == 'group' else nn.BatchNorm2d
-        layers = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        ch = ndf
-        for n in range(1, n_layers + 1):
-            out = ndf * min(2 ** n, 8)
-            stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), mk_norm(out),
-                       nn.LeakyReLU(0.2, True)]
-            ch = out
-        layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
-        self.main = nn.Sequential(*layers)
-        for m in self.modules():  # taming weights_init
-            if isinstance(m, (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d)):
-                nn.init.normal_(m.weight, 0.0 if isinstance(m, nn.Conv2d) else 1.0, 0.02)
-            if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x):
-        """x (B, 3, H, W) in [0, 1] -> logits (B, 1, h', w')."""
-        return self.main(x * 2 - 1)
-
-
-def hinge_d_loss(real_logits, fake_logits):
-    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
-
-
-def vanilla_d_loss(real_logits, fake_logits):
-    return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
-
-
-def g_loss_hinge(fake_logits):
-    return -fake_logits.mean()
-
-
-def g_loss_vanilla(fake_logits):
-    return F.softplus(-fake_logits).mean()  # non-saturating -log sigmoid(D(fake))
-
-
-def adaptive_gan_weight(nll_loss, g_loss, last_layer):
-    """taming's calculate_adaptive_weight: ||grad nll|| / (||grad g|| + 1e-4) at the decoder's last
-    layer, clamped to [0, 1e4] and detached; the caller multiplies by its lambda_gan."""
-    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    w = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
-    return torch.clamp(w, 0.0, 1e4).detach()
-
-
-def discriminator_step(disc, d_optimizer, d_loss, real, fake, ctx):
-    """One discriminator update, shared by every stage: d_loss(D(real), D(sg[fake])), backward,
-    step. The discriminator is left frozen (requires_grad False) so that the next generator step's
-    backward through D(fake) collects no gradient in it; -> the detached D loss."""
-    disc.requires_grad_(True)
-    with ctx:
-        d = d_loss(disc(real), disc(fake.detach()))
-    d_optimizer.zero_grad(set_to_none=True)
-    d.backward()
-    d_optimizer.step()
-    disc.requires_grad_(False)
-    return d.detach()
-
-# -----------------------------------------------------------------------------
-# 8. Chain loading and inference
-
-def load_tokenizer(path, device='cpu', what='--tok_ckpt'):
-    """A stage-1 checkpoint -> Tokenizer (its EMA weights when kept) in eval mode, frozen, on device."""
-    from common import load_checkpoint
-    t = load_checkpoint(path, what, kind='tokenizer')
-    tokenizer = Tokenizer(TokenizerConfig.from_dict(t['model_args']))
-    tokenizer.load_state_dict(t.get('ema') or t['model'])
-    return tokenizer.to(device).eval().requires_grad_(False)
-
-
-def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
-    """Stage-2 checkpoint -> (tokenizer, generator, prior) in eval mode, frozen, on device; the
-    generator is a Generator (HiTokSR) or a NextScaleGenerator (H-VAR, no prior), as trained.
-    The tokenizer is rebuilt from the path saved in the generator checkpoint (tok_ckpt, absolute;
-    a relative one from older runs is tried next to the generator checkpoint too); its decoder is
-    replaced by decoder_ckpt's 'decoder' state dict when given (stage 3). A texture-VQ chain
-    (method 'tvq') gives a TextureGenerator. prior is None for a
-    generator trained with use_prior=False. A missing, unreadable or wrong kind of file raises
-    FileNotFoundError / ValueError naming it."""
-    import os
-    from common import load_checkpoint
-    from prior import LoRAWeights, build_sr_prior  # local: model.py works without the prior's packages
-    g = load_checkpoint(gen_ckpt, '--gen_ckpt', kind='generator')
-    tok_path = g['tok_ckpt']
-    if not os.path.isfile(tok_path) and os.path.isfile(os.path.join(os.path.dirname(gen_ckpt), tok_path)):
-        tok_path = os.path.join(os.path.dirname(gen_ckpt), tok_path)
-    t = load_checkpoint(tok_path, f"the tokenizer of {gen_ckpt}", kind='tokenizer')
-    same = lambda a, b: a is not None and TokenizerConfig.from_dict(a) == TokenizerConfig.from_dict(b)  # old keys filled
-    if not same(t['model_args'], g['tok_model_args']) or t.get('step') != g.get('tok_step'):
-        raise ValueError(f"{gen_ckpt} was trained on the tokenizer {tok_path} at step "
-                         f"{g.get('tok_step')}, which now holds step {t.get('step')} / other settings")
-    tokenizer = Tokenizer(TokenizerConfig.from_dict(t['model_args']))
-    tokenizer.load_state_dict(t.get('ema') or t['model'])  # the EMA weights when stage 1 kept them
-    if decoder_ckpt is not None:
-        d = load_checkpoint(decoder_ckpt, '--decoder_ckpt', kind='decoder')
-        if not same(d.get('tok_model_args'), t['model_args']):
-            raise ValueError(f"{decoder_ckpt} is a decoder for another tokenizer than the one of {gen_ckpt}")
-        tokenizer.decoder.load_state_dict(d['decoder'])
-    if g.get('method', 'hitoksr') == 'hvar':
-        generator = NextScaleGenerator(NextScaleConfig.from_dict(g['model_args']))
-    elif g.get('method') == 'tvq':
-        generator = TextureGenerator(TextureGeneratorConfig.from_dict(g['model_args']))
-    else:
-        generator = Generator(GeneratorConfig.from_dict(g['model_args']))
-    generator.load_state_dict(g['generator'])
-    prior = build_sr_prior(g['prior_args'])
-    if prior is not None:
-        LoRAWeights(prior).load_state_dict(g['prior_lora'])
-    mods = [m for m in (tokenizer, generator, prior) if m is not None]
-    for m in mods:
-        m.to(device).eval().requires_grad_(False)
-    if prior is not None:  # a conv net: NHWC is what cuDNN's fast (bf16 tensor-core) kernels want
-        prior.to(memory_format=torch.channels_last)
-    return tokenizer, generator, prior
-
-
-@torch.no_grad()
-def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
-    """lr (B, 3, h, w) in [0, 1] -> sr (B, 3, scale*h, scale*w) clamped to [0, 1]: top-1 indices
-    of every group, decoded by the tokenizer (docs/method.md#inference: always top-1); a texture-VQ
-    chain decodes them with the generator's structure map.
-    With return_indices also the predicted indices (B, G, h', w').
-    Nothing here reads a tensor's value on the host (no .item(), no branch on data, no
-    data-dependent shapes: tests/test_sr.py checks it), so on a GPU the whole chain is queued
-    without waiting and can be captured as one CUDA graph (sr_function). The prior runs in
-    channels-last (NHWC); its output, and so the result, equals the NCHW one bit for bit when
-    load_sr_chain has made its weights channels-last too."""
-    from prior import upsample_for_prior
-    c = generator.config
-    feat, pooled = None, None
-    if prior is not None:
-        feat, pooled = prior(upsample_for_prior(lr, c.scale).contiguous(memory_format=torch.channels_last))
-    out = generator(lr, feat, pooled)
-    logits, f_l = out if isinstance(out, tuple) else (out, None)  # a TextureGenerator adds F_L
-    idx = logits.argmax(-1)  # (B, G, h', w')
-    sr = tokenizer.decode_indices(idx, f_l=f_l).float().clamp(0, 1)
-    return (sr, idx) if return_indices else sr
-
-
-@torch.no_grad()
-def hvar_super_resolve(lr, tokenizer, generator, cls=CLASS_DEGRADED, top_k=1, temperature=1.0, cfg=0.0,
-                       kv_cache=True, rng=None, return_indices=False):
-    """H-VAR: lr (B, 3, h, w) at the generator's native LR size -> [one image per target scale
-    s_n: (B, 3, 4 s_n h, 4 s_n w)], i.e. x1 (denoised), x2 and x4 for scales (0.25, 0.5, 1), all
-    from the one token sequence of one pass (decode n uses the steps of scales 1..n); with
-    return_indices also the tokens [idx (B, rho_i, rho_i)]. cls: the input kind (0 degraded,
-    1 bilinear-only, 2 null); sampling settings as NextScaleGenerator.generate."""
-    c = generator.config
-    side = c.hr_size // c.scale
-    if lr.dim() != 4 or tuple(lr.shape[-2:]) != (side, side):
-        raise ValueError(f"hvar_super_resolve: the generator works on {side}x{side} LR images "
-                         f"(its tokenizer's native {c.hr_size} px / {c.scale}), got {tuple(lr.shape)}; "
-                         f"sr.py tiles other sizes")
-    cls_B = torch.full((lr.shape[0],), cls, dtype=torch.long, device=lr.device)
-    _, cond = hvar_condition(tokenizer, lr, cls_B, c.scale)
-    idxs, _ = generator.generate(tokenizer.quantizer, cond, cls_B, top_k, temperature, cfg, kv_cache, rng)
-    outs = [tokenizer.decode_steps(idxs, n + 1).float().clamp(0, 1) for n in range(len(c.rq_scales))]
-    return (outs, idxs) if return_indices else outs
-
-
-def output_scales(generator):
-    """The SR factors a generator's one pass yields: (4,) for HiTokSR, (1, 2, 4) for H-VAR's
-    scales (0.25, 0.5, 1) at x4."""
-    c = generator.config
-    if isinstance(generator, NextScaleGenerator):
-        return tuple(round(s * c.scale) for s in c.rq_scales)
-    return (c.scale,)
-
-
-def sr_function(tokenizer, generator, prior=None, device='cpu', compile=False, cuda_graphs=False, **sample):
-    """super_resolve as one callable lr (B, 3, h, w) -> sr (B, 3, s*h, s*w), for sr.py and bench.py.
-    compile=True wraps it in torch.compile (any device; on a CPU it costs minutes of start-up).
-    cuda_graphs=True compiles with mode='reduce-overhead': on CUDA, each input shape is captured
-    once as a CUDA graph and then replayed with one launch, which removes the per-kernel launch
-    cost that dominates small images (sr.py's tiles all have one shape). It needs the sync-free
-    forward above; elsewhere than on CUDA it is ignored. A graph's output is overwritten by the
-    next call: use (or copy) it before calling again, as sr.tiled_sr does.
-    An H-VAR generator (NextScaleGenerator) gives lr -> [sr at each of output_scales(generator)]
-    (hvar_super_resolve, with the sampling settings `sample`); its step-by-step loop with a growing
-    KV cache is not captured as a CUDA graph (cuda_graphs is ignored for it)."""
-    if isinstance(generator, NextScaleGenerator):
-        fn = lambda lr: hvar_super_resolve(lr, tokenizer, generator, **sample)
-        return torch.compile(fn) if compile else fn
-    fn = lambda lr: super_resolve(lr, tokenizer, generator, prior)
-    cuda_graphs = cuda_graphs and str(device).startswith('cuda')
-    if not (compile or cuda_graphs):
-        return fn
-    compiled = torch.compile(fn, mode='reduce-overhead' if cuda_graphs else 'default')
-
-    def run(lr):
-        if cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous call's output is consumed
-        return compiled(lr)
-    return run

@@ -1,6 +1,8 @@
 """
 Super-resolve real images 4x with a trained checkpoint chain: the stage-2 generator (its checkpoint
 records the stage-1 tokenizer it was trained on) and, optionally, a stage-3 fine-tuned decoder.
+The functions that load a chain and run it (load_sr_chain, super_resolve, hvar_super_resolve,
+sr_function) live here too; eval.py, bench.py and the stage scripts import them.
 
     python sr.py --input=photo.jpg                         # -> out/sr/photo_x4.png
     python sr.py --input=my_folder/ --out_dir=out/sr_big --tile=96
@@ -31,8 +33,149 @@ import torch.nn.functional as F
 
 import data
 from common import to_uint8
+from model import (CLASS_DEGRADED, Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator,
+                   TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig, hvar_condition)
 
 MIN_TILE = 32  # LR pixels: smaller tiles give the generator and the prior little context
+
+
+# -----------------------------------------------------------------------------
+# chain loading and inference (docs/method.md#inference)
+
+def load_tokenizer(path, device='cpu', what='--tok_ckpt'):
+    """A stage-1 checkpoint -> Tokenizer (its EMA weights when kept) in eval mode, frozen, on device."""
+    from common import load_checkpoint
+    t = load_checkpoint(path, what, kind='tokenizer')
+    tokenizer = Tokenizer(TokenizerConfig.from_dict(t['model_args']))
+    tokenizer.load_state_dict(t.get('ema') or t['model'])
+    return tokenizer.to(device).eval().requires_grad_(False)
+
+
+def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
+    """Stage-2 checkpoint -> (tokenizer, generator, prior) in eval mode, frozen, on device; the
+    generator is a Generator (HiTokSR) or a NextScaleGenerator (H-VAR, no prior), as trained.
+    The tokenizer is rebuilt from the path saved in the generator checkpoint (tok_ckpt, absolute;
+    a relative one from older runs is tried next to the generator checkpoint too); its decoder is
+    replaced by decoder_ckpt's 'decoder' state dict when given (stage 3). A texture-VQ chain
+    (method 'tvq') gives a TextureGenerator. prior is None for a
+    generator trained with use_prior=False. A missing, unreadable or wrong kind of file raises
+    FileNotFoundError / ValueError naming it."""
+    import os
+    from common import load_checkpoint
+    from prior import LoRAWeights, build_sr_prior  # local: model.py works without the prior's packages
+    g = load_checkpoint(gen_ckpt, '--gen_ckpt', kind='generator')
+    tok_path = g['tok_ckpt']
+    if not os.path.isfile(tok_path) and os.path.isfile(os.path.join(os.path.dirname(gen_ckpt), tok_path)):
+        tok_path = os.path.join(os.path.dirname(gen_ckpt), tok_path)
+    t = load_checkpoint(tok_path, f"the tokenizer of {gen_ckpt}", kind='tokenizer')
+    same = lambda a, b: a is not None and TokenizerConfig.from_dict(a) == TokenizerConfig.from_dict(b)  # old keys filled
+    if not same(t['model_args'], g['tok_model_args']) or t.get('step') != g.get('tok_step'):
+        raise ValueError(f"{gen_ckpt} was trained on the tokenizer {tok_path} at step "
+                         f"{g.get('tok_step')}, which now holds step {t.get('step')} / other settings")
+    tokenizer = Tokenizer(TokenizerConfig.from_dict(t['model_args']))
+    tokenizer.load_state_dict(t.get('ema') or t['model'])  # the EMA weights when stage 1 kept them
+    if decoder_ckpt is not None:
+        d = load_checkpoint(decoder_ckpt, '--decoder_ckpt', kind='decoder')
+        if not same(d.get('tok_model_args'), t['model_args']):
+            raise ValueError(f"{decoder_ckpt} is a decoder for another tokenizer than the one of {gen_ckpt}")
+        tokenizer.decoder.load_state_dict(d['decoder'])
+    if g.get('method', 'hitoksr') == 'hvar':
+        generator = NextScaleGenerator(NextScaleConfig.from_dict(g['model_args']))
+    elif g.get('method') == 'tvq':
+        generator = TextureGenerator(TextureGeneratorConfig.from_dict(g['model_args']))
+    else:
+        generator = Generator(GeneratorConfig.from_dict(g['model_args']))
+    generator.load_state_dict(g['generator'])
+    prior = build_sr_prior(g['prior_args'])
+    if prior is not None:
+        LoRAWeights(prior).load_state_dict(g['prior_lora'])
+    mods = [m for m in (tokenizer, generator, prior) if m is not None]
+    for m in mods:
+        m.to(device).eval().requires_grad_(False)
+    if prior is not None:  # a conv net: NHWC is what cuDNN's fast (bf16 tensor-core) kernels want
+        prior.to(memory_format=torch.channels_last)
+    return tokenizer, generator, prior
+
+
+@torch.no_grad()
+def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
+    """lr (B, 3, h, w) in [0, 1] -> sr (B, 3, scale*h, scale*w) clamped to [0, 1]: top-1 indices
+    of every group, decoded by the tokenizer (docs/method.md#inference: always top-1); a texture-VQ
+    chain decodes them with the generator's structure map.
+    With return_indices also the predicted indices (B, G, h', w').
+    Nothing here reads a tensor's value on the host (no .item(), no branch on data, no
+    data-dependent shapes: tests/test_sr.py checks it), so on a GPU the whole chain is queued
+    without waiting and can be captured as one CUDA graph (sr_function). The prior runs in
+    channels-last (NHWC); its output, and so the result, equals the NCHW one bit for bit when
+    load_sr_chain has made its weights channels-last too."""
+    from prior import upsample_for_prior
+    c = generator.config
+    feat, pooled = None, None
+    if prior is not None:
+        feat, pooled = prior(upsample_for_prior(lr, c.scale).contiguous(memory_format=torch.channels_last))
+    out = generator(lr, feat, pooled)
+    logits, f_l = out if isinstance(out, tuple) else (out, None)  # a TextureGenerator adds F_L
+    idx = logits.argmax(-1)  # (B, G, h', w')
+    sr = tokenizer.decode_indices(idx, f_l=f_l).float().clamp(0, 1)
+    return (sr, idx) if return_indices else sr
+
+
+@torch.no_grad()
+def hvar_super_resolve(lr, tokenizer, generator, cls=CLASS_DEGRADED, top_k=1, temperature=1.0, cfg=0.0,
+                       kv_cache=True, rng=None, return_indices=False):
+    """H-VAR: lr (B, 3, h, w) at the generator's native LR size -> [one image per target scale
+    s_n: (B, 3, 4 s_n h, 4 s_n w)], i.e. x1 (denoised), x2 and x4 for scales (0.25, 0.5, 1), all
+    from the one token sequence of one pass (decode n uses the steps of scales 1..n); with
+    return_indices also the tokens [idx (B, rho_i, rho_i)]. cls: the input kind (0 degraded,
+    1 bilinear-only, 2 null); sampling settings as NextScaleGenerator.generate."""
+    c = generator.config
+    side = c.hr_size // c.scale
+    if lr.dim() != 4 or tuple(lr.shape[-2:]) != (side, side):
+        raise ValueError(f"hvar_super_resolve: the generator works on {side}x{side} LR images "
+                         f"(its tokenizer's native {c.hr_size} px / {c.scale}), got {tuple(lr.shape)}; "
+                         f"sr.py tiles other sizes")
+    cls_B = torch.full((lr.shape[0],), cls, dtype=torch.long, device=lr.device)
+    _, cond = hvar_condition(tokenizer, lr, cls_B, c.scale)
+    idxs, _ = generator.generate(tokenizer.quantizer, cond, cls_B, top_k, temperature, cfg, kv_cache, rng)
+    outs = [tokenizer.decode_steps(idxs, n + 1).float().clamp(0, 1) for n in range(len(c.rq_scales))]
+    return (outs, idxs) if return_indices else outs
+
+
+def output_scales(generator):
+    """The SR factors a generator's one pass yields: (4,) for HiTokSR, (1, 2, 4) for H-VAR's
+    scales (0.25, 0.5, 1) at x4."""
+    c = generator.config
+    if isinstance(generator, NextScaleGenerator):
+        return tuple(round(s * c.scale) for s in c.rq_scales)
+    return (c.scale,)
+
+
+def sr_function(tokenizer, generator, prior=None, device='cpu', compile=False, cuda_graphs=False, **sample):
+    """super_resolve as one callable lr (B, 3, h, w) -> sr (B, 3, s*h, s*w), for sr.py and bench.py.
+    compile=True wraps it in torch.compile (any device; on a CPU it costs minutes of start-up).
+    cuda_graphs=True compiles with mode='reduce-overhead': on CUDA, each input shape is captured
+    once as a CUDA graph and then replayed with one launch, which removes the per-kernel launch
+    cost that dominates small images (sr.py's tiles all have one shape). It needs the sync-free
+    forward above; elsewhere than on CUDA it is ignored. A graph's output is overwritten by the
+    next call: use (or copy) it before calling again, as sr.tiled_sr does.
+    An H-VAR generator (NextScaleGenerator) gives lr -> [sr at each of output_scales(generator)]
+    (hvar_super_resolve, with the sampling settings `sample`); its step-by-step loop with a growing
+    KV cache is not captured as a CUDA graph (cuda_graphs is ignored for it)."""
+    if isinstance(generator, NextScaleGenerator):
+        fn = lambda lr: hvar_super_resolve(lr, tokenizer, generator, **sample)
+        return torch.compile(fn) if compile else fn
+    fn = lambda lr: super_resolve(lr, tokenizer, generator, prior)
+    cuda_graphs = cuda_graphs and str(device).startswith('cuda')
+    if not (compile or cuda_graphs):
+        return fn
+    compiled = torch.compile(fn, mode='reduce-overhead' if cuda_graphs else 'default')
+
+    def run(lr):
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous call's output is consumed
+        return compiled(lr)
+    return run
+
 
 
 def _starts(n, tile, step):
@@ -172,7 +315,6 @@ def runs(items, batch_size, key):
 if __name__ == '__main__':
     from configurator import configure, fail
     from common import autocast_ctx, pick_device, save_png
-    from model import load_sr_chain, sr_function
     # -----------------------------------------------------------------------------
     input = ''                              # an image file or a folder of images
     out_dir = 'out/sr'                      # <name>_x4.png per input
@@ -212,7 +354,6 @@ if __name__ == '__main__':
         tokenizer, generator, prior = load_sr_chain(gen_ckpt, device, decoder_ckpt or None)
     except (FileNotFoundError, ValueError) as e:
         fail(f"sr.py: {e}")
-    from model import NextScaleGenerator, output_scales
     scales = (scales,) if isinstance(scales, int) else tuple(scales)
     hvar = isinstance(generator, NextScaleGenerator)
     if not scales or any(s not in output_scales(generator) for s in scales):

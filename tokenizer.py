@@ -33,9 +33,10 @@ from common import (Logger, Timer, TrainStep, autocast_ctx, checkpoint_to_resume
                     setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
-from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, adaptive_gan_weight, config_from_settings,
-                   count_params, discriminator_step, frequency_targets, g_loss_hinge, hinge_d_loss,
-                   param_groups, resize_image, sample_active_groups, step_usage, usage_stats)
+from model import (Tokenizer, TokenizerConfig, config_from_settings, count_params, param_groups, resize_image,
+                   step_usage, usage_stats)
+from losses import (PatchDiscriminator, adaptive_gan_weight, discriminator_step, frequency_targets,
+                    g_loss_hinge, hinge_d_loss, sample_active_groups)
 from wavelets import lowpass  # prefix-decode targets at eval
 
 # -----------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 
 from common import TrainStep, ddp_wrap, no_sync
 from conftest import GEN_TINY, SMALL_TOK, TOK_TINY, tokenizer_args
-from model import (PatchDiscriminator, Tokenizer, TokenizerConfig, discriminator_step, hinge_d_loss,
-                   sample_active_groups)
+from model import Tokenizer, TokenizerConfig
+from losses import PatchDiscriminator, discriminator_step, hinge_d_loss, sample_active_groups
 
 B, STEPS = 2, 5  # images per rank and step; steps (data init, then a restart every 2 quantizer calls)
 QUANTIZERS = {

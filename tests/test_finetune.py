@@ -10,8 +10,8 @@ import torch
 import data
 import eval as ev
 from conftest import generator_args, tokenizer_args
-from model import (Generator, GeneratorConfig, Tokenizer, TokenizerConfig, load_sr_chain, sample_topk,
-                   super_resolve)
+from model import Generator, GeneratorConfig, Tokenizer, TokenizerConfig, sample_topk
+from sr import load_sr_chain, super_resolve
 
 # ----------------------------------------------------------------------------- top-K sampling
 

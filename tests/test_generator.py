@@ -8,8 +8,9 @@ import torch.nn.functional as F
 import data
 import eval as ev
 from conftest import GEN_TINY, generator_args, tokenizer_args
-from model import (Generator, GeneratorConfig, PatchDiscriminator, Tokenizer, TokenizerConfig,
-                   g_loss_vanilla, generator_losses, load_sr_chain, rope_2d, ste_onehot, super_resolve)
+from model import Generator, GeneratorConfig, Tokenizer, TokenizerConfig, rope_2d
+from losses import PatchDiscriminator, g_loss_vanilla, generator_losses, ste_onehot
+from sr import load_sr_chain, super_resolve
 from prior import LoRA, build_sr_prior, frozen_features, repa_loss, upsample_for_prior
 
 TOK = tokenizer_args(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32, enc_depth=1, enc_heads=2,

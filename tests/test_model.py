@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from conftest import tokenizer_args
-from model import (RMSNorm, SwiGLU, rope_2d, apply_rope, Attention, Block, ViTEncoder, ViTDecoder,
-                   GroupedVQ, usage_stats, sample_active_groups, mask_groups, TokenizerConfig,
-                   Tokenizer, PatchDiscriminator, hinge_d_loss, vanilla_d_loss, g_loss_hinge,
-                   g_loss_vanilla, adaptive_gan_weight, param_groups, count_params, flops_per_image)
+from model import (Attention, Block, GroupedVQ, RMSNorm, SwiGLU, Tokenizer, TokenizerConfig, ViTDecoder,
+                   ViTEncoder, apply_rope, count_params, flops_per_image, mask_groups, param_groups, rope_2d,
+                   usage_stats)
+from losses import (PatchDiscriminator, adaptive_gan_weight, g_loss_hinge, g_loss_vanilla, hinge_d_loss,
+                    sample_active_groups, vanilla_d_loss)
 
 TINY = tokenizer_args(patch=4, latent_dim=8, groups=4, codebook_size=16, enc_width=32, enc_depth=1,
                       enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2, dec_refine=0)

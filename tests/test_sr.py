@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import to_uint8
-from model import load_sr_chain, sr_function, super_resolve
+from sr import load_sr_chain, sr_function, super_resolve
 from sr import _ramp, _starts, output_names, runs, tile_warning, tiled_sr
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import SMALL_TOK
-from model import frequency_targets
+from losses import frequency_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model small enough for seconds per run on 2 cores; every code path of the loop stays on

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 import data
 from conftest import SMALL_TOK, tokenizer_args
-from model import (GroupedVQ, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig,
-                   generator_losses, load_sr_chain, super_resolve)
+from model import GroupedVQ, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig
+from losses import generator_losses
+from sr import load_sr_chain, super_resolve
 
 C, C_L, K = 8, 4, 32   # texture channels, structure channels, texture codes
 

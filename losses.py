@@ -1,0 +1,232 @@
+"""
+Every training objective of the three stages, one function per loss, next to each other: a new
+method adds its loss here and a setting that selects it in its stage script
+(docs/method.md has the equations; comments point to its sections).
+
+    1. Stage 1               group masking draws, frequency-matched (Haar low-pass) targets
+    2. GAN                   PatchDiscriminator, hinge and vanilla losses, adaptive weight, discriminator_step
+    3. Stage 2, HiTokSR/TVQ  straight-through one-hot, generator_losses (CE + REPA + pixel terms)
+    4. Stage 2, H-VAR        sequence log-likelihood, DPO, hvar_losses (CE + DPO under teacher forcing)
+
+The models they train are in model.py; the VQ commitment terms live with the quantizers there.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import hvar_condition
+from wavelets import lowpass
+
+# -----------------------------------------------------------------------------
+# 1. Stage 1: group masking and frequency-matched targets (docs/method.md#group-masking, #frequency-targets)
+
+def sample_active_groups(B, G, p_full=0.9, generator=None, device=None):
+    """Number of active groups per sample, (B,) long: G with prob. p_full, else uniform in 1..G-1.
+    G == 1 always gives 1."""
+    if G == 1:
+        return torch.ones(B, dtype=torch.long, device=device)
+    full = torch.rand(B, generator=generator, device=device) < p_full
+    partial = torch.randint(1, G, (B,), generator=generator, device=device)
+    return torch.where(full, torch.full_like(partial, G), partial)
+
+
+def frequency_targets(x, k, G):
+    """Frequency-matched supervision (docs/method.md#frequency-targets): the target of a decode
+    with k active groups is the Haar low-pass lowpass(x, G - k); k = G gives x itself.
+    x (B,3,H,W), k (B,) long."""
+    target = x.clone()
+    for kv in k.unique().tolist():
+        if kv < G:
+            sel = k == kv
+            target[sel] = lowpass(x[sel], G - kv)
+    return target
+
+
+# -----------------------------------------------------------------------------
+# 2. GAN: PatchGAN discriminator and losses (VQGAN / taming-transformers)
+
+class PatchDiscriminator(nn.Module):
+    """taming's NLayerDiscriminator (pix2pix PatchGAN): 4x4 convs, stride 2 for n_layers, then
+    two stride-1 convs; 256x256 -> 30x30 logits for n_layers=3. GroupNorm (default) instead of
+    BatchNorm: batch statistics at batch 1-4 are noisy and differ between real and fake batches;
+    norm='batch' gives taming's original."""
+    def __init__(self, in_ch=3, ndf=64, n_layers=3, norm='group'):
+        super().__init__()
+        if norm not in ('group', 'batch'):
+            raise ValueError(f"PatchDiscriminator: norm={norm!r}, expected 'group' or 'batch'")
+        mk_norm = (lambda ch: nn.GroupNorm(math.gcd(32, ch), ch)) if norm == 'group' else nn.BatchNorm2d
+        layers = [nn.Conv2d(in_ch, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        ch = ndf
+        for n in range(1, n_layers + 1):
+            out = ndf * min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [nn.Conv2d(ch, out, 4, stride, 1, bias=False), mk_norm(out),
+                       nn.LeakyReLU(0.2, True)]
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():  # taming weights_init
+            if isinstance(m, (nn.Conv2d, nn.GroupNorm, nn.BatchNorm2d)):
+                nn.init.normal_(m.weight, 0.0 if isinstance(m, nn.Conv2d) else 1.0, 0.02)
+            if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        """x (B, 3, H, W) in [0, 1] -> logits (B, 1, h', w')."""
+        return self.main(x * 2 - 1)
+
+
+def hinge_d_loss(real_logits, fake_logits):
+    return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
+
+
+def vanilla_d_loss(real_logits, fake_logits):
+    return 0.5 * (F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean())
+
+
+def g_loss_hinge(fake_logits):
+    return -fake_logits.mean()
+
+
+def g_loss_vanilla(fake_logits):
+    return F.softplus(-fake_logits).mean()  # non-saturating -log sigmoid(D(fake))
+
+
+def adaptive_gan_weight(nll_loss, g_loss, last_layer):
+    """taming's calculate_adaptive_weight: ||grad nll|| / (||grad g|| + 1e-4) at the decoder's last
+    layer, clamped to [0, 1e4] and detached; the caller multiplies by its lambda_gan."""
+    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    w = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+    return torch.clamp(w, 0.0, 1e4).detach()
+
+
+def discriminator_step(disc, d_optimizer, d_loss, real, fake, ctx):
+    """One discriminator update, shared by every stage: d_loss(D(real), D(sg[fake])), backward,
+    step. The discriminator is left frozen (requires_grad False) so that the next generator step's
+    backward through D(fake) collects no gradient in it; -> the detached D loss."""
+    disc.requires_grad_(True)
+    with ctx:
+        d = d_loss(disc(real), disc(fake.detach()))
+    d_optimizer.zero_grad(set_to_none=True)
+    d.backward()
+    d_optimizer.step()
+    disc.requires_grad_(False)
+    return d.detach()
+
+
+# -----------------------------------------------------------------------------
+# 3. Stage 2, HiTokSR and TVQ&RAP: token CE and reconstruction-aware terms (docs/method.md#generator-loss)
+
+def ste_onehot(logits):
+    """Straight-through one-hot (docs/method.md#reconstruction-aware-losses): logits (..., K) -> w (..., K) whose
+    forward is exactly one_hot(argmax) and whose gradient is that of softmax(logits).
+    Written onehot + (p - sg[p]) rather than p + sg[onehot - p]: equal in value and gradient, but
+    p + (1 - p) can round away from 1, while p - p is exactly 0, so w is bit-exactly one-hot and the
+    decoded image equals tokenizer.decode_indices(argmax)."""
+    p = logits.float().softmax(-1)
+    onehot = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype)
+    return onehot + (p - p.detach())
+
+
+def generator_losses(s, tokenizer, generator, prior, lpips_fn, disc, hr, lr, q_hr, gan_on, f_l_hr=None):
+    """The stage-2 loss of one batch (docs/method.md#generator-loss), for generator.py and bench.py:
+        ce_weight * CE(logits, q_HR) + repa_weight * REPA + l1_weight * L1 + lpips_weight * LPIPS
+        + gan_weight * GAN_vanilla,
+    the pixel terms on the decoded straight-through one-hot D(sum_k w_k e_k), w = ste_onehot(logits)
+    (the frozen decoder and codebooks pass gradients to the logits). s: generator.py's settings
+    (the weights, lora_rank); generator: the module to call (compiled or not); lpips_fn(x, y) -> (B,);
+    hr (B, 3, H, W), lr (B, 3, H/4, W/4), q_hr (B, G, h, w) the tokenizer's indices of hr.
+    A TextureGenerator also predicts the structure map: + struct_weight * MSE(F_L_pred, f_l_hr)
+    (TVQ&RAP Eq. 9, with f_l_hr the tokenizer's map of hr), and the image is decoded from the
+    texture one-hot and the predicted F_L (docs/method.md#texture-predictor).
+    -> (loss, parts: dict of the unweighted terms, logits (B, G, h, w, K), sr (B, 3, H, W) or None)."""
+    from prior import frozen_features, repa_loss, upsample_for_prior  # local, as in super_resolve
+    zero = torch.zeros((), device=hr.device)
+    ce = repa = l1 = lp = g = zero
+    sr = feat = pooled = None
+    if prior is not None:
+        with torch.set_grad_enabled(s['lora_rank'] > 0):
+            feat, pooled = prior(upsample_for_prior(lr))
+        if s['repa_weight'] > 0 and s['lora_rank'] > 0:  # 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)]), #repa
+            repa = repa_loss(feat.float(), frozen_features(prior, hr)[0].float())
+    out = generator(lr, feat, pooled)                        # logits (B, G, h, w, K) [, F_L (B, C_L, h/r, w/r)]
+    logits, f_l = out if isinstance(out, tuple) else (out, None)
+    if s['ce_weight'] > 0:
+        ce = F.cross_entropy(logits.float().flatten(0, 3), q_hr.flatten())
+    struct = F.mse_loss(f_l.float(), f_l_hr.float()) if f_l is not None else zero
+    if s['l1_weight'] > 0 or s['lpips_weight'] > 0 or gan_on:  # reconstruction-aware terms
+        zq = tokenizer.quantizer.codes_from_onehot(ste_onehot(logits))  # (B, C, h, w)
+        sr = tokenizer.decode(zq, f_l).float()               # no parameter of the decoder changes
+        l1 = (sr - hr).abs().mean() if s['l1_weight'] > 0 else zero
+        lp = lpips_fn(sr, hr).mean() if s['lpips_weight'] > 0 else zero
+        g = g_loss_vanilla(disc(sr)) if gan_on else zero
+    loss = (s['ce_weight'] * ce + s['repa_weight'] * repa + s['l1_weight'] * l1 + s['lpips_weight'] * lp
+            + s['gan_weight'] * g)
+    parts = dict(ce=ce, repa=repa, l1=l1, lpips=lp, g=g)
+    if f_l is not None:
+        loss = loss + s['struct_weight'] * struct
+        parts['struct'] = struct
+    return loss, parts, logits, sr
+
+
+# -----------------------------------------------------------------------------
+# 4. Stage 2, H-VAR: CE + DPO over the next-scale sequence (docs/method.md#next-scale-generator, #dpo)
+
+def flat_tokens(idxs):
+    """[idx (B, rho_i, rho_i)] * L -> (B, N): the sequence order of NextScaleGenerator's logits."""
+    return torch.cat([i.flatten(1) for i in idxs], dim=1)
+
+
+def sequence_logp(logits_BNK, tokens_BN):
+    """log p(z) of a teacher-forced sequence: sum over its tokens of log softmax(logits)[z], (B,)."""
+    return logits_BNK.float().log_softmax(-1).gather(-1, tokens_BN[..., None])[..., 0].sum(1)
+
+
+def dpo_loss(logp_hr, logp_lr, beta):
+    """H-VAR's DPO regulariser (docs/method.md#dpo): -log sigmoid(beta (log p(z_HR) - log p(z_LR))),
+    averaged over the batch. Lowering it raises log p(z_HR) and lowers log p(z_LR)."""
+    return -F.logsigmoid(beta * (logp_hr - logp_lr)).mean()
+
+
+def msrq_tokens(tokenizer, x, hierarchical):
+    """Targets of the next-scale generator: Algorithm 1's tokens of x or the plain RQ ones."""
+    with torch.no_grad():
+        return tokenizer.encode_hierarchical(x) if hierarchical else tokenizer.encode(x)[1]
+
+
+def step_accuracy(logits_BNK, tokens_BN, sizes):
+    """Top-1 accuracy of each step: (L,) from the flat logits / tokens and the steps' token counts."""
+    hit = (logits_BNK.argmax(-1) == tokens_BN).float()
+    return torch.stack([h.mean() for h in hit.split(list(sizes), dim=1)])
+
+
+def hvar_losses(s, tokenizer, generator, hr, lr, cls_B):
+    """The H-VAR stage-2 loss of one batch (docs/method.md#next-scale-generator), for generator.py
+    and bench.py: ce_weight * CE(z_HR) + dpo_weight * L_DPO, both under teacher forcing; L_DPO
+    needs a second sequence, z_LR (the tokens of the upsampled LR), run in the same forward pass.
+    s: generator.py's settings; generator: the module to call (compiled or not).
+    -> (loss, parts (ce, dpo, logp_gap), per-step accuracy (L,))."""
+    c = generator.config
+    up, cond = hvar_condition(tokenizer, lr, cls_B, c.scale)
+    z_hr = msrq_tokens(tokenizer, hr, c.hierarchical)
+    ins = generator.step_inputs(tokenizer.quantizer, cond, z_hr)
+    t_hr = flat_tokens(z_hr)                                            # (B, N)
+    zero = torch.zeros((), device=hr.device)
+    if s['dpo']:
+        z_lr = msrq_tokens(tokenizer, up, c.hierarchical)
+        ins_lr = generator.step_inputs(tokenizer.quantizer, cond, z_lr)
+        logits = generator(torch.cat([cond, cond]), [torch.cat(p) for p in zip(ins, ins_lr)],
+                           torch.cat([cls_B, cls_B]))
+        logits, logits_lr = logits.chunk(2)
+        logp_hr, logp_lr = sequence_logp(logits, t_hr), sequence_logp(logits_lr, flat_tokens(z_lr))
+        dpo, gap = dpo_loss(logp_hr, logp_lr, s['dpo_beta']), (logp_hr - logp_lr).mean().detach()
+    else:
+        logits = generator(cond, ins, cls_B)                            # (B, N, K)
+        dpo = gap = zero
+    ce = F.cross_entropy(logits.float().flatten(0, 1), t_hr.flatten())
+    loss = s['ce_weight'] * ce + s['dpo_weight'] * dpo
+    acc = step_accuracy(logits.detach(), t_hr, [r * r for r in c.rq_steps])
+    return loss, dict(ce=ce, dpo=dpo, logp_gap=gap), acc
