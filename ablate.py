@@ -140,10 +140,11 @@ def done(kind, name, cmd):
             and read_text(path) == shlex.join(cmd))
 
 
-def run_jobs(todo):
+def run_jobs(todo, rerun=()):
     """todo: [(kind, [(name, cmd), ...])]; up to `jobs` kinds at a time, each kind's commands in
-    order. -> the kinds whose run failed (the others go on)."""
-    waiting, running, failed = list(todo), {}, []
+    order; a finished run is kept unless its kind is in rerun. -> (the kinds whose run failed, the
+    others go on; the kinds that ran something)."""
+    waiting, running, failed, ran = list(todo), {}, [], set()
     while waiting or running:
         while waiting and len(running) < jobs:
             kind, steps = waiting.pop(0)
@@ -163,27 +164,29 @@ def run_jobs(todo):
                     continue
                 write_text(run_dir(kind, r['name']) + '.cmd', shlex.join(r['cmd']))
                 print(f"[{kind}] {r['name']} done in {minutes:.1f} min", flush=True)
-            while r['steps'] and done(kind, *r['steps'][0]):
+            while r['steps'] and kind not in rerun and kind not in ran and done(kind, *r['steps'][0]):
                 print(f"[{kind}] {r['steps'][0][0]}: finished earlier with the same command, kept", flush=True)
                 r['steps'].pop(0)
             if not r['steps']:
                 del running[kind]
                 continue
             r['name'], r['cmd'] = r['steps'].pop(0)
+            ran.add(kind)
             os.makedirs(os.path.join(out_dir, kind), exist_ok=True)
             r['log'] = open(run_dir(kind, r['name']) + '.out', 'w')
             print(f"[{kind}] {r['name']}: {shlex.join(r['cmd'])}\n    output: {r['log'].name}", flush=True)
             r['proc'] = subprocess.Popen(r['cmd'], stdout=r['log'], stderr=subprocess.STDOUT)
             r['t0'] = time.time()
         time.sleep(2)
-    return failed
+    return failed, ran
 
 
 t0 = time.time()
 print(f"== tokenizers ({len(chosen)} x {tok_minutes:g} min, {jobs} at a time) ==", flush=True)
-failed = run_jobs([(k, tokenizer_job(k)) for k in chosen])
+failed, retrained = run_jobs([(k, tokenizer_job(k)) for k in chosen])
 print(f"== generators ({len(chosen) - len(failed)} x {gen_minutes:g} min, {jobs} at a time) ==", flush=True)
-failed += run_jobs([(k, generator_job(k)) for k in chosen if k not in failed])
+# a kind whose tokenizer was trained now trains its generator anew (the old one fits the old tokenizer)
+failed += run_jobs([(k, generator_job(k)) for k in chosen if k not in failed], rerun=retrained)[0]
 
 # -----------------------------------------------------------------------------
 # the table: reconstructions from each tokenizer's summary.json, SR from eval.chain_rows

@@ -178,20 +178,15 @@ try:
 except ValueError as e:
     fail(f"generator.py: {e}")
 tcfg = TokenizerConfig.from_dict(tok['model_args'])
-hvar = method == 'hvar'
-if hvar and tcfg.quantizer != 'msrq':
-    fail(f"generator.py: method='hvar' predicts multi-scale RQ tokens, but {tok_ckpt} is a grouped-VQ "
-         f"tokenizer (quantizer='{tcfg.quantizer}'): train stage 1 with config/tokenizer_hrq_tiny.py")
-tvq = method == 'tvq'
-if tvq and tcfg.quantizer != 'tvq':
-    fail(f"generator.py: method='tvq' predicts texture-VQ tokens and a structure map, but {tok_ckpt} has "
-         f"quantizer='{tcfg.quantizer}': train stage 1 with config/tokenizer_tvq_tiny.py")
-if method == 'hitoksr' and tcfg.quantizer == 'tvq':
-    fail(f"generator.py: {tok_ckpt} is a texture-VQ tokenizer (quantizer='tvq'); method='hitoksr' predicts "
-         f"grouped-VQ tokens only: use --method=tvq")
-if method == 'hitoksr' and tcfg.quantizer != 'grouped':
-    fail(f"generator.py: {tok_ckpt} is a multi-scale RQ tokenizer (quantizer='{tcfg.quantizer}'); "
-         f"method='hitoksr' predicts grouped-VQ tokens: train stage 1 with quantizer='grouped', or use --method=hvar")
+hvar, tvq = method == 'hvar', method == 'tvq'
+QUANTIZER_OF = dict(hitoksr='grouped', hvar='msrq', tvq='tvq')  # the tokens each method predicts
+KIND = dict(grouped=('grouped-VQ', 'tokenizer_tiny'), msrq=('multi-scale RQ', 'tokenizer_hrq_tiny'),
+            tvq=('texture-VQ', 'tokenizer_tvq_tiny'))
+if QUANTIZER_OF[method] != tcfg.quantizer:
+    (want, cfg_want), (have, _) = KIND[QUANTIZER_OF[method]], KIND[tcfg.quantizer]
+    fit = next(m for m, q in QUANTIZER_OF.items() if q == tcfg.quantizer)
+    fail(f"generator.py: method='{method}' predicts {want} tokens, but {tok_ckpt} is a {have} tokenizer "
+         f"(quantizer='{tcfg.quantizer}'): use --method={fit}, or train stage 1 with config/{cfg_want}.py")
 if tvq and crop_size % (patch * tcfg.tvq_struct_pool):
     fail(f"generator.py: crop_size={crop_size} must be a multiple of patch x tvq_struct_pool = "
          f"{patch * tcfg.tvq_struct_pool} (the tokenizer's structure cell)")

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny trained checkpoint chain made by the stage scripts themselves (2 steps
-each, 1 thread), on two of the real validation pairs, built once per test session."""
+each, 1 thread), on two of the real validation pairs, built once per test session (once per worker
+process under pytest-xdist, which test.sh uses)."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,9 @@ from configurator import script_settings
 from model import GeneratorConfig, TokenizerConfig, config_from_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+if os.environ.get('PYTEST_XDIST_WORKER'):  # 2 workers on 2 cores: one torch thread each, no oversubscription
+    import torch
+    torch.set_num_threads(1)
 SMALL_TOK = ['--enc_width=32', '--enc_depth=1', '--enc_heads=2', '--dec_width=32', '--dec_depth=1', '--dec_heads=2']
 TOK_TINY = ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', *SMALL_TOK,
             '--codebook_size=16', '--max_minutes=0', '--threads=1']

@@ -206,7 +206,7 @@ def test_losses_ce_plus_dpo_and_ablation():
     lp_hr, lp_lr = sequence_logp(l_hr, flat_tokens(z_hr)), sequence_logp(l_lr, flat_tokens(z_lr))
     assert abs(parts['ce'].item() + lp_hr.mean().item() / sum(sizes())) < 1e-4
     assert abs(float(parts['dpo'].detach()) - float(dpo_loss(lp_hr, lp_lr, 0.2))) < 1e-4
-    assert abs(float(loss) - float(parts['ce'] + parts['dpo'])) < 1e-5 and acc.shape == (len(STEPS),)
+    assert abs(float(loss.detach()) - float(parts['ce'] + parts['dpo'])) < 1e-5 and acc.shape == (len(STEPS),)
     loss2, parts2, _ = hvar_losses(dict(s, dpo=False), tok, gen, hr, lr, cls)
     assert float(parts2['dpo']) == 0 and abs(float(loss2) - float(parts['ce'])) < 1e-5
 
