@@ -205,10 +205,10 @@ def test_losses_ce_plus_dpo_and_ablation():
         l_lr = gen(cond, gen.step_inputs(tok.quantizer, cond, z_lr), cls)
     lp_hr, lp_lr = sequence_logp(l_hr, flat_tokens(z_hr)), sequence_logp(l_lr, flat_tokens(z_lr))
     assert abs(parts['ce'].item() + lp_hr.mean().item() / sum(sizes())) < 1e-4
-    assert abs(float(parts['dpo'].detach()) - float(dpo_loss(lp_hr, lp_lr, 0.2))) < 1e-4
-    assert abs(float(loss.detach()) - float(parts['ce'] + parts['dpo'])) < 1e-5 and acc.shape == (len(STEPS),)
+    assert abs(parts['dpo'].item() - dpo_loss(lp_hr, lp_lr, 0.2).item()) < 1e-4
+    assert abs(loss.item() - (parts['ce'] + parts['dpo']).item()) < 1e-5 and acc.shape == (len(STEPS),)
     loss2, parts2, _ = hvar_losses(dict(s, dpo=False), tok, gen, hr, lr, cls)
-    assert float(parts2['dpo']) == 0 and abs(float(loss2) - float(parts['ce'])) < 1e-5
+    assert parts2['dpo'].item() == 0 and abs(loss2.item() - parts['ce'].item()) < 1e-5
 
 
 def test_multiscale_tiling_equals_one_scale_at_a_time():

@@ -87,7 +87,7 @@ def test_exact_reconstruction_when_the_codebook_holds_every_residual():
     zq, idxs, _, _ = q(f)                      # the quantizer works in float32: exact to its rounding
     torch.testing.assert_close(zq, f, rtol=0, atol=1e-6)
     torch.testing.assert_close(q.decode_steps(idxs, (H, W)), f.float(), rtol=0, atol=1e-6)
-    assert float((q.decode_steps(idxs[:1], (H, W)) - f).abs().max()) > 1e-3  # one step alone is not
+    assert (q.decode_steps(idxs[:1], (H, W)) - f).abs().max().item() > 1e-3  # one step alone is not
 
 
 def test_step_partition_paper_and_tiny():
