@@ -320,29 +320,42 @@ def load_sr_dir(sr_dir, names, shape):
 
 
 @torch.no_grad()
-def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', batch_size=16):
-    """Rows for an H-VAR chain: per output factor f of its one pass (x1 = denoising, x2, x4), the
-    baseline (x1: the degraded LR itself; else bicubic from it), the tokenizer's decode of HR's own
-    tokens at that scale, and the generator's top-1 output (tiled at its native size, as sr.py),
-    each scored against HR resized by f / 4 with crop_border * f / 4 pixels."""
-    from model import resize_image
+def hvar_sr(lr, tok, gen, device='cpu', batch_size=16):
+    """An H-VAR generator's top-1 outputs of lr (N, 3, h, w) at every factor f of its one pass,
+    tiled at its native LR size (as sr.py) -> {f: (N, 3, f h, f w) in [0, 1]}."""
     from sr import hvar_super_resolve, output_scales, tiled_sr
-    factors = output_scales(gen)
-    native = gen.config.hr_size // gen.config.scale
-    fn = lambda y: hvar_super_resolve(y, tok, gen)
-    outs = tiled_sr(pairs['lr'].to(device), fn, factors, tile=native, overlap=native // 4,
-                    batch_size=batch_size, fixed_tile=True)
-    recs = scale_decodes(tok, pairs['hr'], 'hierarchical' if gen.config.hierarchical else 'plain', device)[0]
-    rows, p = [], tok.config.patch
-    for f, out, (_, rec, _) in zip(factors, outs, recs):
+    factors, native = output_scales(gen), gen.config.hr_size // gen.config.scale
+    outs = tiled_sr(lr.to(device), lambda y: hvar_super_resolve(y, tok, gen), factors, tile=native,
+                    overlap=native // 4, batch_size=batch_size, fixed_tile=True)
+    return {f: torch.from_numpy(o).permute(0, 3, 1, 2).float() / 255 for f, o in zip(factors, outs)}
+
+
+@torch.no_grad()
+def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', kinds=('base', 'decode', 'sr'),
+                    outs=None):
+    """Rows for an H-VAR chain: per output factor f of its one pass (x1 = denoising, x2, x4), of the
+    kinds asked for: 'base' (x1: the degraded LR itself; else bicubic from it), 'decode' (the
+    tokenizer's decode of HR's own tokens at that scale) and 'sr' (the generator's top-1 output,
+    hvar_sr, or outs[f] when given), each scored against HR resized by f / 4 with crop_border * f / 4
+    pixels. Every row also holds its f and kind."""
+    from model import resize_image
+    from sr import output_scales
+    if 'sr' in kinds and outs is None:
+        outs = hvar_sr(pairs['lr'], tok, gen, device)
+    if 'decode' in kinds:
+        recs = scale_decodes(tok, pairs['hr'], 'hierarchical' if gen.config.hierarchical else 'plain', device)[0]
+    rows = []
+    for n, f in enumerate(output_scales(gen)):
         target = dict(hr=resize_image(pairs['hr'], f / 4), names=pairs['names'])
         border = max(1, round(crop_border * f / 4))
-        base = pairs['lr'] if f == 1 else bicubic_upsample(pairs['lr'], f)
-        sr = torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255
-        rows += [score(f"x{f}: {'degraded LR itself' if f == 1 else 'bicubic (degraded LR)'}", base, target,
-                       lpips_net, border, p),
-                 score(f"x{f}: tokenizer decode of HR's tokens", rec, target, lpips_net, border, p),
-                 score(f"x{f}: H-VAR generator (top-1)", sr, target, lpips_net, border, p)]
+        for k in kinds:
+            if k == 'base':
+                images, name = ((pairs['lr'], 'degraded LR itself') if f == 1 else
+                                (bicubic_upsample(pairs['lr'], f), 'bicubic (degraded LR)'))
+            else:
+                images, name = ((recs[n][1], "tokenizer decode of HR's tokens") if k == 'decode' else
+                                (outs[f], 'H-VAR generator (top-1)'))
+            rows.append(dict(score(f"x{f}: {name}", images, target, lpips_net, border, tok.config.patch), f=f, kind=k))
     return rows
 
 

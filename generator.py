@@ -54,10 +54,10 @@ from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
                    NextScaleGenerator, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig,
-                   config_from_settings, count_params, hvar_condition, param_groups, resize_image)
+                   config_from_settings, count_params, hvar_condition, param_groups)
 from losses import (PatchDiscriminator, discriminator_step, flat_tokens, generator_losses, hvar_losses,
                     msrq_tokens, vanilla_d_loss)
-from sr import hvar_super_resolve, output_scales, super_resolve, tiled_sr
+from sr import output_scales, super_resolve
 from prior import LoRAWeights, build_sr_prior
 
 # -----------------------------------------------------------------------------
@@ -314,15 +314,10 @@ METRICS = ('psnr_y', 'ssim_y', 'lpips', 'grid', 'color_err')
 scores = lambda sr, hr, border: {k: v for k, v in ev.evaluate(sr, hr, border, lpips_net, patch=patch).items()
                                  if k in METRICS}
 val_bic = ev.bicubic_upsample(val_lr)
-if hvar:  # per output factor f (x1, x2, x4): HR resized by f / 4; bicubic from the LR; the tokens' decode
+if hvar:  # per output factor f (x1, x2, x4): the LR itself / bicubic, and the decode of HR's tokens
     factors = output_scales(generator)
-    targets = {f: resize_image(val_hr, f / 4) for f in factors}
-    recs = ev.scale_decodes(tokenizer, val_hr, hvar_tokens, device)[0]
-    ref = {}
-    for f, (_, rec, _) in zip(factors, recs):
-        bic = val_lr if f == 1 else ev.bicubic_upsample(val_lr, f)
-        ref.update({f'x{f}_r_{k}': v for k, v in scores(rec, targets[f], f).items()})
-        ref.update({f'x{f}_bicubic_{k}': v for k, v in scores(bic, targets[f], f).items()})
+    ref = {f"x{r['f']}_{'bicubic' if r['kind'] == 'base' else 'r'}_{k}": r[k] for k in METRICS
+           for r in ev.hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device, kinds=('base', 'decode'))}
     ref.update({k[3:]: v for k, v in ref.items() if k.startswith('x4_')})  # r_*, bicubic_* at x4
     native = crop_size // 4
     val_crop_hr, val_crop_lr = val_hr[..., :crop_size, :crop_size], val_lr[..., :native, :native]
@@ -349,12 +344,9 @@ def evaluate_hvar(tag):
     """H-VAR: x1, x2, x4 of the degraded validation LR from one top-1 pass per tile (tiles of the
     native size, as sr.py), each scored against HR resized to its size next to bicubic; token
     accuracy per step and scale under teacher forcing on the top-left native crops."""
-    fn = lambda y: hvar_super_resolve(y, tokenizer, generator)
-    outs = tiled_sr(val_lr.to(device), fn, factors, tile=native, overlap=native // 4, batch_size=16, fixed_tile=True)
-    outs = [torch.from_numpy(o).permute(0, 3, 1, 2).float() / 255 for o in outs]  # (N, 3, f h, f w) each
-    out = {}
-    for f, sr in zip(factors, outs):
-        out.update({f'x{f}_{k}': v for k, v in scores(sr, targets[f], f).items()})
+    outs = ev.hvar_sr(val_lr, tokenizer, generator, device)                       # {f: (N, 3, f h, f w)}
+    out = {f"x{r['f']}_{k}": r[k] for r in ev.hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device,
+                                                              kinds=('sr',), outs=outs) for k in METRICS}
     out['lpips_vs_bicubic'] = out['x4_lpips'] / ref['bicubic_lpips']
     cls = torch.full((len(val_crop_hr),), CLASS_DEGRADED, device=device)
     _, parts, acc = hvar_losses(dict(config, dpo=True), tokenizer, generator, val_crop_hr.to(device),
@@ -362,7 +354,7 @@ def evaluate_hvar(tag):
     out.update(val_ce=float(parts['ce']), val_logp_gap=float(parts['logp_gap']), token_acc_mean=float(acc.mean()))
     out.update({f'token_acc_s{n + 1}': a for n, a in enumerate(scale_accuracy(acc))})
     out.update({f'token_acc_step{i + 1}': float(a) for i, a in enumerate(acc)})
-    rows = [F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6]] + [o[:6] for o in outs]
+    rows = [F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6]] + [outs[f][:6] for f in factors]
     save_grid(rows + [val_hr[:6]], os.path.join(out_dir, f'samples_{tag}.png'),
               ['LR (nearest)', 'bicubic'] + [f'H-VAR x{f} (top-1, nearest-upsampled)' for f in factors] + ['HR'])
     return out

@@ -3,7 +3,7 @@ Every training objective of the three stages, one function per loss, next to eac
 method adds its loss here and a setting that selects it in its stage script
 (docs/method.md has the equations; comments point to its sections).
 
-    1. Stage 1               group masking draws, frequency-matched (Haar low-pass) targets
+    1. Stage 1               group masking draws, frequency-matched (Haar low-pass) targets, edge loss
     2. GAN                   PatchDiscriminator, hinge and vanilla losses, adaptive weight, discriminator_step
     3. Stage 2, HiTokSR/TVQ  straight-through one-hot, generator_losses (CE + REPA + pixel terms)
     4. Stage 2, H-VAR        sequence log-likelihood, DPO, hvar_losses (CE + DPO under teacher forcing)
@@ -42,6 +42,15 @@ def frequency_targets(x, k, G):
             sel = k == kv
             target[sel] = lowpass(x[sel], G - kv)
     return target
+
+
+def gradient_l1(x, target):
+    """Edge loss: mean |D x - D target| over the horizontal and vertical neighbour differences
+    D (docs/method.md#edge-loss). An edge the target does not have, such as a seam where two
+    tokens' patches meet, costs here even when it barely moves the plain L1."""
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]                      # (B, 3, H, W-1)
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]                      # (B, 3, H-1, W)
+    return ((dx(x) - dx(target)).abs().mean() + (dy(x) - dy(target)).abs().mean()) / 2
 
 
 # -----------------------------------------------------------------------------

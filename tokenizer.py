@@ -36,7 +36,7 @@ from degradation import DegradeConfig
 from model import (Tokenizer, TokenizerConfig, config_from_settings, count_params, param_groups, resize_image,
                    step_usage, usage_stats)
 from losses import (PatchDiscriminator, adaptive_gan_weight, discriminator_step, frequency_targets,
-                    g_loss_hinge, hinge_d_loss, sample_active_groups)
+                    g_loss_hinge, gradient_l1, hinge_d_loss, sample_active_groups)
 from wavelets import lowpass  # prefix-decode targets at eval
 
 # -----------------------------------------------------------------------------
@@ -105,6 +105,7 @@ down_weight = 1.0         # mean (D_down(F_down) - x_down)^2, the structure auto
 l1_weight = 1.0
 l2_weight = 0.0           # H-VAR's hierarchical fine-tuning: l2 1, LPIPS 5, l1 0
 lpips_weight = 1.0
+grad_weight = 0.0         # edge loss: L1 of the neighbour differences (losses.gradient_l1; README "Image quality")
 gan_weight = 0.8          # hinge GAN weight
 adaptive_gan = False      # VQGAN's adaptive GAN weight (gradient-norm ratio at the decoder's last layer)
 commit_weight = 1.0
@@ -361,18 +362,19 @@ while True:
                 n = len(pairs)                                   # each loss: the mean over the pairs
                 l1 = sum((d.float() - t).abs().mean() for d, t in pairs) / n
                 l2 = sum((d.float() - t).pow(2).mean() for d, t in pairs) / n
+                edge = sum(gradient_l1(d.float(), t) for d, t in pairs) / n if grad_weight > 0 else l1 * 0
                 lp = (sum(ev.lpips_dist(lpips_net, d.float(), t).mean() for d, t in pairs) / n if lpips_weight > 0
                       else l1 * 0)
                 xrec, target = pairs[-1]                         # full size: the GAN's pair
                 g = g_loss_hinge(disc(xrec)) if gan_on else l1 * 0
-                rec_loss = l1_weight * l1 + l2_weight * l2 + lpips_weight * lp
+                rec_loss = l1_weight * l1 + l2_weight * l2 + lpips_weight * lp + grad_weight * edge
                 g_scale = adaptive_gan_weight(rec_loss, g, model.last_layer) if gan_on and adaptive_gan else 1.0
                 loss = (rec_loss + commit_weight * commit + gan_weight * g_scale * g
                         + align_weight * align + down_weight * down)
             (loss / grad_accum).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    stop_if_diverged(step, log, grad_norm, loss=loss, l1=l1, l2=l2, lpips=lp, commit=commit, g=g, align=align,
-                     down=down)
+    stop_if_diverged(step, log, grad_norm, loss=loss, l1=l1, l2=l2, edge=edge, lpips=lp, commit=commit, g=g,
+                     align=align, down=down)
     optimizer.step()
     if ema is not None:  # ema <- decay * ema + (1 - decay) * weights; buffers (code hits) copied
         with torch.no_grad():
@@ -388,7 +390,7 @@ while True:
     imgs_since_log += B * grad_accum * world
     if step % log_interval == 0:
         dt = time.time() - t_log
-        parts = mean_items(dict(loss=loss, l1=l1, l2=l2, lpips=lp, commit=commit, g=g, d=d,
+        parts = mean_items(dict(loss=loss, l1=l1, l2=l2, edge=edge, lpips=lp, commit=commit, g=g, d=d,
                                 **(dict(align=align, down=down) if tvq else {})))  # DDP: of all ranks
         history['train'].append(dict(step=step, **parts, rate=rate))
         log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import SMALL_TOK
-from losses import frequency_targets
+from losses import frequency_targets, gradient_l1
 
 ROOT = Path(__file__).resolve().parents[1]
 # A model small enough for seconds per run on 2 cores; every code path of the loop stays on
-# (group masking, DWT targets, LPIPS, GAN from step 2, data init, dead-code restart).
+# (group masking, DWT targets, LPIPS, edge loss, GAN from step 2, data init, dead-code restart).
 TINY = ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', *SMALL_TOK,
-        '--codebook_size=16', '--max_minutes=0', '--eval_interval=1000',
+        '--codebook_size=16', '--grad_weight=0.5', '--max_minutes=0', '--eval_interval=1000',
         '--log_interval=1', '--gan_start=2', '--warmup_iters=2', '--p_full=0.5', '--decay_iters=6']
 
 
@@ -43,6 +43,27 @@ def test_frequency_target_is_lowpass_at_level_G_minus_k():
     for b in range(5):
         ref = x[b] if k[b] == G else naive_block_mean(x[b], G - int(k[b]))
         torch.testing.assert_close(t[b], ref, rtol=0, atol=1e-12)
+
+
+def test_edge_loss_charges_a_seam_and_not_a_smooth_offset():
+    target = torch.rand(2, 3, 16, 24, dtype=torch.float64)
+    # a constant offset keeps the target's neighbour differences (no loss); a ramp costs its slope
+    ramp = torch.linspace(0, 0.3, 24, dtype=torch.float64)
+    assert gradient_l1(target + 0.2, target) == pytest.approx(0, abs=1e-12)
+    assert gradient_l1(target + ramp, target) == pytest.approx(0.3 / 23 / 2, rel=1e-9)  # constant slope
+    # a seam of height d at every 8th column: per row d at 2 of the 23 horizontal differences
+    d = 0.1
+    seams = target + d * (torch.arange(24) // 8).to(torch.float64)
+    assert gradient_l1(seams, target) == pytest.approx(d * 2 / 23 / 2, rel=1e-9)
+    # against a loop over every neighbour pair
+    x = torch.rand_like(target)
+    ref = []
+    for axis in (-1, -2):
+        n = x.shape[axis] - 1
+        diffs = [((x.narrow(axis, i + 1, 1) - x.narrow(axis, i, 1))
+                  - (target.narrow(axis, i + 1, 1) - target.narrow(axis, i, 1))).abs() for i in range(n)]
+        ref.append(torch.cat(diffs, axis).mean())
+    assert gradient_l1(x, target) == pytest.approx(float(sum(ref) / 2), rel=1e-12)
 
 
 @pytest.mark.parametrize('arg, words', [
