@@ -16,9 +16,9 @@ for the same time on it, all scored on the same validation pairs.
 | hrq            | msrq for (1 - hrq_finetune) of the time, then its hierarchical fine-tuning | generator_hvar_tiny |
 | tvq            | tokenizer_tvq_tiny: 1 x 1024 texture codes + structure map, L1 + LPIPS | generator_tvq_tiny |
 
-Every tokenizer has the encoder, decoder (overlapping output patches), latent width 32 and loss
-(L1 + LPIPS, GAN off) of config/tokenizer_tiny.py; the texture VQ adds its structure branch and its
-two losses. Each run is an ordinary stage-script run with its own out_dir under out_dir/KIND/ (log,
+Every tokenizer has the encoder, decoder (overlapping output patches) and latent width 32 of
+config/tokenizer_tiny.py and trains on 128-px crops, batch 8, with L1 + LPIPS (GAN off; SAME below);
+the texture VQ adds its structure branch and its two losses. Each run is an ordinary stage-script run with its own out_dir under out_dir/KIND/ (log,
 PNGs, checkpoint, summary.json) and its console output in out_dir/KIND/NAME.out. A run whose
 summary.json exists and whose command is unchanged is not run again, so a killed ablate.py continues
 where it stopped (an unfinished run restarts from scratch). At the end the chains are scored by
@@ -52,12 +52,15 @@ val_dir = 'assets/val_pairs'
 config = configure(globals())
 
 TINY = 'config/tokenizer_tiny.py'
+# the recipe every kind shares (128-px crops, batch 8, L1 + LPIPS, as the other kinds' configs set it);
+# config/tokenizer_tiny.py itself trains on 64-px crops with an edge loss (README "Image quality")
+SAME = ['--crop_size=128', '--batch_size=8', '--grad_weight=0']
 KINDS = {  # kind -> (table label, tokenizer phases [(config, args)], generator (config, args))
-    'vq': ('vanilla VQ, 1 x 1024 codes', [(TINY, ['--groups=1', '--codebook_size=1024'])],
+    'vq': ('vanilla VQ, 1 x 1024 codes', [(TINY, [*SAME, '--groups=1', '--codebook_size=1024'])],
            ('config/generator_tiny.py', [])),
-    'grouped': ('grouped VQ (HiTokSR), 4 x 256 codes, masking + DWT targets', [(TINY, [])],
+    'grouped': ('grouped VQ (HiTokSR), 4 x 256 codes, masking + DWT targets', [(TINY, SAME)],
                 ('config/generator_tiny.py', [])),
-    'grouped_nomask': ('grouped VQ, 4 x 256 codes, no masking', [(TINY, ['--group_masking=False',
+    'grouped_nomask': ('grouped VQ, 4 x 256 codes, no masking', [(TINY, [*SAME, '--group_masking=False',
                                                                          '--dwt_targets=False'])],
                        ('config/generator_tiny.py', [])),
     'msrq': ('multi-scale RQ, 1 x 4096 codes, 10 steps', [('config/tokenizer_hrq_tiny.py', [])],
