@@ -9,6 +9,7 @@ fixed validation pairs. Library and script:
 import fnmatch
 import glob
 import json
+import math
 import os
 import time
 import warnings
@@ -19,7 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from common import save_png, write_json
-from degradation import DegradeConfig, bicubic_downsample, degrade, quantize_8bit
+from degradation import RGB_TO_YCC, DegradeConfig, bicubic_downsample, degrade, quantize_8bit
 
 _IMG_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.gif')
 
@@ -116,16 +117,28 @@ def prepare_images(src_paths, dst_dir, downscale=2):
 # training pairs
 
 
+def hue_matrix(angle):
+    """(3, 3) RGB -> RGB map that rotates the chroma (Cb, Cr) of JFIF YCbCr by `angle` radians and
+    keeps the luma: a new hue at the same brightness and saturation (before clamping to [0, 1])."""
+    c, s = math.cos(angle), math.sin(angle)
+    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+    return torch.linalg.inv(RGB_TO_YCC) @ rot @ RGB_TO_YCC
+
+
 class PairSampler:
     """Random HR crops (+ horizontal flip, as x4plus: use_hflip True, use_rot False) from every
-    image of a folder, degraded on `device`. One CPU torch.Generator drives crops, flips and the
-    degradation, so state_dict()/load_state_dict() resume the exact batch sequence."""
+    image of a folder, degraded on `device`. With hue_prob > 0 a crop gets a random hue with that
+    probability (hue_matrix, angle ~ U(-pi, pi)): a few dozen photos hold few of the colours a
+    codebook must learn (README "Image quality"). One CPU torch.Generator drives crops, flips, hues
+    and the degradation, so state_dict()/load_state_dict() resume the exact batch sequence."""
 
-    def __init__(self, image_dir, crop, batch_size, seed=0, device='cpu', deg_cfg=None):
+    def __init__(self, image_dir, crop, batch_size, seed=0, device='cpu', deg_cfg=None, hue_prob=0.0):
         self.cfg = deg_cfg or DegradeConfig()
         if crop % self.cfg.scale:
             raise ValueError(f"PairSampler: crop={crop} must be a multiple of scale={self.cfg.scale}")
-        self.crop, self.batch_size, self.device = crop, batch_size, device
+        if not 0 <= hue_prob <= 1:
+            raise ValueError(f"PairSampler: hue_prob={hue_prob} must be in [0, 1]")
+        self.crop, self.batch_size, self.device, self.hue_prob = crop, batch_size, device, hue_prob
         self.images, self.names = [], []  # uint8 (3, H, W) each, loaded once
         for path in list_images(image_dir):
             try:
@@ -145,14 +158,19 @@ class PairSampler:
 
     def next(self):
         c, g = self.crop, self.gen
-        crops = []
+        crops, hues = [], []
         for i in torch.randint(len(self.images), (self.batch_size,), generator=g).tolist():
             img = self.images[i]
             top = int(torch.randint(img.shape[1] - c + 1, (1,), generator=g))
             left = int(torch.randint(img.shape[2] - c + 1, (1,), generator=g))
             x = img[:, top:top + c, left:left + c]
             crops.append(x.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else x)
+            if self.hue_prob > 0:  # no draws when off: the batches of hue_prob=0 stay those of before
+                u = torch.rand(2, generator=g).tolist()
+                hues.append(hue_matrix(math.pi * (2 * u[1] - 1)) if u[0] < self.hue_prob else torch.eye(3))
         hr = torch.stack(crops).to(self.device).float() / 255.0  # (B, 3, crop, crop)
+        if hues:
+            hr = torch.einsum('bij,bjhw->bihw', torch.stack(hues).to(hr.device), hr).clamp(0, 1)
         return degrade(hr, self.cfg, g)
 
     __next__ = next

@@ -318,7 +318,7 @@ def dct_matrix(device=None, dtype=torch.float32):
 
 
 # JFIF colour conversion of libjpeg (jccolor.c, jdcolor.c) on 0..255 samples; Cb, Cr centred on 0
-_RGB_TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+RGB_TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 _CBCR_TO_RGB = torch.tensor([[0.0, 1.402], [-0.344136, -0.714136], [1.772, 0.0]])
 
 
@@ -351,7 +351,7 @@ def jpeg_torch(x, quality):
     rgb = x.float().clamp(0, 1).mul_(255).round_()                        # 8-bit samples
     if H % 16 or W % 16:
         rgb = F.pad(rgb, (0, -W % 16, 0, -H % 16), mode='replicate')      # (B, 3, H16, W16)
-    m = _RGB_TO_YCC.to(rgb)
+    m = RGB_TO_YCC.to(rgb)
     ycc = (m @ rgb.flatten(2)).view(rgb.shape).round_()                  # (B, 3, H16, W16)
     y = _code_blocks(ycc[:, :1].sub_(128), t_luma).round_().clamp_(-128, 127)  # Y - 128; Cb, Cr are centred
     c = F.avg_pool2d(ycc[:, 1:], 2).round_()                              # (B, 2, H16/2, W16/2)

@@ -79,6 +79,7 @@ val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 
 crop_size = 256           # HR training crop side, a multiple of patch (LR crop = crop_size / 4)
 batch_size = 8            # per process (DDP: each of the N ranks draws its own batch)
 grad_accum = 1            # micro-batches per optimizer step (images per step = batch_size * grad_accum * N)
+hue_aug = 0.0             # P(a training crop gets a random hue), data.PairSampler (README "Image quality")
 degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic' (clean LR, easier)
 jpeg_impl = 'torch'       # its JPEG (docs/method.md#jpeg): 'torch' (batched, on the device) | 'pil' (libjpeg)
 # model: the fields of model.GeneratorConfig (docs/method.md#generator); groups, codebook_size
@@ -236,7 +237,7 @@ del tok
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
 try:
     sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed_r, device=device,
-                               deg_cfg=DegradeConfig(mode=degradation, jpeg_impl=jpeg_impl))
+                               deg_cfg=DegradeConfig(mode=degradation, jpeg_impl=jpeg_impl), hue_prob=hue_aug)
     val = data.load_val_pairs(val_dir)
 except ValueError as e:  # a missing or incomplete folder
     fail(f"generator.py: {e}")

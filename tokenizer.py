@@ -56,6 +56,7 @@ val_dir = 'assets/val_pairs'        # HR crops of the fixed validation pairs
 crop_size = 256           # HR training crop side, a multiple of patch
 batch_size = 8            # per process (DDP: each of the N ranks draws its own batch)
 grad_accum = 1            # micro-batches per optimizer step (images per step = batch_size * grad_accum * N)
+hue_aug = 0.0             # P(a training crop gets a random hue), data.PairSampler (README "Image quality")
 # model: the fields of model.TokenizerConfig, paper sizes (docs/method.md#grouped-vq)
 patch = 16                # HR pixels per token side
 latent_dim = 32           # C
@@ -191,7 +192,7 @@ log = Logger(out_dir, config, notes) if master else (lambda msg: None)
 # data: HR crops only (the tokenizer never sees LR images)
 try:
     sampler = data.PairSampler(train_dir, crop_size, batch_size, seed=seed_r, device=device,
-                               deg_cfg=DegradeConfig(mode='none'))
+                               deg_cfg=DegradeConfig(mode='none'), hue_prob=hue_aug)
     val = data.load_val_pairs(val_dir)
 except ValueError as e:  # a missing or incomplete folder
     fail(f"tokenizer.py: {e}")

@@ -353,7 +353,7 @@ def test_pair_sampler_shapes_and_skips(tmp_path):
 def test_pair_sampler_resume_is_exact(tmp_path):
     write_png(tmp_path / 'a.png', 72, 80, seed=1)
     write_png(tmp_path / 'b.png', 96, 64, seed=2)
-    make = lambda: data.PairSampler(str(tmp_path), crop=32, batch_size=2, seed=7)
+    make = lambda: data.PairSampler(str(tmp_path), crop=32, batch_size=2, seed=7, hue_prob=0.5)
     A = make()
     batches = [A.next() for _ in range(5)]
     B = make()
@@ -366,6 +366,46 @@ def test_pair_sampler_resume_is_exact(tmp_path):
         got = C.next()
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert not torch.equal(batches[0][0], batches[1][0])
+
+
+def jfif_ycbcr(rgb):
+    """JFIF YCbCr written out (Cb, Cr centred on 0): rgb (..., 3) -> y, cb, cr."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return (0.299 * r + 0.587 * g + 0.114 * b, -0.168736 * r - 0.331264 * g + 0.5 * b,
+            0.5 * r - 0.418688 * g - 0.081312 * b)
+
+
+def test_hue_matrix_rotates_chroma_and_keeps_luma():
+    rgb = torch.rand(500, 3, dtype=torch.float64)
+    y0, cb0, cr0 = jfif_ycbcr(rgb)
+    for angle in (0.0, 0.7, -2.5, math.pi):
+        y, cb, cr = jfif_ycbcr(rgb @ data.hue_matrix(angle).double().t())
+        c, s = math.cos(angle), math.sin(angle)
+        torch.testing.assert_close(y, y0, rtol=0, atol=1e-6)
+        torch.testing.assert_close(cb, c * cb0 - s * cr0, rtol=0, atol=1e-6)
+        torch.testing.assert_close(cr, s * cb0 + c * cr0, rtol=0, atol=1e-6)
+
+
+def test_pair_sampler_hue_augmentation(tmp_path):
+    colour = (128, 102, 77)  # stays inside [0, 255] under every hue rotation
+    Image.new('RGB', (48, 40), colour).save(tmp_path / 'flat.png')
+    flat = torch.tensor(colour, dtype=torch.float64) / 255
+    y0, cb0, cr0 = jfif_ycbcr(flat)
+    none = DegradeConfig(mode='none')
+    hr, _ = data.PairSampler(str(tmp_path), crop=32, batch_size=64, seed=0, deg_cfg=none, hue_prob=0.5).next()
+    px = hr[:, :, 0, 0].double()                                           # (B, 3): crops are flat
+    y, cb, cr = jfif_ycbcr(px)
+    torch.testing.assert_close(y, y0.expand(64), rtol=0, atol=1e-5)        # luma kept
+    torch.testing.assert_close(cb.hypot(cr), torch.hypot(cb0, cr0).expand(64), rtol=0, atol=1e-5)
+    changed = (px - flat).abs().amax(1) > 1e-3
+    assert 16 < int(changed.sum()) < 48                                    # about half rotated
+    assert torch.equal(hr, hr[:, :, :1, :1].expand_as(hr))                 # one colour per crop
+    # off: the sampler draws exactly the batches of a sampler without the setting
+    a = data.PairSampler(str(tmp_path), crop=32, batch_size=4, seed=1, deg_cfg=none).next()[0]
+    b = data.PairSampler(str(tmp_path), crop=32, batch_size=4, seed=1, deg_cfg=none, hue_prob=0.0).next()[0]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match='hue_prob=1.5'):
+        data.PairSampler(str(tmp_path), crop=32, batch_size=4, hue_prob=1.5)
 
 
 def test_val_pairs_deterministic_and_idempotent(tmp_path):
