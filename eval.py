@@ -360,14 +360,16 @@ def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', kin
 
 
 @torch.no_grad()
-def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='cpu', compare_ckpt=''):
+def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='cpu', compare_ckpt='',
+               color_fix=0.0):
     """Rows for a checkpoint chain on the degraded validation pairs: bicubic, the tokenizer's
     reconstruction of HR (an upper bound for any SR through this decoder), stage 2 (generator +
     stage-1 decoder) and, with decoder_ckpt, stage 3 (the fine-tuned decoder). Top-1 tokens.
     An H-VAR chain gives its rows per output scale (hvar_chain_rows); compare_ckpt adds the x4
-    row of another chain (e.g. HiTokSR's stage 2 next to H-VAR)."""
+    row of another chain (e.g. HiTokSR's stage 2 next to H-VAR). color_fix > 0 adds the last stage
+    again after sr.fix_colors with that sigma in LR pixels (HiTokSR and texture-VQ chains)."""
     from model import NextScaleGenerator
-    from sr import load_sr_chain, super_resolve
+    from sr import fix_colors, load_sr_chain, super_resolve
     tok, gen, prior = load_sr_chain(gen_ckpt, device)
     if isinstance(gen, NextScaleGenerator):
         if decoder_ckpt:
@@ -382,17 +384,20 @@ def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='
     outs = [super_resolve(y, tok, gen, prior, True) for y in batches(pairs['lr'])]  # top-1 (b, G, h, w)
     idx = [q for _, q in outs]
     p = tok.config.patch  # the grid score looks for this tokenizer's patch grid
+    sr = images(sr for sr, _ in outs)
     rows = [score('bicubic (degraded LR)', bicubic_upsample(pairs['lr']), pairs, lpips_net, crop_border, p),
             score('stage 1: tokenizer reconstruction of HR', images(tok(x)[0] for x in batches(pairs['hr'])),
                   pairs, lpips_net, crop_border, p),
-            score('stage 2: generator + stage-1 decoder', images(sr for sr, _ in outs), pairs, lpips_net,
-                  crop_border, p)]
+            score('stage 2: generator + stage-1 decoder', sr, pairs, lpips_net, crop_border, p)]
     if decoder_ckpt and tok.config.quantizer == 'tvq':
         raise ValueError(f"--decoder_ckpt: {gen_ckpt} is a texture-VQ chain, which has no stage 3")
     if decoder_ckpt:
         tok3, _, _ = load_sr_chain(gen_ckpt, device, decoder_ckpt)
-        rows.append(score('stage 3: generator + fine-tuned decoder', images(tok3.decode_indices(q) for q in idx),
-                          pairs, lpips_net, crop_border, p))
+        sr = images(tok3.decode_indices(q) for q in idx)
+        rows.append(score('stage 3: generator + fine-tuned decoder', sr, pairs, lpips_net, crop_border, p))
+    if color_fix > 0:
+        rows.append(score(f"{rows[-1]['name']} + colour correction ({color_fix:g} LR px)",
+                          fix_colors(sr, pairs['lr'], color_fix * gen.config.scale), pairs, lpips_net, crop_border, p))
     return rows
 
 
@@ -433,6 +438,7 @@ if __name__ == '__main__':
     gen_ckpt = 'out/generator/ckpt.pt'  # sr='chain': the stage-2 checkpoint (it records its tokenizer)
     decoder_ckpt = ''              # sr='chain': a stage-3 checkpoint adds its row ('' = none)
     compare_ckpt = ''              # sr='chain' on an H-VAR chain: another chain's x4 row next to it (e.g. HiTokSR's)
+    color_fix = 2.0                # sr='chain': the last stage again with sr.py's colour correction (0 = no such row)
     tok_ckpt = 'out/tokenizer_hrq/ckpt.pt'  # sr='scales': a multi-scale RQ tokenizer checkpoint
     tokenization = 'hierarchical'  # sr='scales': 'hierarchical' (Algorithm 1) | 'plain' | 'both'
     val_dir = 'assets/val_pairs'   # made by `python data.py`
@@ -463,7 +469,7 @@ if __name__ == '__main__':
     if sr == 'chain':
         name = name or 'chain'
         try:
-            rows = chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border, device, compare_ckpt)
+            rows = chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border, device, compare_ckpt, color_fix)
         except (FileNotFoundError, ValueError) as err:
             fail(f"eval.py: {err}")
         print_table(rows)

@@ -23,6 +23,7 @@ Grayscale, palette, RGBA (composited on white) and 16-bit inputs are converted t
 data.load_image; an unreadable file is reported and skipped, the others are still processed (exit
 code 1 if any failed).
 """
+import math
 import os
 import sys
 import time
@@ -118,6 +119,32 @@ def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
     idx = logits.argmax(-1)  # (B, G, h', w')
     sr = tokenizer.decode_indices(idx, f_l=f_l).float().clamp(0, 1)
     return (sr, idx) if return_indices else sr
+
+
+def gaussian_blur(x, sigma):
+    """Separable Gaussian low-pass of x (B, C, H, W), kernel radius ceil(3 sigma), reflect padding
+    (replicate where the image is too small to reflect)."""
+    r = max(1, math.ceil(3 * sigma))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / sigma) ** 2)
+    k = (k / k.sum()).to(x.device, x.dtype)
+    C = x.shape[1]
+    mode = 'reflect' if min(x.shape[-2:]) > r else 'replicate'
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode=mode), k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode=mode), k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+def fix_colors(sr, lr, sigma):
+    """Colour correction from the LR (docs/method.md#colour-correction): sr (B, 3, H, W) keeps its
+    luma and the fine detail of its chroma, the chroma's low frequencies (Gaussian, sigma in sr's
+    pixels) come from lr (B, 3, h, w) upsampled bicubically to sr's size. JFIF YCbCr; [0, 1]."""
+    from degradation import RGB_TO_YCC
+    m = RGB_TO_YCC.to(sr.device)
+    to_ycc = lambda x: torch.einsum('ij,bjhw->bihw', m, x.float())
+    up = F.interpolate(lr.float(), size=sr.shape[-2:], mode='bicubic', align_corners=False).clamp(0, 1)
+    ycc, chroma_lr = to_ycc(sr), to_ycc(up)[:, 1:]
+    chroma = ycc[:, 1:] - gaussian_blur(ycc[:, 1:], sigma) + gaussian_blur(chroma_lr, sigma)
+    ycc = torch.cat([ycc[:, :1], chroma], 1)
+    return torch.einsum('ij,bjhw->bihw', torch.linalg.inv(m), ycc).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -335,6 +362,7 @@ if __name__ == '__main__':
     input_class = 0                         # 0 degraded LR, 1 bilinear-only LR (light correction), 2 null
     kv_cache = True
     seed = 0                                # of the sampling (top_k != 1)
+    color_fix = 2.0                         # > 0: the LR's low-frequency chroma, Gaussian sigma in LR px (fix_colors)
     config = configure(globals())
     # -----------------------------------------------------------------------------
     if not input:
@@ -343,6 +371,8 @@ if __name__ == '__main__':
         fail(f"sr.py: tile={tile}, overlap={overlap}: need tile >= 0 (0 = whole image) and 0 <= overlap < tile")
     if batch_size < 1:
         fail(f"sr.py: batch_size={batch_size} must be >= 1")
+    if color_fix < 0:
+        fail(f"sr.py: color_fix={color_fix} must be >= 0 (0 = off; a Gaussian sigma in LR pixels)")
     if not os.path.exists(input):
         fail(f"sr.py: input '{input}' does not exist")
     paths = data.list_images(input) if os.path.isdir(input) else [input]
@@ -382,7 +412,8 @@ if __name__ == '__main__':
         with ctx:
             out = chain(lr)
         out = out if hvar else [out]
-        return [out[all_scales.index(s)] for s in scales]
+        out = [out[all_scales.index(s)] for s in scales]
+        return [fix_colors(o, lr, color_fix * s) for o, s in zip(out, scales)] if color_fix > 0 else out
 
     os.makedirs(out_dir, exist_ok=True)
     failed = []

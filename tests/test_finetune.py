@@ -11,7 +11,7 @@ import data
 import eval as ev
 from conftest import generator_args, tokenizer_args
 from model import Generator, GeneratorConfig, Tokenizer, TokenizerConfig, sample_topk
-from sr import load_sr_chain, super_resolve
+from sr import fix_colors, load_sr_chain, super_resolve
 
 # ----------------------------------------------------------------------------- top-K sampling
 
@@ -118,12 +118,17 @@ def test_smoke_exact_resume_frozen_mode_and_chain(tiny, tiny_val, tiny_gen, run_
     pairs = data.load_val_pairs(str(tiny_val))
     m = ev.evaluate(super_resolve(pairs['lr'], tok, g, prior), pairs['hr'], crop_border=4, lpips_net=False)
     assert abs(m['psnr_y'] - a['metrics']['psnr_y']) < 1e-6
-    # eval.py on the chain: bicubic, tokenizer reconstruction, stage 2 and stage 3 in one table
+    # eval.py on the chain: bicubic, tokenizer reconstruction, stage 2, stage 3 (+ colour correction) in one table
     js = tmp_path / 'chain.json'
     out = run_script('eval.py', ['--sr=chain', f'--gen_ckpt={tiny_gen}', f'--decoder_ckpt={straight / "ckpt.pt"}',
                                  f'--val_dir={tiny_val}', f'--out_json={js}']).stdout
     rows = json.loads(js.read_text())['rows']
-    assert [r['name'][:7] for r in rows] == ['bicubic', 'stage 1', 'stage 2', 'stage 3'] and '| stage 3' in out
+    assert [r['name'][:7] for r in rows] == ['bicubic', 'stage 1', 'stage 2', 'stage 3', 'stage 3']
+    assert '| stage 3' in out
+    # the last row: sr.py's colour correction (default 2 LR pixels) of the stage-3 images
+    fixed = fix_colors(super_resolve(pairs['lr'], tok, g, prior), pairs['lr'], 2 * 4)
+    assert rows[4]['name'].endswith('+ colour correction (2 LR px)')
+    assert rows[4]['psnr_y'] == pytest.approx(ev.evaluate(fixed, pairs['hr'], 4, lpips_net=False)['psnr_y'], abs=1e-9)
     summ = json.loads((straight / 'summary.json').read_text())
     for r, key in ((rows[0], 'bicubic'), (rows[2], 'stage2')):
         assert r['psnr_y'] == pytest.approx(summ[f'{key}_psnr_y'], abs=1e-9)

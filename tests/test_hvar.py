@@ -267,7 +267,8 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
     # sr.py --scales on a folder: NAME_x1 / x2 / x4, equal to the chain's own pass on these 64 px LR
     # images (tiles of the native 32 px, as the run's evaluation)
     ckpt, sr_out = tmp_path / 'straight' / 'ckpt.pt', tmp_path / 'sr'
-    p = run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={ckpt}', f'--out_dir={sr_out}', '--scales=1,2,4'])
+    p = run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={ckpt}', f'--out_dir={sr_out}', '--scales=1,2,4',
+                             '--color_fix=0'])
     pairs = data.load_val_pairs(str(tiny_val))
     tok, gen, _ = load_sr_chain(ckpt)
     ref = tiled_sr(pairs['lr'], lambda y: hvar_super_resolve(y, tok, gen), (1, 2, 4), tile=32, overlap=8,

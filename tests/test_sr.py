@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import to_uint8
 from sr import load_sr_chain, sr_function, super_resolve
-from sr import _ramp, _starts, output_names, runs, tile_warning, tiled_sr
+from sr import _ramp, _starts, fix_colors, gaussian_blur, output_names, runs, tile_warning, tiled_sr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,6 +245,45 @@ def test_sr_script_batches_equal_sizes_like_single_images(tiny_gen, run_script, 
                     for n in [f'crop{i}' for i in range(5)] + ['small']]
     for one, batched in zip(outs[1], outs[4]):
         assert one.shape == batched.shape and np.abs(one - batched).mean() < 0.5
+
+
+def test_gaussian_blur_against_a_direct_2d_convolution():
+    x = torch.rand(2, 3, 20, 17, dtype=torch.float64)
+    sigma = 1.3
+    r = 4                                                        # ceil(3 sigma)
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k2 = np.outer(g, g) / g.sum() ** 2
+    pad = np.pad(x.numpy(), ((0, 0), (0, 0), (r, r), (r, r)), mode='reflect')
+    ref = np.zeros_like(x.numpy())
+    for i in range(20):
+        for j in range(17):
+            ref[:, :, i, j] = (pad[:, :, i:i + 2 * r + 1, j:j + 2 * r + 1] * k2).sum((-2, -1))
+    np.testing.assert_allclose(gaussian_blur(x, sigma).numpy(), ref, rtol=0, atol=1e-12)
+
+
+def jfif(x):
+    """(B, 3, H, W) RGB -> Y, Cb, Cr (centred), the JFIF formulas written out."""
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    return (0.299 * r + 0.587 * g + 0.114 * b, -0.168736 * r - 0.331264 * g + 0.5 * b,
+            0.5 * r - 0.418688 * g - 0.081312 * b)
+
+
+def test_colour_correction_takes_the_coarse_chroma_from_the_lr():
+    torch.manual_seed(0)
+    lr = 0.3 + 0.4 * torch.rand(2, 3, 16, 16)                     # mid-range: nothing clamps below
+    up = F.interpolate(lr, scale_factor=4, mode='bicubic', align_corners=False).clamp(0, 1)
+    # an output with the LR's colours is left as it is
+    torch.testing.assert_close(fix_colors(up, lr, 8.0), up, rtol=0, atol=1e-5)
+    # a tint (a constant chroma offset) and fine chroma detail: the tint goes, the detail and the luma stay
+    y, cb, cr = jfif(up)
+    detail = 0.01 * torch.randn(2, 1, 64, 64)
+    shift = lambda dcb, dcr: torch.stack([1.402 * dcr, -0.344136 * dcb - 0.714136 * dcr, 1.772 * dcb], 1)[:, :, 0]
+    tinted = up + shift(0.05 + detail, -0.04 + 0 * detail)        # RGB change of (dCb, dCr), luma kept
+    out = fix_colors(tinted, lr, 8.0)
+    y2, cb2, cr2 = jfif(out)
+    torch.testing.assert_close(y2, y, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cb2 - cb, (detail - gaussian_blur(detail, 8.0))[:, 0], rtol=0, atol=1e-5)  # no tint
+    torch.testing.assert_close(cr2, cr, rtol=0, atol=1e-5)
 
 
 def test_output_names_never_collide():

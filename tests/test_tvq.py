@@ -185,11 +185,12 @@ def test_generator_exact_resume_and_the_chain(check_exact_resume, run_script, tv
     assert isinstance(g, TextureGenerator) and prior is None
     pairs = data.load_val_pairs(str(tiny_val))
     ref = (super_resolve(pairs['lr'], tok, g) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={ckpt}', f'--out_dir={tmp_path / "whole"}', '--tile=0'])
+    run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={ckpt}', f'--out_dir={tmp_path / "whole"}', '--tile=0',
+                         '--color_fix=0'])
     for i, name in enumerate(pairs['names']):  # one pass over the whole image: exactly the chain's output
         img = (data.load_image(str(tmp_path / 'whole' / f'{name}_x4.png')) * 255).round().byte().permute(1, 2, 0)
         assert np.array_equal(img.numpy(), ref[i])
-    p = run_script('eval.py', ['--sr=chain', f'--gen_ckpt={ckpt}', f'--val_dir={tiny_val}',
+    p = run_script('eval.py', ['--sr=chain', f'--gen_ckpt={ckpt}', f'--val_dir={tiny_val}', '--color_fix=0',
                                f'--out_json={tmp_path / "eval.json"}'])
     assert 'stage 2: generator + stage-1 decoder' in p.stdout
     assert abs(float(p.stdout.split('lpips: ')[1].split()[0]) - a['metrics']['lpips']) < 1e-3
