@@ -17,9 +17,9 @@ for the same time on it, all scored on the same validation pairs.
 | tvq            | tokenizer_tvq_tiny: 1 x 1024 texture codes + structure map, L1 + LPIPS | generator_tvq_tiny |
 
 Every tokenizer has the encoder, decoder (overlapping output patches) and latent width 32 of
-config/tokenizer_tiny.py and trains on 128-px crops, batch 8, with L1 + LPIPS (GAN off; SAME below);
-the texture VQ adds its structure branch and its two losses. Each run is an ordinary stage-script run with its own out_dir under out_dir/KIND/ (log,
-PNGs, checkpoint, summary.json) and its console output in out_dir/KIND/NAME.out. A run whose
+config/tokenizer_tiny.py and trains on 128-px crops, batch 8, no hue augmentation, with L1 + LPIPS
+(GAN off; SAME below); the texture VQ adds its structure branch and its two losses. Each run is an
+ordinary stage-script run with its own out_dir under out_dir/KIND/ (log, PNGs, checkpoint, summary.json) and its console output in out_dir/KIND/NAME.out. A run whose
 summary.json exists and whose command is unchanged is not run again, so a killed ablate.py continues
 where it stopped (an unfinished run restarts from scratch). At the end the chains are scored by
 eval.chain_rows (top-1 tokens, the last row: 4x SR) and the table is written to out_dir/table.md
@@ -53,8 +53,8 @@ config = configure(globals())
 
 TINY = 'config/tokenizer_tiny.py'
 # the recipe every kind shares (128-px crops, batch 8, L1 + LPIPS, as the other kinds' configs set it);
-# config/tokenizer_tiny.py itself trains on 64-px crops with an edge loss (README "Image quality")
-SAME = ['--crop_size=128', '--batch_size=8', '--grad_weight=0']
+# config/tokenizer_tiny.py itself trains on 64-px crops with random hues (README "Image quality")
+SAME = ['--crop_size=128', '--batch_size=8', '--hue_aug=0', '--grad_weight=0']
 KINDS = {  # kind -> (table label, tokenizer phases [(config, args)], generator (config, args))
     'vq': ('vanilla VQ, 1 x 1024 codes', [(TINY, [*SAME, '--groups=1', '--codebook_size=1024'])],
            ('config/generator_tiny.py', [])),
