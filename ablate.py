@@ -19,11 +19,12 @@ for the same time on it, all scored on the same validation pairs.
 Every tokenizer has the encoder, decoder (overlapping output patches) and latent width 32 of
 config/tokenizer_tiny.py and trains on 128-px crops, batch 8, no hue augmentation, with L1 + LPIPS
 (GAN off; SAME below); the texture VQ adds its structure branch and its two losses. Each run is an
-ordinary stage-script run with its own out_dir under out_dir/KIND/ (log, PNGs, checkpoint, summary.json) and its console output in out_dir/KIND/NAME.out. A run whose
-summary.json exists and whose command is unchanged is not run again, so a killed ablate.py continues
-where it stopped (an unfinished run restarts from scratch). At the end the chains are scored by
-eval.chain_rows (top-1 tokens, the last row: 4x SR) and the table is written to out_dir/table.md
-and out_dir/table.json.
+ordinary stage-script run with its own out_dir under out_dir/KIND/ (log, PNGs, checkpoint,
+summary.json) and its console output in out_dir/KIND/NAME.out. A run whose summary.json exists and
+whose command is unchanged is not run again, so a killed ablate.py continues where it stopped (an
+unfinished run restarts from scratch). At the end the chains are scored by eval.chain_rows (top-1
+tokens, the last row: 4x SR, no colour correction) and the table is written to out_dir/table.md and
+out_dir/table.json.
 """
 import json
 import math
