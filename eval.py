@@ -26,7 +26,6 @@ import pickle
 import sys
 import tarfile
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -320,17 +319,6 @@ def load_sr_dir(sr_dir, names, shape):
 
 
 @torch.no_grad()
-def hvar_sr(lr, tok, gen, device='cpu', batch_size=16):
-    """An H-VAR generator's top-1 outputs of lr (N, 3, h, w) at every factor f of its one pass,
-    tiled at its native LR size (as sr.py) -> {f: (N, 3, f h, f w) in [0, 1]}."""
-    from sr import hvar_super_resolve, output_scales, tiled_sr
-    factors, native = output_scales(gen), gen.config.hr_size // gen.config.scale
-    outs = tiled_sr(lr.to(device), lambda y: hvar_super_resolve(y, tok, gen), factors, tile=native,
-                    overlap=native // 4, batch_size=batch_size, fixed_tile=True)
-    return {f: torch.from_numpy(o).permute(0, 3, 1, 2).float() / 255 for f, o in zip(factors, outs)}
-
-
-@torch.no_grad()
 def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', kinds=('base', 'decode', 'sr'),
                     outs=None):
     """Rows for an H-VAR chain: per output factor f of its one pass (x1 = denoising, x2, x4), of the
@@ -339,7 +327,7 @@ def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', kin
     hvar_sr, or outs[f] when given), each scored against HR resized by f / 4 with crop_border * f / 4
     pixels. Every row also holds its f and kind."""
     from model import resize_image
-    from sr import output_scales
+    from sr import hvar_sr, output_scales, scale_decodes
     if 'sr' in kinds and outs is None:
         outs = hvar_sr(pairs['lr'], tok, gen, device)
     if 'decode' in kinds:
@@ -401,28 +389,9 @@ def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='
     return rows
 
 
-@torch.no_grad()
-def scale_decodes(tok, hr, tokenization='hierarchical', device='cpu', ctx=None, batch_size=4):
-    """A multi-scale RQ tokenizer's decodes of hr at each target scale s_n: the tokens come from
-    Algorithm 1 ('hierarchical') or from the plain full-size quantization ('plain'); decode n uses
-    the steps of scales 1..n on the grid of scale n (docs/method.md#hierarchical-tokenization).
-    -> [(s_n, decodes (N, 3, s_n H, s_n W) in [0, 1], targets: hr resized by s_n)], [idx (N, h_i, w_i)]."""
-    from model import resize_image
-    scales = tok.quantizer.scales
-    decs, idxs = [[] for _ in scales], []
-    for i in range(0, len(hr), batch_size):
-        x = hr[i:i + batch_size].to(device)
-        with ctx or nullcontext():
-            idx = tok.encode_hierarchical(x) if tokenization == 'hierarchical' else tok(x)[1]
-            for n in range(len(scales)):
-                decs[n].append(tok.decode_steps(idx, n + 1).float().clamp(0, 1).cpu())
-        idxs.append([ix.cpu() for ix in idx])
-    idxs = [torch.cat(step) for step in zip(*idxs)]
-    return [(s, torch.cat(d), resize_image(hr, s)) for s, d in zip(scales, decs)], idxs
-
-
 def scale_rows(tok, pairs, tokenization, lpips_net, crop_border=4, device='cpu', label=''):
     """Table rows of a multi-scale RQ tokenizer's reconstructions of pairs['hr'] at every scale."""
+    from sr import scale_decodes
     rows = []
     for s, dec, target in scale_decodes(tok, pairs['hr'], tokenization, device)[0]:
         border = max(1, round(crop_border * s))

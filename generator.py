@@ -56,8 +56,8 @@ from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, Genera
                    NextScaleGenerator, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig,
                    config_from_settings, count_params, hvar_condition, param_groups)
 from losses import (PatchDiscriminator, discriminator_step, flat_tokens, generator_losses, hvar_losses,
-                    msrq_tokens, vanilla_d_loss)
-from sr import output_scales, super_resolve
+                    msrq_tokens, scale_accuracy, vanilla_d_loss)
+from sr import hvar_sr, output_scales, super_resolve
 from prior import LoRAWeights, build_sr_prior
 
 # -----------------------------------------------------------------------------
@@ -334,18 +334,12 @@ else:
 log('references: ' + ' '.join(f"{k} {v:.4f}" for k, v in ref.items()))
 
 
-def scale_accuracy(acc_L):
-    """Per-step accuracies (L,) -> per target scale, weighted by the steps' token counts."""
-    n = torch.tensor([r * r for r in tcfg.rq_steps], dtype=torch.float32)
-    return [float((acc_L[p].cpu() * n[p]).sum() / n[p].sum()) for p in tokenizer.quantizer.partition]
-
-
 @torch.no_grad()
 def evaluate_hvar(tag):
     """H-VAR: x1, x2, x4 of the degraded validation LR from one top-1 pass per tile (tiles of the
     native size, as sr.py), each scored against HR resized to its size next to bicubic; token
     accuracy per step and scale under teacher forcing on the top-left native crops."""
-    outs = ev.hvar_sr(val_lr, tokenizer, generator, device)                       # {f: (N, 3, f h, f w)}
+    outs = hvar_sr(val_lr, tokenizer, generator, device)                          # {f: (N, 3, f h, f w)}
     out = {f"x{r['f']}_{k}": r[k] for r in ev.hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device,
                                                               kinds=('sr',), outs=outs) for k in METRICS}
     out['lpips_vs_bicubic'] = out['x4_lpips'] / ref['bicubic_lpips']
@@ -353,7 +347,7 @@ def evaluate_hvar(tag):
     _, parts, acc = hvar_losses(dict(config, dpo=True), tokenizer, generator, val_crop_hr.to(device),
                                 val_crop_lr.to(device), cls)
     out.update(val_ce=float(parts['ce']), val_logp_gap=float(parts['logp_gap']), token_acc_mean=float(acc.mean()))
-    out.update({f'token_acc_s{n + 1}': a for n, a in enumerate(scale_accuracy(acc))})
+    out.update({f'token_acc_s{n + 1}': a for n, a in enumerate(scale_accuracy(acc, tcfg.rq_steps, tokenizer.quantizer.partition))})
     out.update({f'token_acc_step{i + 1}': float(a) for i, a in enumerate(acc)})
     rows = [F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6]] + [outs[f][:6] for f in factors]
     save_grid(rows + [val_hr[:6]], os.path.join(out_dir, f'samples_{tag}.png'),
@@ -446,7 +440,7 @@ while True:
     if step % log_interval == 0:
         dt = time.time() - t_log
         if hvar:  # token accuracy per target scale
-            parts.update({f'acc_s{n + 1}': torch.tensor(a) for n, a in enumerate(scale_accuracy(acc))})
+            parts.update({f'acc_s{n + 1}': torch.tensor(a) for n, a in enumerate(scale_accuracy(acc, tcfg.rq_steps, tokenizer.quantizer.partition))})
         else:
             parts.update(d=d, acc=(logits.detach().argmax(-1) == q_hr).float().mean())
         parts = mean_items(dict(loss=loss, **parts))  # DDP: of all ranks

@@ -212,6 +212,13 @@ def step_accuracy(logits_BNK, tokens_BN, sizes):
     return torch.stack([h.mean() for h in hit.split(list(sizes), dim=1)])
 
 
+def scale_accuracy(acc_L, steps, partition):
+    """Per-step accuracies (L,) -> per target scale (lists of step indices in `partition`),
+    weighted by the steps' token counts (side^2 for the sides in `steps`)."""
+    n = torch.tensor([r * r for r in steps], dtype=torch.float32)
+    return [float((acc_L[p].cpu() * n[p]).sum() / n[p].sum()) for p in partition]
+
+
 def hvar_losses(s, tokenizer, generator, hr, lr, cls_B):
     """The H-VAR stage-2 loss of one batch (docs/method.md#next-scale-generator), for generator.py
     and bench.py: ce_weight * CE(z_HR) + dpo_weight * L_DPO, both under teacher forcing; L_DPO

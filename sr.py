@@ -2,7 +2,7 @@
 Super-resolve real images 4x with a trained checkpoint chain: the stage-2 generator (its checkpoint
 records the stage-1 tokenizer it was trained on) and, optionally, a stage-3 fine-tuned decoder.
 The functions that load a chain and run it (load_sr_chain, super_resolve, hvar_super_resolve,
-sr_function) live here too; eval.py, bench.py and the stage scripts import them.
+sr_function, hvar_sr, scale_decodes, fix_colors) live here too; eval.py, bench.py and the stage scripts import them.
 
     python sr.py --input=photo.jpg                         # -> out/sr/photo_x4.png
     python sr.py --input=my_folder/ --out_dir=out/sr_big --tile=96
@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -35,7 +36,8 @@ import torch.nn.functional as F
 import data
 from common import to_uint8
 from model import (CLASS_DEGRADED, Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator,
-                   TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig, hvar_condition)
+                   TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig, hvar_condition,
+                   resize_image)
 
 MIN_TILE = 32  # LR pixels: smaller tiles give the generator and the prior little context
 
@@ -313,6 +315,35 @@ def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1, batch_size=1, fix
                     outs[k][b, Y:Y + rows] = to_uint8(bands[k][:3, :rows, :W * s] / bands[k][3:, :rows, :W * s])
                 carry[k] = bands[k][:, Y_next - Y:]
     return outs if isinstance(scale, (tuple, list)) else outs[0]
+
+
+@torch.no_grad()
+def hvar_sr(lr, tok, gen, device='cpu', batch_size=16):
+    """An H-VAR generator's top-1 outputs of lr (N, 3, h, w) at every factor f of its one pass,
+    tiled at its native LR size (as sr.py) -> {f: (N, 3, f h, f w) in [0, 1]}."""
+    factors, native = output_scales(gen), gen.config.hr_size // gen.config.scale
+    outs = tiled_sr(lr.to(device), lambda y: hvar_super_resolve(y, tok, gen), factors, tile=native,
+                    overlap=native // 4, batch_size=batch_size, fixed_tile=True)
+    return {f: torch.from_numpy(o).permute(0, 3, 1, 2).float() / 255 for f, o in zip(factors, outs)}
+
+
+@torch.no_grad()
+def scale_decodes(tok, hr, tokenization='hierarchical', device='cpu', ctx=None, batch_size=4):
+    """A multi-scale RQ tokenizer's decodes of hr at each target scale s_n: the tokens come from
+    Algorithm 1 ('hierarchical') or from the plain full-size quantization ('plain'); decode n uses
+    the steps of scales 1..n on the grid of scale n (docs/method.md#hierarchical-tokenization).
+    -> [(s_n, decodes (N, 3, s_n H, s_n W) in [0, 1], targets: hr resized by s_n)], [idx (N, h_i, w_i)]."""
+    scales = tok.quantizer.scales
+    decs, idxs = [[] for _ in scales], []
+    for i in range(0, len(hr), batch_size):
+        x = hr[i:i + batch_size].to(device)
+        with ctx or nullcontext():
+            idx = tok.encode_hierarchical(x) if tokenization == 'hierarchical' else tok(x)[1]
+            for n in range(len(scales)):
+                decs[n].append(tok.decode_steps(idx, n + 1).float().clamp(0, 1).cpu())
+        idxs.append([ix.cpu() for ix in idx])
+    idxs = [torch.cat(step) for step in zip(*idxs)]
+    return [(s, torch.cat(d), resize_image(hr, s)) for s, d in zip(scales, decs)], idxs
 
 
 def loaded(paths, failed):

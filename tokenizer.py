@@ -37,6 +37,7 @@ from model import (Tokenizer, TokenizerConfig, config_from_settings, count_param
                    step_usage, usage_stats)
 from losses import (PatchDiscriminator, adaptive_gan_weight, discriminator_step, frequency_targets,
                     g_loss_hinge, gradient_l1, hinge_d_loss, sample_active_groups)
+from sr import scale_decodes  # an RQ tokenizer's decodes at every scale (eval)
 from wavelets import lowpass  # prefix-decode targets at eval
 
 # -----------------------------------------------------------------------------
@@ -241,7 +242,7 @@ log(f"tokenizer: {count_params(model) / 1e6:.2f}M params ({count_params(model, T
 def evaluate_msrq(net, tag):
     """Multi-scale RQ: decode the validation HR crops at every target scale from the tokens this
     run trains on (Algorithm 1's if hierarchical, else the plain full-size tokens)."""
-    scales, idx = ev.scale_decodes(net, val_hr, 'hierarchical' if hierarchical else 'plain', device, ctx)
+    scales, idx = scale_decodes(net, val_hr, 'hierarchical' if hierarchical else 'plain', device, ctx)
     out, rows, labels = {}, [], []
     for s, dec, target in scales:
         m = ev.evaluate(dec, target, crop_border=max(1, round(4 * s)), lpips_net=lpips_net, patch=patch)
