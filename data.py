@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps
 
 from common import save_png, write_json
-from degradation import RGB_TO_YCC, DegradeConfig, bicubic_downsample, degrade, quantize_8bit
+from degradation import RGB_TO_YCC, YCC_TO_RGB, DegradeConfig, bicubic_downsample, degrade, quantize_8bit
 
 _IMG_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.gif')
 
@@ -122,7 +122,7 @@ def hue_matrix(angle):
     keeps the luma: a new hue at the same brightness and saturation (before clamping to [0, 1])."""
     c, s = math.cos(angle), math.sin(angle)
     rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-    return torch.linalg.inv(RGB_TO_YCC) @ rot @ RGB_TO_YCC
+    return YCC_TO_RGB @ rot @ RGB_TO_YCC
 
 
 class PairSampler:

@@ -319,6 +319,7 @@ def dct_matrix(device=None, dtype=torch.float32):
 
 # JFIF colour conversion of libjpeg (jccolor.c, jdcolor.c) on 0..255 samples; Cb, Cr centred on 0
 RGB_TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+YCC_TO_RGB = torch.linalg.inv(RGB_TO_YCC)  # its inverse (sr.fix_colors, data.hue_matrix)
 _CBCR_TO_RGB = torch.tensor([[0.0, 1.402], [-0.344136, -0.714136], [1.772, 0.0]])
 
 

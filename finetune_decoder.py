@@ -34,7 +34,7 @@ from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, 
                     setting_problems, stop_if_diverged, summary, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
-from model import count_params, param_groups, sample_topk
+from model import count_params, lr_anchor, param_groups, sample_topk
 from losses import PatchDiscriminator, discriminator_step, g_loss_vanilla, vanilla_d_loss
 from sr import load_sr_chain, super_resolve
 from prior import upsample_for_prior
@@ -234,7 +234,8 @@ while True:
         B = hr.shape[0]
         with torch.no_grad(), ctx:  # the frozen generator's candidates, then one draw per position/group
             feat, pooled = prior(upsample_for_prior(lr, gcfg.scale)) if prior is not None else (None, None)
-            logits = generator(lr, feat, pooled)    # (B, G, h, w, K)
+            anchor = lr_anchor(tokenizer, lr, gcfg.scale) if gcfg.head == 'codebook' else None
+            logits = generator(lr, feat, pooled, anchor)    # (B, G, h, w, K)
             idx = sample_topk(logits, k_train, topk_gen)  # (B, G, h, w), among the top-k of each
             zq = tokenizer.quantizer.lookup(idx)        # (B, C, h, w), codebooks frozen
             flipped = (idx != logits.argmax(-1)).float().mean()  # share of inputs that are not top-1

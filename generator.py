@@ -54,11 +54,11 @@ from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
                    NextScaleGenerator, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig,
-                   config_from_settings, count_params, hvar_condition, param_groups)
+                   config_from_settings, count_params, hvar_condition, lr_anchor, param_groups)
 from losses import (PatchDiscriminator, discriminator_step, flat_tokens, generator_losses, hvar_losses,
                     msrq_tokens, scale_accuracy, vanilla_d_loss)
 from sr import hvar_sr, output_scales, super_resolve
-from prior import LoRAWeights, build_sr_prior
+from prior import LoRAWeights, build_sr_prior, upsample_for_prior
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -93,7 +93,8 @@ rope_base = 10000.0       # 2D RoPE frequency base
 stem_dim = 128            # channels of the LR 3x3 conv before the stride patch/4 patchifier
 # H-VAR (method='hvar'; docs/method.md#next-scale-generator); it has no prior and no pixel losses
 hvar_tokens = 'hierarchical'  # targets: 'hierarchical' (Algorithm 1) | 'plain' (full-size RQ, no valid x1 / x2)
-head = 'linear'           # output head: 'linear' (VAR's width -> K) | 'codebook' (distances to the tokenizer's codes)
+head = 'linear'           # output head: 'linear' (width -> K logits) | 'codebook' (distances to the tokenizer's codes,
+                          # from the encoder's latent of the upsampled LR; 'hvar' and 'hitoksr')
 dpo = True                # the DPO regulariser (needs z_LR: a second sequence in the same forward pass)
 dpo_beta = 0.2
 dpo_weight = 1.0          # equal weight with CE, as the paper
@@ -211,7 +212,7 @@ try:
                                     codebook_size=tcfg.codebook_size, rq_steps=tcfg.rq_steps,
                                     rq_scales=tcfg.rq_scales, hierarchical=hvar_tokens == 'hierarchical')
     else:  # the texture-VQ generator: the same, plus the tokenizer's structure-map shape
-        derived = dict(scale=4, groups=tcfg.groups, codebook_size=tcfg.codebook_size,
+        derived = dict(scale=4, groups=tcfg.groups, codebook_size=tcfg.codebook_size, latent_dim=tcfg.latent_dim,
                        feat_dim=prior.feat_dim if prior else 0, pooled_dims=tuple(prior.pooled_dims) if prior else ())
         if tvq:
             derived.update(struct_dim=tcfg.tvq_struct_dim, struct_pool=tcfg.tvq_struct_pool)
@@ -248,8 +249,8 @@ if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
 # model, prior (outside the generator module, see model.py), discriminator (frozen between its own
 # steps), LPIPS
 generator = (NextScaleGenerator if hvar else TextureGenerator if tvq else Generator)(gcfg).to(device)
-if hvar and head == 'codebook':
-    generator.tie_codebook(tokenizer.quantizer.codebook[0])
+if head == 'codebook':  # a frozen copy of the codes ('hitoksr': all G codebooks)
+    generator.tie_codebook(tokenizer.quantizer.codebook[0] if hvar else tokenizer.quantizer.codebook)
 if prior is not None:
     prior.to(device)
 disc = PatchDiscriminator().to(device).requires_grad_(False)
@@ -289,6 +290,14 @@ if hvar and head == 'codebook' and ckpt is None:  # data init of the temperature
         from_rank0_(generator.log_t)  # DDP: every rank keeps rank 0's value (the ranks' batches differ)
     log(f"codebook head: inverse temperature {generator.log_t.exp().item():.1f} (cross-entropy on one training "
         f"batch {ce0:.3f} -> {ce1:.3f})")
+elif head == 'codebook' and ckpt is None:  # 'hitoksr': the same, per group, with the LR's own tokens to start
+    hr, lr = sampler.next()
+    with torch.no_grad():
+        feat, pooled = prior(upsample_for_prior(lr)) if prior is not None else (None, None)
+        ce0, ce1 = generator.calibrate_temperature(lr, feat, pooled, lr_anchor(tokenizer, lr), tokenizer.encode(hr)[1])
+        from_rank0_(generator.log_t)
+    log(f"codebook head: inverse temperatures " + ' '.join(f"{t:.1f}" for t in generator.log_t.exp().tolist())
+        + f" (cross-entropy on one training batch, mean over the groups {ce0:.3f} -> {ce1:.3f})")
 ckpt = None  # free the loaded tensors
 train_gen = maybe_compile(generator, compile, device)
 n_lora = sum(p.numel() for p in LoRAWeights(prior).state_dict().values())
@@ -301,7 +310,7 @@ if hvar:
         + (f", DDP over {world} processes" if world > 1 else ''))
 else:
     log(f"generator: {count_params(generator) / 1e6:.2f}M params, LoRA "
-        f"{n_lora / 1e6:.3f}M, {tcfg.groups} heads x {tcfg.codebook_size} logits, grid {h_tok}x{h_tok}, "
+        f"{n_lora / 1e6:.3f}M, {tcfg.groups} heads x {tcfg.codebook_size} logits ({head} head), grid {h_tok}x{h_tok}, "
         + (f"structure map {tcfg.tvq_struct_dim} x {h_tok // tcfg.tvq_struct_pool}x{h_tok // tcfg.tvq_struct_pool}, "
            if tvq else '') +
         f"prior {prior_name if prior else 'none'} (sft {use_sft}, cls {cls_tokens}, lora rank {lora_rank}, "

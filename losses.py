@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import hvar_condition
+from model import hvar_condition, lr_anchor
 from wavelets import lowpass
 
 # -----------------------------------------------------------------------------
@@ -161,7 +161,8 @@ def generator_losses(s, tokenizer, generator, prior, lpips_fn, disc, hr, lr, q_h
             feat, pooled = prior(upsample_for_prior(lr))
         if s['repa_weight'] > 0 and s['lora_rank'] > 0:  # 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)]), #repa
             repa = repa_loss(feat.float(), frozen_features(prior, hr)[0].float())
-    out = generator(lr, feat, pooled)                        # logits (B, G, h, w, K) [, F_L (B, C_L, h/r, w/r)]
+    anchor = lr_anchor(tokenizer, lr) if s.get('head') == 'codebook' else None  # the codebook head's start
+    out = generator(lr, feat, pooled, anchor)                # logits (B, G, h, w, K) [, F_L (B, C_L, h/r, w/r)]
     logits, f_l = out if isinstance(out, tuple) else (out, None)
     if s['ce_weight'] > 0:
         ce = F.cross_entropy(logits.float().flatten(0, 3), q_hr.flatten())

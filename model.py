@@ -856,6 +856,8 @@ class GeneratorConfig(ModelConfig):
     cls_tokens: str           # 'none' | 'single' (last stage's pooled vector) | 'multi' (one per stage)
     feat_dim: int             # prior spatial feature channels (0: no prior)
     pooled_dims: tuple        # prior pooled vector size per stage (empty: no prior)
+    head: str                 # 'linear' (width -> G*K) | 'codebook' (a latent correction, distances to the codes)
+    latent_dim: int           # C, the tokenizer's latent channels (head='codebook'; 0 in older checkpoints)
 
     def __post_init__(self):
         if isinstance(self.pooled_dims, list):
@@ -879,6 +881,10 @@ class GeneratorConfig(ModelConfig):
             self.bad('use_sft', "needs the prior's feat_dim >= 1 (no prior: use_sft=False)")
         if self.cls_tokens != 'none' and not self.pooled_dims:
             self.bad('cls_tokens', "needs the prior's pooled_dims (no prior: cls_tokens='none')")
+        if self.head not in ('linear', 'codebook'):
+            self.bad('head', "expected 'linear' or 'codebook'")
+        if self.head == 'codebook' and (self.latent_dim < self.groups or self.latent_dim % self.groups):
+            self.bad('latent_dim', f"must be a positive multiple of groups={self.groups} (the tokenizer's C)")
 
     @property
     def n_cls(self):
@@ -900,7 +906,14 @@ class Generator(nn.Module):
     heads Linear -> SiLU -> Linear give gamma and beta (B, h*w, width). The heads' last layers are
     zero, so at init every block is exactly the unmodulated block. CLS tokens carry no SFT.
     CLS tokens: RMSNorm + Linear per stage vector (stages differ in size and scale), prepended,
-    unrotated (n_prefix), dropped before the final norm."""
+    unrotated (n_prefix), dropped before the final norm.
+    Output head: 'linear' gives the G x K logits of each token directly. 'codebook' (our option,
+    docs/method.md#codebook-head) predicts a latent r = anchor + s Linear(h) (B, C, h, w): anchor is
+    the frozen tokenizer encoder's latent of the LR upsampled bicubically (lr_anchor), s the RMS of
+    a code entry; group g scores its codes by distance, logits_k = -t_g ||r^g - e^g_k||^2 + const
+    = t_g (2 r^g.e^g_k - ||e^g_k||^2), t_g = exp(log_t[g]) learned, e a frozen copy of the codes
+    (tie_codebook). The linear layer starts at zero, so the untrained model predicts the tokens of
+    the upsampled LR and learns the correction."""
     def __init__(self, config):
         super().__init__()
         self.config = c = config
@@ -909,7 +922,13 @@ class Generator(nn.Module):
                                       nn.Conv2d(c.stem_dim, c.width, s, stride=s))
         self.blocks = nn.ModuleList([Block(c.width, c.n_head, c.mlp_ratio) for _ in range(c.depth)])
         self.norm = RMSNorm(c.width)
-        self.head = nn.Linear(c.width, c.groups * c.codebook_size)  # the G heads of K logits, fused
+        if c.head == 'codebook':
+            self.head = nn.Linear(c.width, c.latent_dim)                    # zeroed below
+            self.register_buffer('codebook', torch.zeros(c.groups, c.codebook_size, c.latent_dim // c.groups))
+            self.register_buffer('code_scale', torch.ones(()))             # RMS of a code entry
+            self.log_t = nn.Parameter(torch.zeros(c.groups))
+        else:
+            self.head = nn.Linear(c.width, c.groups * c.codebook_size)  # the G heads of K logits, fused
         mlp = lambda: nn.Sequential(nn.Linear(c.sft_hidden, c.sft_hidden), nn.SiLU(),
                                     nn.Linear(c.sft_hidden, c.width))
         if c.use_sft:
@@ -922,18 +941,53 @@ class Generator(nn.Module):
         if c.use_sft:  # after the generic init, which would overwrite them
             for m in (*self.sft_gamma, *self.sft_beta):
                 _zero_last(m)
+        if c.head == 'codebook':
+            nn.init.zeros_(self.head.weight)
 
     @property
     def model_args(self):
         return asdict(self.config)
 
-    def forward(self, lr, prior_feat=None, prior_pooled=None):
+    @torch.no_grad()
+    def tie_codebook(self, codebook_GKd):
+        """head='codebook': copy the tokenizer's codes (G, K, C/G); start each group's inverse
+        temperature at 1 / (median squared distance of a code to its nearest other code)."""
+        e = codebook_GKd.float()
+        self.codebook.copy_(e)
+        self.code_scale.fill_(float(e.pow(2).mean().sqrt()))
+        d = torch.cdist(e, e).pow(2) + torch.diag(torch.full((e.shape[1],), float('inf'), device=e.device))
+        self.log_t.copy_(-d.min(-1).values.median(-1).values.clamp_min(1e-12).log())
+
+    @torch.no_grad()
+    def calibrate_temperature(self, lr, prior_feat, prior_pooled, anchor, idx_BGhw):
+        """head='codebook', before training (the temperatures' data init): set each group's log_t to
+        best_log_t on one batch with the HR tokens idx (B, G, h, w). -> (CE before, CE after), the
+        means over the groups."""
+        score = self(lr, prior_feat, prior_pooled, anchor).float() / self.log_t.exp()[None, :, None, None, None]
+        out = [best_log_t(score[:, g].flatten(0, 2), idx_BGhw[:, g].flatten(), float(self.log_t[g]))
+               for g in range(self.config.groups)]
+        self.log_t.copy_(torch.tensor([o[0] for o in out]))
+        return sum(o[1] for o in out) / len(out), sum(o[2] for o in out) / len(out)
+
+    def forward(self, lr, prior_feat=None, prior_pooled=None, anchor=None):
         """lr (B, 3, H/s, W/s) in [0, 1]; prior_feat (B, feat_dim, hf, wf) when use_sft; prior_pooled
-        [(B, pooled_dims[i])] per stage when cls_tokens != 'none' -> logits (B, G, h, w, K)."""
+        [(B, pooled_dims[i])] per stage when cls_tokens != 'none'; anchor (B, C, h, w) when
+        head='codebook' (lr_anchor) -> logits (B, G, h, w, K)."""
         c = self.config
         x, h, w = self.hidden(lr, prior_feat, prior_pooled)
-        logits = self.head(x)  # (B, h*w, G*K)
-        return logits.view(-1, h, w, c.groups, c.codebook_size).permute(0, 3, 1, 2, 4)
+        if c.head == 'linear':
+            logits = self.head(x)  # (B, h*w, G*K)
+            return logits.view(-1, h, w, c.groups, c.codebook_size).permute(0, 3, 1, 2, 4)
+        if anchor is None or tuple(anchor.shape[1:]) != (c.latent_dim, h, w):
+            raise ValueError(f"Generator: head='codebook' needs anchor (B, {c.latent_dim}, {h}, {w}), the "
+                             f"tokenizer's latent of the upsampled LR (model.lr_anchor), got "
+                             f"{None if anchor is None else tuple(anchor.shape)}")
+        B, G = x.shape[0], c.groups
+        r = anchor.float().flatten(2).transpose(1, 2) + self.code_scale * self.head(x).float()  # (B, h*w, C)
+        r = r.view(B, h, w, G, c.latent_dim // G)
+        e = self.codebook.float()                                                      # (G, K, d)
+        logits = (2 * torch.einsum('bhwgd,gkd->bghwk', r, e) - e.pow(2).sum(-1)[None, :, None, None])
+        return logits * self.log_t.exp()[None, :, None, None, None]                    # (B, G, h, w, K)
 
     def hidden(self, lr, prior_feat=None, prior_pooled=None):
         """The trunk of forward: -> the normed image tokens (B, h*w, width), h, w."""
@@ -971,6 +1025,9 @@ class Generator(nn.Module):
         return self.norm(x[:, n_prefix:]), h, w  # CLS tokens dropped after the last block
 
 
+GeneratorConfig.ADDED_FIELDS = dict(head='linear', latent_dim=0)  # checkpoints from before the codebook head
+
+
 @dataclass
 class TextureGeneratorConfig(GeneratorConfig):
     """Stage 2 on a texture-VQ tokenizer (docs/method.md#texture-predictor): a GeneratorConfig
@@ -981,6 +1038,8 @@ class TextureGeneratorConfig(GeneratorConfig):
     def __post_init__(self):
         super().__post_init__()
         self.check_positive('struct_dim', 'struct_pool')
+        if self.head != 'linear':
+            self.bad('head', "the texture predictor has the linear head only")
 
 
 class TextureGenerator(Generator):
@@ -992,8 +1051,9 @@ class TextureGenerator(Generator):
         nn.init.normal_(self.struct_head.weight, std=0.02)
         nn.init.zeros_(self.struct_head.bias)
 
-    def forward(self, lr, prior_feat=None, prior_pooled=None):
-        """-> logits (B, 1, h, w, K) of the texture indices, f_l (B, C_L, h/pool, w/pool).
+    def forward(self, lr, prior_feat=None, prior_pooled=None, anchor=None):
+        """-> logits (B, 1, h, w, K) of the texture indices, f_l (B, C_L, h/pool, w/pool); the
+        linear head only, so anchor is not used.
         lr sides must be multiples of pool * patch / scale (8 LR pixels with patch 8, pool 4)."""
         c = self.config
         side = c.struct_pool * c.patch // c.scale
@@ -1006,6 +1066,24 @@ class TextureGenerator(Generator):
         cells = F.avg_pool2d(x.transpose(1, 2).reshape(B, c.width, h, w), c.struct_pool)  # (B, width, h/r, w/r)
         f_l = self.struct_head(cells.flatten(2).transpose(1, 2))                          # (B, h*w/r^2, C_L)
         return logits, f_l.transpose(1, 2).reshape(B, c.struct_dim, *cells.shape[-2:])
+
+
+@torch.no_grad()
+def lr_anchor(tokenizer, lr, scale=4):
+    """What a Generator with head='codebook' starts from: the frozen encoder's latent (B, C, h, w)
+    of lr (B, 3, h', w') upsampled bicubically by scale (h = scale h' / patch)."""
+    up = F.interpolate(lr.float(), scale_factor=scale, mode='bicubic', align_corners=False).clamp(0, 1)
+    return tokenizer.encoder(up.to(lr.dtype)).float()
+
+
+@torch.no_grad()
+def best_log_t(score_NK, target_N, log_t):
+    """Data init of a codebook head's inverse temperature: its logits are exp(log_t) times a fixed
+    score, so -> the grid value (log_t + 0.1 k, k = -100..20) that minimises the cross-entropy of
+    one batch, and the CE before and after."""
+    ce = lambda lt: float(F.cross_entropy(score_NK.float() * math.exp(lt), target_N))
+    best = min([log_t + 0.1 * k for k in range(-100, 21)], key=ce)
+    return best, ce(log_t), ce(best)
 
 
 # -----------------------------------------------------------------------------
@@ -1142,11 +1220,9 @@ class NextScaleGenerator(nn.Module):
         a fixed score, so set log_t to the grid value (steps of 0.1) that minimises the cross-entropy
         of the model as it is on one batch of teacher-forced sequences. -> (CE before, CE after)."""
         score = self(cond_BChw, inputs, cls_B).float().flatten(0, 1) / self.log_t.exp()   # (B*N, K)
-        ce = lambda lt: float(F.cross_entropy(score * math.exp(lt), tokens_BN.flatten()))
-        before, grid = ce(float(self.log_t)), [float(self.log_t) + 0.1 * k for k in range(-100, 21)]
-        best = min(grid, key=ce)
+        best, before, after = best_log_t(score, tokens_BN.flatten(), float(self.log_t))
         self.log_t.fill_(best)
-        return before, ce(best)
+        return before, after
 
     def skips(self, cond_BChw, inputs):
         """head='codebook': skip_i = area(cond, rho_i) - in_i (in_1 as 0) for the given steps,

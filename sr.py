@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import data
 from common import to_uint8
 from model import (CLASS_DEGRADED, Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator,
-                   TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig, hvar_condition,
+                   TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig, hvar_condition, lr_anchor,
                    resize_image)
 
 MIN_TILE = 32  # LR pixels: smaller tiles give the generator and the prior little context
@@ -116,7 +116,8 @@ def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
     feat, pooled = None, None
     if prior is not None:
         feat, pooled = prior(upsample_for_prior(lr, c.scale).contiguous(memory_format=torch.channels_last))
-    out = generator(lr, feat, pooled)
+    anchor = lr_anchor(tokenizer, lr, c.scale) if c.head == 'codebook' else None  # (B, C, h', w')
+    out = generator(lr, feat, pooled, anchor)
     logits, f_l = out if isinstance(out, tuple) else (out, None)  # a TextureGenerator adds F_L
     idx = logits.argmax(-1)  # (B, G, h', w')
     sr = tokenizer.decode_indices(idx, f_l=f_l).float().clamp(0, 1)
@@ -139,14 +140,13 @@ def fix_colors(sr, lr, sigma):
     """Colour correction from the LR (docs/method.md#colour-correction): sr (B, 3, H, W) keeps its
     luma and the fine detail of its chroma, the chroma's low frequencies (Gaussian, sigma in sr's
     pixels) come from lr (B, 3, h, w) upsampled bicubically to sr's size. JFIF YCbCr; [0, 1]."""
-    from degradation import RGB_TO_YCC
-    m = RGB_TO_YCC.to(sr.device)
-    to_ycc = lambda x: torch.einsum('ij,bjhw->bihw', m, x.float())
+    from degradation import RGB_TO_YCC, YCC_TO_RGB
+    to_ycc = lambda x: torch.einsum('ij,bjhw->bihw', RGB_TO_YCC.to(x.device), x.float())
     up = F.interpolate(lr.float(), size=sr.shape[-2:], mode='bicubic', align_corners=False).clamp(0, 1)
     ycc, chroma_lr = to_ycc(sr), to_ycc(up)[:, 1:]
     chroma = ycc[:, 1:] - gaussian_blur(ycc[:, 1:], sigma) + gaussian_blur(chroma_lr, sigma)
     ycc = torch.cat([ycc[:, :1], chroma], 1)
-    return torch.einsum('ij,bjhw->bihw', torch.linalg.inv(m), ycc).clamp(0, 1)
+    return torch.einsum('ij,bjhw->bihw', YCC_TO_RGB.to(sr.device), ycc).clamp(0, 1)
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ def tokenizer_args(**fields):
 
 def generator_args(**fields):
     """model_args of a GeneratorConfig: generator.py's defaults with `fields` on top (fields must
-    include what the script derives: scale, groups, codebook_size, feat_dim, pooled_dims)."""
+    include what the script derives: scale, groups, codebook_size, latent_dim, feat_dim, pooled_dims)."""
     return asdict(config_from_settings(GeneratorConfig, script_settings('generator.py'), **fields))
 
 

@@ -55,7 +55,7 @@ def test_only_the_decoder_gets_gradients():
     torch.manual_seed(0)
     tok = Tokenizer(TokenizerConfig(**tokenizer_args(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32,
                                                      enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2)))
-    gen = Generator(GeneratorConfig(**generator_args(patch=8, scale=4, groups=4, codebook_size=16, width=32, depth=1,
+    gen = Generator(GeneratorConfig(**generator_args(patch=8, scale=4, groups=4, codebook_size=16, latent_dim=8, width=32, depth=1,
                                                      n_head=2, stem_dim=8, use_sft=False, cls_tokens='none',
                                                      feat_dim=0, pooled_dims=())))
     for m in (tok, gen):

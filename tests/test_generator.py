@@ -15,7 +15,7 @@ from prior import LoRA, build_sr_prior, frozen_features, repa_loss, upsample_for
 
 TOK = tokenizer_args(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32, enc_depth=1, enc_heads=2,
                      dec_width=32, dec_depth=1, dec_heads=2)
-GEN = generator_args(patch=8, scale=4, groups=4, codebook_size=16, width=32, depth=2, n_head=2, stem_dim=8,
+GEN = generator_args(patch=8, scale=4, groups=4, codebook_size=16, latent_dim=8, width=32, depth=2, n_head=2, stem_dim=8,
                      sft_hidden=8, feat_dim=12, pooled_dims=(5, 7, 9))
 
 
@@ -102,6 +102,76 @@ def test_config_validation_names_the_key():
             GeneratorConfig(**{**GEN, **kw})
     with pytest.raises(ValueError, match='prior_feat'):
         gen()(torch.rand(1, 3, 8, 8))
+
+# ----------------------------------------------------------------------------- codebook head
+
+
+def codebook_generator(tok, **kw):
+    g = gen(head='codebook', use_sft=False, cls_tokens='none', **kw)
+    g.tie_codebook(tok.quantizer.codebook)
+    return g
+
+
+def test_codebook_head_starts_as_the_tokens_of_the_upsampled_lr():
+    """Untrained (the correction layer is zero), the argmax of every group is the code the
+    tokenizer itself picks for the bicubic-upsampled LR, and the logits are -t_g ||r - e||^2 up to
+    a constant per token (r = the anchor), computed here directly."""
+    from model import lr_anchor
+    tok = frozen_tokenizer()
+    g = codebook_generator(tok)
+    lr = torch.rand(2, 3, 8, 12)
+    anchor = lr_anchor(tok, lr)
+    up = F.interpolate(lr, scale_factor=4, mode='bicubic', align_corners=False).clamp(0, 1)
+    assert torch.equal(anchor, tok.encoder(up))                                   # (2, 8, 4, 6)
+    logits = g(lr, anchor=anchor)                                                 # (B, G, h, w, K)
+    assert logits.shape == (2, 4, 4, 6, 16)
+    assert torch.equal(logits.argmax(-1), tok.encode(up)[1])
+    for b, gi, i, j in ((0, 0, 0, 0), (1, 3, 2, 5), (0, 2, 3, 1)):
+        r = anchor[b, 2 * gi:2 * gi + 2, i, j]                                    # group gi's 2 channels
+        d2 = ((r[None] - tok.quantizer.codebook[gi]) ** 2).sum(-1)               # (K,)
+        want = torch.log_softmax(-g.log_t[gi].exp() * d2, -1)
+        torch.testing.assert_close(torch.log_softmax(logits[b, gi, i, j], -1), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match='anchor'):
+        g(lr)
+
+
+def test_codebook_head_trains_its_correction_and_temperature():
+    """CE + L1 through the decoder train the correction layer and the temperatures from the first
+    step, and every other generator parameter once that layer is no longer zero (at init it blocks
+    their gradient, as zero-initialised output layers do); the codebook copy is a buffer; the
+    temperatures' data init lowers the CE of the batch it was fitted on."""
+    from model import lr_anchor
+    tok = frozen_tokenizer()
+    g = codebook_generator(tok)
+    lr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32)
+    q, anchor = tok.encode(hr)[1], lr_anchor(tok, lr)
+    before, after = g.calibrate_temperature(lr, None, None, anchor, q)
+    with torch.no_grad():
+        ce = float(F.cross_entropy(g(lr, anchor=anchor).flatten(0, 3), q.flatten()))
+    assert after <= before and after == pytest.approx(ce, rel=1e-4)
+    assert 'codebook' not in dict(g.named_parameters()) and 'codebook' in g.state_dict()
+    s = dict(ce_weight=1.0, repa_weight=0.0, l1_weight=1.0, lpips_weight=0.0, gan_weight=0.0, lora_rank=0,
+             head='codebook')
+    opt = torch.optim.AdamW(g.parameters(), lr=1e-2)
+    for step in range(2):
+        opt.zero_grad()
+        generator_losses(s, tok, g, None, None, None, hr, lr, q, gan_on=False)[0].backward()
+        for name, p in g.named_parameters():
+            first = name.startswith('head.') or name == 'log_t'
+            assert (p.grad is not None and p.grad.abs().sum() > 0) == (first or step == 1), (step, name)
+        opt.step()
+
+
+def test_codebook_head_config():
+    from model import TextureGeneratorConfig
+    with pytest.raises(ValueError, match='GeneratorConfig.head'):
+        GeneratorConfig(**{**GEN, 'head': 'conv'})
+    with pytest.raises(ValueError, match='GeneratorConfig.latent_dim'):
+        GeneratorConfig(**{**GEN, 'head': 'codebook', 'latent_dim': 6})
+    with pytest.raises(ValueError, match='TextureGeneratorConfig.head'):
+        TextureGeneratorConfig(**{**GEN, 'groups': 1, 'head': 'codebook', 'struct_dim': 4, 'struct_pool': 4})
+    old = {k: v for k, v in GEN.items() if k not in ('head', 'latent_dim')}  # a checkpoint from before the head
+    assert GeneratorConfig.from_dict(old).head == 'linear'
 
 # ----------------------------------------------------------------------------- gradient routing
 
@@ -212,3 +282,29 @@ def test_chain_of_an_older_tokenizer_checkpoint_loads(tiny_gen, tmp_path):
     torch.save(t, tmp_path / 'tok.pt')
     with pytest.raises(ValueError, match='was trained on the tokenizer'):
         load_sr_chain(tmp_path / 'gen.pt', 'cpu')
+
+
+def test_codebook_head_chain(tiny, tiny_val, run_script, tmp_path):
+    """generator.py --head=codebook: the temperatures' data init is logged, the saved chain reproduces
+    the run's final numbers, exact resume (no second data init) and stage 3 runs on it."""
+    args = tiny + ['--head=codebook', '--gan_start=1000']
+    out = run_script('generator.py', args + [f'--out_dir={tmp_path}/straight', '--max_iters=4']).stdout
+    assert 'codebook head: inverse temperatures' in out and '(codebook head)' in out
+    a = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=False)
+    run_script('generator.py', args + [f'--out_dir={tmp_path}/split', '--max_iters=2'])
+    resumed = run_script('generator.py', args + [f'--out_dir={tmp_path}/split', '--max_iters=4',
+                                                 '--init_from=resume']).stdout
+    assert 'resumed from' in resumed and 'inverse temperatures' not in resumed
+    b = torch.load(tmp_path / 'split' / 'ckpt.pt', weights_only=False)
+    for k, v in a['generator'].items():
+        assert torch.equal(v, b['generator'][k]), k
+    tok, g, prior = load_sr_chain(tmp_path / 'straight' / 'ckpt.pt', 'cpu')
+    assert g.config.head == 'codebook' and torch.equal(g.codebook, tok.quantizer.codebook)
+    pairs = data.load_val_pairs(str(tiny_val))
+    m = ev.evaluate(super_resolve(pairs['lr'], tok, g, prior), pairs['hr'], crop_border=4, lpips_net=False)
+    assert abs(m['psnr_y'] - a['metrics']['psnr_y']) < 1e-6
+    run_script('finetune_decoder.py', ['config/finetune_decoder_tiny.py', '--crop_size=32', '--batch_size=2',
+                                       '--max_minutes=0', '--max_iters=1', '--threads=1', '--eval_interval=1000',
+                                       f'--val_dir={tiny_val}', f'--gen_ckpt={tmp_path}/straight/ckpt.pt',
+                                       f'--out_dir={tmp_path}/ft'])
+    assert (tmp_path / 'ft' / 'summary.json').is_file()

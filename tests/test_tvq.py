@@ -103,7 +103,8 @@ def test_decoder_needs_both_maps():
 def texture_generator():
     cfg = TextureGeneratorConfig(patch=8, scale=4, groups=1, codebook_size=K, width=32, depth=1, n_head=2,
                                  mlp_ratio=4.0, rope_base=10000.0, stem_dim=8, use_sft=False, sft_hidden=8,
-                                 cls_tokens='none', feat_dim=0, pooled_dims=(), struct_dim=C_L, struct_pool=4)
+                                 cls_tokens='none', feat_dim=0, pooled_dims=(), head='linear', latent_dim=0,
+                                 struct_dim=C_L, struct_pool=4)
     torch.manual_seed(1)
     return TextureGenerator(cfg)
 
