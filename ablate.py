@@ -53,17 +53,16 @@ val_dir = 'assets/val_pairs'
 config = configure(globals())
 
 TINY = 'config/tokenizer_tiny.py'
-# the recipe every kind shares (128-px crops, batch 8, L1 + LPIPS, as the other kinds' configs set it);
-# config/tokenizer_tiny.py itself trains on 64-px crops with random hues (README "Image quality")
-SAME = ['--crop_size=128', '--batch_size=8', '--hue_aug=0', '--grad_weight=0']
+# the recipe every kind shares (128-px crops, batch 8, L1 + LPIPS 1:1, as the other kinds' configs set it);
+# config/tokenizer_tiny.py itself trains on 64-px crops with random hues and half the LPIPS weight, and
+# config/generator_tiny.py has the codebook head (README "Image quality"); the table keeps the first recipe
+SAME = ['--crop_size=128', '--batch_size=8', '--hue_aug=0', '--grad_weight=0', '--lpips_weight=1']
+GEN = ('config/generator_tiny.py', ['--head=linear'])
 KINDS = {  # kind -> (table label, tokenizer phases [(config, args)], generator (config, args))
-    'vq': ('vanilla VQ, 1 x 1024 codes', [(TINY, [*SAME, '--groups=1', '--codebook_size=1024'])],
-           ('config/generator_tiny.py', [])),
-    'grouped': ('grouped VQ (HiTokSR), 4 x 256 codes, masking + DWT targets', [(TINY, SAME)],
-                ('config/generator_tiny.py', [])),
+    'vq': ('vanilla VQ, 1 x 1024 codes', [(TINY, [*SAME, '--groups=1', '--codebook_size=1024'])], GEN),
+    'grouped': ('grouped VQ (HiTokSR), 4 x 256 codes, masking + DWT targets', [(TINY, SAME)], GEN),
     'grouped_nomask': ('grouped VQ, 4 x 256 codes, no masking', [(TINY, [*SAME, '--group_masking=False',
-                                                                         '--dwt_targets=False'])],
-                       ('config/generator_tiny.py', [])),
+                                                                         '--dwt_targets=False'])], GEN),
     'msrq': ('multi-scale RQ, 1 x 4096 codes, 10 steps', [('config/tokenizer_hrq_tiny.py', [])],
              ('config/generator_hvar_tiny.py', ['--hvar_tokens=plain'])),
     'hrq': ('hierarchical RQ (H-VAR): multi-scale RQ + Algorithm 1 fine-tuning',

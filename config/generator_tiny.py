@@ -1,6 +1,8 @@
 # Stage 2 on a 2-core CPU in ~10 minutes, on the tokenizer of config/tokenizer_tiny.py (patch 8,
 # G 4, K 256). 128x128 HR crops -> 32x32 LR -> a 16x16 token grid (patch 8 = 2 LR pixels per
 # token side); batch 8 -> 2048 tokens per step. The prior sees LR upsampled to 128x128.
+# The codebook head (docs/method.md#codebook-head) starts from the tokens of the upsampled LR; measured
+# against the linear head at equal time (README "Image quality"): SR LPIPS 0.48-0.51 -> 0.44, +1.7 dB.
 out_dir = 'out/generator'
 tok_ckpt = 'out/tokenizer/ckpt.pt'   # python tokenizer.py config/tokenizer_tiny.py
 crop_size = 128
@@ -12,6 +14,7 @@ n_head = 4                # head size 48
 stem_dim = 64
 sft_hidden = 64
 lora_rank = 4
+head = 'codebook'         # the paper's is 'linear'
 learning_rate = 5e-4
 d_learning_rate = 1e-4
 weight_decay = 0.01
