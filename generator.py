@@ -279,25 +279,22 @@ if hvar:  # no prior, no discriminator
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
-if hvar and head == 'codebook' and ckpt is None:  # data init of the temperature, on one training batch
+if head == 'codebook' and ckpt is None:  # data init of the temperature(s), on one training batch
     hr, lr = sampler.next()
-    cls = torch.full((len(hr),), CLASS_DEGRADED, device=device)
-    _, cond = hvar_condition(tokenizer, lr, cls, gcfg.scale)
-    z_hr = msrq_tokens(tokenizer, hr, gcfg.hierarchical)
-    ce0, ce1 = generator.calibrate_temperature(cond, generator.step_inputs(tokenizer.quantizer, cond, z_hr), cls,
-                                               flat_tokens(z_hr))
     with torch.no_grad():
+        if hvar:
+            cls = torch.full((len(hr),), CLASS_DEGRADED, device=device)
+            _, cond = hvar_condition(tokenizer, lr, cls, gcfg.scale)
+            z_hr = msrq_tokens(tokenizer, hr, gcfg.hierarchical)
+            ce0, ce1 = generator.calibrate_temperature(cond, generator.step_inputs(tokenizer.quantizer, cond, z_hr),
+                                                       cls, flat_tokens(z_hr))
+        else:  # per group, starting from the LR's own latent
+            feat, pooled = prior(upsample_for_prior(lr)) if prior is not None else (None, None)
+            ce0, ce1 = generator.calibrate_temperature(lr, feat, pooled, lr_anchor(tokenizer, lr),
+                                                       tokenizer.encode(hr)[1])
         from_rank0_(generator.log_t)  # DDP: every rank keeps rank 0's value (the ranks' batches differ)
-    log(f"codebook head: inverse temperature {generator.log_t.exp().item():.1f} (cross-entropy on one training "
-        f"batch {ce0:.3f} -> {ce1:.3f})")
-elif head == 'codebook' and ckpt is None:  # 'hitoksr': the same, per group, with the LR's own tokens to start
-    hr, lr = sampler.next()
-    with torch.no_grad():
-        feat, pooled = prior(upsample_for_prior(lr)) if prior is not None else (None, None)
-        ce0, ce1 = generator.calibrate_temperature(lr, feat, pooled, lr_anchor(tokenizer, lr), tokenizer.encode(hr)[1])
-        from_rank0_(generator.log_t)
-    log(f"codebook head: inverse temperatures " + ' '.join(f"{t:.1f}" for t in generator.log_t.exp().tolist())
-        + f" (cross-entropy on one training batch, mean over the groups {ce0:.3f} -> {ce1:.3f})")
+    log(f"codebook head: inverse temperature " + ' '.join(f"{t:.1f}" for t in generator.log_t.exp().flatten().tolist())
+        + f" (cross-entropy on one training batch{'' if hvar else ', mean over the groups'} {ce0:.3f} -> {ce1:.3f})")
 ckpt = None  # free the loaded tensors
 train_gen = maybe_compile(generator, compile, device)
 n_lora = sum(p.numel() for p in LoRAWeights(prior).state_dict().values())

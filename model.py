@@ -986,7 +986,8 @@ class Generator(nn.Module):
         r = anchor.float().flatten(2).transpose(1, 2) + self.code_scale * self.head(x).float()  # (B, h*w, C)
         r = r.view(B, h, w, G, c.latent_dim // G)
         e = self.codebook.float()                                                      # (G, K, d)
-        logits = (2 * torch.einsum('bhwgd,gkd->bghwk', r, e) - e.pow(2).sum(-1)[None, :, None, None])
+        with torch.autocast(r.device.type, enabled=False):  # distances in fp32: bf16 would reorder near codes
+            logits = 2 * torch.einsum('bhwgd,gkd->bghwk', r, e) - e.pow(2).sum(-1)[None, :, None, None]
         return logits * self.log_t.exp()[None, :, None, None, None]                    # (B, G, h, w, K)
 
     def hidden(self, lr, prior_feat=None, prior_pooled=None):
@@ -1238,7 +1239,8 @@ class NextScaleGenerator(nn.Module):
             return h
         r = skip_BTC + self.code_scale * h.float()          # (B, T, C), the correction in the codes' units
         e = self.codebook.float()                                               # (K, C)
-        return (2 * r @ e.t() - e.pow(2).sum(-1)) * self.log_t.exp()
+        with torch.autocast(r.device.type, enabled=False):  # distances in fp32: bf16 would reorder near codes
+            return (2 * r @ e.t() - e.pow(2).sum(-1)) * self.log_t.exp()
 
     def embed_cond(self, cond_BChw, cls_B):
         R = self.config.rq_steps[-1]

@@ -135,6 +135,25 @@ def test_codebook_head_starts_as_the_tokens_of_the_upsampled_lr():
         g(lr)
 
 
+def test_codebook_head_distances_stay_fp32_under_autocast():
+    """Codes far from the origin and close together (norm ~ 14, spacing ~ 0.05): in bf16 the terms
+    2 r.e and ||e||^2 (~200) lose the differences between codes, so the argmax under bf16 autocast
+    matches the tokenizer's fp32 choice only because the distances are computed in fp32."""
+    from model import lr_anchor
+    tok = frozen_tokenizer()
+    with torch.no_grad():
+        tok.quantizer.codebook.copy_(10 + 0.05 * torch.randn_like(tok.quantizer.codebook))
+    g = codebook_generator(tok)
+    lr = torch.rand(2, 3, 8, 12)
+    anchor = 10 + 0.05 * torch.randn(2, 8, 4, 6)                                 # latents among the codes
+    want = g(lr, anchor=anchor).argmax(-1)
+    z = anchor.view(2, 4, 2, 4, 6).permute(1, 0, 3, 4, 2).reshape(4, -1, 2)      # (G, N, d), reference
+    ref = torch.stack([torch.cdist(z[i], tok.quantizer.codebook[i]).argmin(-1) for i in range(4)])
+    assert torch.equal(want, ref.view(4, 2, 4, 6).transpose(0, 1))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.equal(g(lr, anchor=anchor).argmax(-1), want)
+
+
 def test_codebook_head_trains_its_correction_and_temperature():
     """CE + L1 through the decoder train the correction layer and the temperatures from the first
     step, and every other generator parameter once that layer is no longer zero (at init it blocks
@@ -289,12 +308,12 @@ def test_codebook_head_chain(tiny, tiny_val, run_script, tmp_path):
     the run's final numbers, exact resume (no second data init) and stage 3 runs on it."""
     args = tiny + ['--head=codebook', '--gan_start=1000']
     out = run_script('generator.py', args + [f'--out_dir={tmp_path}/straight', '--max_iters=4']).stdout
-    assert 'codebook head: inverse temperatures' in out and '(codebook head)' in out
+    assert 'codebook head: inverse temperature' in out and '(codebook head)' in out
     a = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=False)
     run_script('generator.py', args + [f'--out_dir={tmp_path}/split', '--max_iters=2'])
     resumed = run_script('generator.py', args + [f'--out_dir={tmp_path}/split', '--max_iters=4',
                                                  '--init_from=resume']).stdout
-    assert 'resumed from' in resumed and 'inverse temperatures' not in resumed
+    assert 'resumed from' in resumed and 'inverse temperature' not in resumed
     b = torch.load(tmp_path / 'split' / 'ckpt.pt', weights_only=False)
     for k, v in a['generator'].items():
         assert torch.equal(v, b['generator'][k]), k
