@@ -230,7 +230,8 @@ def build_chain(dev):
     else:  # as generator.py: no prior switches off what needs it
         g.update(use_sft=False, cls_tokens='none', repa_weight=0.0, lora_rank=0)
     derived = dict(patch=tcfg.patch, scale=4, groups=tcfg.groups, codebook_size=tcfg.codebook_size,
-                   latent_dim=tcfg.latent_dim, feat_dim=prior.feat_dim if prior else 0, pooled_dims=tuple(prior.pooled_dims) if prior else ())
+                   latent_dim=tcfg.latent_dim, feat_dim=prior.feat_dim if prior else 0,
+                   pooled_dims=tuple(prior.pooled_dims) if prior else ())
     tvq = g['method'] == 'tvq'  # texture VQ: the generator with the structure head
     if tvq:
         derived.update(struct_dim=tcfg.tvq_struct_dim, struct_pool=tcfg.tvq_struct_pool)

@@ -54,11 +54,11 @@ from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
                    NextScaleGenerator, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig,
-                   config_from_settings, count_params, hvar_condition, lr_anchor, param_groups)
-from losses import (PatchDiscriminator, discriminator_step, flat_tokens, generator_losses, hvar_losses,
-                    msrq_tokens, scale_accuracy, vanilla_d_loss)
+                   config_from_settings, count_params, param_groups)
+from losses import (PatchDiscriminator, calibrate_codebook_head, discriminator_step, generator_losses, hvar_losses,
+                    scale_accuracy, vanilla_d_loss)
 from sr import hvar_sr, output_scales, super_resolve
-from prior import LoRAWeights, build_sr_prior, upsample_for_prior
+from prior import LoRAWeights, build_sr_prior
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -280,20 +280,10 @@ step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 if head == 'codebook' and ckpt is None:  # data init of the temperature(s), on one training batch
-    hr, lr = sampler.next()
+    ce0, ce1 = calibrate_codebook_head(generator, tokenizer, prior, *sampler.next())
     with torch.no_grad():
-        if hvar:
-            cls = torch.full((len(hr),), CLASS_DEGRADED, device=device)
-            _, cond = hvar_condition(tokenizer, lr, cls, gcfg.scale)
-            z_hr = msrq_tokens(tokenizer, hr, gcfg.hierarchical)
-            ce0, ce1 = generator.calibrate_temperature(cond, generator.step_inputs(tokenizer.quantizer, cond, z_hr),
-                                                       cls, flat_tokens(z_hr))
-        else:  # per group, starting from the LR's own latent
-            feat, pooled = prior(upsample_for_prior(lr)) if prior is not None else (None, None)
-            ce0, ce1 = generator.calibrate_temperature(lr, feat, pooled, lr_anchor(tokenizer, lr),
-                                                       tokenizer.encode(hr)[1])
         from_rank0_(generator.log_t)  # DDP: every rank keeps rank 0's value (the ranks' batches differ)
-    log(f"codebook head: inverse temperature " + ' '.join(f"{t:.1f}" for t in generator.log_t.exp().flatten().tolist())
+    log("codebook head: inverse temperature " + ' '.join(f"{t:.1f}" for t in generator.log_t.exp().flatten().tolist())
         + f" (cross-entropy on one training batch{'' if hvar else ', mean over the groups'} {ce0:.3f} -> {ce1:.3f})")
 ckpt = None  # free the loaded tensors
 train_gen = maybe_compile(generator, compile, device)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import hvar_condition, lr_anchor
+from model import CLASS_DEGRADED, NextScaleGenerator, hvar_condition, lr_anchor
 from wavelets import lowpass
 
 # -----------------------------------------------------------------------------
@@ -180,6 +180,23 @@ def generator_losses(s, tokenizer, generator, prior, lpips_fn, disc, hr, lr, q_h
         loss = loss + s['struct_weight'] * struct
         parts['struct'] = struct
     return loss, parts, logits, sr
+
+
+@torch.no_grad()
+def calibrate_codebook_head(generator, tokenizer, prior, hr, lr):
+    """Data init of a codebook head's temperature(s) on one training batch (docs/method.md#codebook-head):
+    H-VAR's on the teacher-forced sequences of its targets, the one-pass generator's per group,
+    from the LR's own latent. -> (CE before, CE after)."""
+    from prior import upsample_for_prior
+    c = generator.config
+    if isinstance(generator, NextScaleGenerator):
+        cls = torch.full((len(hr),), CLASS_DEGRADED, device=hr.device)
+        _, cond = hvar_condition(tokenizer, lr, cls, c.scale)
+        z_hr = msrq_tokens(tokenizer, hr, c.hierarchical)
+        return generator.calibrate_temperature(cond, generator.step_inputs(tokenizer.quantizer, cond, z_hr), cls,
+                                               flat_tokens(z_hr))
+    feat, pooled = prior(upsample_for_prior(lr, c.scale)) if prior is not None else (None, None)
+    return generator.calibrate_temperature(lr, feat, pooled, lr_anchor(tokenizer, lr, c.scale), tokenizer.encode(hr)[1])
 
 
 # -----------------------------------------------------------------------------

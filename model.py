@@ -7,8 +7,8 @@ papers, is in docs/method.md; comments here point to its sections.
     3. Quantizers              GroupedVQ (HiTokSR) and its code-usage statistics, MultiScaleRQ (H-VAR)
     4. Tokenizer               TokenizerConfig, Tokenizer: encoder + quantizer + decoder (stage 1);
                                texture VQ (TVQ&RAP): texture + structure maps, structure autoencoder
-    5. Generators              GeneratorConfig, Generator: LR image -> token logits (stage 2);
-                               TextureGenerator: also the structure map;
+    5. Generators              GeneratorConfig, Generator: LR image -> token logits (stage 2), linear or
+                               codebook head (lr_anchor, best_log_t); TextureGenerator: also the structure map;
        5b.                     NextScaleGenerator (H-VAR): block-causal, KV cache, sampling, condition
     6. Helpers                 config_from_settings, group masking, top-K sampling, parameter groups, FLOPs
 
