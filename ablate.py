@@ -54,9 +54,11 @@ config = configure(globals())
 
 TINY = 'config/tokenizer_tiny.py'
 # the recipe every kind shares (128-px crops, batch 8, L1 + LPIPS 1:1, as the other kinds' configs set it);
-# config/tokenizer_tiny.py itself trains on 64-px crops with random hues and half the LPIPS weight, and
-# config/generator_tiny.py has the codebook head (README "Image quality"); the table keeps the first recipe
-SAME = ['--crop_size=128', '--batch_size=8', '--hue_aug=0', '--grad_weight=0', '--lpips_weight=1']
+# config/tokenizer_tiny.py itself trains on 64-px crops with random hues, half the LPIPS weight and 2 + 4
+# blocks, and config/generator_tiny.py has the codebook head (README "Image quality" and "The main job");
+# the table keeps the first recipe
+SAME = ['--crop_size=128', '--batch_size=8', '--hue_aug=0', '--grad_weight=0', '--lpips_weight=1',
+        '--enc_depth=3', '--dec_depth=3']
 GEN = ('config/generator_tiny.py', ['--head=linear'])
 KINDS = {  # kind -> (table label, tokenizer phases [(config, args)], generator (config, args))
     'vq': ('vanilla VQ, 1 x 1024 codes', [(TINY, [*SAME, '--groups=1', '--codebook_size=1024'])], GEN),
