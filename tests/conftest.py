@@ -42,8 +42,12 @@ def _run(script, args, check=True, nproc=1):
     """`python script args`, or with nproc > 1 `torchrun --standalone --nproc_per_node=nproc script args`."""
     launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
                                  if nproc > 1 else [])
-    p = subprocess.run(launch + [script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    try:
+        p = subprocess.run(launch + [script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    except subprocess.TimeoutExpired as e:  # say where it stood: the output so far
+        out, err = (s.decode(errors='replace') if isinstance(s, bytes) else s or '' for s in (e.stdout, e.stderr))
+        raise AssertionError(f"{script} {' '.join(map(str, args))} ran over 300 s:\n{out[-3000:]}\n{err[-3000:]}")
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
