@@ -29,8 +29,8 @@ def test_two_kinds_table_matches_the_runs_and_a_second_call_keeps_them(run_scrip
         assert (r['r_psnr_y'], r['r_lpips'], r['tok_steps']) == (tok['r_psnr_y'], tok['r_lpips'], 2)
         assert r['gen_steps'] == 2 and abs(r['sr_lpips'] - gen['lpips']) < 1e-4  # the run's own final eval
     ckpt = out / 'vq' / 'generator' / 'ckpt.pt'
-    p = run_script('eval.py', ['--sr=chain', f'--gen_ckpt={ckpt}', f'--val_dir={tiny_val}', '--color_fix=0',
-                               f'--out_json={tmp_path / "e.json"}'])
+    run_script('eval.py', ['--sr=chain', f'--gen_ckpt={ckpt}', f'--val_dir={tiny_val}', '--color_fix=0',
+                           f'--out_json={tmp_path / "e.json"}'])
     assert abs(json.loads((tmp_path / 'e.json').read_text())['rows'][-1]['psnr_y'] - rows['vq']['sr_psnr_y']) < 1e-9
     md = (out / 'table.md').read_text()
     assert md.count('\n') == 5 and '| vanilla VQ, 1 x 1024 codes | 2560 | 2 |' in md and md in first

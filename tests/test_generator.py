@@ -139,7 +139,6 @@ def test_codebook_head_distances_stay_fp32_under_autocast():
     """Codes far from the origin and close together (norm ~ 14, spacing ~ 0.05): in bf16 the terms
     2 r.e and ||e||^2 (~200) lose the differences between codes, so the argmax under bf16 autocast
     matches the tokenizer's fp32 choice only because the distances are computed in fp32."""
-    from model import lr_anchor
     tok = frozen_tokenizer()
     with torch.no_grad():
         tok.quantizer.codebook.copy_(10 + 0.05 * torch.randn_like(tok.quantizer.codebook))

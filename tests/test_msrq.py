@@ -1,8 +1,6 @@
 """Multi-scale residual quantization and the hierarchical tokenization (H-VAR, Algorithm 1):
 against naive per-step, per-vector loops; the step partitions of the paper and the tiny config;
 shared tokens across scales; exact reconstruction; any grid side; script-level resume and errors."""
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
