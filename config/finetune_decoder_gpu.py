@@ -1,6 +1,6 @@
 # Stage 3 of the GPU recipe, on the chain of config/generator_gpu.py: 256x256 crops, batch 32,
-# decoder inputs sampled from the generator's top-5, the paper's learning rate. Measured on one H100:
-# 180 steps in 0.5 minutes, SR LPIPS 0.451 / PSNR-Y 22.86.
+# decoder inputs sampled from the generator's top-5, the paper's learning rate. Its H100 run (steps,
+# SR scores): docs/results.md, "On a GPU".
 out_dir = 'out/finetune_decoder_gpu'
 gen_ckpt = 'out/generator_gpu/ckpt.pt'
 crop_size = 256

@@ -1,7 +1,7 @@
 # Stage 2 of the GPU recipe, on config/tokenizer_gpu.py (patch 8, G 4, K 1024).
 # 256x256 HR crops -> 64x64 LR -> a 32x32 token grid; batch 32; the degradation's JPEG in torch on
-# the GPU. Measured on one H100 (bf16, eager): ~225 ms per step (~140 img/s), 419 steps in 1.75
-# minutes, SR LPIPS 0.463 / PSNR-Y 23.13 on the degraded validation pairs.
+# the GPU, so the batch never goes back to the host. Its H100 run (speed, steps, SR scores):
+# docs/results.md, "On a GPU".
 out_dir = 'out/generator_gpu'
 tok_ckpt = 'out/tokenizer_gpu/ckpt.pt'
 crop_size = 256

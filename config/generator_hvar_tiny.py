@@ -1,6 +1,6 @@
 # H-VAR's next-scale generator on a 2-core CPU in ~15 minutes, on the hierarchical tokenizer of
 # config/tokenizer_hrq_tiny.py: plain multi-scale RQ, then its hierarchical fine-tuning with L1 + LPIPS
-# (row (c') of the README's Table 1a):
+# (row (c') of Table 1a in docs/results.md):
 #   python tokenizer.py config/tokenizer_hrq_tiny.py
 #   python tokenizer.py config/tokenizer_hrq_tiny.py --hierarchical=True --freeze_encoder=True \
 #       --init_from=out/tokenizer_hrq/ckpt.pt --out_dir=out/tokenizer_hrq_ft --max_minutes=4

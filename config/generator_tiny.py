@@ -1,10 +1,11 @@
 # Stage 2 on a 2-core CPU in ~10 minutes, on the tokenizer of config/tokenizer_tiny.py (patch 8,
 # G 4, K 256). 128x128 HR crops -> 32x32 LR -> a 16x16 token grid (patch 8 = 2 LR pixels per
 # token side); batch 8 -> 2048 tokens per step. The prior sees LR upsampled to 128x128.
-# The codebook head (docs/method.md#codebook-head) starts from the tokens of the upsampled LR; measured
-# against the linear head at equal time (README "Image quality"): SR LPIPS 0.48-0.51 -> 0.44, +1.7 dB.
-# Random hues on half the training pairs, two seeds against two (README "Image quality"): SR LPIPS
-# -0.004 / -0.017, PSNR-Y +0.3 dB, colour error -0.1 / -0.3 at both.
+# The codebook head (docs/method.md#codebook-head) starts from the tokens of the upsampled LR, so the
+# untrained generator is already the LR's round trip through the tokenizer and the few hundred CPU
+# steps only have to improve on it; a linear head starts from uniform logits. Random hues on half
+# the training pairs: colours the 26 training photos lack. Both were chosen against the alternative
+# at equal time, two seeds each (docs/results.md).
 out_dir = 'out/generator'
 tok_ckpt = 'out/tokenizer/ckpt.pt'   # python tokenizer.py config/tokenizer_tiny.py
 crop_size = 128
