@@ -11,7 +11,9 @@ import datetime
 import errno
 import json
 import math
+import hashlib
 import os
+import pickle
 import random
 import re
 import signal
@@ -183,11 +185,29 @@ def setting_problems(s):
         problems.append(f"learning_rate={s['learning_rate']} must be > 0")
     if not 0 <= s['learning_rate_floor'] <= 1:
         problems.append(f"learning_rate_floor={s['learning_rate_floor']} must be in [0, 1]")
-    if str(s['device']).startswith('cuda') and not torch.cuda.is_available():
-        problems.append(f"device={s['device']!r} but CUDA is not available here (use auto or cpu)")
-    if s['device'] == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
-        problems.append("device='mps' but MPS is not available here (use auto or cpu)")
-    return problems
+    if 'threads' in s and s['threads'] < 0:
+        problems.append(f"threads={s['threads']} must be >= 0 (0 = torch's default)")
+    return problems + device_problems(s['device']) + dtype_problems(s.get('dtype', 'auto'))
+
+
+def device_problems(device):
+    """[] when `device` names a device this machine has (auto | cpu | cuda | cuda:N | mps), else one message."""
+    device = str(device)
+    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', device):
+        return [f"device={device!r} must be auto, cpu, cuda, cuda:N or mps"]
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        return [f"device={device!r} but CUDA is not available here (use auto or cpu)"]
+    if device.startswith('cuda:') and int(device[5:]) >= torch.cuda.device_count():
+        return [f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"]
+    if device == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+        return ["device='mps' but MPS is not available here (use auto or cpu)"]
+    return []
+
+
+def dtype_problems(dtype):
+    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
+        return [f"dtype={dtype!r} must be auto, float32, bfloat16 or float16"]
+    return []
 
 
 def autocast_ctx(device, dtype='auto'):
@@ -225,14 +245,20 @@ def set_learning_rate(optimizer, rate):
 
 
 def rng_state():
-    return dict(torch=torch.get_rng_state(), python=random.getstate(), numpy=np.random.get_state(),
+    """The global RNG states as tensors and plain Python values only, so that a checkpoint loads with
+    torch.load(weights_only=True): numpy's state tuple holds an ndarray, stored here as a tensor."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), python=random.getstate(),
+                numpy=dict(name=name, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                           has_gauss=int(has_gauss), gauss=float(gauss)),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
 def set_rng_state(state):
     torch.set_rng_state(state['torch'])
     random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
+    n = state['numpy']
+    np.random.set_state((n['name'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['gauss']))
     if state.get('cuda') is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
 
@@ -280,17 +306,29 @@ def write_json(obj, path):
 CHECKPOINT_KINDS = {'tokenizer': 'a stage-1 tokenizer checkpoint (tokenizer.py)',
                     'generator': 'a stage-2 generator checkpoint (generator.py)',
                     'decoder': 'a stage-3 decoder checkpoint (finetune_decoder.py)'}
-CHECKPOINT_FORMAT = 2  # 2: checkpoints carry kind and format; paths inside them are absolute
+CHECKPOINT_FORMAT = 3  # 3: tensors and plain values only (weights_only loads); paths relative + absolute
 
 
 def load_checkpoint(path, what='checkpoint', kind=None):
     """torch.load of a checkpoint with errors that name the file: missing, unreadable (truncated,
-    not a checkpoint) or, when `kind` is given, of another kind than the loader expects."""
+    not a checkpoint) or, when `kind` is given, of another kind than the loader expects.
+    Always weights_only=True: unpickling may only build tensors and plain Python values, so a
+    checkpoint from anywhere cannot run code here (a pickle that names any other callable, e.g. via
+    __reduce__, is refused before anything of it runs)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: '{path}' (train the earlier stage first, "
                                 f"or point the *_ckpt setting at an existing ckpt.pt)")
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights only' not in str(e).lower():
+            raise ValueError(f"cannot read {what} '{path}': truncated or not a checkpoint "
+                             f"(UnpicklingError: {str(e).splitlines()[0] if str(e) else ''})") from None
+        found = re.search(r'GLOBAL ([\w.]+)', str(e))
+        raise ValueError(f"refusing to load {what} '{path}': it holds Python objects other than tensors and "
+                         f"plain values ({found[1] if found else 'an unsupported object'}), which could run code "
+                         f"when unpickled; nothing of it was run (checkpoints of format < {CHECKPOINT_FORMAT} "
+                         f"stored numpy objects: retrain those)") from None
     except Exception as e:  # a torn or foreign file: torch's own message names no file
         raise ValueError(f"cannot read {what} '{path}': truncated or not a checkpoint "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
@@ -299,6 +337,37 @@ def load_checkpoint(path, what='checkpoint', kind=None):
                                      'not a checkpoint of this version of the project')
         raise ValueError(f"'{path}' is {found}; {what} expects {CHECKPOINT_KINDS[kind]}")
     return ckpt
+
+
+def weights_id(state_dict):
+    """A short fingerprint of a model's weights (sha256 over names, dtypes, shapes and bytes, in key
+    order): later stages record the id of the tokenizer (and generator) they were made for, and the
+    chain refuses a checkpoint made for other weights, even of the same architecture."""
+    h = hashlib.sha256()
+    for name, t in state_dict.items():
+        t = t.detach().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def path_record(target, ckpt_path):
+    """How a checkpoint records another file it depends on (e.g. the generator's tokenizer): the path
+    relative to the checkpoint's own folder, tried first, so a copied or moved project keeps working,
+    and the absolute path as it was, tried next."""
+    target = os.path.abspath(target)
+    return dict(rel=os.path.relpath(target, os.path.dirname(os.path.abspath(ckpt_path))), abs=target)
+
+
+def resolve_record(record, ckpt_path):
+    """The inverse of path_record: the recorded file beside ckpt_path (relative path) if it exists, else
+    the absolute path as recorded. A plain string (checkpoints of format 2) is an absolute path, or one
+    relative to ckpt_path's folder."""
+    here = os.path.dirname(os.path.abspath(ckpt_path))
+    if isinstance(record, str):
+        record = dict(rel=record, abs=record)
+    beside = os.path.normpath(os.path.join(here, record['rel']))
+    return beside if os.path.isfile(beside) else record['abs']
 
 
 def _get_state(obj):
@@ -369,6 +438,28 @@ def load_state(ckpt, state):
     return ckpt['step'], ckpt['minutes']
 
 
+def check_before_save(step, log, state, metrics, saved_metrics, collapse_db):
+    """The guard in front of every checkpoint write: a checkpoint in out_dir is never replaced by
+    weights that are not finite, or whose evaluation collapsed: PSNR-Y more than collapse_db below that
+    of the checkpoint it would replace (saved_metrics; None for the first save of a run). Both end the
+    run with one line, the checkpoint on disk unchanged. A diverged update can pass stop_if_diverged
+    (its gradient was finite) and still ruin the weights it makes, e.g. at a far too high learning rate."""
+    bad = [name for name, obj in state.items() if isinstance(obj, torch.nn.Module)
+           and not all(bool(t.isfinite().all()) for t in unwrap(obj).state_dict().values() if t.is_floating_point())]
+    key = next((k for k in ('r_psnr_y', 'psnr_y', 'x4_psnr_y') if k in metrics), None)
+    now, before = (metrics.get(key), (saved_metrics or {}).get(key)) if key else (None, None)
+    if bad:
+        why = f"the weights of {', '.join(bad)} are not finite"
+    elif collapse_db > 0 and now is not None and before is not None and not now >= before - collapse_db:
+        why = (f"its evaluation collapsed: {key} {now:.2f} against {before:.2f} of the saved checkpoint, more "
+               f"than collapse_db={collapse_db} lower")
+    else:
+        return
+    log(f"not saved at step {step}: {why}")
+    sys.exit(f"error: training diverged by step {step} ({why}); "
+             f"the checkpoint in out_dir was not replaced: lower the learning rate and resume with --init_from=resume")
+
+
 def stop_if_diverged(step, log, grad_norm, **loss_parts):
     """The divergence guard, called after backward and before the optimizer step: a non-finite
     gradient norm or loss part (of any rank, under DDP) ends the run here, naming the step and the
@@ -422,10 +513,12 @@ def _lock_holder(lock):
     return None
 
 
-def _release_lock(lock):
+def _release_lock(lock, created):
     if _lock_holder(lock) == os.getpid():
         with contextlib.suppress(OSError):
             os.remove(lock)
+            if created:  # a run that failed before writing anything leaves no empty folder behind
+                os.rmdir(os.path.dirname(lock))  # only succeeds if empty
 
 
 def _exit_on_sigterm(signum, frame):
@@ -434,21 +527,26 @@ def _exit_on_sigterm(signum, frame):
     sys.exit(128 + signum)  # unwinds like an error: temp files and the lock are removed on the way
 
 
-def claim_out_dir(out_dir, init_from, overwrite):
-    """Make out_dir this run's own before any work; -> notes for the log.
+def lock_out_dir(out_dir):
+    """Make out_dir this process's own before any work; -> notes for the log.
     - A lock file out_dir/lock holding this process's PID refuses a second run on the same folder at
       once, naming the PID that holds it; a lock whose process no longer runs (a kill -9) is taken over.
-    - A scratch run never replaces the ckpt.pt of an earlier run, unless overwrite.
     - Temp files of writers that were killed (.NAME.tmpPID, see atomic_write) are removed.
-    The lock is removed at exit: normal end, error, exception, Ctrl-C or SIGTERM."""
+    The lock is removed at exit (normal end, error, exception, Ctrl-C or SIGTERM), and with it the
+    folder when this run created it and wrote nothing into it."""
     from configurator import fail
     notes, lock = [], os.path.join(out_dir, 'lock')
     tmp = os.path.join(out_dir, f'.lock.tmp{os.getpid()}')
+    created = not os.path.isdir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
         with open(tmp, 'w') as f:
             f.write(f'{os.getpid()}\n')
     except OSError as e:  # e.g. a path under a file, no permission, a full disk
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+            if created:
+                os.rmdir(out_dir)
         fail(f"cannot create or write in out_dir '{out_dir}': {e.strerror}")
     try:
         while True:
@@ -460,21 +558,15 @@ def claim_out_dir(out_dir, init_from, overwrite):
                 if _pid_alive(holder):
                     sys.exit(f"error: out_dir '{out_dir}' is in use by another run (PID {holder} holds "
                              f"{lock}): wait for it to end or choose another --out_dir (delete the lock "
-                             f"only if PID {holder} is not a training run)")
+                             f"only if PID {holder} is not a run of this project)")
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(lock)
                 notes.append(f"took over the lock {lock} of PID {holder}, which no longer runs")
     finally:
         os.remove(tmp)
-    atexit.register(_release_lock, lock)
+    atexit.register(_release_lock, lock, created)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)  # Ctrl-C already unwinds (KeyboardInterrupt)
-    ckpt = os.path.join(out_dir, 'ckpt.pt')
-    if init_from == 'scratch' and os.path.exists(ckpt):
-        if not overwrite:
-            fail(f"{ckpt} holds an earlier run, which a scratch run would replace: continue it with "
-                 f"--init_from=resume, choose another --out_dir, or pass --overwrite=True")
-        notes.append(f"overwrite=True: {ckpt} of an earlier run is replaced at the first checkpoint")
     stale = [f for f in sorted(os.listdir(out_dir))
              if (m := re.fullmatch(r'\..+\.tmp(\d+)', f)) and not _pid_alive(int(m[1]))]
     for f in stale:
@@ -482,6 +574,20 @@ def claim_out_dir(out_dir, init_from, overwrite):
             os.remove(os.path.join(out_dir, f))
     if stale:
         notes.append(f"removed {len(stale)} temp file(s) of killed runs: {' '.join(stale)}")
+    return notes
+
+
+def claim_out_dir(out_dir, init_from, overwrite):
+    """lock_out_dir for a training stage, and a scratch run never replaces the ckpt.pt of an earlier
+    run unless overwrite; -> notes for the log."""
+    from configurator import fail
+    notes = lock_out_dir(out_dir)
+    ckpt = os.path.join(out_dir, 'ckpt.pt')
+    if init_from == 'scratch' and os.path.exists(ckpt):
+        if not overwrite:
+            fail(f"{ckpt} holds an earlier run, which a scratch run would replace: continue it with "
+                 f"--init_from=resume, choose another --out_dir, or pass --overwrite=True")
+        notes.append(f"overwrite=True: {ckpt} of an earlier run is replaced at the first checkpoint")
     return notes
 
 
@@ -493,7 +599,13 @@ class Logger:
     def __init__(self, out_dir, config, notes=()):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, 'log.txt')
-        self.f = open(self.path, 'a')
+        try:  # never through a link: the log stays inside out_dir
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o644)
+        except OSError as e:
+            why = 'it is a symbolic link (the log is only written inside out_dir)' if e.errno == errno.ELOOP \
+                else WRITE_ERRORS.get(e.errno, e.strerror)
+            sys.exit(f"error: cannot write the log '{self.path}': {why}")
+        self.f = os.fdopen(fd, 'a')
         self(f"run started {time.strftime('%Y-%m-%d %H:%M:%S')}, PID {os.getpid()}")
         self('command: ' + ' '.join([os.path.basename(sys.executable)] + sys.argv))
         self('config: ' + json.dumps(config, sort_keys=True, default=str))
@@ -502,8 +614,15 @@ class Logger:
 
     def __call__(self, msg):
         print(msg, flush=True)
-        self.f.write(msg + '\n')
-        self.f.flush()
+        try:
+            self.f.write(msg + '\n')
+            self.f.flush()
+        except OSError as e:  # a full disk: one line, the checkpoints already written stay as they are
+            if e.errno not in WRITE_ERRORS:
+                raise
+            self.f = open(os.devnull, 'w')  # nothing left to flush at exit
+            sys.exit(f"error: cannot write the log '{self.path}': {WRITE_ERRORS[e.errno]} (the checkpoint in "
+                     f"out_dir is the last one saved: free space and resume with --init_from=resume)")
 
 
 def save_grid(rows, path, labels=None):

@@ -22,7 +22,7 @@ from PIL import Image, ImageOps
 from common import save_png, write_json
 from degradation import RGB_TO_YCC, YCC_TO_RGB, DegradeConfig, bicubic_downsample, degrade, quantize_8bit
 
-_IMG_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.gif')
+IMG_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.gif')
 
 
 class ImageLoadError(ValueError):
@@ -37,19 +37,23 @@ def list_images(folder):
     if not os.path.isdir(folder):
         raise ValueError(f"image folder '{folder}' does not exist (expected a folder of PNG/JPEG files)")
     return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(_IMG_EXTS) and not f.startswith('.'))
+                  if f.lower().endswith(IMG_EXTS) and not f.startswith('.'))
 
 
 def _read_rgb(path):
     """-> float32 (H, W, 3) in [0, 1]. Alpha is composited on white (what a viewer shows for a
     transparent PNG; opaque photos are unchanged). 16-bit grey keeps its precision."""
     try:
-        img = Image.open(path)
-        img.load()  # decodes now: a truncated file raises here instead of giving grey rows
-        img = ImageOps.exif_transpose(img)  # camera photos store their rotation in EXIF
+        with Image.open(path) as src:
+            src.load()  # decodes now: a truncated file raises here instead of giving grey rows
+            frames = getattr(src, 'n_frames', 1)
+            img = ImageOps.exif_transpose(src)  # camera photos store their rotation in EXIF
+            img = img.copy() if img is src else img  # usable after the file is closed
     except Exception as e:  # UnidentifiedImageError, OSError (truncated), IsADirectoryError, ...
         raise ImageLoadError(f"cannot load image '{path}': expected a readable PNG/JPEG/... file "
                              f"({type(e).__name__}: {e})") from None
+    if frames > 1:  # an animated GIF / PNG / WebP, a multi-page TIFF
+        warnings.warn(f"'{path}' holds {frames} frames: only the first is used")
     if img.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):  # 16-bit grey (PNG 16-bit opens as I or I;16)
         g = np.asarray(img, dtype=np.float32) / (255.0 if img.mode == 'F' else 65535.0)
         return np.repeat(np.clip(g, 0, 1)[..., None], 3, axis=2)
@@ -129,7 +133,7 @@ class PairSampler:
     """Random HR crops (+ horizontal flip, as x4plus: use_hflip True, use_rot False) from every
     image of a folder, degraded on `device`. With hue_prob > 0 a crop gets a random hue with that
     probability (hue_matrix, angle ~ U(-pi, pi)): a few dozen photos hold few of the colours a
-    codebook must learn (README "Image quality"). One CPU torch.Generator drives crops, flips, hues
+    codebook must learn (docs/results.md "Image quality"). One CPU torch.Generator drives crops, flips, hues
     and the degradation, so state_dict()/load_state_dict() resume the exact batch sequence."""
 
     def __init__(self, image_dir, crop, batch_size, seed=0, device='cpu', deg_cfg=None, hue_prob=0.0):
@@ -261,7 +265,19 @@ def load_val_pairs(val_dir):
         raise ValueError(f"validation pairs in '{val_dir}' are incomplete: {len(missing)} of the "
                          f"{3 * len(names)} files its manifest lists are missing "
                          f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}); {rebuild}")
-    return dict(names=list(names), **{k: torch.stack([load_image(f) for f in fs]) for k, fs in files.items()})
+    out = dict(names=list(names))
+    for k, fs in files.items():
+        imgs = [load_image(f) for f in fs]
+        sizes = {f: tuple(x.shape[-2:]) for f, x in zip(fs, imgs)}
+        odd = [f for f in fs if sizes[f] != sizes[fs[0]]]
+        if odd:
+            raise ValueError(f"validation pairs in '{val_dir}': {odd[0]} is {sizes[odd[0]]}, but {fs[0]} is "
+                             f"{sizes[fs[0]]} (all {k} images must have one size); {rebuild}")
+        out[k] = torch.stack(imgs)
+    if tuple(out['hr'].shape[-2:]) != tuple(4 * s for s in out['lr'].shape[-2:]):
+        raise ValueError(f"validation pairs in '{val_dir}': HR {tuple(out['hr'].shape[-2:])} is not 4x the LR "
+                         f"{tuple(out['lr'].shape[-2:])}; {rebuild}")
+    return out
 
 # -----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ Conventions (all inputs are (B, 3, H, W) RGB floats in [0, 1]):
   (no crop_border), as pyiqa/BasicSR do.
 """
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import write_json
+from common import device_problems, write_json
 from degradation import quantize_8bit  # round [0,1] images to the 256 levels a PNG stores
 from lpips_weights import load_lpips  # the metric's network, re-exported: ev.load_lpips(device)
 
@@ -339,6 +340,14 @@ if __name__ == '__main__':
         fail(f"eval.py: tokenization={tokenization!r} must be hierarchical, plain or both")
     if sr not in ('bicubic', 'chain', 'scales') and not os.path.isdir(sr):
         fail(f"eval.py: sr={sr!r} must be 'bicubic', 'chain', 'scales' or a folder of SR PNGs")
+    if os.path.isdir(sr) and not any(f.lower().endswith('.png') for f in os.listdir(sr)):
+        fail(f"eval.py: --sr={sr} holds no PNG files (expected one per validation pair, NAME.png or NAME_x4.png)")
+    if name and not re.fullmatch(r'[\w][\w.+-]*', name):
+        fail(f"eval.py: name={name!r} must be a plain file name (letters, digits, _ . + -), it names "
+             f"out/eval/<name>.json")
+    problems = device_problems(device)
+    if problems:
+        fail('eval.py: ' + '; '.join(problems))
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -347,6 +356,9 @@ if __name__ == '__main__':
         pairs = data.load_val_pairs(val_dir)
     except ValueError as err:
         fail(f"eval.py: {err}")
+    if not 0 <= 2 * crop_border < min(pairs['hr'].shape[-2:]):
+        fail(f"eval.py: crop_border={crop_border} must be >= 0 and leave some of the "
+             f"{tuple(pairs['hr'].shape[-2:])} HR images")
     lpips_net = load_lpips(device)
     if sr == 'chain':
         name = name or 'chain'
@@ -377,7 +389,10 @@ if __name__ == '__main__':
                 fail(f"eval.py: {val_dir}: 4x the LR size {tuple(sr_imgs.shape)} != HR {tuple(pairs['hr'].shape)}")
         else:
             name = name or Path(sr).resolve().name
-            sr_imgs = load_sr_dir(sr, pairs['names'], pairs['hr'].shape[1:])
+            try:
+                sr_imgs = load_sr_dir(sr, pairs['names'], pairs['hr'].shape[1:])
+            except (FileNotFoundError, ValueError) as err:  # missing, unreadable or mis-sized files
+                fail(f"eval.py: {err}")
         rows = [score(name, sr_imgs, pairs, lpips_net, crop_border, patch)]
         print_table(per_image_rows(rows[0]))
         print()

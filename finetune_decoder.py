@@ -28,10 +28,11 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from common import (Logger, Timer, autocast_ctx, batched, checkpoint_to_resume, claim_out_dir, ddp_cleanup,
-                    ddp_setup, ddp_wrap, learning_rate_at, load_state, maybe_compile, mean_items, no_sync,
-                    rank0_number, rank_states, save_curves, save_grid, save_state, set_learning_rate,
-                    setting_problems, stop_if_diverged, summary, write_json)
+from common import (Logger, Timer, autocast_ctx, batched, check_before_save, checkpoint_to_resume,
+                    claim_out_dir, ddp_cleanup, ddp_setup, ddp_wrap, learning_rate_at, load_state,
+                    maybe_compile, mean_items, no_sync, path_record, rank0_number, rank_states, save_curves,
+                    save_grid, save_state, set_learning_rate, setting_problems, stop_if_diverged, summary,
+                    weights_id, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import count_params, lr_anchor, param_groups, sample_topk
@@ -56,7 +57,7 @@ val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 
 crop_size = 256           # HR training crop side, a multiple of the tokenizer's patch
 batch_size = 8            # per process (DDP: each of the N ranks draws its own batch)
 grad_accum = 1            # micro-batches per optimizer step (images per step = batch_size * grad_accum * N)
-hue_aug = 0.0             # P(a training crop gets a random hue), data.PairSampler (README "Image quality")
+hue_aug = 0.0             # P(a training crop gets a random hue), data.PairSampler (docs/results.md "Image quality")
 degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic'
 jpeg_impl = 'torch'       # its JPEG (docs/method.md#jpeg): 'torch' (batched, on the device) | 'pil' (libjpeg)
 # what the decoder sees (the paper's Table 5)
@@ -74,6 +75,7 @@ betas = (0.9, 0.95)
 d_betas = (0.5, 0.9)
 weight_decay = 0.01
 grad_clip = 1.0
+collapse_db = 5.0         # a checkpoint is never replaced by one whose PSNR-Y is lower by more than this (0 = off)
 warmup_iters = 500
 learning_rate_floor = 0.1  # the cosine decay ends at this fraction of the peak
 # system
@@ -134,8 +136,10 @@ if crop_size % tcfg.patch:
     fail(f"finetune_decoder.py: crop_size={crop_size} must be a multiple of the tokenizer's patch={tcfg.patch}")
 decoder = tokenizer.decoder
 decoder.requires_grad_(True)  # the only trainable module (mode 'frozen' never takes a step)
-chain = dict(gen_ckpt=os.path.abspath(gen_ckpt), tok_model_args=asdict(tcfg), gen_model_args=asdict(gcfg),
-             mode=mode, top_k=k_train)
+# the chain this decoder is fine-tuned for, by the weights' ids (a resume must use the same chain;
+# sr.load_sr_chain refuses this decoder for any other tokenizer)
+chain = dict(tok_id=weights_id(tokenizer.state_dict()), gen_id=weights_id(generator.state_dict()),
+             tok_model_args=asdict(tcfg), gen_model_args=asdict(gcfg), mode=mode, top_k=k_train)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'decoder', **chain)
 log = Logger(out_dir, config, notes) if master else (lambda msg: None)
 
@@ -164,6 +168,7 @@ state = dict(decoder=decoder, disc=disc, optimizer=optimizer, d_optimizer=d_opti
              topk_gen=topk_gen)
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
+saved_metrics = (ckpt or {}).get('metrics')  # the evaluation of the checkpoint a save replaces
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 log(f"finetune_decoder: mode {mode}" + (f" (top-{top_k})" if mode == 'topk' else '')
@@ -218,8 +223,11 @@ while True:
             save_curves(history, os.path.join(out_dir, 'curves.png'))
         per_rank = rank_states(state, ('sampler', 'topk_gen'))  # DDP: every rank's data and RNG state
         if master and (step > 0 or done):
+            check_before_save(step, log, state, metrics, saved_metrics, collapse_db)  # never a broken one
             save_state(ckpt_path, state, 'decoder', config=config, step=step, minutes=minutes(),
-                       metrics=metrics, history=history, **chain, **per_rank)
+                       metrics=metrics, history=history, gen_ckpt=path_record(gen_ckpt, ckpt_path),
+                       **chain, **per_rank)
+            saved_metrics = metrics
     if done:
         break
 

@@ -46,10 +46,11 @@ import torch.nn.functional as F
 
 import data
 import eval as ev
-from common import (Logger, Timer, TrainStep, autocast_ctx, batched, checkpoint_to_resume, claim_out_dir,
-                    ddp_cleanup, ddp_setup, ddp_wrap, from_rank0_, learning_rate_at, load_checkpoint, load_state,
-                    maybe_compile, mean_items, no_sync, rank0_number, rank_states, save_curves, save_grid, save_state,
-                    set_learning_rate, setting_problems, stop_if_diverged, summary, write_json)
+from common import (Logger, Timer, TrainStep, autocast_ctx, batched, check_before_save, checkpoint_to_resume,
+                    claim_out_dir, ddp_cleanup, ddp_setup, ddp_wrap, from_rank0_, learning_rate_at,
+                    load_checkpoint, load_state, maybe_compile, mean_items, no_sync, rank0_number,
+                    path_record, rank_states, save_curves, save_grid, save_state, set_learning_rate,
+                    setting_problems, stop_if_diverged, summary, weights_id, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
@@ -79,7 +80,7 @@ val_dir = 'assets/val_pairs'        # fixed DEGRADED validation pairs (lr 64x64 
 crop_size = 256           # HR training crop side, a multiple of patch (LR crop = crop_size / 4)
 batch_size = 8            # per process (DDP: each of the N ranks draws its own batch)
 grad_accum = 1            # micro-batches per optimizer step (images per step = batch_size * grad_accum * N)
-hue_aug = 0.0             # P(a training crop gets a random hue), data.PairSampler (README "Image quality")
+hue_aug = 0.0             # P(a training crop gets a random hue), data.PairSampler (docs/results.md "Image quality")
 degradation = 'realesrgan'  # 'realesrgan' (docs/method.md#degradation) | 'bicubic' (clean LR, easier)
 jpeg_impl = 'torch'       # its JPEG (docs/method.md#jpeg): 'torch' (batched, on the device) | 'pil' (libjpeg)
 # model: the fields of model.GeneratorConfig (docs/method.md#generator); groups, codebook_size
@@ -124,6 +125,7 @@ betas = (0.9, 0.95)
 d_betas = (0.5, 0.9)
 weight_decay = 0.05
 grad_clip = 1.0
+collapse_db = 5.0         # a checkpoint is never replaced by one whose PSNR-Y is lower by more than this (0 = off)
 warmup_iters = 500
 learning_rate_floor = 0.1  # the cosine decay ends at this fraction of the peak
 # system
@@ -146,7 +148,9 @@ def check_config():
         problems.append(f"degradation={degradation!r} must be 'realesrgan' or 'bicubic'")
     if jpeg_impl not in ('torch', 'pil'):
         problems.append(f"jpeg_impl={jpeg_impl!r} must be 'torch' or 'pil'")
-    if crop_size % patch:
+    if patch < 1:
+        problems.append(f"patch={patch} must be >= 1")
+    elif crop_size % patch:
         problems.append(f"crop_size={crop_size} must be a multiple of patch={patch}")
     for k in ('ce_weight', 'repa_weight', 'l1_weight', 'lpips_weight', 'gan_weight', 'lora_rank', 'struct_weight'):
         if globals()[k] < 0:
@@ -233,6 +237,7 @@ tokenizer = Tokenizer(tcfg)
 tokenizer.load_state_dict(tok.get('ema') or tok['model'])  # the EMA weights when stage 1 kept them
 tokenizer.to(device).eval().requires_grad_(False)  # eval: no dead-code restarts, no hit counts
 tok_step = tok.get('step')
+tok_id = weights_id(tokenizer.state_dict())  # the chain's identity check (sr.load_sr_chain)
 del tok
 
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
@@ -278,6 +283,7 @@ if hvar:  # no prior, no discriminator
         del state[k]
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
+saved_metrics = (ckpt or {}).get('metrics')  # the evaluation of the checkpoint a save replaces
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 if head == 'codebook' and ckpt is None:  # data init of the temperature(s), on one training batch
     ce0, ce1 = calibrate_codebook_head(generator, tokenizer, prior, *sampler.next())
@@ -391,10 +397,12 @@ while True:
             save_curves(history, os.path.join(out_dir, 'curves.png'))
         per_rank = rank_states(state, ('sampler',))  # DDP: every rank's data and RNG state
         if master and (step > 0 or done):
+            check_before_save(step, log, state, metrics, saved_metrics, collapse_db)  # never a broken one
             save_state(ckpt_path, state, 'generator', method=method, model_args=model_args, prior_args=prior_args,
-                       config=config,
-                       tok_ckpt=os.path.abspath(tok_ckpt), tok_model_args=asdict(tcfg), tok_step=tok_step,
-                       step=step, minutes=minutes(), metrics=metrics, history=history, **per_rank)
+                       config=config, tok_ckpt=path_record(tok_ckpt, ckpt_path), tok_id=tok_id,
+                       tok_model_args=asdict(tcfg), tok_step=tok_step, step=step, minutes=minutes(),
+                       metrics=metrics, history=history, **per_rank)
+            saved_metrics = metrics
     if done:
         break
 

@@ -26,7 +26,7 @@ tokens as a map and the CLS token of a few layers as the pooled vectors, e.g.
             super().__init__()
             # a local clone of facebookresearch/dinov2 (or dinov3) and a .pth downloaded by the user
             self.net = torch.hub.load(repo_dir, hub_name, source='local', pretrained=False)
-            self.net.load_state_dict(torch.load(weights_path, map_location='cpu'))
+            self.net.load_state_dict(torch.load(weights_path, map_location='cpu', weights_only=True))
             self.layers, self.patch = layers, self.net.patch_size          # 14 (v2) or 16 (v3)
             self.feat_dim, self.pooled_dims = self.net.embed_dim, [self.net.embed_dim] * len(layers)
             self.feat_stride = self.patch

@@ -23,6 +23,8 @@ Grayscale, palette, RGBA (composited on white) and 16-bit inputs are converted t
 data.load_image; an unreadable file is reported and skipped, the others are still processed (exit
 code 1 if any failed).
 """
+import contextlib
+import json
 import math
 import os
 import sys
@@ -57,30 +59,32 @@ def load_tokenizer(path, device='cpu', what='--tok_ckpt'):
 def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
     """Stage-2 checkpoint -> (tokenizer, generator, prior) in eval mode, frozen, on device; the
     generator is a Generator (HiTokSR) or a NextScaleGenerator (H-VAR, no prior), as trained.
-    The tokenizer is rebuilt from the path saved in the generator checkpoint (tok_ckpt, absolute;
-    a relative one from older runs is tried next to the generator checkpoint too); its decoder is
-    replaced by decoder_ckpt's 'decoder' state dict when given (stage 3). A texture-VQ chain
+    The tokenizer is rebuilt from the path saved in the generator checkpoint (tok_ckpt: relative to
+    the generator's folder first, then absolute) and must hold the very weights the generator was
+    trained on (tok_id, common.weights_id); its decoder is replaced by decoder_ckpt's 'decoder' state
+    dict when given (stage 3), which must have been fine-tuned for those weights too. A texture-VQ chain
     (method 'tvq') gives a TextureGenerator. prior is None for a
     generator trained with use_prior=False. A missing, unreadable or wrong kind of file raises
     FileNotFoundError / ValueError naming it."""
-    import os
-    from common import load_checkpoint
+    from common import load_checkpoint, resolve_record, weights_id
     from prior import LoRAWeights, build_sr_prior  # local: model.py works without the prior's packages
     g = load_checkpoint(gen_ckpt, '--gen_ckpt', kind='generator')
-    tok_path = g['tok_ckpt']
-    if not os.path.isfile(tok_path) and os.path.isfile(os.path.join(os.path.dirname(gen_ckpt), tok_path)):
-        tok_path = os.path.join(os.path.dirname(gen_ckpt), tok_path)
+    tok_path = resolve_record(g['tok_ckpt'], gen_ckpt)  # beside the generator first: a moved project works
     t = load_checkpoint(tok_path, f"the tokenizer of {gen_ckpt}", kind='tokenizer')
-    same = lambda a, b: a is not None and TokenizerConfig.from_dict(a) == TokenizerConfig.from_dict(b)  # old keys filled
-    if not same(t['model_args'], g['tok_model_args']) or t.get('step') != g.get('tok_step'):
-        raise ValueError(f"{gen_ckpt} was trained on the tokenizer {tok_path} at step "
-                         f"{g.get('tok_step')}, which now holds step {t.get('step')} / other settings")
+    if TokenizerConfig.from_dict(t['model_args']) != TokenizerConfig.from_dict(g['tok_model_args']):  # old keys filled
+        raise ValueError(f"{gen_ckpt} was trained on the tokenizer {tok_path} at step {g.get('tok_step')}, "
+                         f"which now holds a tokenizer with other settings (step {t.get('step')})")
     tokenizer = Tokenizer(TokenizerConfig.from_dict(t['model_args']))
     tokenizer.load_state_dict(t.get('ema') or t['model'])  # the EMA weights when stage 1 kept them
+    tok_id = weights_id(tokenizer.state_dict())
+    if tok_id != g.get('tok_id'):  # the same file name can hold another run's weights
+        raise ValueError(f"{gen_ckpt} was trained on the tokenizer {tok_path} at step {g.get('tok_step')} "
+                         f"(weights {g.get('tok_id')}), which now holds other weights ({tok_id}, step {t.get('step')})")
     if decoder_ckpt is not None:
         d = load_checkpoint(decoder_ckpt, '--decoder_ckpt', kind='decoder')
-        if not same(d.get('tok_model_args'), t['model_args']):
-            raise ValueError(f"{decoder_ckpt} is a decoder for another tokenizer than the one of {gen_ckpt}")
+        if d.get('tok_id') != tok_id:
+            raise ValueError(f"{decoder_ckpt} is a decoder fine-tuned for another tokenizer (weights "
+                             f"{d.get('tok_id')}) than the one of {gen_ckpt} ({tok_path}, weights {tok_id})")
         tokenizer.decoder.load_state_dict(d['decoder'])
     if g.get('method', 'hitoksr') == 'hvar':
         generator = NextScaleGenerator(NextScaleConfig.from_dict(g['model_args']))
@@ -260,7 +264,7 @@ def pad_to_multiple(lr, multiple, min_size=0):
 
 
 @torch.no_grad()
-def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1, batch_size=1, fixed_tile=False):
+def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1, batch_size=1, fixed_tile=False, on_band=None):
     """Apply an x`scale` SR function `fn` ((n, 3, h, w) -> (n, 3, h*s, w*s), values in [0, 1]) to
     lr (B, 3, H, W) -> uint8 images (B, H*s, W*s, 3) on the host (common.to_uint8's rounding).
     scale may be a tuple of factors (s_1, ..., s_n) for a multi-scale fn that returns a list of n
@@ -274,7 +278,8 @@ def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1, batch_size=1, fix
     band, tile*s rows) and one call's tiles. Blending in this order gives the float sums of blending
     into a whole-image canvas, bit for bit. The image is reflect-padded to a multiple of `multiple`
     LR pixels (fixed_tile: to at least `tile` on each side, so fn always gets tile x tile inputs,
-    as a fixed-size generator needs) and the output cropped back."""
+    as a fixed-size generator needs) and the output cropped back. on_band(done, total), when given, is
+    called after each row band of tiles (sr.py's progress line for large images)."""
     scales = tuple(scale) if isinstance(scale, (tuple, list)) else (scale,)
     f = fn if isinstance(scale, (tuple, list)) else (lambda x: [fn(x)])
     B, _, H, W = lr.shape
@@ -314,6 +319,8 @@ def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1, batch_size=1, fix
                 if rows > 0:
                     outs[k][b, Y:Y + rows] = to_uint8(bands[k][:3, :rows, :W * s] / bands[k][3:, :rows, :W * s])
                 carry[k] = bands[k][:, Y_next - Y:]
+            if on_band is not None:
+                on_band(b * len(ys) + i + 1, B * len(ys))
     return outs if isinstance(scale, (tuple, list)) else outs[0]
 
 
@@ -357,6 +364,69 @@ def loaded(paths, failed):
             failed.append(path)
 
 
+MAX_WHOLE_PIXELS = 1024 * 1024  # LR pixels sr.py takes in one pass with tile=0; larger images must be tiled
+
+
+def image_pixels(paths):
+    """Sum of the images' pixel counts, read from their headers (for the time-left estimate)."""
+    from PIL import Image
+    total = 0
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                total += img.size[0] * img.size[1]
+        except Exception:  # unreadable: reported when it is loaded
+            pass
+    return max(total, 1)
+
+
+def progress_printer(path, t0, every=10.0):
+    """on_band for tiled_sr: a line every `every` seconds on a large image, with the time left."""
+    last = [t0]
+
+    def report(done, total):
+        now = time.time()
+        if now - last[0] >= every and done < total:
+            last[0] = now
+            print(f"  {path}: {done}/{total} rows of tiles, about {(now - t0) / done * (total - done):.0f} s left",
+                  flush=True)
+    return report
+
+
+def claim_sr_dir(out_dir, settings, outputs, overwrite):
+    """Lock out_dir for this run (common.lock_out_dir: one run at a time, temp files of killed runs
+    removed) and keep its outputs of one kind: out_dir/sr.json records the settings of the run that
+    wrote them (the chain's weight ids, tile, scales, colour correction, ...). A run with other
+    settings, or one that would replace files no sr.json accounts for, is refused unless overwrite,
+    which first removes the earlier run's files. -> the names of the files of this kind already there."""
+    from common import lock_out_dir, write_json
+    from configurator import fail
+    lock_out_dir(out_dir)
+    manifest = os.path.join(out_dir, 'sr.json')
+    try:
+        with open(manifest) as f:
+            before = json.load(f)
+        if not isinstance(before, dict) or not isinstance(before.get('files'), list) or 'settings' not in before:
+            raise ValueError
+    except FileNotFoundError:
+        before = None
+    except ValueError:  # also JSONDecodeError
+        fail(f"sr.py: '{manifest}' is not a record of an sr.py run: choose another --out_dir or delete it")
+    if before is not None and before['settings'] == settings:
+        return list(before['files'])
+    unknown = before is None and [n for n in outputs if os.path.exists(os.path.join(out_dir, n))]
+    if (before is not None or unknown) and not overwrite:
+        what = (f"outputs of a run with other settings (differing: {', '.join(k for k in settings if before['settings'].get(k) != settings[k])})"
+                if before is not None else f"files this run would replace ({' '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''})")
+        fail(f"sr.py: out_dir '{out_dir}' holds {what}: choose another --out_dir, or pass --overwrite=True to "
+             f"replace them")
+    for n in (before or {}).get('files', []):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out_dir, os.path.basename(n)))
+    write_json(dict(settings=settings, files=[]), manifest)
+    return []
+
+
 def runs(items, batch_size, key):
     """Consecutive items with equal key(item), at most batch_size per list; key None: alone."""
     run = []
@@ -372,7 +442,7 @@ def runs(items, batch_size, key):
 
 if __name__ == '__main__':
     from configurator import configure, fail
-    from common import autocast_ctx, pick_device, save_png
+    from common import autocast_ctx, device_problems, dtype_problems, pick_device, save_png, weights_id, write_json
     # -----------------------------------------------------------------------------
     input = ''                              # an image file or a folder of images
     out_dir = 'out/sr'                      # <name>_x4.png per input
@@ -394,6 +464,7 @@ if __name__ == '__main__':
     kv_cache = True
     seed = 0                                # of the sampling (top_k != 1)
     color_fix = 2.0                         # > 0: the LR's low-frequency chroma, Gaussian sigma in LR px (fix_colors)
+    overwrite = False                       # True: replace the outputs of a run with other settings in out_dir
     config = configure(globals())
     # -----------------------------------------------------------------------------
     if not input:
@@ -407,8 +478,16 @@ if __name__ == '__main__':
     if not os.path.exists(input):
         fail(f"sr.py: input '{input}' does not exist")
     paths = data.list_images(input) if os.path.isdir(input) else [input]
+    if os.path.isdir(input):
+        hidden = sorted(f for f in os.listdir(input) if f.startswith('.') and f.lower().endswith(data.IMG_EXTS))
+        if hidden:
+            print(f"sr.py: skipping {len(hidden)} hidden file(s) in '{input}': {' '.join(hidden[:5])}"
+                  f"{' ...' if len(hidden) > 5 else ''} (pass a file by name to process it)", file=sys.stderr)
     if not paths:
-        fail(f"sr.py: no images in folder '{input}'")
+        fail(f"sr.py: no images in folder '{input}' (expected PNG/JPEG/... files: {' '.join(data.IMG_EXTS)})")
+    problems = device_problems(device) + dtype_problems(dtype)
+    if problems:
+        fail('sr.py: ' + '; '.join(problems))
     device = pick_device(device)
     try:
         dtype, ctx = autocast_ctx(device, dtype)
@@ -446,20 +525,42 @@ if __name__ == '__main__':
         out = [out[all_scales.index(s)] for s in scales]
         return [fix_colors(o, lr, color_fix * s) for o, s in zip(out, scales)] if color_fix > 0 else out
 
-    os.makedirs(out_dir, exist_ok=True)
-    failed = []
     names = {s: output_names(paths, s) for s in scales}
+    # out_dir: locked for this run; outputs of a run with other settings are never mixed with these
+    settings = dict(generator=weights_id(generator.state_dict()), decoder=decoder_ckpt and weights_id(
+        tokenizer.decoder.state_dict()), scales=list(scales), tile=tile, overlap=overlap, dtype=dtype,
+        color_fix=color_fix, **({k: config[k] for k in ('top_k', 'temperature', 'cfg', 'input_class', 'seed')}
+                                if hvar else {}))
+    written = claim_sr_dir(out_dir, settings, [n for s in scales for n in names[s]], overwrite)
+    failed, t_start, done_px = [], time.time(), 0
+    total_px = None  # LR pixels of all inputs, known once the first image is read (sizes come from the headers)
     one_pass = lambda item: tuple(item[2].shape) if tile <= 0 or max(item[2].shape[1:]) <= tile else None
     for run in runs(loaded(paths, failed), batch_size, key=one_pass):  # equal sizes that fit one tile
         t0 = time.time()
         lr = torch.stack([item[2] for item in run]).to(device)         # (n, 3, h, w)
-        srs = tiled_sr(lr, fn, scales, tile, overlap, multiple, batch_size, fixed_tile=hvar)  # [(n, H, W, 3) uint8]
+        if tile <= 0 and lr.shape[-1] * lr.shape[-2] > MAX_WHOLE_PIXELS:
+            for path, _, _ in run:
+                print(f"skipped: {path}: {tuple(lr.shape[-2:])} is too large for tile=0 (the whole image in one pass "
+                      f"needs memory for {lr.shape[-1] * lr.shape[-2] * 16:,} tokens' activations and more; at most "
+                      f"{MAX_WHOLE_PIXELS:,} LR pixels): use tiles, e.g. --tile=64", file=sys.stderr)
+                failed.append(path)
+            continue
+        total_px = total_px or image_pixels(paths)
+        report = progress_printer(run[0][0], t0) if len(run) == 1 else None
+        srs = tiled_sr(lr, fn, scales, tile, overlap, multiple, batch_size, fixed_tile=hvar,
+                       on_band=report)                                   # [(n, H, W, 3) uint8]
         dt = (time.time() - t0) / len(run)
         for s, sr in zip(scales, srs):
             for (path, i, _), img in zip(run, sr):
                 dst = os.path.join(out_dir, names[s][i])
                 save_png(img, dst)                                          # atomic write
-                batch = f" (batch of {len(run)})" if len(run) > 1 else ""
-                print(f"{path}: {tuple(lr.shape[-2:])} -> {img.shape[:2]} in {dt:.2f} s{batch} -> {dst}")
+                written.append(names[s][i])
+                write_json(dict(settings=settings, files=sorted(set(written))), os.path.join(out_dir, 'sr.json'))
+        done_px += lr.shape[0] * lr.shape[-1] * lr.shape[-2]
+        left = (time.time() - t_start) / done_px * max(total_px - done_px, 0)
+        for path, i, _ in run:
+            batch = f" (batch of {len(run)})" if len(run) > 1 else ""
+            print(f"[{i + 1}/{len(paths)}] {path}: {tuple(lr.shape[-2:])} -> {tuple(srs[-1].shape[1:3])} in {dt:.2f} s"
+                  f"{batch} -> {os.path.join(out_dir, names[scales[-1]][i])}, about {left:.0f} s left")
     print(f"done: {len(paths) - len(failed)} written to {out_dir}, {len(failed)} failed")
     sys.exit(1 if failed else 0)

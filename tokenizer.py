@@ -27,10 +27,11 @@ import torch
 
 import data
 import eval as ev
-from common import (Logger, Timer, TrainStep, autocast_ctx, checkpoint_to_resume, claim_out_dir, ddp_cleanup,
-                    ddp_setup, ddp_wrap, learning_rate_at, load_checkpoint, load_state, maybe_compile, mean_items,
-                    no_sync, rank0_number, rank_states, save_curves, save_grid, save_state, set_learning_rate,
-                    setting_problems, stop_if_diverged, summary, write_json)
+from common import (Logger, Timer, TrainStep, autocast_ctx, check_before_save, checkpoint_to_resume,
+                    claim_out_dir, ddp_cleanup, ddp_setup, ddp_wrap, learning_rate_at, load_checkpoint,
+                    load_state, maybe_compile, mean_items, no_sync, rank0_number, rank_states, save_curves,
+                    save_grid, save_state, set_learning_rate, setting_problems, stop_if_diverged, summary,
+                    write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig
 from model import (Tokenizer, TokenizerConfig, config_from_settings, count_params, param_groups, resize_image,
@@ -57,7 +58,7 @@ val_dir = 'assets/val_pairs'        # HR crops of the fixed validation pairs
 crop_size = 256           # HR training crop side, a multiple of patch
 batch_size = 8            # per process (DDP: each of the N ranks draws its own batch)
 grad_accum = 1            # micro-batches per optimizer step (images per step = batch_size * grad_accum * N)
-hue_aug = 0.0             # P(a training crop gets a random hue), data.PairSampler (README "Image quality")
+hue_aug = 0.0             # P(a training crop gets a random hue), data.PairSampler (docs/results.md "Image quality")
 # model: the fields of model.TokenizerConfig, paper sizes (docs/method.md#grouped-vq)
 patch = 16                # HR pixels per token side
 latent_dim = 32           # C
@@ -70,7 +71,7 @@ dec_width = 768           # ViT decoder: width, blocks, heads
 dec_depth = 12
 dec_heads = 12
 dec_overlap = True        # each token paints a 2p x 2p patch, tent-blended with its neighbours (no grid)
-dec_refine = 0            # residual 3x3-conv blocks after un-patchifying (0: none; see README)
+dec_refine = 0            # residual 3x3-conv blocks after un-patchifying (0: none; docs/results.md)
 dec_refine_ch = 32        # their channels (the decoder also emits this many features per pixel)
 mlp_ratio = 4.0           # SwiGLU hidden = 2/3 * mlp_ratio * width
 rope_base = 10000.0       # 2D RoPE frequency base
@@ -107,7 +108,7 @@ down_weight = 1.0         # mean (D_down(F_down) - x_down)^2, the structure auto
 l1_weight = 1.0
 l2_weight = 0.0           # H-VAR's hierarchical fine-tuning: l2 1, LPIPS 5, l1 0
 lpips_weight = 1.0
-grad_weight = 0.0         # edge loss: L1 of the neighbour differences (losses.gradient_l1; README "Image quality")
+grad_weight = 0.0         # edge loss: L1 of the neighbour differences (losses.gradient_l1; docs/results.md "Image quality")
 gan_weight = 0.8          # hinge GAN weight
 adaptive_gan = False      # VQGAN's adaptive GAN weight (gradient-norm ratio at the decoder's last layer)
 commit_weight = 1.0
@@ -118,6 +119,7 @@ d_learning_rate = 5e-5    # discriminator, follows the same schedule
 betas = (0.5, 0.9)
 weight_decay = 1e-4
 grad_clip = 1.0
+collapse_db = 5.0         # a checkpoint is never replaced by one whose PSNR-Y is lower by more than this (0 = off)
 ema_decay = 0.0           # > 0: keep an exponential moving average of the weights (e.g. 0.99); it is
                           # what evaluation, the PNGs and the next stages use
 warmup_iters = 500
@@ -134,7 +136,9 @@ config = configure(globals())
 
 def check_config():
     problems = setting_problems(config)
-    if crop_size % patch:
+    if patch < 1:
+        problems.append(f"patch={patch} must be >= 1")
+    elif crop_size % patch:
         problems.append(f"crop_size={crop_size} must be a multiple of patch={patch}")
     if not 0.0 <= p_full <= 1.0:
         problems.append(f"p_full={p_full} must be in [0, 1]")
@@ -224,6 +228,7 @@ state = dict(model=model, disc=disc, optimizer=optimizer, d_optimizer=d_optimize
              mask_gen=mask_gen, **({'ema': ema} if ema is not None else {}))
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
+saved_metrics = (ckpt or {}).get('metrics')  # the evaluation of the checkpoint a save replaces
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 train_model = maybe_compile(model, compile, device)
@@ -343,8 +348,10 @@ while True:
             save_curves(history, os.path.join(out_dir, 'curves.png'))
         per_rank = rank_states(state, ('sampler', 'mask_gen'))  # DDP: every rank's data and RNG state
         if master and (step > 0 or done):
+            check_before_save(step, log, state, metrics, saved_metrics, collapse_db)  # never a broken one
             save_state(ckpt_path, state, 'tokenizer', model_args=model_args, config=config, step=step,
                        minutes=minutes(), metrics=metrics, history=history, **per_rank)
+            saved_metrics = metrics
     if done:
         break
 

@@ -189,3 +189,294 @@ def test_curves_draw_one_panel_per_number_against_steps(tmp_path):
         assert (first < last) == falls, (panel, first, last)  # image rows grow downwards
     common.save_curves(dict(train=[], eval=[]), str(tmp_path / 'none.png'))
     assert not (tmp_path / 'none.png').exists()
+
+# ----------------------------------------------------------------------------- checkpoints that run code
+
+
+class RunsCode:
+    """A pickle payload: unpickling it calls open(path, 'w'), i.e. creates a file (any code could run)."""
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+def test_load_checkpoint_refuses_a_pickle_that_would_run_code_and_runs_none_of_it(tmp_path):
+    marker, path = tmp_path / 'ran', tmp_path / 'evil.pt'
+    torch.save(dict(kind='generator', payload=RunsCode(marker)), path)
+    with pytest.raises(ValueError) as e:
+        common.load_checkpoint(str(path), '--gen_ckpt', kind='generator')
+    msg = str(e.value)
+    assert f"refusing to load --gen_ckpt '{path}'" in msg and 'could run code' in msg and '\n' not in msg
+    assert '(io.open)' in msg and not marker.exists()  # the callable the pickle names
+
+
+def test_the_rng_state_survives_a_weights_only_checkpoint(tmp_path):
+    """Global RNG states (torch, numpy with a cached Gaussian, Python) are stored as tensors and plain
+    values: restored from a weights_only load, every stream continues as if never saved."""
+    import random
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    np.random.standard_normal()  # numpy now holds a cached second Gaussian (has_gauss = 1)
+    common.save_state(str(tmp_path / 'ckpt.pt'), {}, 'tokenizer', step=1)
+    want = (torch.rand(5), np.random.standard_normal(3), [random.random() for _ in range(3)])
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    common.set_rng_state(common.load_checkpoint(str(tmp_path / 'ckpt.pt'), kind='tokenizer')['rng'])
+    got = (torch.rand(5), np.random.standard_normal(3), [random.random() for _ in range(3)])
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
+
+
+@pytest.mark.parametrize('loader', ['sr.py --gen_ckpt', 'sr.py --decoder_ckpt', 'eval.py --gen_ckpt',
+                                    'generator.py --tok_ckpt', 'tokenizer.py --init_from',
+                                    'tokenizer.py resume', 'finetune_decoder.py --gen_ckpt'])
+def test_every_checkpoint_loader_refuses_a_code_running_pickle_in_one_line(loader, tiny_val, tiny_gen, run_script,
+                                                                           tmp_path):
+    marker, evil = tmp_path / 'ran', tmp_path / 'evil.pt'
+    torch.save(dict(kind='tokenizer', model_args={}, payload=RunsCode(marker)), evil)
+    img = tmp_path / 'x.png'
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(img)
+    out = tmp_path / 'out'
+    args = {'sr.py --gen_ckpt': ['sr.py', f'--input={img}', f'--gen_ckpt={evil}', f'--out_dir={out}'],
+            'sr.py --decoder_ckpt': ['sr.py', f'--input={img}', f'--gen_ckpt={tiny_gen}', f'--decoder_ckpt={evil}',
+                                     f'--out_dir={out}'],
+            'eval.py --gen_ckpt': ['eval.py', '--sr=chain', f'--gen_ckpt={evil}', f'--val_dir={tiny_val}',
+                                   f'--out_json={out}/x.json'],
+            'generator.py --tok_ckpt': ['generator.py', *GEN_TINY, f'--tok_ckpt={evil}', f'--out_dir={out}'],
+            'tokenizer.py --init_from': ['tokenizer.py', *TOK_TINY, f'--init_from={evil}', f'--out_dir={out}'],
+            'tokenizer.py resume': ['tokenizer.py', *TOK_TINY, '--init_from=resume', f'--out_dir={out}'],
+            'finetune_decoder.py --gen_ckpt': ['finetune_decoder.py', 'config/finetune_decoder_tiny.py',
+                                               f'--gen_ckpt={evil}', f'--out_dir={out}']}[loader]
+    if loader == 'tokenizer.py resume':
+        out.mkdir()
+        evil.rename(out / 'ckpt.pt')
+    p = run_script(args[0], args[1:] + ['--max_iters=1'] * args[0].endswith(('tokenizer.py', 'generator.py',
+                                                                              'decoder.py')), check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr
+    assert 'refusing to load' in p.stderr and 'could run code' in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert str(out / 'ckpt.pt' if loader == 'tokenizer.py resume' else evil) in p.stderr
+    assert not marker.exists()
+
+# ----------------------------------------------------------------------------- divergence never reaches a checkpoint
+
+
+def test_check_before_save_refuses_non_finite_weights_and_a_collapsed_evaluation():
+    model, lines = torch.nn.Linear(3, 3), []
+    state = dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    common.check_before_save(5, lines.append, state, dict(psnr_y=22.0), dict(psnr_y=25.0), 5.0)   # within 5 dB
+    common.check_before_save(5, lines.append, state, dict(r_psnr_y=30.0), None, 5.0)             # first save
+    common.check_before_save(5, lines.append, state, dict(psnr_y=10.0), dict(psnr_y=25.0), 0.0)  # guard off
+    assert lines == []
+    with pytest.raises(SystemExit, match=r"psnr_y 19\.90 against 25\.00 of the saved checkpoint, more than "
+                                         r"collapse_db=5\.0 lower\); the checkpoint in out_dir was not replaced"):
+        common.check_before_save(7, lines.append, state, dict(psnr_y=19.9), dict(psnr_y=25.0), 5.0)
+    with pytest.raises(SystemExit, match='x4_psnr_y nan'):  # a NaN evaluation is a collapse too
+        common.check_before_save(7, lines.append, state, dict(x4_psnr_y=float('nan')), dict(x4_psnr_y=20.0), 5.0)
+    with torch.no_grad():
+        model.bias[1] = float('inf')
+    with pytest.raises(SystemExit, match='the weights of model are not finite'):
+        common.check_before_save(8, lines.append, state, dict(psnr_y=25.0), dict(psnr_y=25.0), 5.0)
+    assert lines[0].startswith('not saved at step 7: its evaluation collapsed') and len(lines) == 3
+
+
+def test_a_resumed_run_whose_evaluation_collapses_keeps_the_checkpoint(tiny_val, run_script, tmp_path):
+    """The saved checkpoint's evaluation is raised to 99 dB: any real evaluation after resuming is then
+    a collapse, as after a far too high learning rate on a trained model. The run ends with one line,
+    and ckpt.pt is byte for byte the one before."""
+    out = tmp_path / 'tok'
+    run_script('tokenizer.py', TOK_TINY + ['--max_iters=1', f'--val_dir={tiny_val}', f'--out_dir={out}'])
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    ckpt['metrics']['r_psnr_y'] = 99.0
+    torch.save(ckpt, out / 'ckpt.pt')
+    before = (out / 'ckpt.pt').read_bytes()
+    p = run_script('tokenizer.py', TOK_TINY + ['--max_iters=2', '--init_from=resume', f'--val_dir={tiny_val}',
+                                               f'--out_dir={out}'], check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr
+    assert 'against 99.00 of the saved checkpoint' in p.stderr and 'was not replaced' in p.stderr
+    assert (out / 'ckpt.pt').read_bytes() == before and 'not saved at step 2' in (out / 'log.txt').read_text()
+
+# ----------------------------------------------------------------------------- chain identity, moved projects
+
+
+def test_a_chain_checks_identity_by_weights_and_survives_a_move(tiny_val, tiny_gen, run_script, tmp_path):
+    """A chain trained in a/ and moved to b/ (a/ gone) still runs and resumes stage 3: the paths inside
+    its checkpoints are relative first. A stage-3 decoder is refused with another tokenizer of the same
+    architecture (tiny_gen's), and a generator whose tokenizer file now holds other weights too."""
+    a, b, img = tmp_path / 'a', tmp_path / 'b', tmp_path / 'x.png'
+    Image.fromarray(np.full((16, 16, 3), 120, dtype=np.uint8)).save(img)
+    run_script('tokenizer.py', TOK_TINY + ['--max_iters=1', '--seed=7', f'--val_dir={tiny_val}', f'--out_dir={a}/tok'])
+    run_script('generator.py', GEN_TINY + ['--max_iters=1', f'--val_dir={tiny_val}', f'--tok_ckpt={a}/tok/ckpt.pt',
+                                           f'--out_dir={a}/gen'])
+    dec_args = ['config/finetune_decoder_tiny.py', '--crop_size=32', '--batch_size=2', '--max_minutes=0',
+                '--threads=1', f'--val_dir={tiny_val}']
+    run_script('finetune_decoder.py', dec_args + ['--max_iters=1', f'--gen_ckpt={a}/gen/ckpt.pt', f'--out_dir={a}/dec'])
+    assert torch.load(a / 'gen' / 'ckpt.pt', weights_only=True)['tok_ckpt']['rel'] == '../tok/ckpt.pt'
+    a.rename(b)
+    p = run_script('sr.py', [f'--input={img}', f'--gen_ckpt={b}/gen/ckpt.pt', f'--decoder_ckpt={b}/dec/ckpt.pt',
+                             f'--out_dir={tmp_path}/o'])
+    assert 'done: 1 written' in p.stdout
+    p = run_script('finetune_decoder.py', dec_args + ['--max_iters=2', '--init_from=resume',
+                                                      f'--gen_ckpt={b}/gen/ckpt.pt', f'--out_dir={b}/dec'])
+    assert 'resumed from' in p.stdout and torch.load(b / 'dec' / 'ckpt.pt', weights_only=True)['step'] == 2
+
+    p = run_script('sr.py', [f'--input={img}', f'--gen_ckpt={tiny_gen}', f'--decoder_ckpt={b}/dec/ckpt.pt',
+                             f'--out_dir={tmp_path}/o2'], check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr
+    assert f"{b}/dec/ckpt.pt is a decoder fine-tuned for another tokenizer" in p.stderr
+    assert not (tmp_path / 'o2').exists()
+    tok = torch.load(b / 'tok' / 'ckpt.pt', weights_only=True)
+    weights = tok['ema'] if tok.get('ema') else tok['model']  # what the chain loads
+    next(w for w in weights.values() if w.is_floating_point()).add_(0.01)  # the same file, other weights
+    torch.save(tok, b / 'tok' / 'ckpt.pt')
+    p = run_script('sr.py', [f'--input={img}', f'--gen_ckpt={b}/gen/ckpt.pt', f'--out_dir={tmp_path}/o3'],
+                   check=False)
+    assert p.returncode != 0 and 'which now holds other weights' in p.stderr and 'Traceback' not in p.stderr
+
+# ----------------------------------------------------------------------------- sr.py's out_dir
+
+
+def test_sr_out_dir_keeps_one_run_of_outputs(tiny_gen, run_script, tmp_path):
+    """Two runs with other settings into one folder: the second is refused and changes nothing; the
+    same settings again are fine; --overwrite=True removes the first run's files. A live lock refuses
+    a run; a killed run's temp files are removed."""
+    src, out = tmp_path / 'in', tmp_path / 'out'
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ('a', 'b', 'c'):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(src / f'{name}.png')
+    run = lambda *extra, check=True: run_script('sr.py', [f'--input={src}', f'--gen_ckpt={tiny_gen}',
+                                                          f'--out_dir={out}', *extra], check=check)
+    run()
+    files = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    assert sorted(files) == ['a_x4.png', 'b_x4.png', 'c_x4.png', 'sr.json']
+    (src / 'c.png').unlink()
+    p = run('--color_fix=0', check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr
+    assert 'holds outputs of a run with other settings (differing: color_fix)' in p.stderr
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == files
+    run()  # the same settings: its files are simply written again
+    dead = dead_pid()
+    (out / f'.a_x4.png.tmp{dead}').write_bytes(b'half a PNG')
+    (out / 'lock').write_text(f'{os.getpid()}\n')  # a live process (this test) holds the folder
+    p = run(check=False)
+    assert p.returncode != 0 and f'in use by another run (PID {os.getpid()}' in p.stderr
+    (out / 'lock').unlink()
+    p = run('--color_fix=0', '--overwrite=True')
+    assert sorted(os.listdir(out)) == ['a_x4.png', 'b_x4.png', 'sr.json']  # c_x4.png of the first run is gone
+    assert (out / 'a_x4.png').read_bytes() != files['a_x4.png']
+    (out / 'sr.json').unlink()
+    p = run('--color_fix=0', check=False)  # files no record accounts for are not replaced silently
+    assert p.returncode != 0 and 'files this run would replace (a_x4.png b_x4.png)' in p.stderr
+
+
+def test_sr_notes_hidden_files_guards_tile0_and_prints_progress(tiny_gen, run_script, tmp_path, monkeypatch, capsys):
+    import sr
+    src = tmp_path / 'in'
+    src.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(src / '.hidden.png')
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(src / 'shown.png')
+    p = run_script('sr.py', [f'--input={src}', f'--gen_ckpt={tiny_gen}', f'--out_dir={tmp_path}/o'])
+    assert "skipping 1 hidden file(s)" in p.stderr and '.hidden.png' in p.stderr and 'done: 1 written' in p.stdout
+    assert '[1/1]' in p.stdout and 's left' in p.stdout
+    Image.fromarray(np.zeros((1030, 1030, 3), dtype=np.uint8)).save(src / 'large.png')
+    p = run_script('sr.py', [f'--input={src}', f'--gen_ckpt={tiny_gen}', f'--out_dir={tmp_path}/o2', '--tile=0'],
+                   check=False)
+    assert p.returncode == 1 and 'large.png: (1030, 1030) is too large for tile=0' in p.stderr, p.stderr
+    assert 'done: 1 written' in p.stdout and 'Traceback' not in p.stderr
+    # the progress line on a large image: one report per band of tiles, the last one with 0 s left
+    calls = []
+    out = sr.tiled_sr(torch.rand(1, 3, 40, 40), lambda x: x.repeat_interleave(4, -1).repeat_interleave(4, -2),
+                      4, tile=16, overlap=4, on_band=lambda done, total: calls.append((done, total)))
+    assert out.shape == (1, 160, 160, 3) and calls == [(1, 3), (2, 3), (3, 3)]
+    times = iter([11.0, 12.0, 25.0])  # seconds since the image started, at each band: a line every 10 s
+    monkeypatch.setattr(sr.time, 'time', lambda: next(times))
+    capsys.readouterr()
+    report = sr.progress_printer('big.png', 0.0)
+    for done in (1, 2, 3):
+        report(done, 4)
+    assert capsys.readouterr().out.splitlines() == ['  big.png: 1/4 rows of tiles, about 33 s left',
+                                                    '  big.png: 3/4 rows of tiles, about 8 s left']
+
+
+def test_an_animated_image_warns_that_only_its_first_frame_is_used(tmp_path):
+    import data
+    frames = [Image.new('RGB', (8, 8), c) for c in ((255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / 'anim.gif', save_all=True, append_images=frames[1:])
+    with pytest.warns(UserWarning, match="anim.gif' holds 2 frames: only the first is used"):
+        x = data.load_image(str(tmp_path / 'anim.gif'))
+    assert x[0].mean() > 0.9 and x[1].mean() < 0.1  # red: frame 1
+
+# ----------------------------------------------------------------------------- logs, locks, leftovers, one-line errors
+
+
+def test_the_log_never_follows_a_link_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    outside = tmp_path / 'elsewhere.txt'
+    outside.write_text('not a log\n')
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'log.txt').symlink_to(outside)
+    with pytest.raises(SystemExit, match='it is a symbolic link'):
+        common.Logger(str(tmp_path / 'run'), {})
+    assert outside.read_text() == 'not a log\n'
+    log = common.Logger(str(tmp_path / 'ok'), {})
+
+    class Full:
+        def write(self, s):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    log.f = Full()
+    with pytest.raises(SystemExit, match="cannot write the log .*: no space left on the device"):
+        log('step 1')
+
+
+def test_a_full_disk_at_lock_time_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / 'run'
+
+    def full_open(path, mode='r', *a, **k):
+        f = io.open(path, mode, *a, **k)
+        f.close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(common, 'open', full_open, raising=False)
+    with pytest.raises(SystemExit, match='No space left on device'):
+        common.lock_out_dir(str(out))
+    assert not out.exists()  # no temp lock file, and the folder this call made is removed
+
+
+def test_a_run_that_fails_before_writing_leaves_no_empty_out_dir(run_script, tmp_path):
+    p = run_script('tokenizer.py', TOK_TINY + ['--init_from=resume', f'--out_dir={tmp_path}/new'], check=False)
+    assert p.returncode != 0 and 'the checkpoint to resume not found' in p.stderr and 'Traceback' not in p.stderr
+    assert not (tmp_path / 'new').exists()
+
+
+@pytest.mark.parametrize('script, args, words', [
+    ('eval.py', ['--device=cpux'], "device='cpux' must be auto, cpu, cuda, cuda:N or mps"),
+    ('eval.py', ['--crop_border=200'], 'crop_border=200 must be >= 0'),
+    ('eval.py', ['--name=../../x'], "name='../../x' must be a plain file name"),
+    ('sr.py', ['--input=assets/val_pairs/lr', '--device=cuda' if not torch.cuda.is_available() else '--device=cuda:99'],
+     "device='cuda"),
+    ('sr.py', ['--input=assets/val_pairs/lr', '--dtype=float64'], "dtype='float64' must be auto, float32, bfloat16 or float16"),
+    ('tokenizer.py', ['--threads=-1'], 'threads=-1 must be >= 0'),
+    ('tokenizer.py', ['--patch=0'], 'patch=0 must be >= 1'),
+])
+def test_bad_settings_are_one_line(script, args, words, run_script, tmp_path):
+    p = run_script(script, args + ([f'--out_dir={tmp_path}/o'] if script != 'eval.py' else []), check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr and words in p.stderr, p.stderr
+    assert not (tmp_path / 'o').exists() and not (ROOT / 'x.json').exists()
+
+
+def test_eval_names_bad_sr_folders_in_one_line(tiny_val, run_script, tmp_path):
+    hr = sorted((tiny_val / 'hr').glob('*.png'))
+    cases = {'empty': {}, 'zero_byte': {hr[0].stem + '.png': b''},
+             'mis_sized': {p.stem + '.png': None for p in hr}}
+    for case, files in cases.items():
+        d = tmp_path / case
+        d.mkdir()
+        for name, content in files.items():
+            if content is None:  # a 20x20 image where a 256x256 one belongs
+                Image.new('RGB', (20, 20)).save(d / name)
+            else:
+                (d / name).write_bytes(content)
+        p = run_script('eval.py', [f'--sr={d}', f'--val_dir={tiny_val}', f'--out_json={tmp_path}/x.json'], check=False)
+        assert p.returncode != 0 and 'Traceback' not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        want = {'empty': 'holds no PNG files', 'zero_byte': 'cannot load image', 'mis_sized': 'size (3, 20, 20)'}
+        assert want[case] in p.stderr and (case == 'empty' or str(d) in p.stderr), p.stderr
