@@ -1,5 +1,5 @@
 """
-One table of every tokenizer (README "Every tokenizer, one table"): each kind of tokenizer trained
+One table of every tokenizer (docs/results.md "Every tokenizer, one table"): each kind of tokenizer trained
 for the same wall-clock time on the same photos and crops, then each one's own generator trained
 for the same time on it, all scored on the same validation pairs.
 
@@ -55,7 +55,7 @@ config = configure(globals())
 TINY = 'config/tokenizer_tiny.py'
 # the recipe every kind shares (128-px crops, batch 8, L1 + LPIPS 1:1, as the other kinds' configs set it);
 # config/tokenizer_tiny.py itself trains on 64-px crops with random hues, half the LPIPS weight and 2 + 4
-# blocks, and config/generator_tiny.py has the codebook head (README "Image quality" and "The main job");
+# blocks, and config/generator_tiny.py has the codebook head (docs/results.md "Image quality" and "The main job");
 # the table keeps the first recipe
 SAME = ['--crop_size=128', '--batch_size=8', '--hue_aug=0', '--grad_weight=0', '--lpips_weight=1',
         '--enc_depth=3', '--dec_depth=3']
