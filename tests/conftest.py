@@ -2,6 +2,7 @@
 each, 1 thread), on two of the real validation pairs, built once per test session (once per worker
 process under pytest-xdist, which test.sh uses)."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -9,6 +10,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from configurator import script_settings
@@ -38,8 +40,48 @@ def generator_args(**fields):
     return asdict(config_from_settings(GeneratorConfig, script_settings('generator.py'), **fields))
 
 
+# Bit equality holds only within one process, one thread count and one set of shapes (batch
+# size, tile layout): matmuls and reductions sum in another order when any of them changes. A stage
+# run (--threads=1) and sr.py / eval.py (torch's default thread count, their own batches) make the
+# same image up to float noise, which shows where a value sits at a rounding boundary: 1 grey level
+# on a few pixels (one pixel in one image on a 2-core AMD EPYC). Hence these tolerances for images
+# and metrics made in another process, thread count or batch than the one that checks them:
+IMG_MAX_DIFF, IMG_MAX_FRAC = 1, 1e-3  # grey levels, fraction of the pixels that may differ at all
+# LPIPS of such an image: random 1-level changes on 0.1% of the pixels moved it by at most 8e-5 on
+# the 2-step chains (12 draws); a real change, the stage-3 decoder after 2 steps in place of stage
+# 2's, moves it by 1e-4 to 3e-4 (a 0.1% change chosen adversarially could move it by 2e-3)
+LPIPS_TOL = 1e-4
+
+
+def psnr_tol_db(psnr_db, max_frac=IMG_MAX_FRAC):
+    """The most a PSNR-Y (dB) may move when its images change as assert_images_close allows: 1 grey
+    level on max_frac of the pixels moves the MSE by at most max_frac (2 * 255 + 1) level^2 (255
+    bounds the error; the slack over Y's range also covers the share the border crop raises). The
+    2-step chains sit near 5.6 dB, where this is 1.2e-4 dB: a fixed 0.01 dB would pass any chain
+    (one trained 2 steps longer moves PSNR-Y by 6e-4 dB)."""
+    mse = 255 ** 2 / 10 ** (psnr_db / 10)
+    return -10 * math.log10(1 - max_frac * (2 * 255 + 1) / mse)
+
+
+def assert_images_close(a, b, max_diff=IMG_MAX_DIFF, max_frac=IMG_MAX_FRAC, what=''):
+    """uint8 images a, b (..., H, W, 3) of the same content made by different processes, thread
+    counts or batch shapes: no value differs by more than max_diff grey levels, and at most max_frac
+    of the pixels differ at all (so the rest, almost all, are bit-identical). A wrong image, a
+    shifted tile or a flipped token fails this."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype == np.uint8 and a.shape == b.shape and a.shape[-1] == 3, \
+        f"{what}: {a.dtype} {a.shape} vs {b.dtype} {b.shape}, want uint8 (..., H, W, 3) of one shape"
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    worst, frac = int(d.max()), float((d > 0).any(-1).mean())
+    assert worst <= max_diff and frac <= max_frac, \
+        (f"{what}: {frac:.4%} of {d[..., 0].size} pixels differ (allowed {max_frac:.4%}), by up to {worst} grey "
+         f"levels (allowed {max_diff})")
+
+
 def _run(script, args, check=True, nproc=1):
-    """`python script args`, or with nproc > 1 `torchrun --standalone --nproc_per_node=nproc script args`."""
+    """`python script args`, or with nproc > 1 `torchrun --standalone --nproc_per_node=nproc script args`.
+    A failure or a timeout raises with the last 20000 characters of stdout and of stderr: the whole
+    traceback, not its first lines."""
     launch = [sys.executable] + (['-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}']
                                  if nproc > 1 else [])
     try:
@@ -47,9 +89,9 @@ def _run(script, args, check=True, nproc=1):
                            timeout=300)
     except subprocess.TimeoutExpired as e:  # say where it stood: the output so far
         out, err = (s.decode(errors='replace') if isinstance(s, bytes) else s or '' for s in (e.stdout, e.stderr))
-        raise AssertionError(f"{script} {' '.join(map(str, args))} ran over 300 s:\n{out[-3000:]}\n{err[-3000:]}")
+        raise AssertionError(f"{script} {' '.join(map(str, args))} ran over 300 s:\n{out[-20000:]}\n{err[-20000:]}")
     if check and p.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(f"{script} {' '.join(map(str, args))} failed:\n{p.stdout[-20000:]}\n{p.stderr[-20000:]}")
     return p
 
 
@@ -99,7 +141,9 @@ def check_exact_resume():
     """check_exact_resume(script, args, out, n, parts, nproc=1) runs `script` 2n steps straight
     (out/'straight') and n + resume + n steps (out/'split'), asserts the resumed run restarts at step
     n+1 and that every tensor of the checkpoint parts is bit-identical; -> (stdout of the straight
-    run, its ckpt). nproc > 1: each run under torchrun with that many processes (DDP)."""
+    run, its ckpt). nproc > 1: each run under torchrun with that many processes (DDP). Bit equality
+    is guaranteed here, not only likely: both are the same script with the same settings (thread
+    count included) on the same shapes, so every float sum runs in the same order."""
     import torch
 
     def check(script, args, out, n, parts, nproc=1):

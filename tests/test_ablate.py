@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import SMALL_TOK
+from conftest import SMALL_TOK, psnr_tol_db
 
 TOY_TOK = ['--crop_size=32', '--batch_size=2', *SMALL_TOK, '--max_iters=2', '--eval_interval=1000']
 TOY_GEN = ['--crop_size=32', '--batch_size=2', '--width=32', '--depth=1', '--n_head=2', '--stem_dim=16',
@@ -31,7 +31,10 @@ def test_two_kinds_table_matches_the_runs_and_a_second_call_keeps_them(run_scrip
     ckpt = out / 'vq' / 'generator' / 'ckpt.pt'
     run_script('eval.py', ['--sr=chain', f'--gen_ckpt={ckpt}', f'--val_dir={tiny_val}', '--color_fix=0',
                            f'--out_json={tmp_path / "e.json"}'])
-    assert abs(json.loads((tmp_path / 'e.json').read_text())['rows'][-1]['psnr_y'] - rows['vq']['sr_psnr_y']) < 1e-9
+    # eval.py (torch's default thread count) against ablate.py's own evaluation (threads x jobs = 2): the
+    # same chain in processes whose thread counts need not agree, so within psnr_tol_db (conftest)
+    psnr = json.loads((tmp_path / 'e.json').read_text())['rows'][-1]['psnr_y']
+    assert abs(psnr - rows['vq']['sr_psnr_y']) < psnr_tol_db(psnr), (psnr, rows['vq']['sr_psnr_y'])
     md = (out / 'table.md').read_text()
     assert md.count('\n') == 5 and '| vanilla VQ, 1 x 1024 codes | 2560 | 2 |' in md and md in first
     assert (out / 'vq' / 'tokenizer.out').is_file() and (out / 'grouped' / 'generator.cmd').is_file()

@@ -105,7 +105,10 @@ def test_two_ranks_with_batch_b_equal_one_process_with_batch_2b(two_ranks, job):
     ddp_model, ddp_disc, ddp_replaced, _ = two_ranks[0][job]
     assert_close_states(ddp_model, model, atol=1e-5)
     assert_close_states(ddp_disc, disc, atol=1e-5)
-    if JOBS[job].get('restarts', True):  # the same codes replaced at data init and at the restarts after it
+    # the same codes replaced at data init and at the restarts after it. Counts, kept exact across the
+    # batch shapes: a token flipped at a near-tie that changed a count would restart another code, and the
+    # weights would then differ far beyond 1e-5 anyway (the comparison above assumes no flip)
+    if JOBS[job].get('restarts', True):
         assert ddp_replaced == replaced and replaced[0] > 0 and sum(replaced[1:]) > 0, replaced
     moved = [k for k in init if init[k].is_floating_point() and (model[k] - init[k]).abs().max() > 1e-3]
     assert 'quantizer.codebook' in moved and len(moved) > len(init) // 2  # the comparison is not of idle weights
@@ -116,7 +119,7 @@ def test_codebooks_identical_on_every_rank_after_restarts(two_ranks, job):
     """The ranks draw different images and different global random numbers; after data init and
     dead-code restarts (jobs 0, 1; job 2: gradients only, 2 micro-batches) both hold the same
     codebook, hits and weights, bit for bit."""
-    r0, r1 = (two_ranks[r][job][0] for r in range(2))
+    r0, r1 = (two_ranks[r][job][0] for r in range(2))  # both apply the same all-reduced values: same bits
     assert torch.equal(r0['quantizer.codebook'], r1['quantizer.codebook'])
     assert torch.equal(r0['quantizer.hits'], r1['quantizer.hits']) and int(r0['quantizer.calls']) > 0
     assert_close_states(r1, r0, atol=0)

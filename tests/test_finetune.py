@@ -9,7 +9,7 @@ import torch
 
 import data
 import eval as ev
-from conftest import generator_args, tokenizer_args
+from conftest import LPIPS_TOL, generator_args, psnr_tol_db, tokenizer_args
 from model import Generator, GeneratorConfig, Tokenizer, TokenizerConfig, sample_topk
 from sr import fix_colors, load_sr_chain, super_resolve
 
@@ -117,8 +117,11 @@ def test_smoke_exact_resume_frozen_mode_and_chain(tiny, tiny_val, tiny_gen, run_
         assert torch.equal(v, a['decoder'][k[len('decoder.'):]] if k.startswith('decoder.') else tok0[k]), k
     pairs = data.load_val_pairs(str(tiny_val))
     m = ev.evaluate(super_resolve(pairs['lr'], tok, g, prior), pairs['hr'], crop_border=4, lpips_net=False)
-    assert abs(m['psnr_y'] - a['metrics']['psnr_y']) < 1e-6
-    # eval.py on the chain: bicubic, tokenizer reconstruction, stage 2, stage 3 (+ colour correction) in one table
+    # the run (1 thread) and this process (1 thread under test.sh, torch's default under -n 0): psnr_tol_db
+    assert abs(m['psnr_y'] - a['metrics']['psnr_y']) < psnr_tol_db(m['psnr_y']), (m['psnr_y'], a['metrics']['psnr_y'])
+    # eval.py on the chain: bicubic, tokenizer reconstruction, stage 2, stage 3 (+ colour correction) in one
+    # table; eval.py runs torch's default thread count, the runs 1 thread: chain images agree up to float
+    # noise, hence psnr_tol_db and LPIPS_TOL (conftest); bicubic resampling is the same bits in any process
     js = tmp_path / 'chain.json'
     out = run_script('eval.py', ['--sr=chain', f'--gen_ckpt={tiny_gen}', f'--decoder_ckpt={straight / "ckpt.pt"}',
                                  f'--val_dir={tiny_val}', f'--out_json={js}']).stdout
@@ -128,18 +131,20 @@ def test_smoke_exact_resume_frozen_mode_and_chain(tiny, tiny_val, tiny_gen, run_
     # the last row: sr.py's colour correction (default 2 LR pixels) of the stage-3 images
     fixed = fix_colors(super_resolve(pairs['lr'], tok, g, prior), pairs['lr'], 2 * 4)
     assert rows[4]['name'].endswith('+ colour correction (2 LR px)')
-    assert rows[4]['psnr_y'] == pytest.approx(ev.evaluate(fixed, pairs['hr'], 4, lpips_net=False)['psnr_y'], abs=1e-9)
+    assert rows[4]['psnr_y'] == pytest.approx(ev.evaluate(fixed, pairs['hr'], 4, lpips_net=False)['psnr_y'],
+                                              abs=psnr_tol_db(rows[4]['psnr_y']))
     summ = json.loads((straight / 'summary.json').read_text())
-    for r, key in ((rows[0], 'bicubic'), (rows[2], 'stage2')):
-        assert r['psnr_y'] == pytest.approx(summ[f'{key}_psnr_y'], abs=1e-9)
-        assert r['lpips'] == pytest.approx(summ[f'{key}_lpips'], abs=1e-6)
-    assert rows[3]['psnr_y'] == pytest.approx(summ['psnr_y'], abs=1e-9)
-    assert rows[3]['lpips'] == pytest.approx(summ['lpips'], abs=1e-6)
+    for r, key, tol_db, tol_lpips in ((rows[0], 'bicubic', 1e-9, 1e-6),
+                                      (rows[2], 'stage2', psnr_tol_db(rows[2]['psnr_y']), LPIPS_TOL)):
+        assert r['psnr_y'] == pytest.approx(summ[f'{key}_psnr_y'], abs=tol_db)
+        assert r['lpips'] == pytest.approx(summ[f'{key}_lpips'], abs=tol_lpips)
+    assert rows[3]['psnr_y'] == pytest.approx(summ['psnr_y'], abs=psnr_tol_db(summ['psnr_y']))
+    assert rows[3]['lpips'] == pytest.approx(summ['lpips'], abs=LPIPS_TOL)
     # frozen: no training, the stage-1 decoder evaluated as is = the stage-2 numbers
     out = run_script('finetune_decoder.py', tiny + [f'--out_dir={frozen}', '--mode=frozen']).stdout
     assert 'step 1 |' not in out and 'steps: 0' in out
     c = torch.load(frozen / 'ckpt.pt', weights_only=False)
     assert all(torch.equal(v, tok0[f'decoder.{k}']) for k, v in c['decoder'].items())
-    summ = json.loads((frozen / 'summary.json').read_text())
+    summ = json.loads((frozen / 'summary.json').read_text())  # one process, one chain on one batch: exact
     assert summ['steps'] == 0 and summ['psnr_y'] == pytest.approx(summ['stage2_psnr_y'], abs=1e-9)
     assert summ['lpips'] == pytest.approx(summ['stage2_lpips'], abs=1e-9)

@@ -58,7 +58,7 @@ def test_tiling_is_exact_for_a_pointwise_operator(H, W):
     for batch_size in (1, 3):
         out = tiled_sr(lr, nearest, scale=4, tile=24, overlap=8, multiple=4, batch_size=batch_size)
         assert out.shape == ref.shape == (1, 4 * H, 4 * W, 3) and out.dtype == np.uint8
-        np.testing.assert_array_equal(out, ref)
+        np.testing.assert_array_equal(out, ref)  # nearest copies values, no sum: exact for any tiling
 
 
 @pytest.mark.parametrize('H, W, tile, overlap', [(96, 80, 32, 8), (64, 200, 48, 16), (38, 41, 16, 0),
@@ -166,7 +166,7 @@ def test_super_resolve_makes_no_host_sync(tiny_gen, no_host_sync):
         fn_sr = sr_function(tok, gen, prior, 'cpu', cuda_graphs=True)(lr)  # cuda_graphs: no effect on a CPU
     assert sr.shape == (2, 3, 96, 160) and idx.shape[0] == 2
     ref = super_resolve(lr, tok, gen, prior)
-    assert torch.equal(sr, ref) and torch.equal(fn_sr, ref)
+    assert torch.equal(sr, ref) and torch.equal(fn_sr, ref)  # one process, same batch and ops: bit for bit
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -213,7 +213,9 @@ def test_sr_script_on_a_folder_with_bad_and_odd_images(tiny_gen, run_script, tmp
     for name, (h, w) in dict(rgb=(37, 45), grey=(20, 18), rgba=(16, 16), deep=(12, 14)).items():
         with Image.open(tmp_path / 'a' / f'{name}_x4.png') as im:
             assert im.size == (4 * w, 4 * h) and im.mode == 'RGB', name
-    # an image within one tile is not tiled: the same PNG as tile=0; cuda_graphs is a no-op on a CPU
+    # an image within one tile is not tiled: the same PNG as tile=0; cuda_graphs is a no-op on a CPU.
+    # Bit for bit although another process: both sr.py runs have the same settings, thread count
+    # (torch's default) and shapes (this image alone, one pass)
     run_script('sr.py', [f'--input={src / "rgb.png"}', f'--gen_ckpt={tiny_gen}', f'--out_dir={tmp_path / "c"}',
                          '--tile=64', '--cuda_graphs=True'])
     a = np.asarray(Image.open(tmp_path / 'a' / 'rgb_x4.png'), dtype=np.float64)
@@ -243,7 +245,7 @@ def test_sr_script_batches_equal_sizes_like_single_images(tiny_gen, run_script, 
         assert 'done: 6 written' in p.stdout and p.stdout.count('(batch of 4)') == (4 if bs == 4 else 0), p.stdout
         outs[bs] = [np.asarray(Image.open(tmp_path / str(bs) / f'{n}_x4.png'), dtype=np.int16)
                     for n in [f'crop{i}' for i in range(5)] + ['small']]
-    for one, batched in zip(outs[1], outs[4]):
+    for one, batched in zip(outs[1], outs[4]):  # a batch of 4 sums in another order than 1: not bit for bit
         assert one.shape == batched.shape and np.abs(one - batched).mean() < 0.5
 
 

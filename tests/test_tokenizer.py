@@ -1,15 +1,10 @@
 """Stage-1 script: frequency targets, config errors before training, smoke run, exact resume."""
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from conftest import SMALL_TOK
+from conftest import SMALL_TOK, _run
 from losses import frequency_targets, gradient_l1
 
-ROOT = Path(__file__).resolve().parents[1]
 # A model small enough for seconds per run on 2 cores; every code path of the loop stays on
 # (group masking, DWT targets, LPIPS, edge loss, GAN from step 2, data init, dead-code restart).
 TINY = ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', *SMALL_TOK,
@@ -18,11 +13,8 @@ TINY = ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size
 
 
 def run(args, check=True):
-    p = subprocess.run([sys.executable, 'tokenizer.py', *args], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"tokenizer.py {' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
+    """tokenizer.py args, through conftest._run (its failure and timeout messages)."""
+    return _run('tokenizer.py', args, check=check)
 
 
 def naive_block_mean(x, level):

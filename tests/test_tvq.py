@@ -1,13 +1,12 @@
 """Texture VQ (TVQ&RAP): the structure map and its alignment by hand, the texture codebook against
 a per-vector loop, the decoder's two inputs, the predictor's loss terms and where their gradients
 go, exact resume of both stage scripts, the chain scripts on the result, one-line config errors."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import data
-from conftest import SMALL_TOK, tokenizer_args
+from conftest import SMALL_TOK, assert_images_close, tokenizer_args
 from model import GroupedVQ, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig
 from losses import generator_losses
 from sr import load_sr_chain, super_resolve
@@ -175,7 +174,8 @@ def test_tokenizer_exact_resume(check_exact_resume, tmp_path, tiny_val):
 
 def test_generator_exact_resume_and_the_chain(check_exact_resume, run_script, tvq_tok, tiny_val, tmp_path):
     """1 + resume + 1 steps (GAN on in the resumed step) bit-identical to 2 straight ones; then sr.py
-    writes exactly the chain's top-1 output and eval.py scores it as the run's final evaluation."""
+    writes the chain's top-1 output (up to float noise) and eval.py scores it as the run's final
+    evaluation."""
     args = GEN_TVQ + [f'--val_dir={tiny_val}', f'--tok_ckpt={tvq_tok}']
     log, a = check_exact_resume('generator.py', args, tmp_path, 1, ('generator', 'disc'))
     for key in ('structure map 16 x 2x2', 'struct ', 'struct_mse:', 'token_acc_g0:', 'lpips_vs_bicubic:'):
@@ -188,13 +188,17 @@ def test_generator_exact_resume_and_the_chain(check_exact_resume, run_script, tv
     ref = (super_resolve(pairs['lr'], tok, g) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={ckpt}', f'--out_dir={tmp_path / "whole"}', '--tile=0',
                          '--color_fix=0'])
-    for i, name in enumerate(pairs['names']):  # one pass over the whole image: exactly the chain's output
+    # one pass over the whole image: the chain's output, but sr.py is another process (torch's default
+    # thread count, one image at a time), so not bit for bit: 1 grey level on a few pixels (conftest)
+    for i, name in enumerate(pairs['names']):
         img = (data.load_image(str(tmp_path / 'whole' / f'{name}_x4.png')) * 255).round().byte().permute(1, 2, 0)
-        assert np.array_equal(img.numpy(), ref[i])
+        assert_images_close(img.numpy(), ref[i], what=f'sr.py {name}_x4.png vs the chain in this process')
     p = run_script('eval.py', ['--sr=chain', f'--gen_ckpt={ckpt}', f'--val_dir={tiny_val}', '--color_fix=0',
                                f'--out_json={tmp_path / "eval.json"}'])
     assert 'stage 2: generator + stage-1 decoder' in p.stdout
-    assert abs(float(p.stdout.split('lpips: ')[1].split()[0]) - a['metrics']['lpips']) < 1e-3
+    # eval.py's process (default threads) against the run's own (1 thread), printed to 4 decimals
+    lpips = float(p.stdout.split('lpips: ')[1].split()[0])
+    assert abs(lpips - a['metrics']['lpips']) < 1e-3, (lpips, a['metrics']['lpips'])
 
 
 @pytest.mark.parametrize('which, arg, words', [
