@@ -22,7 +22,7 @@ config/tokenizer_tiny.py and trains on 128-px crops, batch 8, no hue augmentatio
 ordinary stage-script run with its own out_dir under out_dir/KIND/ (log, PNGs, checkpoint,
 summary.json) and its console output in out_dir/KIND/NAME.out. A run whose summary.json exists and
 whose command is unchanged is not run again, so a killed ablate.py continues where it stopped (an
-unfinished run restarts from scratch). At the end the chains are scored by eval.chain_rows (top-1
+unfinished run restarts from scratch). At the end the chains are scored by sr.chain_rows (top-1
 tokens, the last row: 4x SR, no colour correction) and the table is written to out_dir/table.md and
 out_dir/table.json.
 """
@@ -194,11 +194,12 @@ print(f"== generators ({len(chosen) - len(failed)} x {gen_minutes:g} min, {jobs}
 failed += run_jobs([(k, generator_job(k)) for k in chosen if k not in failed], rerun=retrained)[0]
 
 # -----------------------------------------------------------------------------
-# the table: reconstructions from each tokenizer's summary.json, SR from eval.chain_rows
+# the table: reconstructions from each tokenizer's summary.json, SR from sr.chain_rows
 
 import data  # noqa: E402 (after the runs: the evaluation only)
-import eval as ev  # noqa: E402
-from sr import load_tokenizer  # noqa: E402
+import metrics  # noqa: E402
+from degradation import bicubic_upsample  # noqa: E402
+from sr import chain_rows, load_tokenizer, score  # noqa: E402
 
 
 def bits_per_image(cfg, side=128):
@@ -219,8 +220,8 @@ print("== evaluation on the degraded validation pairs ==", flush=True)
 if threads:
     torch.set_num_threads(max(threads * jobs, 1))
 pairs = data.load_val_pairs(val_dir)
-lpips_net = ev.load_lpips(device)
-bicubic = ev.score('bicubic (degraded LR)', ev.bicubic_upsample(pairs['lr']), pairs, lpips_net)
+lpips_net = metrics.load_lpips(device)
+bicubic = score('bicubic (degraded LR)', bicubic_upsample(pairs['lr']), pairs, lpips_net)
 rows = []
 for kind in chosen:
     if kind in failed:
@@ -230,7 +231,7 @@ for kind in chosen:
     cfg = load_tokenizer(os.path.join(run_dir(kind, 'tokenizer'), 'ckpt.pt')).config
     tok_steps = sum(read_json(os.path.join(run_dir(kind, n), 'summary.json'))['steps']
                     for n, _ in tokenizer_job(kind))
-    sr = ev.chain_rows(pairs, os.path.join(run_dir(kind, 'generator'), 'ckpt.pt'), '', lpips_net, device=device)[-1]
+    sr = chain_rows(pairs, os.path.join(run_dir(kind, 'generator'), 'ckpt.pt'), '', lpips_net, device=device)[-1]
     rows.append(dict(kind=kind, tokenizer=KINDS[kind][0], generator=GENERATOR_NAMES.get(KINDS[kind][2][0], ''),
                      bits=bits_per_image(cfg), tok_steps=tok_steps, r_psnr_y=tok_sum['r_psnr_y'],
                      r_ssim_y=tok_sum['r_ssim_y'], r_lpips=tok_sum['r_lpips'],

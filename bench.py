@@ -38,12 +38,11 @@ import torch
 import torch.nn.functional as F
 
 import data
-import eval as ev
-from common import autocast_ctx, maybe_compile, peak_flops, pick_device, save_png
+import metrics
+from common import autocast_ctx, count_params, maybe_compile, param_groups, peak_flops, pick_device, save_png
 from degradation import DegradeConfig, degrade
 from model import (Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator, TextureGenerator,
-                   TextureGeneratorConfig, Tokenizer, TokenizerConfig, config_from_settings, count_params,
-                   flops_per_image, param_groups, resize_image)
+                   TextureGeneratorConfig, Tokenizer, TokenizerConfig, flops_per_image, resize_image)
 from losses import (PatchDiscriminator, discriminator_step, g_loss_hinge, generator_losses, hinge_d_loss,
                     hvar_losses, vanilla_d_loss)
 from sr import sr_function
@@ -83,7 +82,7 @@ tile = 64                   # sr.py's tile, overlap and batch_size
 overlap = 16
 tile_batch = 1
 sr_fn = 'chain'             # chain | bicubic: the tiling's own time and memory, without the models
-from configurator import configure, fail, script_settings
+from configurator import config_from_settings, configure, fail, script_settings
 config = configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -154,7 +153,7 @@ def bench_tokenizer(dev):
     dt_name, ctx = autocast_ctx(dev, dtype)
     model = Tokenizer(cfg).to(dev)
     disc = PatchDiscriminator().to(dev)
-    lpips_net = ev.load_lpips(dev)
+    lpips_net = metrics.load_lpips(dev)
     opt = torch.optim.AdamW(list(model.parameters()) + list(disc.parameters()), lr=1e-4)
     fwd = maybe_compile(model, compile, dev)
     x = torch.rand(batch, 3, crop_, crop_, device=dev)
@@ -174,7 +173,7 @@ def bench_tokenizer(dev):
             else:
                 xrec, _, commit, _ = net(x)
                 pairs = [(xrec, x)]
-            loss = commit + sum((d.float() - t).abs().mean() + ev.lpips_dist(lpips_net, d.float(), t).mean()
+            loss = commit + sum((d.float() - t).abs().mean() + metrics.lpips_dist(lpips_net, d.float(), t).mean()
                                 for d, t in pairs)
             xrec = pairs[-1][0]
             if tok_gan:
@@ -248,8 +247,8 @@ def bench_generator(dev):
                                deg_cfg=DegradeConfig(mode=g['degradation'], jpeg_impl=jpeg_impl))
     dt_name, ctx = autocast_ctx(dev, dtype)
     disc = PatchDiscriminator().to(dev).requires_grad_(False)
-    lpips_net = ev.load_lpips(dev)
-    lpips_fn = lambda x, y: ev.lpips_dist(lpips_net, x, y)
+    lpips_net = metrics.load_lpips(dev)
+    lpips_fn = lambda x, y: metrics.lpips_dist(lpips_net, x, y)
     groups_ = param_groups(gen, g['weight_decay']) + (param_groups(prior, g['weight_decay']) if prior else [])
     opt = torch.optim.AdamW([p for p in groups_ if p['params']], lr=g['learning_rate'], betas=g['betas'])
     d_opt = torch.optim.AdamW(disc.parameters(), lr=g['d_learning_rate'], betas=g['d_betas'],

@@ -27,6 +27,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 
+def fail(msg):
+    """End a script before any work with one line on stderr (no traceback), exit code 1: the same as
+    configurator.fail, for the settings and files this module checks."""
+    sys.exit(f"config error: {msg}")
+
+
 def pick_device(device='auto'):
     if device != 'auto':
         return device
@@ -106,6 +112,14 @@ def from_rank0_(x):
     if _distributed():
         dist.broadcast(x, 0)
     return x
+
+
+class Ranks:
+    """The quantizers' view of DDP (model.OneProcess in one process): tokenizer.py sets
+    `quantizer.ranks = Ranks()` so code hits, replacement pools and random draws cover every rank."""
+    gather = staticmethod(gather_over_ranks)
+    sum = staticmethod(sum_over_ranks)
+    from_rank0_ = staticmethod(from_rank0_)
 
 
 def rank0_number(value):
@@ -237,6 +251,25 @@ def learning_rate_at(step, progress, learning_rate, warmup_iters, floor=0.1):
         return learning_rate * (step + 1) / warmup_iters
     coeff = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
     return learning_rate * (floor + (1.0 - floor) * coeff)
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: decay matrices / conv kernels; no decay for norms, biases and codebooks
+    (weight decay would pull codes toward 0, away from the encoder outputs they track)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() >= 2 and not getattr(p, '_no_weight_decay', False):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{'params': decay, 'weight_decay': weight_decay},
+            {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def count_params(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def set_learning_rate(optimizer, rate):
@@ -396,7 +429,6 @@ def checkpoint_to_resume(out_dir, init_from, kind, **expected):
     """-> (out_dir/ckpt.pt, its contents for init_from='resume' else None). A resumed checkpoint
     must be of this stage's kind and made with the same model: every value of `expected` (e.g.
     model_args=...) must equal the saved one, else the run stops before any work with one line."""
-    from configurator import fail
     path = os.path.join(out_dir, 'ckpt.pt')
     if init_from != 'resume':
         return path, None
@@ -534,7 +566,6 @@ def lock_out_dir(out_dir):
     - Temp files of writers that were killed (.NAME.tmpPID, see atomic_write) are removed.
     The lock is removed at exit (normal end, error, exception, Ctrl-C or SIGTERM), and with it the
     folder when this run created it and wrote nothing into it."""
-    from configurator import fail
     notes, lock = [], os.path.join(out_dir, 'lock')
     tmp = os.path.join(out_dir, f'.lock.tmp{os.getpid()}')
     created = not os.path.isdir(out_dir)
@@ -580,7 +611,6 @@ def lock_out_dir(out_dir):
 def claim_out_dir(out_dir, init_from, overwrite):
     """lock_out_dir for a training stage, and a scratch run never replaces the ckpt.pt of an earlier
     run unless overwrite; -> notes for the log."""
-    from configurator import fail
     notes = lock_out_dir(out_dir)
     ckpt = os.path.join(out_dir, 'ckpt.pt')
     if init_from == 'scratch' and os.path.exists(ckpt):

@@ -24,6 +24,7 @@ saved in the checkpoint).
 import ast
 import os
 import sys
+from dataclasses import fields
 
 SETTING_TYPES = (bool, int, float, str, tuple, dict, type(None))
 
@@ -128,3 +129,15 @@ def script_settings(script, argv=()):
         except ValueError:
             pass  # not a setting (an expression computed at run time)
     return configure(g, list(argv), verbose=False)
+
+
+def config_from_settings(cls, settings, **derived):
+    """The one path from a stage script's flat settings to a model config (used by the scripts,
+    bench.py and the tests): every field of the dataclass cls takes the setting of the same name,
+    except the fields given in `derived` (values an earlier stage's checkpoint or the prior fixes).
+    Validation happens once, in cls.__post_init__ (ValueError naming the field)."""
+    names = [f.name for f in fields(cls)]
+    missing = [n for n in names if n not in derived and n not in settings]
+    if missing:
+        raise ValueError(f"{cls.__name__}: no setting for {missing}")
+    return cls(**{n: derived[n] if n in derived else settings[n] for n in names})

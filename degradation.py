@@ -207,6 +207,13 @@ def bicubic_downsample(hr, scale=4, round8=True):
     return quantize_8bit(lr) if round8 else lr
 
 
+def bicubic_upsample(lr, scale=4):
+    """The bicubic baseline: (B, 3, h, w) -> (B, 3, scale*h, scale*w), clamped to [0, 1]."""
+    if lr.ndim != 4:
+        raise ValueError(f"degradation.bicubic_upsample: expected (B, 3, h, w), got {tuple(lr.shape)}")
+    return F.interpolate(lr, scale_factor=scale, mode='bicubic', align_corners=False).clamp(0, 1)
+
+
 def _draw_resize(rng, prob, rng_range, modes):
     kind = rng.choice(3, p=np.asarray(prob) / np.sum(prob))  # up, down, keep
     scale = rng.uniform(1, rng_range[1]) if kind == 0 else rng.uniform(rng_range[0], 1) if kind == 1 else 1.0

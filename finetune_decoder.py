@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 
 import data
-import eval as ev
+import metrics
 from common import (Logger, Timer, autocast_ctx, batched, check_before_save, checkpoint_to_resume,
-                    claim_out_dir, ddp_cleanup, ddp_setup, ddp_wrap, learning_rate_at, load_state,
-                    maybe_compile, mean_items, no_sync, path_record, rank0_number, rank_states, save_curves,
-                    save_grid, save_state, set_learning_rate, setting_problems, stop_if_diverged, summary,
-                    weights_id, write_json)
+                    claim_out_dir, count_params, ddp_cleanup, ddp_setup, ddp_wrap, learning_rate_at,
+                    load_state, maybe_compile, mean_items, no_sync, param_groups, path_record, rank0_number,
+                    rank_states, save_curves, save_grid, save_state, set_learning_rate, setting_problems,
+                    stop_if_diverged, summary, weights_id, write_json)
 from configurator import configure, fail
-from degradation import DegradeConfig
-from model import count_params, lr_anchor, param_groups, sample_topk
+from degradation import DegradeConfig, bicubic_upsample
+from model import lr_anchor, sample_topk
 from losses import PatchDiscriminator, discriminator_step, g_loss_vanilla, vanilla_d_loss
 from sr import load_sr_chain, super_resolve
 from prior import upsample_for_prior
@@ -154,7 +154,7 @@ val_hr, val_lr = val['hr'], val['lr']                         # (N,3,256,256), (
 topk_gen = torch.Generator(device=device).manual_seed(seed_r + 2)  # the top-K draws, saved for resume
 
 disc = PatchDiscriminator().to(device).requires_grad_(False)  # trains only in discriminator_step
-lpips_net = ev.load_lpips(device)
+lpips_net = metrics.load_lpips(device)
 optimizer = torch.optim.AdamW(param_groups(decoder, weight_decay), lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
 train_decoder = ddp_wrap(maybe_compile(decoder, compile, device))  # DDP: gradients averaged in backward
@@ -168,7 +168,7 @@ state = dict(decoder=decoder, disc=disc, optimizer=optimizer, d_optimizer=d_opti
              topk_gen=topk_gen)
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
-saved_metrics = (ckpt or {}).get('metrics')  # the evaluation of the checkpoint a save replaces
+saved_scores = (ckpt or {}).get('metrics')  # the evaluation of the checkpoint a save replaces
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 log(f"finetune_decoder: mode {mode}" + (f" (top-{top_k})" if mode == 'topk' else '')
@@ -182,10 +182,10 @@ log(f"finetune_decoder: mode {mode}" + (f" (top-{top_k})" if mode == 'topk' else
 # the stage-2 SR (the stage-1 decoder on them) and bicubic are the rows stage 3 must beat
 val_sr2, val_idx = batched(lambda y: [t.cpu() for t in super_resolve(y, tokenizer, generator, prior, True)],
                            val_lr, device=device)              # (N, 3, 256, 256), (N, G, h, w)
-val_bic = ev.bicubic_upsample(val_lr)
+val_bic = bicubic_upsample(val_lr)
 ref = {}
 for name, imgs in (('stage2', val_sr2), ('bicubic', val_bic)):
-    ref.update({f'{name}_{k}': v for k, v in ev.evaluate(imgs, val_hr, 4, lpips_net, patch=tcfg.patch).items()
+    ref.update({f'{name}_{k}': v for k, v in metrics.evaluate(imgs, val_hr, 4, lpips_net, patch=tcfg.patch).items()
                 if k != 'per_image'})
 log('references: ' + ' '.join(f"{k} {v:.4f}" for k, v in ref.items()))
 
@@ -196,7 +196,7 @@ def evaluate(tag):
     decoder.eval()
     sr, = batched(lambda q: (tokenizer.decode(tokenizer.quantizer.lookup(q)).float().clamp(0, 1).cpu(),), val_idx,
                   device=device)
-    m = ev.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net, patch=tcfg.patch)
+    m = metrics.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net, patch=tcfg.patch)
     out = dict(psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'], grid=m['grid'], color_err=m['color_err'],
                lpips_vs_stage2=m['lpips'] / ref['stage2_lpips'])
     save_grid([F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6], val_sr2[:6], sr[:6],
@@ -210,24 +210,24 @@ timer = Timer()
 minutes = lambda: elapsed_before + timer.minutes()
 decay_steps = decay_iters or max_iters
 decoder.train(mode != 'frozen')
-metrics, t_log, imgs_since_log = {}, time.time(), 0
+scores, t_log, imgs_since_log = {}, time.time(), 0
 while True:
     # under DDP rank 0's clock decides, so that all ranks stop together and share the learning rate
     out_of_time = max_minutes > 0 and rank0_number(minutes()) >= max_minutes
     done = mode == 'frozen' or step >= max_iters or out_of_time
     if step % eval_interval == 0 or done:
         if master:  # the other ranks wait in rank_states
-            metrics = evaluate(f'{step:06d}')
-            log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            history['eval'].append(dict(step=step, **metrics))
+            scores = evaluate(f'{step:06d}')
+            log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in scores.items()))
+            history['eval'].append(dict(step=step, **scores))
             save_curves(history, os.path.join(out_dir, 'curves.png'))
         per_rank = rank_states(state, ('sampler', 'topk_gen'))  # DDP: every rank's data and RNG state
         if master and (step > 0 or done):
-            check_before_save(step, log, state, metrics, saved_metrics, collapse_db)  # never a broken one
+            check_before_save(step, log, state, scores, saved_scores, collapse_db)  # never a broken one
             save_state(ckpt_path, state, 'decoder', config=config, step=step, minutes=minutes(),
-                       metrics=metrics, history=history, gen_ckpt=path_record(gen_ckpt, ckpt_path),
+                       metrics=scores, history=history, gen_ckpt=path_record(gen_ckpt, ckpt_path),
                        **chain, **per_rank)
-            saved_metrics = metrics
+            saved_scores = scores
     if done:
         break
 
@@ -253,7 +253,7 @@ while True:
             with ctx:
                 sr = train_decoder(zq).float()              # (B, 3, crop, crop)
                 l1 = (sr - hr).abs().mean()
-                lp = ev.lpips_dist(lpips_net, sr, hr).mean() if lpips_weight > 0 else l1 * 0
+                lp = metrics.lpips_dist(lpips_net, sr, hr).mean() if lpips_weight > 0 else l1 * 0
                 g = g_loss_vanilla(disc(sr)) if gan_on else l1 * 0
                 loss = l1_weight * l1 + lpips_weight * lp + gan_weight * g
             (loss / grad_accum).backward()
@@ -277,7 +277,7 @@ while True:
         t_log, imgs_since_log = time.time(), 0
 
 if master:
-    final = dict(metrics, **ref, mode=mode, top_k=k_train, steps=step, minutes=round(minutes(), 2))
+    final = dict(scores, **ref, mode=mode, top_k=k_train, steps=step, minutes=round(minutes(), 2))
     write_json(final, os.path.join(out_dir, 'summary.json'))
     log(summary('finetune_decoder', final))
 ddp_cleanup()

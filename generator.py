@@ -45,20 +45,19 @@ import torch
 import torch.nn.functional as F
 
 import data
-import eval as ev
+import metrics
 from common import (Logger, Timer, TrainStep, autocast_ctx, batched, check_before_save, checkpoint_to_resume,
-                    claim_out_dir, ddp_cleanup, ddp_setup, ddp_wrap, from_rank0_, learning_rate_at,
-                    load_checkpoint, load_state, maybe_compile, mean_items, no_sync, rank0_number,
-                    path_record, rank_states, save_curves, save_grid, save_state, set_learning_rate,
-                    setting_problems, stop_if_diverged, summary, weights_id, write_json)
-from configurator import configure, fail
-from degradation import DegradeConfig
+                    claim_out_dir, count_params, ddp_cleanup, ddp_setup, ddp_wrap, from_rank0_,
+                    learning_rate_at, load_checkpoint, load_state, maybe_compile, mean_items, no_sync,
+                    param_groups, path_record, rank0_number, rank_states, save_curves, save_grid, save_state,
+                    set_learning_rate, setting_problems, stop_if_diverged, summary, weights_id, write_json)
+from configurator import config_from_settings, configure, fail
+from degradation import DegradeConfig, bicubic_upsample
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
-                   NextScaleGenerator, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig,
-                   config_from_settings, count_params, param_groups)
+                   NextScaleGenerator, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig)
 from losses import (PatchDiscriminator, calibrate_codebook_head, discriminator_step, generator_losses, hvar_losses,
                     scale_accuracy, vanilla_d_loss)
-from sr import hvar_sr, output_scales, super_resolve
+from sr import hvar_chain_rows, hvar_sr, output_scales, super_resolve
 from prior import LoRAWeights, build_sr_prior
 
 # -----------------------------------------------------------------------------
@@ -259,8 +258,8 @@ if head == 'codebook':  # a frozen copy of the codes ('hitoksr': all G codebooks
 if prior is not None:
     prior.to(device)
 disc = PatchDiscriminator().to(device).requires_grad_(False)
-lpips_net = ev.load_lpips(device)
-lpips_fn = lambda x, y: ev.lpips_dist(lpips_net, x, y)  # (B,) distances
+lpips_net = metrics.load_lpips(device)
+lpips_fn = lambda x, y: metrics.lpips_dist(lpips_net, x, y)  # (B,) distances
 groups_ = param_groups(generator, weight_decay) + (param_groups(prior, weight_decay) if prior else [])
 optimizer = torch.optim.AdamW([g for g in groups_ if g['params']], lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
@@ -283,7 +282,7 @@ if hvar:  # no prior, no discriminator
         del state[k]
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
-saved_metrics = (ckpt or {}).get('metrics')  # the evaluation of the checkpoint a save replaces
+saved_scores = (ckpt or {}).get('metrics')  # the evaluation of the checkpoint a save replaces
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 if head == 'codebook' and ckpt is None:  # data init of the temperature(s), on one training batch
     ce0, ce1 = calibrate_codebook_head(generator, tokenizer, prior, *sampler.next())
@@ -314,13 +313,13 @@ else:
 # fixed references on the validation pairs: the tokenizer's indices of HR (the targets of the token
 # accuracy), its reconstruction (an upper bound for SR through this decoder) and bicubic upsampling
 METRICS = ('psnr_y', 'ssim_y', 'lpips', 'grid', 'color_err')
-scores = lambda sr, hr, border: {k: v for k, v in ev.evaluate(sr, hr, border, lpips_net, patch=patch).items()
+scores = lambda sr, hr, border: {k: v for k, v in metrics.evaluate(sr, hr, border, lpips_net, patch=patch).items()
                                  if k in METRICS}
-val_bic = ev.bicubic_upsample(val_lr)
+val_bic = bicubic_upsample(val_lr)
 if hvar:  # per output factor f (x1, x2, x4): the LR itself / bicubic, and the decode of HR's tokens
     factors = output_scales(generator)
     ref = {f"x{r['f']}_{'bicubic' if r['kind'] == 'base' else 'r'}_{k}": r[k] for k in METRICS
-           for r in ev.hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device, kinds=('base', 'decode'))}
+           for r in hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device, kinds=('base', 'decode'))}
     ref.update({k[3:]: v for k, v in ref.items() if k.startswith('x4_')})  # r_*, bicubic_* at x4
     native = crop_size // 4
     val_crop_hr, val_crop_lr = val_hr[..., :crop_size, :crop_size], val_lr[..., :native, :native]
@@ -342,7 +341,7 @@ def evaluate_hvar(tag):
     native size, as sr.py), each scored against HR resized to its size next to bicubic; token
     accuracy per step and scale under teacher forcing on the top-left native crops."""
     outs = hvar_sr(val_lr, tokenizer, generator, device)                          # {f: (N, 3, f h, f w)}
-    out = {f"x{r['f']}_{k}": r[k] for r in ev.hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device,
+    out = {f"x{r['f']}_{k}": r[k] for r in hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device,
                                                               kinds=('sr',), outs=outs) for k in METRICS}
     out['lpips_vs_bicubic'] = out['x4_lpips'] / ref['bicubic_lpips']
     cls = torch.full((len(val_crop_hr),), CLASS_DEGRADED, device=device)
@@ -368,7 +367,7 @@ def evaluate(tag):
     sr, idx = batched(lambda y: [t.cpu() for t in super_resolve(y, tokenizer, generator, prior, True)],
                       val_lr, device=device)
     acc = (idx == val_q).float().mean(dim=(0, 2, 3))                           # (G,)
-    m = ev.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net, patch=patch)
+    m = metrics.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net, patch=patch)
     out = dict(psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'], grid=m['grid'], color_err=m['color_err'],
                lpips_vs_bicubic=m['lpips'] / ref['bicubic_lpips'], token_acc_mean=float(acc.mean()))
     out.update({f'token_acc_g{g}': float(a) for g, a in enumerate(acc.tolist())})
@@ -384,25 +383,25 @@ def evaluate(tag):
 timer = Timer()
 minutes = lambda: elapsed_before + timer.minutes()
 decay_steps = decay_iters or max_iters
-metrics, t_log, imgs_since_log = {}, time.time(), 0
+scores, t_log, imgs_since_log = {}, time.time(), 0
 while True:
     # under DDP rank 0's clock decides, so that all ranks stop together and share the learning rate
     out_of_time = max_minutes > 0 and rank0_number(minutes()) >= max_minutes
     done = step >= max_iters or out_of_time
     if step % eval_interval == 0 or done:
         if master:  # the other ranks wait in rank_states
-            metrics = evaluate(f'{step:06d}')
-            log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            history['eval'].append(dict(step=step, **metrics))
+            scores = evaluate(f'{step:06d}')
+            log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in scores.items()))
+            history['eval'].append(dict(step=step, **scores))
             save_curves(history, os.path.join(out_dir, 'curves.png'))
         per_rank = rank_states(state, ('sampler',))  # DDP: every rank's data and RNG state
         if master and (step > 0 or done):
-            check_before_save(step, log, state, metrics, saved_metrics, collapse_db)  # never a broken one
+            check_before_save(step, log, state, scores, saved_scores, collapse_db)  # never a broken one
             save_state(ckpt_path, state, 'generator', method=method, model_args=model_args, prior_args=prior_args,
                        config=config, tok_ckpt=path_record(tok_ckpt, ckpt_path), tok_id=tok_id,
                        tok_model_args=asdict(tcfg), tok_step=tok_step, step=step, minutes=minutes(),
-                       metrics=metrics, history=history, **per_rank)
-            saved_metrics = metrics
+                       metrics=scores, history=history, **per_rank)
+            saved_scores = scores
     if done:
         break
 
@@ -455,7 +454,7 @@ while True:
 
 if master:
     prefixes = [f'x{f}_' for f in factors] if hvar else ['']
-    final = dict(metrics, **{p + k: ref[p + k] for p in prefixes for k in
+    final = dict(scores, **{p + k: ref[p + k] for p in prefixes for k in
                              ('bicubic_psnr_y', 'bicubic_ssim_y', 'bicubic_lpips', 'r_psnr_y', 'r_lpips')},
                  steps=step, minutes=round(minutes(), 2))
     write_json(final, os.path.join(out_dir, 'summary.json'))

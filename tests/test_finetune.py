@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import data
-import eval as ev
+import metrics
+from common import resolve_record
 from conftest import LPIPS_TOL, generator_args, psnr_tol_db, tokenizer_args
 from model import Generator, GeneratorConfig, Tokenizer, TokenizerConfig, sample_topk
 from sr import fix_colors, load_sr_chain, super_resolve
@@ -65,7 +66,7 @@ def test_only_the_decoder_gets_gradients():
     with torch.no_grad():
         idx = sample_topk(gen(lr), 5, torch.Generator().manual_seed(0))
     sr = tok.decode(tok.quantizer.lookup(idx))
-    ((sr - hr).abs().mean() + ev.lpips_dist(ev.load_lpips('cpu'), sr, hr).mean()).backward()
+    ((sr - hr).abs().mean() + metrics.lpips_dist(metrics.load_lpips('cpu'), sr, hr).mean()).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tok.decoder.parameters())
     assert tok.quantizer.codebook.grad is None
     assert all(p.grad is None for p in (*gen.parameters(), *tok.encoder.parameters()))
@@ -97,7 +98,7 @@ def test_bad_config_is_one_clear_message(tiny, run_script, tmp_path):
 def test_smoke_exact_resume_frozen_mode_and_chain(tiny, tiny_val, tiny_gen, run_script, check_exact_resume,
                                                    tmp_path):
     gen = torch.load(tiny_gen, weights_only=False)
-    tok_file = type(tiny_gen)(gen['tok_ckpt'])
+    tok_file = type(tiny_gen)(resolve_record(gen['tok_ckpt'], tiny_gen))
     hashes = (sha(tiny_gen), sha(tok_file))
     straight, frozen = tmp_path / 'straight', tmp_path / 'frozen'
     out, a = check_exact_resume('finetune_decoder.py', tiny, tmp_path, 2, ('decoder', 'disc'))
@@ -116,7 +117,7 @@ def test_smoke_exact_resume_frozen_mode_and_chain(tiny, tiny_val, tiny_gen, run_
     for k, v in tok.state_dict().items():
         assert torch.equal(v, a['decoder'][k[len('decoder.'):]] if k.startswith('decoder.') else tok0[k]), k
     pairs = data.load_val_pairs(str(tiny_val))
-    m = ev.evaluate(super_resolve(pairs['lr'], tok, g, prior), pairs['hr'], crop_border=4, lpips_net=False)
+    m = metrics.evaluate(super_resolve(pairs['lr'], tok, g, prior), pairs['hr'], crop_border=4, lpips_net=False)
     # the run (1 thread) and this process (1 thread under test.sh, torch's default under -n 0): psnr_tol_db
     assert abs(m['psnr_y'] - a['metrics']['psnr_y']) < psnr_tol_db(m['psnr_y']), (m['psnr_y'], a['metrics']['psnr_y'])
     # eval.py on the chain: bicubic, tokenizer reconstruction, stage 2, stage 3 (+ colour correction) in one
@@ -131,7 +132,7 @@ def test_smoke_exact_resume_frozen_mode_and_chain(tiny, tiny_val, tiny_gen, run_
     # the last row: sr.py's colour correction (default 2 LR pixels) of the stage-3 images
     fixed = fix_colors(super_resolve(pairs['lr'], tok, g, prior), pairs['lr'], 2 * 4)
     assert rows[4]['name'].endswith('+ colour correction (2 LR px)')
-    assert rows[4]['psnr_y'] == pytest.approx(ev.evaluate(fixed, pairs['hr'], 4, lpips_net=False)['psnr_y'],
+    assert rows[4]['psnr_y'] == pytest.approx(metrics.evaluate(fixed, pairs['hr'], 4, lpips_net=False)['psnr_y'],
                                               abs=psnr_tol_db(rows[4]['psnr_y']))
     summ = json.loads((straight / 'summary.json').read_text())
     for r, key, tol_db, tol_lpips in ((rows[0], 'bicubic', 1e-9, 1e-6),

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-import eval as ev
+import metrics
+from common import path_record, resolve_record
 from conftest import GEN_TINY, generator_args, psnr_tol_db, tokenizer_args
 from model import Generator, GeneratorConfig, Tokenizer, TokenizerConfig, rope_2d
 from losses import PatchDiscriminator, g_loss_vanilla, generator_losses, ste_onehot
@@ -219,7 +220,7 @@ def test_full_loss_trains_only_generator_and_lora():
     prior = build_sr_prior(dict(name='efficientnet_lite0', feat_tap='head', lora_rank=2, lora_alpha=2.0),
                            pretrained=False)
     g = gen(feat_dim=prior.feat_dim, pooled_dims=tuple(prior.pooled_dims))
-    disc, lpips_net = PatchDiscriminator().requires_grad_(False), ev.load_lpips('cpu')
+    disc, lpips_net = PatchDiscriminator().requires_grad_(False), metrics.load_lpips('cpu')
     lr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         q = tok.encode(hr)[1]
@@ -227,10 +228,10 @@ def test_full_loss_trains_only_generator_and_lora():
     logits = g(lr, feat, pooled)
     sr = tok.decode(tok.quantizer.codes_from_onehot(ste_onehot(logits)))
     loss = (F.cross_entropy(logits.flatten(0, 3), q.flatten()) + repa_loss(feat, frozen_features(prior, hr)[0])
-            + (sr - hr).abs().mean() + ev.lpips_dist(lpips_net, sr, hr).mean() + 0.5 * g_loss_vanilla(disc(sr)))
+            + (sr - hr).abs().mean() + metrics.lpips_dist(lpips_net, sr, hr).mean() + 0.5 * g_loss_vanilla(disc(sr)))
     # the loss generator.py and bench.py share is this sum, term by term
     s = dict(ce_weight=1.0, repa_weight=1.0, l1_weight=1.0, lpips_weight=1.0, gan_weight=0.5, lora_rank=2)
-    shared, parts, _, sr_shared = generator_losses(s, tok, g, prior, lambda x, y: ev.lpips_dist(lpips_net, x, y),
+    shared, parts, _, sr_shared = generator_losses(s, tok, g, prior, lambda x, y: metrics.lpips_dist(lpips_net, x, y),
                                                    disc, hr, lr, q, gan_on=True)
     assert torch.equal(sr_shared, sr) and set(parts) == {'ce', 'repa', 'l1', 'lpips', 'g'}
     torch.testing.assert_close(shared, loss, rtol=1e-6, atol=0)
@@ -276,7 +277,7 @@ def test_smoke_exact_resume_and_sr_chain(tiny, tiny_val, check_exact_resume, tmp
     pairs = data.load_val_pairs(str(tiny_val))
     sr = super_resolve(pairs['lr'], tok, g, prior)
     assert sr.shape == pairs['hr'].shape and 0 <= sr.min() and sr.max() <= 1
-    m = ev.evaluate(sr, pairs['hr'], crop_border=4, lpips_net=False)
+    m = metrics.evaluate(sr, pairs['hr'], crop_border=4, lpips_net=False)
     # the run (1 thread) and this process (1 thread under test.sh, torch's default under -n 0): psnr_tol_db
     assert abs(m['psnr_y'] - a['metrics']['psnr_y']) < psnr_tol_db(m['psnr_y']), (m['psnr_y'], a['metrics']['psnr_y'])
 
@@ -287,12 +288,12 @@ def test_chain_of_an_older_tokenizer_checkpoint_loads(tiny_gen, tmp_path):
     old behaviour)."""
     from model import TokenizerConfig
     g = torch.load(tiny_gen, weights_only=False)
-    t = torch.load(g['tok_ckpt'], weights_only=False)
+    t = torch.load(resolve_record(g['tok_ckpt'], tiny_gen), weights_only=False)
     old = [k for k, v in TokenizerConfig.ADDED_FIELDS.items() if t['model_args'][k] == v]  # e.g. the tvq_* fields
     assert old
     for key in old:
         t['model_args'].pop(key)
-    g['tok_ckpt'] = str(tmp_path / 'tok.pt')
+    g['tok_ckpt'] = path_record(tmp_path / 'tok.pt', tmp_path / 'gen.pt')
     torch.save(t, tmp_path / 'tok.pt')
     torch.save(g, tmp_path / 'gen.pt')
     tok, gen, _ = load_sr_chain(tmp_path / 'gen.pt', 'cpu')
@@ -320,7 +321,7 @@ def test_codebook_head_chain(tiny, tiny_val, run_script, tmp_path):
     tok, g, prior = load_sr_chain(tmp_path / 'straight' / 'ckpt.pt', 'cpu')
     assert g.config.head == 'codebook' and torch.equal(g.codebook, tok.quantizer.codebook)
     pairs = data.load_val_pairs(str(tiny_val))
-    m = ev.evaluate(super_resolve(pairs['lr'], tok, g, prior), pairs['hr'], crop_border=4, lpips_net=False)
+    m = metrics.evaluate(super_resolve(pairs['lr'], tok, g, prior), pairs['hr'], crop_border=4, lpips_net=False)
     # the run and this process, as in test_smoke_exact_resume_and_sr_chain: psnr_tol_db
     assert abs(m['psnr_y'] - a['metrics']['psnr_y']) < psnr_tol_db(m['psnr_y']), (m['psnr_y'], a['metrics']['psnr_y'])
     run_script('finetune_decoder.py', ['config/finetune_decoder_tiny.py', '--crop_size=32', '--batch_size=2',

@@ -117,16 +117,30 @@ def test_runs_group_consecutive_equal_sizes_up_to_the_batch_size():
 # ----------------------------------------------------------------------------- no host sync
 
 
+def _refuse_host_read(self, *args, **kwargs):
+    raise RuntimeError("host synchronisation: Tensor.tolist / Tensor.numpy")
+
+
 class NoHostSync(TorchDispatchMode):
     """Raises on every operator that makes the host wait for a device's values: reading a scalar
     (.item(), bool(), int(), float(), `if tensor:` all end in aten._local_scalar_dense), comparing
     whole tensors into a Python bool, and ops whose output shape depends on the data (nonzero,
-    masked indexing, unique, ...). On a CPU nothing waits, but the same code on a GPU would."""
+    masked indexing, unique, ...), and .tolist() / .numpy(). On a CPU nothing waits, but the same
+    code on a GPU would."""
     SYNCING = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default,
                torch.ops.aten.nonzero.default, torch.ops.aten.nonzero_static.default,
                torch.ops.aten.masked_select.default, torch.ops.aten._unique2.default,
                torch.ops.aten.unique_dim.default, torch.ops.aten.unique_consecutive.default,
                torch.ops.aten.bincount.default, torch.ops.aten.repeat_interleave.Tensor}
+
+    def __enter__(self):  # .tolist() / .numpy() read the data without a dispatched operator
+        self._saved = torch.Tensor.tolist, torch.Tensor.numpy
+        torch.Tensor.tolist = torch.Tensor.numpy = _refuse_host_read
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist, torch.Tensor.numpy = self._saved
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         masked = func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
@@ -138,12 +152,8 @@ class NoHostSync(TorchDispatchMode):
 
 
 @pytest.fixture
-def no_host_sync(monkeypatch):
-    """NoHostSync, plus .tolist() / .numpy(), which read the data without a dispatched operator."""
-    def refuse(self, *args, **kwargs):
-        raise RuntimeError("host synchronisation: Tensor.tolist / Tensor.numpy")
-    monkeypatch.setattr(torch.Tensor, 'tolist', refuse)
-    monkeypatch.setattr(torch.Tensor, 'numpy', refuse)
+def no_host_sync():
+    """NoHostSync: `with no_host_sync(): ...` refuses every host synchronisation inside the block."""
     return NoHostSync
 
 
@@ -296,7 +306,8 @@ def test_output_names_never_collide():
 def test_wrong_kind_truncated_and_relative_checkpoints_get_one_clear_line(tiny_tok, tiny_gen, run_script, tmp_path):
     """A tokenizer checkpoint given as --gen_ckpt, a generator checkpoint as --tok_ckpt, a truncated
     file: one line naming the file and what was expected, no traceback. The generator checkpoint
-    records its tokenizer by absolute path, so sr.py works from any working directory."""
+    records its tokenizer relative to its own folder (and absolute), so sr.py works from any working
+    directory."""
     img = tmp_path / 'x.png'
     Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(img)
     p = run_script('sr.py', [f'--input={img}', f'--gen_ckpt={tiny_tok}', f'--out_dir={tmp_path}/o'], check=False)
@@ -310,7 +321,8 @@ def test_wrong_kind_truncated_and_relative_checkpoints_get_one_clear_line(tiny_t
     cut.write_bytes(tiny_gen.read_bytes()[:1000])
     p = run_script('sr.py', [f'--input={img}', f'--gen_ckpt={cut}', f'--out_dir={tmp_path}/o'], check=False)
     assert p.returncode != 0 and str(cut) in p.stderr and 'truncated' in p.stderr and 'Traceback' not in p.stderr
-    assert os.path.isabs(torch.load(tiny_gen, weights_only=False)['tok_ckpt'])
+    record = torch.load(tiny_gen, weights_only=True)['tok_ckpt']
+    assert not os.path.isabs(record['rel']) and os.path.isabs(record['abs'])
     q = subprocess.run([sys.executable, str(ROOT / 'sr.py'), f'--input={img}', f'--gen_ckpt={tiny_gen}',
                         f'--out_dir={tmp_path}/o'], cwd='/', capture_output=True, text=True, timeout=300)
     assert q.returncode == 0 and (tmp_path / 'o' / 'x_x4.png').is_file(), q.stderr
