@@ -39,10 +39,11 @@ import torch.nn.functional as F
 
 import data
 import metrics
-from common import autocast_ctx, count_params, maybe_compile, param_groups, peak_flops, pick_device, save_png
+from common import (autocast_ctx, count_params, flops_per_image, maybe_compile, param_groups, peak_flops, pick_device,
+                    save_png)
 from degradation import DegradeConfig, degrade
 from model import (Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator, TextureGenerator,
-                   TextureGeneratorConfig, Tokenizer, TokenizerConfig, flops_per_image, resize_image)
+                   TextureGeneratorConfig, Tokenizer, TokenizerConfig, resize_image)
 from losses import (PatchDiscriminator, discriminator_step, g_loss_hinge, generator_losses, hinge_d_loss,
                     hvar_losses, vanilla_d_loss)
 from sr import sr_function

@@ -2,8 +2,10 @@
 The few pieces of training plumbing every stage script shares: device and dtype selection, the
 learning-rate schedule, data-parallel training under torchrun (DDP), the checkpoint of a stage's
 declared state (exact resume), one atomic writer for every file, the claim of an out_dir (lock, no
-silent replacement), a log file, PNG sample grids, training curves and the final summary block.
-Kept deliberately small; everything model-specific lives in model.py.
+silent replacement), a log file, PNG sample grids, training curves, the final summary block, the
+MFU arithmetic (datasheet peaks, a tokenizer's FLOPs from its model_args), the base of the model
+configs (checks that name the field, from_dict for checkpoints) and the quantizers' one-process
+view of DDP. Kept deliberately small; everything model-specific lives in model.py.
 """
 import atexit
 import contextlib
@@ -19,6 +21,8 @@ import re
 import signal
 import sys
 import time
+import types
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -115,11 +119,20 @@ def from_rank0_(x):
 
 
 class Ranks:
-    """The quantizers' view of DDP (model.OneProcess in one process): tokenizer.py sets
+    """The quantizers' view of DDP (OneProcess in one process): tokenizer.py sets
     `quantizer.ranks = Ranks()` so code hits, replacement pools and random draws cover every rank."""
     gather = staticmethod(gather_over_ranks)
     sum = staticmethod(sum_over_ranks)
     from_rank0_ = staticmethod(from_rank0_)
+
+
+class OneProcess:
+    """What a quantizer's codebook updates need of data-parallel training, for one process: nothing
+    to share (the default of model.GroupedVQ.ranks). Under torchrun, tokenizer.py sets
+    `quantizer.ranks = Ranks()`: the same three operations over all ranks
+    (docs/method.md#data-parallel-training)."""
+    gather = sum = staticmethod(lambda x, dim=0: x)   # every rank's x concatenated / summed
+    from_rank0_ = staticmethod(lambda x: x)           # overwrite x with rank 0's, in place
 
 
 def rank0_number(value):
@@ -222,6 +235,54 @@ def dtype_problems(dtype):
     if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
         return [f"dtype={dtype!r} must be auto, float32, bfloat16 or float16"]
     return []
+
+
+class ModelConfig:
+    """Base of model.py's configs (TokenizerConfig, GeneratorConfig, NextScaleConfig): fields have no
+    defaults there, the stage scripts hold them (one place per default). Built from a script's flat
+    settings by configurator.config_from_settings, or from a checkpoint's model_args by from_dict;
+    __post_init__ validates either way with the checks below, each naming the field."""
+
+    def bad(self, key, want):
+        raise ValueError(f"{type(self).__name__}.{key}={getattr(self, key)!r}: {want}")
+
+    def check_types(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, (int, float) if f.type is float else f.type) or (
+                    isinstance(v, bool) and f.type is not bool):
+                self.bad(f.name, f"expected {f.type.__name__}")
+
+    def check_positive(self, *keys, minimum=1):
+        for key in keys:
+            if getattr(self, key) < minimum:
+                self.bad(key, f"must be >= {minimum}")
+
+    def check_choice(self, key, *options):
+        if getattr(self, key) not in options:
+            self.bad(key, f"expected {', '.join(map(repr, options[:-1]))} or {options[-1]!r}")
+
+    def check_heads(self, width_key, heads_key):
+        width, heads = getattr(self, width_key), getattr(self, heads_key)
+        if width % heads or (width // heads) % 4:
+            self.bad(heads_key, f"must divide {width_key}={width} into heads of a size divisible by 4 (2D RoPE)")
+
+    def check_with(self, check, *args):
+        """check(*args) raises ValueError on bad values (e.g. model.step_partition): re-raised naming this config."""
+        try:
+            check(*args)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, d):
+        d = {**getattr(cls, 'ADDED_FIELDS', {}), **d}  # fields added later: their old behaviour
+        known = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
+        if unknown or missing:
+            raise ValueError(f"{cls.__name__}: unknown keys {unknown}, missing keys {missing}; "
+                             f"valid keys: {sorted(known)}")
+        return cls(**d)
 
 
 def autocast_ctx(device, dtype='auto'):
@@ -757,3 +818,29 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name()
     return next((f for key, f in PEAK_BF16_FLOPS if key in name), None)
+
+
+def flops_per_image(model_args, H, W):
+    """Rough training FLOPs (forward + backward) of encoder + decoder for one H x W image, for MFU,
+    from a tokenizer's model_args (the fields of model.TokenizerConfig).
+    Per transformer with T tokens, L layers, width w, N matmul params:  6*N*T + 12*L*w*T^2
+    (PaLM appendix B: 6N per token for the weights, 12*L*w*T per token for QK^T and AV).
+    N counts blocks (4w^2 attention + 3*w*hidden SwiGLU) and the patch / latent projections;
+    the decoder's conv refinement adds 6 * (its conv weights) per pixel;
+    norms, the VQ lookup (2*K*C per token, no backward), the discriminator and LPIPS are left out."""
+    c = types.SimpleNamespace(**model_args)
+    T = (H // c.patch) * (W // c.patch)
+    pix = 3 * c.patch ** 2
+    out_pix = 3 * (2 * c.patch) ** 2 if c.dec_overlap else pix
+    feat = c.dec_refine_ch * c.patch ** 2 if c.dec_refine else 0  # the refinement's input features
+    total = 0.0
+    for width, depth, io in ((c.enc_width, c.enc_depth, pix + c.latent_dim),
+                             (c.dec_width, c.dec_depth, c.latent_dim + out_pix + feat)):
+        hidden = int(2 * c.mlp_ratio * width / 3)  # the SwiGLU width of model.Block
+        n = depth * (4 * width ** 2 + 3 * width * hidden) + io * width
+        total += 6 * n * T + 12 * depth * width * T ** 2
+    if c.dec_refine:
+        ch = c.dec_refine_ch
+        conv = 9 * ((3 + ch) * ch + 2 * c.dec_refine * ch * ch + ch * 3)  # conv_in, blocks, conv_out
+        total += 6 * conv * H * W
+    return total

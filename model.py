@@ -10,10 +10,11 @@ papers, is in docs/method.md; comments here point to its sections.
     5. Generators              GeneratorConfig, Generator: LR image -> token logits (stage 2), linear or
                                codebook head (lr_anchor, best_log_t); TextureGenerator: also the structure map;
        5b.                     NextScaleGenerator (H-VAR): block-causal, KV cache, sampling, condition
-    6. Helpers                 group masking, top-K sampling, FLOPs
+    6. Helpers                 group masking, top-K sampling
 
 The losses of every stage (and the GAN discriminator) are in losses.py; loading a trained chain and
-running it (load_sr_chain, super_resolve) in sr.py.
+running it (load_sr_chain, super_resolve) in sr.py; the configs' shared checks (ModelConfig), the
+quantizers' one-process view of DDP (OneProcess) and a tokenizer's FLOPs for MFU in common.py.
 
 The prior network (EfficientNet-Lite0 + LoRA) lives in prior.py: it is not a submodule of any model
 here, so a generator without a prior builds none, and checkpoints hold only the LoRA tensors.
@@ -21,21 +22,14 @@ here, so a generator without a prior builds none, and checkpoints hold only the 
 Shape suffixes follow VAR: `z_BChw` is (B, C, h, w); h, w is the token grid (H/p, W/p).
 """
 import math
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-
-
-class OneProcess:
-    """What a quantizer's codebook updates need of data-parallel training, for one process: nothing
-    to share. Under torchrun, tokenizer.py sets `quantizer.ranks = common.Ranks()`: the same three
-    operations over all ranks (docs/method.md#data-parallel-training)."""
-    gather = sum = staticmethod(lambda x, dim=0: x)   # every rank's x concatenated / summed
-    from_rank0_ = staticmethod(lambda x: x)           # overwrite x with rank 0's, in place
+from common import ModelConfig, OneProcess
 
 # -----------------------------------------------------------------------------
 # 1. Transformer blocks: RMSNorm, SwiGLU, 2D RoPE everywhere (docs/method.md#transformer-blocks)
@@ -51,11 +45,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
-
-
-def swiglu_hidden(dim, mlp_ratio):
-    # 2/3 of the GELU-MLP width so a SwiGLU (3 matrices) has the params of a 4x MLP (2 matrices)
-    return int(2 * mlp_ratio * dim / 3)
 
 
 class SwiGLU(nn.Module):
@@ -126,8 +115,7 @@ class Attention(nn.Module):
             if cos.shape[0] != T - n_prefix:
                 raise ValueError(f"Attention: rope covers {cos.shape[0]} positions but the sequence "
                                  f"has {T - n_prefix} spatial tokens (T={T}, n_prefix={n_prefix})")
-            q = torch.cat([q[:, :, :n_prefix], apply_rope(q[:, :, n_prefix:], cos, sin)], dim=2)
-            k = torch.cat([k[:, :, :n_prefix], apply_rope(k[:, :, n_prefix:], cos, sin)], dim=2)
+            q, k = (torch.cat([t[:, :, :n_prefix], apply_rope(t[:, :, n_prefix:], cos, sin)], dim=2) for t in (q, k))
         if kv_cache is not None:
             if 'k' in kv_cache:
                 k, v = torch.cat([kv_cache['k'], k], dim=2), torch.cat([kv_cache['v'], v], dim=2)
@@ -144,7 +132,8 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(dim)
         self.attn = Attention(dim, n_head)
         self.norm2 = RMSNorm(dim)
-        self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
+        # hidden: 2/3 of the GELU-MLP width, so a SwiGLU (3 matrices) has the params of a 4x MLP (2 matrices)
+        self.mlp = SwiGLU(dim, int(2 * mlp_ratio * dim / 3))
 
     def _norm(self, norm, x, mod):
         return norm(x) if mod is None else norm(x) * (1 + mod[0]) + mod[1]  # mod = (gamma, beta)
@@ -182,8 +171,7 @@ class ViTEncoder(nn.Module):
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] % self.patch or x.shape[3] % self.patch:
             raise ValueError(f"ViTEncoder: expected images (B, 3, H, W) with H, W multiples of "
                              f"patch={self.patch}, got shape {tuple(x.shape)}")
-        B, _, H, W = x.shape
-        h, w = H // self.patch, W // self.patch
+        h, w = x.shape[2] // self.patch, x.shape[3] // self.patch
         t = rearrange(self.patchify(x * 2 - 1), 'b c h w -> b (h w) c')  # (B, h*w, width), input in [-1,1]
         rope = rope_2d(h, w, t.shape[-1] // self.n_head, self.rope_base, x.device)
         for blk in self.blocks:
@@ -350,13 +338,6 @@ class GroupedVQ(nn.Module):
         self.register_buffer('calls', torch.zeros((), dtype=torch.long))
         self.ranks = OneProcess  # common.Ranks() under DDP: hits, pools and draws shared by all ranks
 
-    def _flat(self, z_BChw):
-        """(B, C, h, w) -> (G, N, d): group g's d channels of every position, N = B*h*w."""
-        return rearrange(z_BChw.float(), 'b (g d) h w -> g (b h w) d', g=self.G)
-
-    def _unflat(self, x_GNd, B, h, w):
-        return rearrange(x_GNd, 'g (b h w) d -> b (g d) h w', b=B, h=h, w=w)
-
     @torch.no_grad()
     def _replace_codes(self, z_GNd, init=True, restart=True):
         """Remedies 1 (init) and 2 (restart) from the pool z_GNd; either can be switched off per call."""
@@ -384,7 +365,7 @@ class GroupedVQ(nn.Module):
         B, C, h, w = z_BChw.shape
         if C != self.C:
             raise ValueError(f"GroupedVQ: expected {self.C} latent channels, got {C}")
-        z_GNd = self._flat(z_BChw)
+        z_GNd = rearrange(z_BChw.float(), 'b (g d) h w -> g (b h w) d', g=self.G)  # group g's channels, N = B*h*w
         n_replaced = torch.zeros(self.G, dtype=torch.long, device=z_BChw.device)
         if self.training and (self.data_init or self.restart_dead):
             n_replaced = self._replace_codes(self.ranks.gather(z_GNd.detach(), dim=1))
@@ -392,7 +373,7 @@ class GroupedVQ(nn.Module):
         zhat_GNd = self.codebook[torch.arange(self.G, device=idx_GN.device)[:, None], idx_GN].float()
         commit = ((zhat_GNd - z_GNd.detach()).pow(2).mean((1, 2))  # moves codes to the encoder
                   + self.beta * (z_GNd - zhat_GNd.detach()).pow(2).mean((1, 2))).sum()  # commits encoder
-        zhat_BChw = self._unflat(zhat_GNd, B, h, w).to(z_BChw.dtype)
+        zhat_BChw = rearrange(zhat_GNd, 'g (b h w) d -> b (g d) h w', b=B, h=h, w=w).to(z_BChw.dtype)
         zq_BChw = z_BChw + (zhat_BChw - z_BChw).detach()  # straight-through estimator
         idx_BGhw = idx_GN.view(self.G, B, h, w).transpose(0, 1).contiguous()
         counts = code_counts(idx_BGhw, self.K)
@@ -553,37 +534,6 @@ def step_usage(idxs, codebook_size):
 # -----------------------------------------------------------------------------
 # 4. Tokenizer (stage 1)
 
-class ModelConfig:
-    """Base of the model configs: fields have no defaults here, the stage scripts hold them (one
-    place per default). Built from a script's flat settings by config_from_settings, or from a
-    checkpoint's model_args by from_dict; __post_init__ validates either way, naming the field."""
-
-    def bad(self, key, want):
-        raise ValueError(f"{type(self).__name__}.{key}={getattr(self, key)!r}: {want}")
-
-    def check_types(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, (int, float) if f.type is float else f.type) or (
-                    isinstance(v, bool) and f.type is not bool):
-                self.bad(f.name, f"expected {f.type.__name__}")
-
-    def check_positive(self, *keys, minimum=1):
-        for key in keys:
-            if getattr(self, key) < minimum:
-                self.bad(key, f"must be >= {minimum}")
-
-    @classmethod
-    def from_dict(cls, d):
-        d = {**getattr(cls, 'ADDED_FIELDS', {}), **d}  # fields added later: their old behaviour
-        known = {f.name for f in fields(cls)}
-        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
-        if unknown or missing:
-            raise ValueError(f"{cls.__name__}: unknown keys {unknown}, missing keys {missing}; "
-                             f"valid keys: {sorted(known)}")
-        return cls(**d)
-
-
 @dataclass
 class TokenizerConfig(ModelConfig):
     """Stage 1 (docs/method.md#grouped-vq). Defaults: tokenizer.py's settings of the same names."""
@@ -621,45 +571,35 @@ class TokenizerConfig(ModelConfig):
 
     def __post_init__(self):
         self.check_types()
-        if self.quantizer not in ('grouped', 'msrq', 'tvq'):
-            self.bad('quantizer', "expected 'grouped', 'msrq' or 'tvq'")
+        self.check_choice('quantizer', 'grouped', 'msrq', 'tvq')
         if self.quantizer == 'tvq':
             if self.groups != 1:
                 self.bad('groups', "must be 1 with quantizer='tvq' (one texture codebook of latent_dim dims)")
-            self.check_positive('tvq_struct_dim', 'tvq_struct_pool', 'tvq_down', 'tvq_down_width',
-                                'tvq_down_heads')
+            self.check_positive('tvq_struct_dim', 'tvq_struct_pool', 'tvq_down', 'tvq_down_width', 'tvq_down_heads')
             self.check_positive('tvq_down_depth', minimum=0)
             if (self.patch * self.tvq_struct_pool) % self.tvq_down:
                 self.bad('tvq_down', f"must divide patch x tvq_struct_pool = {self.patch * self.tvq_struct_pool} "
                                      f"(the structure autoencoder's patch on the downsampled image)")
-            w, heads = self.tvq_down_width, self.tvq_down_heads
-            if w % heads or (w // heads) % 4:
-                self.bad('tvq_down_heads', f"must divide tvq_down_width={w} into heads of a size divisible by 4 (2D RoPE)")
+            self.check_heads('tvq_down_width', 'tvq_down_heads')
         if self.quantizer == 'msrq':
             if self.groups != 1:
                 self.bad('groups', "must be 1 with quantizer='msrq' (one shared codebook of latent_dim dims)")
-            try:
-                step_partition(self.rq_steps, self.rq_scales)
-            except ValueError as e:
-                raise ValueError(f"{type(self).__name__}: {e}") from None
+            self.check_with(step_partition, self.rq_steps, self.rq_scales)
             self.check_positive('rq_phi', minimum=0)
             if not 0 <= self.rq_phi_ratio <= 1:
                 self.bad('rq_phi_ratio', "must be in [0, 1]")
-        self.check_positive('patch', 'latent_dim', 'groups', 'enc_width', 'enc_heads', 'dec_width',
-                            'dec_heads', 'vq_restart_every')
+        self.check_positive('patch', 'latent_dim', 'groups', 'enc_width', 'enc_heads', 'dec_width', 'dec_heads',
+                            'vq_restart_every')
         self.check_positive('enc_depth', 'dec_depth', 'dec_refine', minimum=0)
         self.check_positive('dec_refine_ch')
         self.check_positive('codebook_size', minimum=2)
         if self.latent_dim % self.groups:
             self.bad('groups', f"must divide latent_dim={self.latent_dim}")
-        for w, hkey in (('enc_width', 'enc_heads'), ('dec_width', 'dec_heads')):
-            width, heads = getattr(self, w), getattr(self, hkey)
-            if width % heads or (width // heads) % 4:
-                self.bad(hkey, f"must divide {w}={width} into heads of a size divisible by 4 (2D RoPE)")
+        self.check_heads('enc_width', 'enc_heads')
+        self.check_heads('dec_width', 'dec_heads')
         if self.dec_overlap and self.patch % 2:
             self.bad('dec_overlap', f"needs an even patch, got patch={self.patch}")
-        if self.beta < 0:
-            self.bad('beta', "must be >= 0")
+        self.check_positive('beta', minimum=0)
         if self.mlp_ratio <= 0:
             self.bad('mlp_ratio', "must be > 0")
 
@@ -864,38 +804,28 @@ class GeneratorConfig(ModelConfig):
         if isinstance(self.pooled_dims, list):
             self.pooled_dims = tuple(self.pooled_dims)  # a list from JSON / a config file is fine
         self.check_types()
-        self.check_positive('patch', 'scale', 'groups', 'width', 'depth', 'n_head', 'stem_dim',
-                            'sft_hidden')
+        self.check_positive('patch', 'scale', 'groups', 'width', 'depth', 'n_head', 'stem_dim', 'sft_hidden')
         self.check_positive('codebook_size', minimum=2)
         if self.patch % self.scale:
             self.bad('patch', f"must be a multiple of scale={self.scale} (one LR cell of patch/scale "
                               f"pixels per token)")
-        if self.width % self.n_head or (self.width // self.n_head) % 4:
-            self.bad('n_head', f"must divide width={self.width} into heads of a size divisible by 4 (2D RoPE)")
+        self.check_heads('width', 'n_head')
         if self.mlp_ratio <= 0:
             self.bad('mlp_ratio', "must be > 0")
-        if self.cls_tokens not in ('none', 'single', 'multi'):
-            self.bad('cls_tokens', "expected 'none', 'single' or 'multi'")
+        self.check_choice('cls_tokens', 'none', 'single', 'multi')
         if self.feat_dim < 0 or not all(isinstance(d, int) and d >= 1 for d in self.pooled_dims):
             self.bad('pooled_dims' if self.feat_dim >= 0 else 'feat_dim', "sizes must be positive ints")
         if self.use_sft and self.feat_dim < 1:
             self.bad('use_sft', "needs the prior's feat_dim >= 1 (no prior: use_sft=False)")
         if self.cls_tokens != 'none' and not self.pooled_dims:
             self.bad('cls_tokens', "needs the prior's pooled_dims (no prior: cls_tokens='none')")
-        if self.head not in ('linear', 'codebook'):
-            self.bad('head', "expected 'linear' or 'codebook'")
+        self.check_choice('head', 'linear', 'codebook')
         if self.head == 'codebook' and (self.latent_dim < self.groups or self.latent_dim % self.groups):
             self.bad('latent_dim', f"must be a positive multiple of groups={self.groups} (the tokenizer's C)")
 
     @property
     def n_cls(self):
         return {'none': 0, 'single': 1, 'multi': len(self.pooled_dims)}[self.cls_tokens]
-
-
-def _zero_last(mlp):
-    nn.init.zeros_(mlp[-1].weight)
-    nn.init.zeros_(mlp[-1].bias)
-    return mlp
 
 
 class Generator(nn.Module):
@@ -941,7 +871,8 @@ class Generator(nn.Module):
         init_transformer_weights(self, c.depth)
         if c.use_sft:  # after the generic init, which would overwrite them
             for m in (*self.sft_gamma, *self.sft_beta):
-                _zero_last(m)
+                nn.init.zeros_(m[-1].weight)
+                nn.init.zeros_(m[-1].bias)
         if c.head == 'codebook':
             nn.init.zeros_(self.head.weight)
 
@@ -976,9 +907,8 @@ class Generator(nn.Module):
         head='codebook' (lr_anchor) -> logits (B, G, h, w, K)."""
         c = self.config
         x, h, w = self.hidden(lr, prior_feat, prior_pooled)
-        if c.head == 'linear':
-            logits = self.head(x)  # (B, h*w, G*K)
-            return logits.view(-1, h, w, c.groups, c.codebook_size).permute(0, 3, 1, 2, 4)
+        if c.head == 'linear':  # (B, h*w, G*K) -> (B, G, h, w, K)
+            return self.head(x).view(-1, h, w, c.groups, c.codebook_size).permute(0, 3, 1, 2, 4)
         if anchor is None or tuple(anchor.shape[1:]) != (c.latent_dim, h, w):
             raise ValueError(f"Generator: head='codebook' needs anchor (B, {c.latent_dim}, {h}, {w}), the "
                              f"tokenizer's latent of the upsampled LR (model.lr_anchor), got "
@@ -1121,18 +1051,13 @@ class NextScaleConfig(ModelConfig):
         self.check_types()
         self.check_positive('patch', 'scale', 'latent_dim', 'width', 'depth', 'n_head')
         self.check_positive('codebook_size', minimum=2)
-        try:
-            step_partition(self.rq_steps, self.rq_scales)
-        except ValueError as e:
-            raise ValueError(f"{type(self).__name__}: {e}") from None
-        if self.width % self.n_head or (self.width // self.n_head) % 4:
-            self.bad('n_head', f"must divide width={self.width} into heads of a size divisible by 4 (2D RoPE)")
+        self.check_with(step_partition, self.rq_steps, self.rq_scales)
+        self.check_heads('width', 'n_head')
         if self.mlp_ratio <= 0:
             self.bad('mlp_ratio', "must be > 0")
         if (self.rq_steps[-1] * self.patch) % self.scale:
             self.bad('scale', f"must divide the native HR side {self.rq_steps[-1] * self.patch}")
-        if self.head not in ('linear', 'codebook'):
-            self.bad('head', "expected 'linear' or 'codebook'")
+        self.check_choice('head', 'linear', 'codebook')
 
     @property
     def hr_size(self):
@@ -1190,14 +1115,13 @@ class NextScaleGenerator(nn.Module):
         self.sizes = [R * R] + [r * r for r in c.rq_steps]          # tokens per block
         self.n_cond = R * R
         # positions on the full grid and the block-causal mask, for the longest sequence
-        rows, cols, block = [], [], []
-        for b, r in enumerate((R,) + tuple(c.rq_steps)):
+        rows, cols = [], []
+        for r in (R,) + tuple(c.rq_steps):
             centre = (torch.arange(r, dtype=torch.float64) + 0.5) * R / r - 0.5   # (r,)
             rows.append(centre.repeat_interleave(r))
             cols.append(centre.repeat(r))
-            block.append(torch.full((r * r,), b))
         cos, sin = rope_angles(torch.cat(rows), torch.cat(cols), c.width // c.n_head, c.rope_base)
-        block = torch.cat(block)
+        block = torch.arange(L + 1).repeat_interleave(torch.tensor(self.sizes))  # (T,) block of each token
         self.register_buffer('rope_cos', cos, persistent=False)         # (T, hs/2)
         self.register_buffer('rope_sin', sin, persistent=False)
         self.register_buffer('mask', block[:, None] >= block[None, :], persistent=False)  # (T, T)
@@ -1226,11 +1150,13 @@ class NextScaleGenerator(nn.Module):
         self.log_t.fill_(best)
         return before, after
 
-    def skips(self, cond_BChw, inputs):
-        """head='codebook': skip_i = area(cond, rho_i) - in_i (in_1 as 0) for the given steps,
-        flattened step-major: (B, N, C)."""
+    def skips(self, cond_BChw, inputs, first=0):
+        """head='codebook': skip_i = area(cond, rho_i) - in_i (in_1 as 0) for the steps of inputs (the
+        first of them step `first`), flattened step-major: (B, N, C). None for head='linear'."""
+        if self.config.head == 'linear':
+            return None
         out = [F.adaptive_avg_pool2d(cond_BChw.float(), self.shapes[i]) - (t if i > 0 else 0)
-               for i, t in enumerate(inputs)]
+               for i, t in enumerate(inputs, first)]
         return torch.cat([o.flatten(2).transpose(1, 2) for o in out], dim=1)
 
     def logits(self, h_BTd, skip_BTC=None):
@@ -1265,8 +1191,7 @@ class NextScaleGenerator(nn.Module):
         rope, mask = (self.rope_cos[:T], self.rope_sin[:T]), self.mask[:T, :T]
         for blk in self.blocks:
             x = blk(x, rope, attn_mask=mask)
-        skip = self.skips(cond_BChw, inputs) if self.config.head == 'codebook' else None
-        return self.logits(x[:, self.n_cond:], skip)
+        return self.logits(x[:, self.n_cond:], self.skips(cond_BChw, inputs))
 
     def next_input(self, quantizer, idxs, i, acc):
         """Input of step i >= 1 from the tokens idxs of steps < i: the running sum acc = [f, grid]
@@ -1315,10 +1240,7 @@ class NextScaleGenerator(nn.Module):
                 x = self.embed_step(i, ins[i], cls_B)
                 for blk, cache in zip(self.blocks, caches):
                     x = blk(x, rope, kv_cache=cache)                  # sees the cache and itself
-                skip = None
-                if self.config.head == 'codebook':
-                    skip = (F.adaptive_avg_pool2d(cond, shape) - (ins[i] if i > 0 else 0)).flatten(2).transpose(1, 2)
-                logits = self.logits(x, skip).float()                 # (B or 2B, rho_i^2, K)
+                logits = self.logits(x, self.skips(cond, ins[i:i + 1], i)).float()  # (B or 2B, rho_i^2, K)
             else:
                 logits = self(cond, ins, cls_B)[:, -self.sizes[i + 1]:].float()
             if cfg > 0:
@@ -1343,7 +1265,7 @@ def hvar_condition(tokenizer, lr, cls_B, scale):
 
 
 # -----------------------------------------------------------------------------
-# 6. Helpers: group masking, top-K sampling, FLOPs
+# 6. Helpers: group masking, top-K sampling
 
 # group masking (docs/method.md#group-masking)
 
@@ -1370,27 +1292,3 @@ def sample_topk(logits, k, generator=None):
     p = top.softmax(-1).reshape(-1, k)
     choice = torch.multinomial(p, 1, generator=generator).view(top.shape[:-1])
     return cand.gather(-1, choice[..., None])[..., 0]
-
-
-def flops_per_image(model_args, H, W):
-    """Rough training FLOPs (forward + backward) of encoder + decoder for one H x W image, for MFU.
-    Per transformer with T tokens, L layers, width w, N matmul params:  6*N*T + 12*L*w*T^2
-    (PaLM appendix B: 6N per token for the weights, 12*L*w*T per token for QK^T and AV).
-    N counts blocks (4w^2 attention + 3*w*hidden SwiGLU) and the patch / latent projections;
-    the decoder's conv refinement adds 6 * (its conv weights) per pixel;
-    norms, the VQ lookup (2*K*C per token, no backward), the discriminator and LPIPS are left out."""
-    c = TokenizerConfig(**model_args)
-    T = (H // c.patch) * (W // c.patch)
-    pix = 3 * c.patch ** 2
-    out_pix = 3 * (2 * c.patch) ** 2 if c.dec_overlap else pix
-    feat = c.dec_refine_ch * c.patch ** 2 if c.dec_refine else 0  # the refinement's input features
-    total = 0.0
-    for width, depth, io in ((c.enc_width, c.enc_depth, pix + c.latent_dim),
-                             (c.dec_width, c.dec_depth, c.latent_dim + out_pix + feat)):
-        n = depth * (4 * width ** 2 + 3 * width * swiglu_hidden(width, c.mlp_ratio)) + io * width
-        total += 6 * n * T + 12 * depth * width * T ** 2
-    if c.dec_refine:
-        ch = c.dec_refine_ch
-        conv = 9 * ((3 + ch) * ch + 2 * c.dec_refine * ch * ch + ch * 3)  # conv_in, blocks, conv_out
-        total += 6 * conv * H * W
-    return total

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import count_params, param_groups
+from common import count_params, flops_per_image, param_groups
 from conftest import tokenizer_args
 from model import (Attention, Block, GroupedVQ, RMSNorm, SwiGLU, Tokenizer, TokenizerConfig, ViTDecoder,
-                   ViTEncoder, apply_rope, flops_per_image, mask_groups, rope_2d, usage_stats)
+                   ViTEncoder, apply_rope, mask_groups, rope_2d, usage_stats)
 from losses import (PatchDiscriminator, adaptive_gan_weight, g_loss_hinge, g_loss_vanilla, hinge_d_loss,
                     sample_active_groups, vanilla_d_loss)
 
