@@ -7,17 +7,17 @@ for the same time on it, all scored on the same validation pairs.
     python ablate.py --kinds=vq,tvq --tok_minutes=2 --gen_minutes=2   # a quick look at two kinds
     python ablate.py --jobs=1 --threads=0 --device=cuda --tok_args="--batch_size=32" --gen_args="--batch_size=32"
 
-| kind           | tokenizer (config, changes)                                  | generator (config)       |
-|----------------|--------------------------------------------------------------|--------------------------|
-| vq             | tokenizer_tiny, groups=1 x 1024 codes (Table 7's "vanilla")  | generator_tiny (HiTokSR) |
-| grouped        | tokenizer_tiny: 4 x 256 codes, group masking + DWT targets   | generator_tiny (HiTokSR) |
-| grouped_nomask | tokenizer_tiny, no masking, no DWT targets                   | generator_tiny (HiTokSR) |
-| msrq           | tokenizer_hrq_tiny: 1 x 4096 codes, 10 residual steps        | generator_hvar_tiny, plain tokens |
-| hrq            | msrq for (1 - hrq_finetune) of the time, then its hierarchical fine-tuning | generator_hvar_tiny |
-| tvq            | tokenizer_tvq_tiny: 1 x 1024 texture codes + structure map, L1 + LPIPS | generator_tvq_tiny |
+| kind           | tokenizer (config files, changes)                            | generator (config files)   |
+|----------------|--------------------------------------------------------------|----------------------------|
+| vq             | tiny, groups=1 x 1024 codes (Table 7's "vanilla")            | tiny (HiTokSR)             |
+| grouped        | tiny: 4 x 256 codes, group masking + DWT targets             | tiny (HiTokSR)             |
+| grouped_nomask | tiny, no masking, no DWT targets                             | tiny (HiTokSR)             |
+| msrq           | tiny + hvar: 1 x 4096 codes, 10 residual steps               | tiny + hvar, plain tokens  |
+| hrq            | msrq for (1 - hrq_finetune) of the time, then its hierarchical fine-tuning | tiny + hvar  |
+| tvq            | tiny + tvq: 1 x 1024 texture codes + structure map, L1 + LPIPS | tiny + tvq               |
 
 Every tokenizer has the encoder, decoder (overlapping output patches) and latent width 32 of
-config/tokenizer_tiny.py and trains on 128-px crops, batch 8, no hue augmentation, with L1 + LPIPS
+config/tiny.py and trains on 128-px crops, batch 8, no hue augmentation, with L1 + LPIPS
 (GAN off; SAME below); the texture VQ adds its structure branch and its two losses. Each run is an
 ordinary stage-script run with its own out_dir under out_dir/KIND/ (log, PNGs, checkpoint,
 summary.json) and its console output in out_dir/KIND/NAME.out. A run whose summary.json exists and
@@ -52,31 +52,26 @@ gen_args = ''             # extra arguments for every generator run
 val_dir = 'assets/val_pairs'
 config = configure(globals())
 
-TINY = 'config/tokenizer_tiny.py'
-# the recipe every kind shares (128-px crops, batch 8, L1 + LPIPS 1:1, as the other kinds' configs set it);
-# config/tokenizer_tiny.py itself trains on 64-px crops with random hues, half the LPIPS weight and 2 + 4
-# blocks, and config/generator_tiny.py has the codebook head (docs/results.md "Image quality" and "The main job");
-# the table keeps the first recipe
+TINY, HVAR, TVQ = ('config/tiny.py',), ('config/tiny.py', 'config/hvar.py'), ('config/tiny.py', 'config/tvq.py')
+# the recipe every kind shares (128-px crops, batch 8, L1 + LPIPS 1:1, as config/hvar.py and config/tvq.py set it
+# on top of config/tiny.py); config/tiny.py's own tokenizer trains on 64-px crops with random hues, half the
+# LPIPS weight and 2 + 4 blocks, and its generator has the codebook head (docs/results.md "Image quality" and
+# "The main job"); the table keeps the first recipe
 SAME = ['--crop_size=128', '--batch_size=8', '--hue_aug=0', '--grad_weight=0', '--lpips_weight=1',
         '--enc_depth=3', '--dec_depth=3']
-GEN = ('config/generator_tiny.py', ['--head=linear'])
-KINDS = {  # kind -> (table label, tokenizer phases [(config, args)], generator (config, args))
+GEN = (TINY, ['--head=linear'])
+KINDS = {  # kind -> (table label, tokenizer phases [(config files, args)], generator (config files, args))
     'vq': ('vanilla VQ, 1 x 1024 codes', [(TINY, [*SAME, '--groups=1', '--codebook_size=1024'])], GEN),
     'grouped': ('grouped VQ (HiTokSR), 4 x 256 codes, masking + DWT targets', [(TINY, SAME)], GEN),
     'grouped_nomask': ('grouped VQ, 4 x 256 codes, no masking', [(TINY, [*SAME, '--group_masking=False',
                                                                          '--dwt_targets=False'])], GEN),
-    'msrq': ('multi-scale RQ, 1 x 4096 codes, 10 steps', [('config/tokenizer_hrq_tiny.py', [])],
-             ('config/generator_hvar_tiny.py', ['--hvar_tokens=plain'])),
+    'msrq': ('multi-scale RQ, 1 x 4096 codes, 10 steps', [(HVAR, [])], (HVAR, ['--hvar_tokens=plain'])),
     'hrq': ('hierarchical RQ (H-VAR): multi-scale RQ + Algorithm 1 fine-tuning',
-            [('config/tokenizer_hrq_tiny.py', []),
-             ('config/tokenizer_hrq_tiny.py', ['--hierarchical=True', '--freeze_encoder=True'])],
-            ('config/generator_hvar_tiny.py', [])),
-    'tvq': ('texture VQ (TVQ&RAP), 1 x 1024 codes + structure map',
-            [('config/tokenizer_tvq_tiny.py', ['--l1_weight=1', '--l2_weight=0'])],
-            ('config/generator_tvq_tiny.py', [])),
+            [(HVAR, []), (HVAR, ['--hierarchical=True', '--freeze_encoder=True'])], (HVAR, [])),
+    'tvq': ('texture VQ (TVQ&RAP), 1 x 1024 codes + structure map', [(TVQ, ['--l1_weight=1', '--l2_weight=0'])],
+            (TVQ, [])),
 }
-GENERATOR_NAMES = {'config/generator_tiny.py': 'HiTokSR', 'config/generator_hvar_tiny.py': 'H-VAR next-scale',
-                   'config/generator_tvq_tiny.py': 'TVQ predictor'}
+GENERATOR_NAMES = {TINY: 'HiTokSR', HVAR: 'H-VAR next-scale', TVQ: 'TVQ predictor'}
 
 chosen = [k.strip() for k in kinds.split(',') if k.strip()]
 unknown = [k for k in chosen if k not in KINDS]
@@ -102,7 +97,7 @@ def run_dir(kind, name):
 
 
 def command(script, cfg, args, out, minutes):
-    return [PY, script, cfg, *args, f'--out_dir={out}', f'--max_minutes={minutes:g}', f'--threads={threads}',
+    return [PY, script, *cfg, *args, f'--out_dir={out}', f'--max_minutes={minutes:g}', f'--threads={threads}',
             f'--device={device}', '--overwrite=True']
 
 

@@ -3,15 +3,15 @@ Small benchmarks, one function per mode, one grep-able number each:
 
     python bench.py --mode=degrade --batch_size=16 --device=cuda --jpeg_impl=torch
     python bench.py --mode=generator --device=cpu
-    python bench.py --mode=tokenizer --tok_config=config/tokenizer_paper.py --device=cuda
-    python bench.py --mode=sr --tok_config=config/tokenizer_paper.py --gen_config=config/generator_paper.py
+    python bench.py --mode=tokenizer --configs=config/paper.py --device=cuda
+    python bench.py --mode=sr --configs=config/paper.py
     python bench.py --mode=sr --device=cuda --compile=True --cuda_graphs=True
-    python bench.py --mode=sr --tok_config=config/tokenizer_hrq_tiny.py --gen_config=config/generator_hvar_tiny.py
+    python bench.py --mode=sr --configs="config/tiny.py config/hvar.py"
     python bench.py --mode=sr_large --side=4000
 
 degrade mode times degradation.degrade on a batch of training crops already on the device, with
 the JPEG of jpeg_impl ('torch': batched on the device; 'pil': libjpeg on the CPU, per image).
-generator mode times one full stage-2 training step of gen_config on a tokenizer of tok_config
+generator mode times one full stage-2 training step of the generator of `configs` on its tokenizer
 (tokenizer targets, prior + LoRA, generator, losses.generator_losses, backward, AdamW; + the
 discriminator step with --gen_gan=True) three ways: the data alone (data.PairSampler: crops, host
 -> device, degradation), the step on a fresh batch from the sampler (what generator.py does) and
@@ -21,8 +21,8 @@ commitment, backward, AdamW; + discriminator and GAN terms with --tok_gan=True) 
 of the config's size, so it measures the model, not the data pipeline.
 sr mode times inference (prior + generator + top-1 decode, sr.super_resolve) per LR size in
 sr_sizes: ms per image at batch 1 and images/s at batch sr_batch, eager and, with --compile=True,
-compiled (--cuda_graphs=True: CUDA graphs); an H-VAR gen_config (method='hvar', on a msrq tok_config)
-is timed at its native LR size, with and without the KV cache. The models of tok_config + gen_config have random
+compiled (--cuda_graphs=True: CUDA graphs); an H-VAR chain (configs with config/hvar.py)
+is timed at its native LR size, with and without the KV cache. The models of the chain have random
 weights (the time does not depend on them); peak memory is the CUDA allocator's peak on a GPU and
 the process's peak resident set on a CPU (which includes the models and start-up, so an upper bound).
 sr_large mode runs sr.py's streamed tiling (sr.tiled_sr, load and PNG write included) on one
@@ -62,15 +62,16 @@ crop = 256                  # HR crop side (LR side = crop / 4)
 image_dir = 'assets/images/train'  # prepared by `python data.py`
 deg_mode = 'realesrgan'     # realesrgan | bicubic
 jpeg_impl = 'torch'         # the degradation's JPEG (degrade and generator modes): torch | pil
-# tokenizer mode: tokenizer.py's settings with this config file applied (model sizes, crop, batch)
-tok_config = 'config/tokenizer_tiny.py'
+# the chain of tokenizer, sr and generator modes: config files (a size file, optionally a method file;
+# space-separated) read as tokenizer.py and generator.py read them: model sizes; tokenizer mode also
+# crop and batch; generator mode also crop, batch, degradation and loss weights
+configs = 'config/tiny.py'
+# tokenizer mode
 tok_args = ''               # more tokenizer.py settings on top, e.g. '--hierarchical=True --lpips_weight=5'
 tok_gan = False             # include the discriminator step and the GAN term
 dtype = 'auto'              # auto (bf16 on capable GPUs) | float32 | bfloat16
 compile = False             # torch.compile: tokenizer / generator (CUDA only); sr mode adds compiled rows (on a CPU: minutes)
-# sr and generator modes: the chain of tok_config + gen_config (generator.py's settings with it
-# applied: model sizes; for generator mode also crop, batch, degradation, loss weights)
-gen_config = 'config/generator_tiny.py'
+# sr and generator modes
 gen_gan = False             # generator mode: include the GAN term and the discriminator step
 sr_sizes = (64, 128)        # LR 64 -> HR 256 and LR 128 -> HR 512
 sr_batch = 16               # images per pass of the throughput rows (batch 1 rows: latency)
@@ -148,7 +149,7 @@ def print_mfu(prefix, flops_per_iter, dt, dev):
 
 
 def bench_tokenizer(dev):
-    settings = script_settings('tokenizer.py', [tok_config, *tok_args.split()])
+    settings = script_settings('tokenizer.py', [*configs.split(), *tok_args.split()])
     cfg = config_from_settings(TokenizerConfig, settings)
     crop_, batch = settings['crop_size'], settings['batch_size']
     dt_name, ctx = autocast_ctx(dev, dtype)
@@ -195,7 +196,7 @@ def bench_tokenizer(dev):
     for _ in range(iters):
         step()
     dt = (time.perf_counter() - t0) / iters
-    print(f"tokenizer: {tok_config} {tok_args}, {count_params(model) / 1e6:.2f}M params, {settings['quantizer']} "
+    print(f"tokenizer: {configs} {tok_args}, {count_params(model) / 1e6:.2f}M params, {settings['quantizer']} "
           f"{'hierarchical ' if hier else ''}quantizer, batch {batch} x {crop_}x{crop_}, {dt_name}, "
           f"compile={compile and dev.startswith('cuda') and not hier}, gan={tok_gan}, on {dev}")
     print(f"tokenizer_ms_per_iter: {1000 * dt:.1f}")
@@ -210,11 +211,11 @@ def bench_tokenizer(dev):
 
 
 def build_chain(dev):
-    """The tokenizer, generator and prior of tok_config + gen_config on dev, built as generator.py
+    """The tokenizer, generator and prior of `configs` on dev, built as generator.py
     builds them (random tokenizer and generator weights: the time does not depend on them; the
     prior has its ImageNet weights) -> (tokenizer, generator, prior or None, generator settings)."""
-    tcfg = config_from_settings(TokenizerConfig, script_settings('tokenizer.py', [tok_config, *tok_args.split()]))
-    g = script_settings('generator.py', [gen_config])
+    tcfg = config_from_settings(TokenizerConfig, script_settings('tokenizer.py', [*configs.split(), *tok_args.split()]))
+    g = script_settings('generator.py', configs.split())
     prior = None
     if g['method'] == 'hvar':  # H-VAR: the next-scale generator on a multi-scale RQ tokenizer, no prior
         gcfg = config_from_settings(NextScaleConfig, g, patch=tcfg.patch, scale=4, latent_dim=tcfg.latent_dim,
@@ -291,7 +292,7 @@ def bench_generator(dev):
     t_data = timed(sampler.next)
     t_fresh = timed(lambda: step(*sampler.next()))
     t_premade = timed(lambda: step(*premade))
-    print(f"generator: {gen_config} on {tok_config}, {count_params(gen) / 1e6:.2f}M params, batch {batch} x "
+    print(f"generator: {configs}, {count_params(gen) / 1e6:.2f}M params, batch {batch} x "
           f"{crop_}x{crop_}, degradation {g['degradation']} (jpeg {jpeg_impl}), {dt_name}, "
           f"compile={compile and dev.startswith('cuda')}, gan={gen_gan}, on {dev}")
     print(f"generator_data_ms_per_batch: {1000 * t_data:.1f}")
@@ -312,7 +313,7 @@ def random_chain(dev):
         prior.to(memory_format=torch.channels_last).eval().requires_grad_(False)
     cond = tok.encoder if isinstance(gen, NextScaleGenerator) else prior   # what conditions the generator
     n = sum(count_params(m) for m in (tok.decoder, gen, cond) if m is not None)
-    print(f"chain: {tok_config} + {gen_config}, {n / 1e6:.1f}M params used at inference (decoder "
+    print(f"chain: {configs}, {n / 1e6:.1f}M params used at inference (decoder "
           f"{count_params(tok.decoder) / 1e6:.2f}M + generator {count_params(gen) / 1e6:.2f}M + "
           f"{'encoder' if cond is tok.encoder else 'prior'}), random weights")
     return tok, gen, prior

@@ -7,23 +7,34 @@ module globals and then calls
 
 which reads sys.argv:
 
-    python tokenizer.py config/tokenizer_tiny.py --batch_size=8 --compile=False
+    python tokenizer.py config/tiny.py --batch_size=8 --compile=False
+    python tokenizer.py config/tiny.py config/hvar.py         # a size file, then a method file
 
-- Arguments without `--` are config files: plain Python assignments, executed in a scratch
-  namespace; every name they assign must already be a setting.
+- Arguments without `--` are config files, applied in order: plain Python, each run in a namespace
+  that holds `stage` (the script's name without .py: 'tokenizer', 'generator', 'finetune_decoder';
+  for script_settings(), the script it reads) and every setting so far (the script's defaults, then
+  what earlier files set). Every name a file assigns must be a setting of that script; names
+  starting with '_' and imported modules are left out. So one file can hold the settings of every
+  stage, each under `if stage == ...:` (lines under another stage's branch never run, so they are
+  never checked against this script), and a later file can build on an earlier one's values, e.g.
+  `rq_steps = {16: ..., 32: ...}[crop_size // patch]` (config/hvar.py after config/tiny.py).
 - `--key=value` overrides a setting; the value is parsed as a Python literal, falling back to a
   plain string (so `--out_dir=out/x` needs no quotes).
-- Unknown keys and wrong types are refused, naming the valid keys. An int is accepted where a float
-  is expected (`--learning_rate=1` means 1.0), a list where a tuple is, and a single value where a
-  tuple of such values is (`--scales=4` means (4,)); nothing else is coerced.
+- Unknown keys and wrong types are refused, naming the valid keys (and the file). An int is accepted
+  where a float is expected (`--learning_rate=1` means 1.0), a list where a tuple is, and a single
+  value where a tuple of such values is (`--scales=4` means (4,)); nothing else is coerced. An
+  error while a config file runs (a misspelt name it reads, a syntax error) is refused naming the
+  file and line.
 
 A setting is any global whose name does not start with '_', is not all capitals (a constant, e.g.
-one imported from model.py) and whose value is an int, float, bool, str, tuple, dict or None. configure() returns the resolved settings as a dict (to be printed and
-saved in the checkpoint).
+one imported from model.py) and whose value is an int, float, bool, str, tuple, dict or None.
+configure() returns the resolved settings as a dict (to be printed and saved in the checkpoint).
 """
 import ast
+import copy
 import os
 import sys
+import traceback
 from dataclasses import fields
 
 SETTING_TYPES = (bool, int, float, str, tuple, dict, type(None))
@@ -63,17 +74,25 @@ def _parse_value(text):
         return text  # a bare string such as out/tokenizer or cuda
 
 
-def read_config_file(path):
-    """A config file's settings: its assignments, executed in a scratch namespace (names starting
-    with '_' and imported modules left out). Unchecked: configure() checks them against a script."""
+def read_config_file(path, stage, settings):
+    """The settings a config file sets: it runs in a namespace holding `stage` and the settings so far
+    (see the module docstring), and every name it binds to a new value is returned, names starting
+    with '_' and imported modules left out. Unchecked: configure() checks them against the script."""
     try:
         with open(path) as f:
             src = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file '{path}': {e.strerror}") from None
-    scope = {}
-    exec(compile(src, path, 'exec'), {}, scope)
-    return {k: v for k, v in scope.items() if not k.startswith('_') and type(v).__name__ != 'module'}
+    before = dict(copy.deepcopy(settings), stage=stage)  # copies: a file may change a dict in place
+    scope = dict(before)
+    try:
+        exec(compile(src, path, 'exec'), scope)
+    except Exception as e:  # a SyntaxError, or a NameError / KeyError / ... raised by a line of the file
+        line = e.lineno if isinstance(e, SyntaxError) else next(
+            (fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__)) if fr.filename == path), '?')
+        raise ConfigError(f"config file '{path}', line {line}: {type(e).__name__}: {e}") from None
+    return {k: v for k, v in scope.items() if not k.startswith('_') and type(v).__name__ != 'module'
+            and (k not in before or v is not before[k] or v != settings.get(k, v))}
 
 
 def fail(msg):
@@ -81,20 +100,23 @@ def fail(msg):
     sys.exit(f"config error: {msg}")
 
 
-def configure(g, argv=None, verbose=True):
+def configure(g, argv=None, verbose=True, stage=None):
     """Apply config files and --key=value overrides from argv to the globals dict g, in place.
     With argv=None (a script's command line) a bad setting ends the program via fail();
-    with an explicit argv it raises ConfigError."""
+    with an explicit argv it raises ConfigError. stage: what config files see as `stage`
+    (default: the running script's name without .py)."""
+    if stage is None:
+        stage = os.path.splitext(os.path.basename(sys.argv[0]))[0]
     if argv is None:
         try:
-            return configure(g, sys.argv[1:], verbose)
+            return configure(g, sys.argv[1:], verbose, stage)
         except ConfigError as e:
             fail(str(e))
     current = settings_of(g)
     valid = set(current)
     for arg in argv:
         if not arg.startswith('--'):  # a config file
-            for key, value in read_config_file(arg).items():
+            for key, value in read_config_file(arg, stage, current).items():
                 current[key] = _check(key, value, current, valid, f"config file '{arg}'")
         else:
             if '=' not in arg:
@@ -111,24 +133,28 @@ def configure(g, argv=None, verbose=True):
 
 def script_settings(script, argv=()):
     """A stage script's settings without running it: its top-level assignments of literal values
-    (everything above `config = configure(globals())`), then config files and --key=value overrides
-    from argv, checked exactly as the script would check them. bench.py and the tests build their
-    models through this, so they can never drift from the scripts' defaults."""
-    import os
+    (everything above `config = configure(globals())`, also inside `if __name__ == '__main__':` as in
+    sr.py and eval.py), then config files and --key=value overrides from argv, checked exactly as the
+    script would check them (config files see `stage` = the script's name without .py). bench.py and
+    the tests build their models through this, so they can never drift from the scripts' defaults."""
     path = script if os.path.isabs(script) else os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
     with open(path) as f:
         tree = ast.parse(f.read(), path)
-    g = {}
+    body = []
     for node in tree.body:
+        main = isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"
+        body += node.body if main else [node]
+    g = {}
+    for node in body:
+        if isinstance(node, (ast.Assign, ast.Expr)) and ast.unparse(node.value) == 'configure(globals())':
+            break
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
             continue
-        if node.targets[0].id == 'config':
-            break
         try:
             g[node.targets[0].id] = ast.literal_eval(node.value)
         except ValueError:
             pass  # not a setting (an expression computed at run time)
-    return configure(g, list(argv), verbose=False)
+    return configure(g, list(argv), verbose=False, stage=os.path.splitext(os.path.basename(path))[0])
 
 
 def config_from_settings(cls, settings, **derived):

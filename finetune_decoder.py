@@ -2,10 +2,10 @@
 Stage 3: fine-tune the tokenizer's decoder on the generator's own (imperfect) tokens
 (HiTokSR; docs/method.md#decoder-fine-tuning).
 
-    python finetune_decoder.py config/finetune_decoder_tiny.py              # 2-core CPU, ~4 minutes
-    python finetune_decoder.py config/finetune_decoder_paper.py             # paper sizes, one GPU
-    python finetune_decoder.py config/finetune_decoder_tiny.py --init_from=resume   # continue exactly
-    torchrun --standalone --nproc_per_node=8 finetune_decoder.py config/finetune_decoder_paper.py   # 8 GPUs
+    python finetune_decoder.py config/tiny.py                      # 2-core CPU, ~4 minutes
+    python finetune_decoder.py config/paper.py                     # paper sizes, one GPU
+    python finetune_decoder.py config/tiny.py --init_from=resume   # continue exactly
+    torchrun --standalone --nproc_per_node=8 finetune_decoder.py config/paper.py   # 8 GPUs
 
 The stage-1 decoder was trained on the tokens of clean HR images; at inference it receives the
 stage-2 generator's predictions from degraded LR images, which are often wrong. Here the generator,
@@ -109,7 +109,7 @@ def check_config():
         problems.append("every loss weight is 0: nothing would train the decoder (use --mode=frozen)")
     if not os.path.isfile(gen_ckpt):
         problems.append(f"gen_ckpt='{gen_ckpt}' not found: train stage 2 first "
-                        f"(python generator.py config/generator_tiny.py) or pass --gen_ckpt=PATH")
+                        f"(python generator.py config/tiny.py) or pass --gen_ckpt=PATH")
     if problems:
         fail('finetune_decoder.py: ' + '; '.join(problems))
 

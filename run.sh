@@ -2,7 +2,7 @@
 # The main job on the embedded default data, on this machine's CPU (~30 minutes on 2 cores):
 #   set-up -> data -> bicubic baselines -> stage 1 tokenizer -> stage 2 generator
 #   -> stage 3 decoder fine-tuning -> one evaluation table of the whole chain -> sr.py on images.
-# Each stage runs its tiny config (config/*_tiny.py) with a wall-clock budget; extra arguments
+# Each stage runs the tiny size (config/tiny.py) with a wall-clock budget; extra arguments
 # go to every stage script, e.g. `bash run.sh --device=cuda`. The main job retrains every stage from
 # scratch, so a second `bash run.sh` replaces the first one's checkpoints (--overwrite=True; the
 # stage scripts refuse that otherwise).
@@ -14,12 +14,12 @@ t0=$(date +%s)
 echo "== bicubic baselines on the validation pairs =="
 $PY eval.py --sr=bicubic --lr_kind=bicubic --out_json=out/eval/bicubic_clean.json | tail -4
 $PY eval.py --sr=bicubic --lr_kind=degraded --out_json=out/eval/bicubic_degraded.json | tail -4
-echo "== stage 1: tokenizer (config/tokenizer_tiny.py) =="
-$PY tokenizer.py config/tokenizer_tiny.py --overwrite=True "$@"
-echo "== stage 2: generator (config/generator_tiny.py) =="
-$PY generator.py config/generator_tiny.py --overwrite=True "$@"
-echo "== stage 3: decoder fine-tuning (config/finetune_decoder_tiny.py) =="
-$PY finetune_decoder.py config/finetune_decoder_tiny.py --overwrite=True "$@"
+echo "== stage 1: tokenizer (config/tiny.py) =="
+$PY tokenizer.py config/tiny.py --overwrite=True "$@"
+echo "== stage 2: generator (config/tiny.py) =="
+$PY generator.py config/tiny.py --overwrite=True "$@"
+echo "== stage 3: decoder fine-tuning (config/tiny.py) =="
+$PY finetune_decoder.py config/tiny.py --overwrite=True "$@"
 echo "== the whole chain on the degraded validation pairs =="
 $PY eval.py --sr=chain --gen_ckpt=out/generator/ckpt.pt --decoder_ckpt=out/finetune_decoder/ckpt.pt \
     --out_json=out/eval/chain.json

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU recipe: the three stages of config/*_gpu.py (1.75 + 1.75 + 0.5 minutes of one H100/H200), the
+# The GPU recipe: the three stages of config/gpu.py (1.75 + 1.75 + 0.5 minutes of one H100/H200), the
 # chain's evaluation table on the degraded validation pairs and sr.py on their LR images.
 # Extra arguments go to every stage script (e.g. --dtype=float32). Outputs under out/*_gpu.
 set -euo pipefail
@@ -7,9 +7,9 @@ cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}
 if [ ! -x "$PY" ]; then bash setup.sh; fi
 t0=$(date +%s)
-$PY tokenizer.py config/tokenizer_gpu.py "$@"
-$PY generator.py config/generator_gpu.py "$@"
-$PY finetune_decoder.py config/finetune_decoder_gpu.py "$@"
+$PY tokenizer.py config/gpu.py "$@"
+$PY generator.py config/gpu.py "$@"
+$PY finetune_decoder.py config/gpu.py "$@"
 $PY eval.py --sr=chain --device=cuda --gen_ckpt=out/generator_gpu/ckpt.pt \
     --decoder_ckpt=out/finetune_decoder_gpu/ckpt.pt --out_json=out/eval/chain_gpu.json
 $PY sr.py --input=assets/val_pairs/lr --out_dir=out/sr_gpu --gen_ckpt=out/generator_gpu/ckpt.pt \

@@ -1,11 +1,11 @@
 """
 Stage 1: train the coarse-to-fine grouped-VQ tokenizer (HiTokSR; docs/method.md#grouped-vq).
 
-    python tokenizer.py config/tokenizer_tiny.py                 # 2-core CPU, ~9 minutes
-    python tokenizer.py config/tokenizer_tvq_tiny.py             # texture VQ (TVQ&RAP), 2-core CPU
-    python tokenizer.py config/tokenizer_paper.py                # paper sizes, one GPU
-    python tokenizer.py config/tokenizer_tiny.py --init_from=resume   # continue exactly
-    torchrun --standalone --nproc_per_node=8 tokenizer.py config/tokenizer_paper.py   # 8 GPUs (DDP)
+    python tokenizer.py config/tiny.py                           # 2-core CPU, ~9 minutes
+    python tokenizer.py config/tiny.py config/tvq.py             # texture VQ (TVQ&RAP), 2-core CPU
+    python tokenizer.py config/paper.py                          # paper sizes, one GPU
+    python tokenizer.py config/tiny.py --init_from=resume        # continue exactly
+    torchrun --standalone --nproc_per_node=8 tokenizer.py config/paper.py   # 8 GPUs (DDP)
 
 Each step encodes an HR crop, quantizes every group against its own codebook, keeps a random
 prefix of k of the G groups (group masking), decodes, and compares the result with the Haar

@@ -21,9 +21,9 @@ if os.environ.get('PYTEST_XDIST_WORKER'):  # 2 workers on 2 cores: one torch thr
     import torch
     torch.set_num_threads(1)
 SMALL_TOK = ['--enc_width=32', '--enc_depth=1', '--enc_heads=2', '--dec_width=32', '--dec_depth=1', '--dec_heads=2']
-TOK_TINY = ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', *SMALL_TOK,
+TOK_TINY = ['config/tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', *SMALL_TOK,
             '--codebook_size=16', '--max_minutes=0', '--threads=1']
-GEN_TINY = ['config/generator_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', '--width=32',
+GEN_TINY = ['config/tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', '--width=32',
             '--depth=1', '--n_head=2', '--stem_dim=16', '--sft_hidden=16', '--lora_rank=2', '--max_minutes=0',
             '--threads=1']
 

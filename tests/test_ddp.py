@@ -182,11 +182,11 @@ def test_hvar_tokenizer_and_generator_exact_resume_under_torchrun(check_exact_re
     """A multi-scale RQ tokenizer trained by 2 ranks, then H-VAR on it: 2 ranks draw their own input
     classes from torch's global RNG, which each rank resumes from its own saved state."""
     tok = tmp_path / 'hrq'
-    run_script('tokenizer.py', ['config/tokenizer_hrq_tiny.py', '--crop_size=64', '--patch=8', '--batch_size=1',
+    run_script('tokenizer.py', ['config/tiny.py', 'config/hvar.py', '--crop_size=64', '--patch=8', '--batch_size=1',
                                 *SMALL_TOK, '--codebook_size=16', '--rq_steps=(1,2,3,4,6,8)', '--max_minutes=0',
                                 '--threads=1', '--eval_interval=1000', '--max_iters=2', '--vq_restart_every=1',
                                 f'--val_dir={tiny_val}', f'--out_dir={tok}'], nproc=2)
-    args = ['config/generator_hvar_tiny.py', '--crop_size=64', '--batch_size=2', '--width=32', '--depth=1',
+    args = ['config/tiny.py', 'config/hvar.py', '--crop_size=64', '--batch_size=2', '--width=32', '--depth=1',
             '--n_head=2', '--max_minutes=0', '--threads=1', '--log_interval=1', '--warmup_iters=2',
             '--eval_interval=1000', '--bilinear_frac=0.25', '--cond_drop=0.25', f'--tok_ckpt={tok / "ckpt.pt"}',
             f'--val_dir={tiny_val}']
@@ -196,7 +196,7 @@ def test_hvar_tokenizer_and_generator_exact_resume_under_torchrun(check_exact_re
 
 def test_finetune_decoder_under_torchrun(run_script, tiny_val, tiny_gen, tmp_path):
     """Decoder fine-tuning, 2 ranks x batch 1 x grad_accum 2 with top-3 draws and the GAN: one run."""
-    run_script('finetune_decoder.py', ['config/finetune_decoder_tiny.py', '--crop_size=32', '--batch_size=1',
+    run_script('finetune_decoder.py', ['config/tiny.py', '--crop_size=32', '--batch_size=1',
                                        '--grad_accum=2', '--top_k=3', '--max_minutes=0', '--threads=1',
                                        '--max_iters=2', '--eval_interval=1000', '--gan_start=1',
                                        f'--val_dir={tiny_val}', f'--gen_ckpt={tiny_gen}', f'--out_dir={tmp_path}'],

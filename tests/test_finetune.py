@@ -73,7 +73,7 @@ def test_only_the_decoder_gets_gradients():
 
 # ----------------------------------------------------------------------------- the script
 
-TINY = ['config/finetune_decoder_tiny.py', '--crop_size=32', '--batch_size=2', '--max_minutes=0',
+TINY = ['config/tiny.py', '--crop_size=32', '--batch_size=2', '--max_minutes=0',
         '--eval_interval=1000', '--log_interval=1', '--gan_start=2', '--warmup_iters=2', '--decay_iters=6',
         '--learning_rate=1e-3', '--top_k=3', '--threads=1']
 

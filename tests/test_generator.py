@@ -324,7 +324,7 @@ def test_codebook_head_chain(tiny, tiny_val, run_script, tmp_path):
     m = metrics.evaluate(super_resolve(pairs['lr'], tok, g, prior), pairs['hr'], crop_border=4, lpips_net=False)
     # the run and this process, as in test_smoke_exact_resume_and_sr_chain: psnr_tol_db
     assert abs(m['psnr_y'] - a['metrics']['psnr_y']) < psnr_tol_db(m['psnr_y']), (m['psnr_y'], a['metrics']['psnr_y'])
-    run_script('finetune_decoder.py', ['config/finetune_decoder_tiny.py', '--crop_size=32', '--batch_size=2',
+    run_script('finetune_decoder.py', ['config/tiny.py', '--crop_size=32', '--batch_size=2',
                                        '--max_minutes=0', '--max_iters=1', '--threads=1', '--eval_interval=1000',
                                        f'--val_dir={tiny_val}', f'--gen_ckpt={tmp_path}/straight/ckpt.pt',
                                        f'--out_dir={tmp_path}/ft'])

@@ -240,9 +240,9 @@ def test_super_resolve_gives_each_scale_from_one_sequence():
 
 # ----------------------------------------------------------------------------- the scripts
 
-MSRQ = ['config/tokenizer_hrq_tiny.py', '--crop_size=128', '--patch=8', '--batch_size=2', *SMALL_TOK,
+MSRQ = ['config/tiny.py', 'config/hvar.py', '--crop_size=128', '--patch=8', '--batch_size=2', *SMALL_TOK,
         '--codebook_size=16', '--max_minutes=0', '--threads=1', '--eval_interval=1000', '--max_iters=2']
-HVAR = ['config/generator_hvar_tiny.py', '--crop_size=128', '--batch_size=2', '--width=32', '--depth=1',
+HVAR = ['config/tiny.py', 'config/hvar.py', '--crop_size=128', '--batch_size=2', '--width=32', '--depth=1',
         '--n_head=2', '--max_minutes=0', '--threads=1', '--log_interval=1', '--warmup_iters=2',
         '--bilinear_frac=0.25', '--cond_drop=0.25']
 

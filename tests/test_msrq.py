@@ -176,7 +176,7 @@ def test_config_rejects_bad_msrq_settings():
 
 
 # 128 px crops: the 1/4-scale decode (32 px) is the smallest image LPIPS (AlexNet) accepts
-MSRQ = ['config/tokenizer_hrq_tiny.py', '--crop_size=128', '--patch=8', '--batch_size=2', *SMALL_TOK,
+MSRQ = ['config/tiny.py', 'config/hvar.py', '--crop_size=128', '--patch=8', '--batch_size=2', *SMALL_TOK,
         '--codebook_size=16', '--max_minutes=0', '--threads=1', '--eval_interval=1000', '--log_interval=1',
         '--warmup_iters=2', '--vq_restart_every=2']
 

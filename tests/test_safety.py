@@ -100,7 +100,7 @@ def test_a_scratch_run_never_replaces_an_earlier_checkpoint(script, request, run
     """The refusal comes before anything reads the old files, so any bytes stand for a checkpoint."""
     args = {'tokenizer.py': lambda: TOK_TINY,
             'generator.py': lambda: GEN_TINY + [f"--tok_ckpt={request.getfixturevalue('tiny_tok')}"],
-            'finetune_decoder.py': lambda: ['config/finetune_decoder_tiny.py',
+            'finetune_decoder.py': lambda: ['config/tiny.py',
                                             f"--gen_ckpt={request.getfixturevalue('tiny_gen')}"]}[script]()
     (tmp_path / 'ckpt.pt').write_bytes(b'the checkpoint of a long run')
     (tmp_path / 'log.txt').write_text('the log of a long run\n')
@@ -244,7 +244,7 @@ def test_every_checkpoint_loader_refuses_a_code_running_pickle_in_one_line(loade
             'generator.py --tok_ckpt': ['generator.py', *GEN_TINY, f'--tok_ckpt={evil}', f'--out_dir={out}'],
             'tokenizer.py --init_from': ['tokenizer.py', *TOK_TINY, f'--init_from={evil}', f'--out_dir={out}'],
             'tokenizer.py resume': ['tokenizer.py', *TOK_TINY, '--init_from=resume', f'--out_dir={out}'],
-            'finetune_decoder.py --gen_ckpt': ['finetune_decoder.py', 'config/finetune_decoder_tiny.py',
+            'finetune_decoder.py --gen_ckpt': ['finetune_decoder.py', 'config/tiny.py',
                                                f'--gen_ckpt={evil}', f'--out_dir={out}']}[loader]
     if loader == 'tokenizer.py resume':
         out.mkdir()
@@ -306,7 +306,7 @@ def test_a_chain_checks_identity_by_weights_and_survives_a_move(tiny_val, tiny_g
     run_script('tokenizer.py', TOK_TINY + ['--max_iters=1', '--seed=7', f'--val_dir={tiny_val}', f'--out_dir={a}/tok'])
     run_script('generator.py', GEN_TINY + ['--max_iters=1', f'--val_dir={tiny_val}', f'--tok_ckpt={a}/tok/ckpt.pt',
                                            f'--out_dir={a}/gen'])
-    dec_args = ['config/finetune_decoder_tiny.py', '--crop_size=32', '--batch_size=2', '--max_minutes=0',
+    dec_args = ['config/tiny.py', '--crop_size=32', '--batch_size=2', '--max_minutes=0',
                 '--threads=1', f'--val_dir={tiny_val}']
     run_script('finetune_decoder.py', dec_args + ['--max_iters=1', f'--gen_ckpt={a}/gen/ckpt.pt', f'--out_dir={a}/dec'])
     assert torch.load(a / 'gen' / 'ckpt.pt', weights_only=True)['tok_ckpt']['rel'] == '../tok/ckpt.pt'

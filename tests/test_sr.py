@@ -313,7 +313,7 @@ def test_wrong_kind_truncated_and_relative_checkpoints_get_one_clear_line(tiny_t
     p = run_script('sr.py', [f'--input={img}', f'--gen_ckpt={tiny_tok}', f'--out_dir={tmp_path}/o'], check=False)
     assert p.returncode != 0 and 'is a stage-1 tokenizer checkpoint' in p.stderr, p.stderr
     assert 'expects a stage-2 generator checkpoint' in p.stderr and 'Traceback' not in p.stderr
-    p = run_script('generator.py', ['config/generator_tiny.py', f'--tok_ckpt={tiny_gen}', '--max_iters=1',
+    p = run_script('generator.py', ['config/tiny.py', f'--tok_ckpt={tiny_gen}', '--max_iters=1',
                                     f'--out_dir={tmp_path}/g'], check=False)
     assert p.returncode != 0 and 'is a stage-2 generator checkpoint' in p.stderr, p.stderr
     assert 'expects a stage-1 tokenizer checkpoint' in p.stderr and 'Traceback' not in p.stderr

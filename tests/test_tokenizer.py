@@ -7,7 +7,7 @@ from losses import frequency_targets, gradient_l1
 
 # A model small enough for seconds per run on 2 cores; every code path of the loop stays on
 # (group masking, DWT targets, LPIPS, edge loss, GAN from step 2, data init, dead-code restart).
-TINY = ['config/tokenizer_tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', *SMALL_TOK,
+TINY = ['config/tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', *SMALL_TOK,
         '--codebook_size=16', '--grad_weight=0.5', '--max_minutes=0', '--eval_interval=1000',
         '--log_interval=1', '--gan_start=2', '--warmup_iters=2', '--p_full=0.5', '--decay_iters=6']
 
@@ -66,7 +66,7 @@ def test_edge_loss_charges_a_seam_and_not_a_smooth_offset():
     ('--batch_size=two', 'batch_size'),
 ])
 def test_bad_config_is_one_clear_message_before_training(arg, words):
-    p = run(['config/tokenizer_tiny.py', arg], check=False)
+    p = run(['config/tiny.py', arg], check=False)
     assert p.returncode != 0
     assert words in p.stderr and 'config error' in p.stderr
     assert 'Traceback' not in p.stderr and 'step ' not in p.stdout
@@ -109,6 +109,6 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     ('--learning_rate_floor=2', 'learning_rate_floor=2.0 must be in [0, 1]'),
 ])
 def test_out_of_range_settings_fail_before_any_work(arg, words, tmp_path):
-    p = run(['config/tokenizer_tiny.py', arg, f'--out_dir={tmp_path / "o"}'], check=False)
+    p = run(['config/tiny.py', arg, f'--out_dir={tmp_path / "o"}'], check=False)
     assert p.returncode != 0 and words in p.stderr and 'Traceback' not in p.stderr, p.stderr
     assert not (tmp_path / 'o').exists()  # nothing was created

@@ -147,10 +147,10 @@ def test_predictor_terms_by_hand_and_their_gradients(term):
 
 # ----------------------------------------------------------------------------- the scripts
 
-TOK_TVQ = ['config/tokenizer_tvq_tiny.py', '--crop_size=64', '--batch_size=2', *SMALL_TOK, '--codebook_size=16',
+TOK_TVQ = ['config/tiny.py', 'config/tvq.py', '--crop_size=64', '--batch_size=2', *SMALL_TOK, '--codebook_size=16',
            '--tvq_down_width=16', '--tvq_down_heads=2', '--max_minutes=0', '--threads=1', '--eval_interval=1000',
            '--log_interval=1', '--warmup_iters=2', '--vq_restart_every=2']
-GEN_TVQ = ['config/generator_tvq_tiny.py', '--crop_size=64', '--batch_size=2', '--width=32', '--depth=1',
+GEN_TVQ = ['config/tiny.py', 'config/tvq.py', '--crop_size=64', '--batch_size=2', '--width=32', '--depth=1',
            '--n_head=2', '--stem_dim=16', '--max_minutes=0', '--threads=1', '--eval_interval=1000',
            '--log_interval=1', '--warmup_iters=2', '--gan_start=1', '--learning_rate=1e-3']
 
