@@ -6,10 +6,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
-    1: ('wavelets', 'configurator', 'degradation', 'prior', 'metrics', 'common'),  # tools: no project imports
-    2: ('model', 'data'),                                                           # models, data
-    3: ('losses', 'sr'),                                                            # losses, inference
-    4: ('tokenizer', 'generator', 'finetune_decoder', 'eval', 'bench', 'ablate'),   # the scripts
+    1: ('wavelets', 'configurator', 'degradation', 'prior', 'metrics', 'common', 'peer'),  # tools: no project imports
+    2: ('model', 'data'),                                                                  # models, data
+    3: ('losses', 'sr'),                                                                   # losses, inference
+    4: ('tokenizer', 'generator', 'finetune_decoder', 'eval', 'bench', 'ablate'),          # the scripts
 }
 LAYER_OF = {m: n for n, mods in LAYERS.items() for m in mods}
 
