@@ -231,19 +231,21 @@ for kind in chosen:
                      bits=bits_per_image(cfg), tok_steps=tok_steps, r_psnr_y=tok_sum['r_psnr_y'],
                      r_ssim_y=tok_sum['r_ssim_y'], r_lpips=tok_sum['r_lpips'],
                      code_usage=tok_sum['code_usage_mean'], gen_steps=gen_sum['steps'], sr_psnr_y=sr['psnr_y'],
-                     sr_ssim_y=sr['ssim_y'], sr_lpips=sr['lpips'], sr_grid=sr['grid']))
+                     sr_ssim_y=sr['ssim_y'], sr_lpips=sr['lpips'], sr_grid=sr['grid'],
+                     sr_periodic=sr['periodic']))
     print(f"[{kind}] r-PSNR-Y {rows[-1]['r_psnr_y']:.2f}, r-LPIPS {rows[-1]['r_lpips']:.3f}; "
           f"SR PSNR-Y {sr['psnr_y']:.2f}, LPIPS {sr['lpips']:.3f}", flush=True)
 
 head = ("| tokenizer | bits / 128 px | steps | r-PSNR-Y | r-SSIM-Y | r-LPIPS | code usage | generator | steps "
-        "| SR PSNR-Y | SR SSIM-Y | SR LPIPS | SR grid |")
+        "| SR PSNR-Y | SR SSIM-Y | SR LPIPS | SR grid | SR periodic |")
 lines = [head, '|' + '---|' * head.count(' | ') + '---|',
          f"| bicubic (degraded LR) | | | | | | | | | {bicubic['psnr_y']:.2f} | {bicubic['ssim_y']:.4f} "
-         f"| {bicubic['lpips']:.4f} | {bicubic['grid']:.3f} |"]
+         f"| {bicubic['lpips']:.4f} | {bicubic['grid']:.3f} | {bicubic['periodic']:.2f} |"]
 for r in rows:
     lines.append(f"| {r['tokenizer']} | {r['bits']:.0f} | {r['tok_steps']} | {r['r_psnr_y']:.2f} | {r['r_ssim_y']:.4f} "
                  f"| {r['r_lpips']:.4f} | {r['code_usage']:.2f} | {r['generator']} | {r['gen_steps']} "
-                 f"| {r['sr_psnr_y']:.2f} | {r['sr_ssim_y']:.4f} | {r['sr_lpips']:.4f} | {r['sr_grid']:.3f} |")
+                 f"| {r['sr_psnr_y']:.2f} | {r['sr_ssim_y']:.4f} | {r['sr_lpips']:.4f} | {r['sr_grid']:.3f} "
+                 f"| {r['sr_periodic']:.2f} |")
 table = '\n'.join(lines) + '\n'
 write_text(os.path.join(out_dir, 'table.md'), table)
 write_json(dict(command=shlex.join([os.path.basename(PY)] + sys.argv), config=config, bicubic=bicubic, rows=rows,

@@ -155,7 +155,7 @@ def bench_tokenizer(dev):
     dt_name, ctx = autocast_ctx(dev, dtype)
     model = Tokenizer(cfg).to(dev)
     disc = PatchDiscriminator().to(dev)
-    lpips_net = metrics.load_lpips(dev)
+    lpips_net = metrics.load_lpips(dev, net=settings['perceptual'])  # the stage's perceptual loss
     opt = torch.optim.AdamW(list(model.parameters()) + list(disc.parameters()), lr=1e-4)
     fwd = maybe_compile(model, compile, dev)
     x = torch.rand(batch, 3, crop_, crop_, device=dev)
@@ -216,6 +216,7 @@ def build_chain(dev):
     prior has its ImageNet weights) -> (tokenizer, generator, prior or None, generator settings)."""
     tcfg = config_from_settings(TokenizerConfig, script_settings('tokenizer.py', [*configs.split(), *tok_args.split()]))
     g = script_settings('generator.py', configs.split())
+    g['method'] = dict(grouped='hitoksr', msrq='hvar', tvq='tvq')[tcfg.quantizer]  # as generator.py: the tokens decide
     prior = None
     if g['method'] == 'hvar':  # H-VAR: the next-scale generator on a multi-scale RQ tokenizer, no prior
         gcfg = config_from_settings(NextScaleConfig, g, patch=tcfg.patch, scale=4, latent_dim=tcfg.latent_dim,
@@ -223,7 +224,7 @@ def build_chain(dev):
                                     rq_scales=tcfg.rq_scales, hierarchical=g['hvar_tokens'] == 'hierarchical')
         tok, gen = Tokenizer(tcfg).to(dev), NextScaleGenerator(gcfg).to(dev)
         if gcfg.head == 'codebook':
-            gen.tie_codebook(tok.quantizer.codebook[0])
+            gen.codes.tie_codebook(tok.quantizer.codebook)
         return tok, gen, None, g
     if g['use_prior']:
         prior = build_sr_prior(dict(name=g['prior_name'], feat_tap=g['prior_feat_tap'], lora_rank=g['lora_rank'],
@@ -249,7 +250,7 @@ def bench_generator(dev):
                                deg_cfg=DegradeConfig(mode=g['degradation'], jpeg_impl=jpeg_impl))
     dt_name, ctx = autocast_ctx(dev, dtype)
     disc = PatchDiscriminator().to(dev).requires_grad_(False)
-    lpips_net = metrics.load_lpips(dev)
+    lpips_net = metrics.load_lpips(dev, net=g['perceptual'])  # the stage's perceptual loss
     lpips_fn = lambda x, y: metrics.lpips_dist(lpips_net, x, y)
     groups_ = param_groups(gen, g['weight_decay']) + (param_groups(prior, g['weight_decay']) if prior else [])
     opt = torch.optim.AdamW([p for p in groups_ if p['params']], lr=g['learning_rate'], betas=g['betas'])
@@ -259,17 +260,22 @@ def bench_generator(dev):
     fwd = maybe_compile(gen, compile, dev)
 
     hvar = g['method'] == 'hvar'
+    weights = {k: g[k] for k in ('ce_weight', 'repa_weight', 'l1_weight', 'lpips_weight', 'gan_weight', 'struct_weight')}
+    if g['lora_rank'] == 0:  # as generator.py: REPA trains nothing without LoRA
+        weights['repa_weight'] = 0.0
 
     def step(hr, lr, net=fwd):  # generator.py's step, without logging and the schedule
         if hvar:  # the classes do not change the work (a null condition is zeros)
             with ctx:
-                loss = hvar_losses(g, tok, net, hr, lr, torch.zeros(len(hr), dtype=torch.long, device=dev))[0]
+                loss = hvar_losses(tok, net, hr, lr, torch.zeros(len(hr), dtype=torch.long, device=dev),
+                                   **{k: g[k] for k in ('ce_weight', 'dpo', 'dpo_weight', 'dpo_beta')})[0]
             sr = None
         else:
             with torch.no_grad():                     # (B, G, h, w) targets [, texture VQ: F_L]
                 _, q_hr, _, _, *f_l_hr = tok.encode_tvq(hr) if g['method'] == 'tvq' else tok.encode(hr)
             with ctx:
-                loss, _, _, sr = generator_losses(g, tok, net, prior, lpips_fn, disc, hr, lr, q_hr, gen_gan, *f_l_hr)
+                loss, _, _, sr = generator_losses(tok, net, prior, hr, lr, q_hr, *f_l_hr, **weights, disc=disc,
+                                                  train_prior=g['lora_rank'] > 0, lpips_fn=lpips_fn, gan_on=gen_gan)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, g['grad_clip'] if g['grad_clip'] > 0 else float('inf'))

@@ -22,7 +22,6 @@ import signal
 import sys
 import time
 import types
-from dataclasses import fields
 
 import numpy as np
 import torch
@@ -76,7 +75,10 @@ def ddp_world():
 
 
 def ddp_cleanup():
+    """Leave the process group together: the barrier keeps a rank from tearing its connections down
+    while rank 0 still writes its last checkpoint and summary."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -124,15 +126,6 @@ class Ranks:
     gather = staticmethod(gather_over_ranks)
     sum = staticmethod(sum_over_ranks)
     from_rank0_ = staticmethod(from_rank0_)
-
-
-class OneProcess:
-    """What a quantizer's codebook updates need of data-parallel training, for one process: nothing
-    to share (the default of model.GroupedVQ.ranks). Under torchrun, tokenizer.py sets
-    `quantizer.ranks = Ranks()`: the same three operations over all ranks
-    (docs/method.md#data-parallel-training)."""
-    gather = sum = staticmethod(lambda x, dim=0: x)   # every rank's x concatenated / summed
-    from_rank0_ = staticmethod(lambda x: x)           # overwrite x with rank 0's, in place
 
 
 def rank0_number(value):
@@ -212,6 +205,8 @@ def setting_problems(s):
         problems.append(f"learning_rate={s['learning_rate']} must be > 0")
     if not 0 <= s['learning_rate_floor'] <= 1:
         problems.append(f"learning_rate_floor={s['learning_rate_floor']} must be in [0, 1]")
+    if s.get('perceptual', 'vgg') not in ('vgg', 'alex'):
+        problems.append(f"perceptual={s['perceptual']!r} must be 'vgg' or 'alex' (the LPIPS network of the loss)")
     if 'threads' in s and s['threads'] < 0:
         problems.append(f"threads={s['threads']} must be >= 0 (0 = torch's default)")
     return problems + device_problems(s['device']) + dtype_problems(s.get('dtype', 'auto'))
@@ -235,54 +230,6 @@ def dtype_problems(dtype):
     if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
         return [f"dtype={dtype!r} must be auto, float32, bfloat16 or float16"]
     return []
-
-
-class ModelConfig:
-    """Base of model.py's configs (TokenizerConfig, GeneratorConfig, NextScaleConfig): fields have no
-    defaults there, the stage scripts hold them (one place per default). Built from a script's flat
-    settings by configurator.config_from_settings, or from a checkpoint's model_args by from_dict;
-    __post_init__ validates either way with the checks below, each naming the field."""
-
-    def bad(self, key, want):
-        raise ValueError(f"{type(self).__name__}.{key}={getattr(self, key)!r}: {want}")
-
-    def check_types(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, (int, float) if f.type is float else f.type) or (
-                    isinstance(v, bool) and f.type is not bool):
-                self.bad(f.name, f"expected {f.type.__name__}")
-
-    def check_positive(self, *keys, minimum=1):
-        for key in keys:
-            if getattr(self, key) < minimum:
-                self.bad(key, f"must be >= {minimum}")
-
-    def check_choice(self, key, *options):
-        if getattr(self, key) not in options:
-            self.bad(key, f"expected {', '.join(map(repr, options[:-1]))} or {options[-1]!r}")
-
-    def check_heads(self, width_key, heads_key):
-        width, heads = getattr(self, width_key), getattr(self, heads_key)
-        if width % heads or (width // heads) % 4:
-            self.bad(heads_key, f"must divide {width_key}={width} into heads of a size divisible by 4 (2D RoPE)")
-
-    def check_with(self, check, *args):
-        """check(*args) raises ValueError on bad values (e.g. model.step_partition): re-raised naming this config."""
-        try:
-            check(*args)
-        except ValueError as e:
-            raise ValueError(f"{type(self).__name__}: {e}") from None
-
-    @classmethod
-    def from_dict(cls, d):
-        d = {**getattr(cls, 'ADDED_FIELDS', {}), **d}  # fields added later: their old behaviour
-        known = {f.name for f in fields(cls)}
-        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
-        if unknown or missing:
-            raise ValueError(f"{cls.__name__}: unknown keys {unknown}, missing keys {missing}; "
-                             f"valid keys: {sorted(known)}")
-        return cls(**d)
 
 
 def autocast_ctx(device, dtype='auto'):

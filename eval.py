@@ -1,8 +1,9 @@
 """
 The command that scores super-resolved images on the validation pairs, with the metrics of
-metrics.py (PSNR-Y and SSIM-Y in the BasicSR convention, LPIPS, grid score, colour error;
-docs/method.md#metrics): a baseline, a folder of PNGs, a trained checkpoint chain, or a multi-scale
-tokenizer's reconstructions. Prints a markdown table and a grep-able summary and writes
+metrics.py (PSNR-Y and SSIM-Y in the BasicSR convention, LPIPS, grid score, periodic score, colour error;
+docs/method.md#metrics): a baseline, a folder of PNGs, a trained checkpoint chain (with the published
+peer Real-ESRGAN x4plus beside it when setup.sh could install it, peer.py), the peer alone, or a
+multi-scale tokenizer's reconstructions. Prints a markdown table and a grep-able summary and writes
 out/eval/<name>.json. No module imports this file.
 
     python eval.py --sr=bicubic --lr_kind=degraded      # bicubic upsampling of the degraded LR
@@ -12,17 +13,20 @@ out/eval/<name>.json. No module imports this file.
     python eval.py --sr=chain --gen_ckpt=out/generator_hvar/ckpt.pt --compare_ckpt=out/generator/ckpt.pt
                                                         # H-VAR's x1 / x2 / x4 rows, HiTokSR's x4 beside
     python eval.py --sr=scales --tok_ckpt=out/tokenizer_hrq/ckpt.pt   # a multi-scale RQ tokenizer
+    python eval.py --sr=realesrgan                      # the published peer alone (peer.py; optional install)
 """
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from common import device_problems, write_json
+from common import device_problems, load_checkpoint, write_json
 from degradation import bicubic_upsample
 from metrics import METRICS, load_lpips
+from peer import NAME as PEER_ROW, available as peer_available, realesrgan_x4
 from sr import chain_rows, load_tokenizer, scale_decodes, score
 
 
@@ -40,17 +44,20 @@ def _fmt(v, digits):
 
 def print_table(rows):
     """Markdown table of rows with keys name and METRICS."""
-    print('| name | PSNR-Y (dB) | SSIM-Y | LPIPS | grid score | colour error |')
-    print('|---|---|---|---|---|---|')
+    print('| name | PSNR-Y (dB) | SSIM-Y | LPIPS | LPIPS-VGG | grid score | periodic | colour error |')
+    print('|---|---|---|---|---|---|---|---|')
     for r in rows:
         print(f"| {r['name']} | {_fmt(r['psnr_y'], 2)} | {_fmt(r['ssim_y'], 4)} | {_fmt(r.get('lpips'), 4)} "
-              f"| {_fmt(r.get('grid'), 3)} | {_fmt(r.get('color_err'), 2)} |")
+              f"| {_fmt(r.get('lpips_vgg'), 4)} "
+              f"| {_fmt(r.get('grid'), 3)} | {_fmt(r.get('periodic'), 2)} | {_fmt(r.get('color_err'), 2)} |")
 
 
 def print_summary(row):
     """The grep-able block: one `key: value` per line."""
     print(f"psnr_y: {_fmt(row['psnr_y'], 2)}\nssim_y: {_fmt(row['ssim_y'], 4)}\nlpips: {_fmt(row.get('lpips'), 4)}\n"
-          f"grid: {_fmt(row.get('grid'), 3)}\ncolor_err: {_fmt(row.get('color_err'), 2)}")
+          f"lpips_vgg: {_fmt(row.get('lpips_vgg'), 4)}\n"
+          f"grid: {_fmt(row.get('grid'), 3)}\nperiodic: {_fmt(row.get('periodic'), 2)}\n"
+          f"color_err: {_fmt(row.get('color_err'), 2)}")
 
 
 def load_sr_dir(sr_dir, names, shape):
@@ -84,17 +91,20 @@ def scale_rows(tok, pairs, tokenization, lpips_net, crop_border=4, device='cpu',
 
 if __name__ == '__main__':
     from configurator import configure, fail
-    sr = 'bicubic'                 # 'bicubic' (baseline from the LR inputs), 'chain' (checkpoints) or a folder of SR PNGs
+    sr = 'bicubic'                 # 'bicubic' (baseline from the LR inputs), 'chain' (checkpoints), 'realesrgan' (the
+                                   # published peer, peer.py) or a folder of SR PNGs
     lr_kind = 'degraded'           # which LR the bicubic baseline upsamples: degraded | bicubic
     gen_ckpt = 'out/generator/ckpt.pt'  # sr='chain': the stage-2 checkpoint (it records its tokenizer)
     decoder_ckpt = ''              # sr='chain': a stage-3 checkpoint adds its row ('' = none)
     compare_ckpt = ''              # sr='chain' on an H-VAR chain: another chain's x4 row next to it (e.g. HiTokSR's)
     color_fix = 2.0                # sr='chain': the last stage again with sr.py's colour correction (0 = no such row)
+    peer = 'realesrgan'            # sr='chain': also Real-ESRGAN x4plus on the same degraded LR, when setup.sh could
+                                   # install it (peer.py) | 'none'
     tok_ckpt = 'out/tokenizer_hrq/ckpt.pt'  # sr='scales': a multi-scale RQ tokenizer checkpoint
     tokenization = 'hierarchical'  # sr='scales': 'hierarchical' (Algorithm 1) | 'plain' | 'both'
     val_dir = 'assets/val_pairs'   # made by `python data.py`
     crop_border = 4                # = scale, BasicSR convention
-    patch = 8                      # period of the patch grid the grid score looks for (a tokenizer's patch)
+    patch = 8                      # period the grid and periodic scores look for (a tokenizer's patch)
     device = 'cpu'                 # cpu | cuda | mps | auto
     name = ''                      # row name; '' -> bicubic_<lr_kind>, chain or the folder's name
     out_json = ''                  # '' -> out/eval/<name>.json
@@ -106,8 +116,12 @@ if __name__ == '__main__':
             fail(f"eval.py: {key}='{path}' not found (train that stage first or pass --{key}=PATH)")
     if sr == 'scales' and tokenization not in ('hierarchical', 'plain', 'both'):
         fail(f"eval.py: tokenization={tokenization!r} must be hierarchical, plain or both")
-    if sr not in ('bicubic', 'chain', 'scales') and not os.path.isdir(sr):
-        fail(f"eval.py: sr={sr!r} must be 'bicubic', 'chain', 'scales' or a folder of SR PNGs")
+    if peer not in ('realesrgan', 'none'):
+        fail(f"eval.py: peer={peer!r} must be realesrgan or none")
+    if sr not in ('bicubic', 'chain', 'scales', 'realesrgan') and not os.path.isdir(sr):
+        fail(f"eval.py: sr={sr!r} must be 'bicubic', 'chain', 'scales', 'realesrgan' or a folder of SR PNGs")
+    if sr == 'realesrgan' and not peer_available()[0]:
+        fail(f"eval.py: --sr=realesrgan: {peer_available()[1]}")
     if os.path.isdir(sr) and not any(f.lower().endswith('.png') for f in os.listdir(sr)):
         fail(f"eval.py: --sr={sr} holds no PNG files (expected one per validation pair, NAME.png or NAME_x4.png)")
     if name and not re.fullmatch(r'[\w][\w.+-]*', name):
@@ -128,15 +142,36 @@ if __name__ == '__main__':
         fail(f"eval.py: crop_border={crop_border} must be >= 0 and leave some of the "
              f"{tuple(pairs['hr'].shape[-2:])} HR images")
     lpips_net = load_lpips(device)
+    peer_rows = []
     if sr == 'chain':
         name = name or 'chain'
         try:
             rows = chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border, device, compare_ckpt, color_fix)
         except (FileNotFoundError, ValueError) as err:
             fail(f"eval.py: {err}")
-        print_table(rows)
+        # the peer's row sits under the chain's in the table and apart in the json ('peer_rows'), so
+        # rows[-1] stays the chain's last stage, the one the summary block reports; its grid and periodic
+        # scores look for the chain tokenizer's patch grid, like the chain's rows
+        ok, why = peer_available() if peer == 'realesrgan' else (False, '')
+        if ok:
+            tok_patch = load_checkpoint(gen_ckpt, '--gen_ckpt', kind='generator')['tok_model_args']['patch']
+            peer_rows = [score(PEER_ROW, realesrgan_x4(pairs['lr']), pairs, lpips_net, crop_border, tok_patch)]
+        elif why:
+            print(f"eval.py: no {PEER_ROW} row: {why}", file=sys.stderr)
+        print_table(rows + peer_rows)
         print()
         print_summary(rows[-1])
+    elif sr == 'realesrgan':  # the peer alone on the degraded LR
+        name = name or 'realesrgan'
+        t0 = time.time()
+        sr_imgs = realesrgan_x4(pairs['lr'])
+        if sr_imgs.shape != pairs['hr'].shape:
+            fail(f"eval.py: {val_dir}: 4x the LR size {tuple(sr_imgs.shape)} != HR {tuple(pairs['hr'].shape)}")
+        print(f"{PEER_ROW}: {(time.time() - t0) / len(sr_imgs):.2f} s per image ({peer_available()[1]})")
+        rows = [score(PEER_ROW, sr_imgs, pairs, lpips_net, crop_border, patch)]
+        print_table(per_image_rows(rows[0]))
+        print()
+        print_summary(rows[0])
     elif sr == 'scales':  # a multi-scale RQ tokenizer's reconstructions at every scale (HR crops)
         name = name or 'scales'
         try:
@@ -166,5 +201,5 @@ if __name__ == '__main__':
         print_summary(rows[0])
     out_json = out_json or os.path.join('out', 'eval', f'{name}.json')
     write_json(dict(command=' '.join([os.path.basename(sys.executable)] + sys.argv), config=config,
-                    rows=rows), out_json)
+                    rows=rows, **(dict(peer_rows=peer_rows) if sr == 'chain' else {})), out_json)
     print(f"wrote {out_json}")

@@ -66,6 +66,8 @@ top_k = 5                 # candidates per position and group in mode 'topk'
 # loss weights (the paper's L1 + LPIPS + 0.5 GAN_vanilla)
 l1_weight = 1.0
 lpips_weight = 1.0
+perceptual = 'vgg'        # LPIPS network of the loss: 'vgg' (VGG16) | 'alex' (the evaluation metric's own: it then
+                          # measures what was optimised; docs/method.md#metrics)
 gan_weight = 0.5
 gan_start = 0             # step at which the discriminator and the GAN term switch on
 # optimizers (AdamW; the discriminator with VQGAN's betas)
@@ -154,7 +156,8 @@ val_hr, val_lr = val['hr'], val['lr']                         # (N,3,256,256), (
 topk_gen = torch.Generator(device=device).manual_seed(seed_r + 2)  # the top-K draws, saved for resume
 
 disc = PatchDiscriminator().to(device).requires_grad_(False)  # trains only in discriminator_step
-lpips_net = metrics.load_lpips(device)
+lpips_net = metrics.load_lpips(device)            # the metric (evaluation only)
+loss_net = metrics.load_lpips(device, net=perceptual)  # the perceptual loss
 optimizer = torch.optim.AdamW(param_groups(decoder, weight_decay), lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
 train_decoder = ddp_wrap(maybe_compile(decoder, compile, device))  # DDP: gradients averaged in backward
@@ -197,7 +200,7 @@ def evaluate(tag):
     sr, = batched(lambda q: (tokenizer.decode(tokenizer.quantizer.lookup(q)).float().clamp(0, 1).cpu(),), val_idx,
                   device=device)
     m = metrics.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net, patch=tcfg.patch)
-    out = dict(psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'], grid=m['grid'], color_err=m['color_err'],
+    out = dict({k: m[k] for k in metrics.METRICS},
                lpips_vs_stage2=m['lpips'] / ref['stage2_lpips'])
     save_grid([F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6], val_sr2[:6], sr[:6],
                val_hr[:6]], os.path.join(out_dir, f'samples_{tag}.png'),
@@ -253,7 +256,7 @@ while True:
             with ctx:
                 sr = train_decoder(zq).float()              # (B, 3, crop, crop)
                 l1 = (sr - hr).abs().mean()
-                lp = metrics.lpips_dist(lpips_net, sr, hr).mean() if lpips_weight > 0 else l1 * 0
+                lp = metrics.lpips_dist(loss_net, sr, hr).mean() if lpips_weight > 0 else l1 * 0
                 g = g_loss_vanilla(disc(sr)) if gan_on else l1 * 0
                 loss = l1_weight * l1 + lpips_weight * lp + gan_weight * g
             (loss / grad_accum).backward()

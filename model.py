@@ -4,17 +4,18 @@ papers, is in docs/method.md; comments here point to its sections.
 
     1. Transformer blocks      RMSNorm, SwiGLU, 2D RoPE, attention (takes a mask and a KV cache), Block (SFT)
     2. ViT autoencoder         ViTEncoder, ViTDecoder: patchify -> blocks -> latents and back
-    3. Quantizers              GroupedVQ (HiTokSR) and its code-usage statistics, MultiScaleRQ (H-VAR)
-    4. Tokenizer               TokenizerConfig, Tokenizer: encoder + quantizer + decoder (stage 1);
-                               texture VQ (TVQ&RAP): texture + structure maps, structure autoencoder
-    5. Generators              GeneratorConfig, Generator: LR image -> token logits (stage 2), linear or
-                               codebook head (lr_anchor, best_log_t); TextureGenerator: also the structure map;
-       5b.                     NextScaleGenerator (H-VAR): block-causal, KV cache, sampling, condition
+    3. Quantizers              GroupedVQ (HiTokSR) and its code counts, OneProcess (DDP), MultiScaleRQ (H-VAR)
+    4. Tokenizer               ModelConfig (the configs' checks), TokenizerConfig, Tokenizer: encoder + quantizer +
+                               decoder (stage 1); texture VQ (TVQ&RAP): texture + structure maps, structure autoencoder
+    5. Generators              CodebookHead (head='codebook' of 5 and 5b: frozen codes, distance logits, temperature);
+                               GeneratorConfig, Generator: LR image -> token logits (stage 2), linear or codebook head
+                               (lr_anchor); TextureGenerator: also the structure map
+       5b.                     NextScaleConfig, NextScaleGenerator (H-VAR): block-causal, KV cache, sampling, condition
     6. Helpers                 group masking, top-K sampling
 
-The losses of every stage (and the GAN discriminator) are in losses.py; loading a trained chain and
-running it (load_sr_chain, super_resolve) in sr.py; the configs' shared checks (ModelConfig), the
-quantizers' one-process view of DDP (OneProcess) and a tokenizer's FLOPs for MFU in common.py.
+The losses of every stage (and the GAN discriminator) and the codebooks' usage statistics are in
+losses.py; loading a trained chain and running it (load_sr_chain, super_resolve) in sr.py; a
+tokenizer's FLOPs for MFU in common.py. This file imports no module of the project.
 
 The prior network (EfficientNet-Lite0 + LoRA) lives in prior.py: it is not a submodule of any model
 here, so a generator without a prior builds none, and checkpoints hold only the LoRA tensors.
@@ -22,14 +23,12 @@ here, so a generator without a prior builds none, and checkpoints hold only the 
 Shape suffixes follow VAR: `z_BChw` is (B, C, h, w); h, w is the token grid (H/p, W/p).
 """
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-
-from common import ModelConfig, OneProcess
 
 # -----------------------------------------------------------------------------
 # 1. Transformer blocks: RMSNorm, SwiGLU, 2D RoPE everywhere (docs/method.md#transformer-blocks)
@@ -64,8 +63,6 @@ def rope_2d(h, w, head_dim, base=10000.0, device=None):
     Pairs j < head_dim/4 (dims [0, head_dim/2)) rotate with the row index, the rest with the column
     index, each axis with frequencies base^(-j / (head_dim/4)).
     Returns cos, sin: (h*w, head_dim/2) float32."""
-    if head_dim % 4 != 0:
-        raise ValueError(f"rope_2d: head_dim={head_dim} must be divisible by 4 (2 axes x pairs)")
     t = torch.arange(h * w, device=device)
     return rope_angles((t // w).double(), (t % w).double(), head_dim, base)
 
@@ -290,12 +287,6 @@ def stats_from_counts(counts_GK):
     return {'util': (counts_GK > 0).float().mean(1), 'perplexity': entropy.exp()}  # each (G,)
 
 
-def usage_stats(idx_BGhw, codebook_size):
-    """Per-group utilisation and perplexity of a batch of indices. One batch sees at most B*h*w
-    codes: accumulate code_counts over several batches for a K-sized estimate."""
-    return stats_from_counts(code_counts(idx_BGhw, codebook_size))
-
-
 def nearest_code(z_Nd, e_Kd):
     """Index of the nearest code of each vector: (N, d), (K, d) -> (N,) long, the argmin over k of
     ||z - e_k||^2 = ||z||^2 - 2 z.e_k + ||e_k||^2, without the ||z||^2 that all k share: one fused
@@ -303,6 +294,15 @@ def nearest_code(z_Nd, e_Kd):
     with torch.no_grad(), torch.autocast(z_Nd.device.type, enabled=False):
         e = e_Kd.float()
         return torch.addmm(e.pow(2).sum(1)[None], z_Nd.float(), e.t(), alpha=-2).argmin(1)
+
+
+class OneProcess:
+    """What a quantizer's codebook updates need of data-parallel training, for one process: nothing
+    to share (the default of model.GroupedVQ.ranks). Under torchrun, tokenizer.py sets
+    `quantizer.ranks = Ranks()`: the same three operations over all ranks
+    (docs/method.md#data-parallel-training)."""
+    gather = sum = staticmethod(lambda x, dim=0: x)   # every rank's x concatenated / summed
+    from_rank0_ = staticmethod(lambda x: x)           # overwrite x with rank 0's, in place
 
 
 class GroupedVQ(nn.Module):
@@ -525,14 +525,62 @@ class MultiScaleRQ(GroupedVQ):
         return sum(self.contribution(i, idx, size) for i, idx in enumerate(idxs))
 
 
-def step_usage(idxs, codebook_size):
-    """Per-step and shared codebook health of multi-scale RQ indices [idx (B, h_i, w_i)] * L:
-    -> dict(util, perplexity) each (L + 1,): steps 1..L, then all steps together."""
-    counts = torch.cat([code_counts(i[:, None], codebook_size) for i in idxs])  # (L, K)
-    return stats_from_counts(torch.cat([counts, counts.sum(0, keepdim=True)]))
 
 # -----------------------------------------------------------------------------
 # 4. Tokenizer (stage 1)
+
+class ModelConfig:
+    """Base of model.py's configs (TokenizerConfig, GeneratorConfig, NextScaleConfig): fields have no
+    defaults there, the stage scripts hold them (one place per default). Built from a script's flat
+    settings by configurator.config_from_settings, or from a checkpoint's model_args by from_dict;
+    __post_init__ validates either way with the checks below, each naming the field."""
+
+    def bad(self, key, want):
+        raise ValueError(f"{type(self).__name__}.{key}={getattr(self, key)!r}: {want}")
+
+    def check_types(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, (int, float) if f.type is float else f.type) or (
+                    isinstance(v, bool) and f.type is not bool):
+                self.bad(f.name, f"expected {f.type.__name__}")
+
+    def check_positive(self, *keys, minimum=1):
+        for key in keys:
+            if getattr(self, key) < minimum:
+                self.bad(key, f"must be >= {minimum}")
+
+    def check_choice(self, key, *options):
+        if getattr(self, key) not in options:
+            self.bad(key, f"expected {', '.join(map(repr, options[:-1]))} or {options[-1]!r}")
+
+    def check_heads(self, *keys):
+        """A transformer's shape: keys = width, heads[, width, heads, ...], each width split into heads
+        of a size divisible by 4 (2D RoPE); and mlp_ratio > 0."""
+        for width_key, heads_key in zip(keys[::2], keys[1::2]):
+            width, heads = getattr(self, width_key), getattr(self, heads_key)
+            if width % heads or (width // heads) % 4:
+                self.bad(heads_key, f"must divide {width_key}={width} into heads of a size divisible by 4 (2D RoPE)")
+        if self.mlp_ratio <= 0:
+            self.bad('mlp_ratio', "must be > 0")
+
+    def check_with(self, check, *args):
+        """check(*args) raises ValueError on bad values (e.g. model.step_partition): re-raised naming this config."""
+        try:
+            check(*args)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, d):
+        d = {**getattr(cls, 'ADDED_FIELDS', {}), **d}  # fields added later: their old behaviour
+        known = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
+        if unknown or missing:
+            raise ValueError(f"{cls.__name__}: unknown keys {unknown}, missing keys {missing}; "
+                             f"valid keys: {sorted(known)}")
+        return cls(**d)
+
 
 @dataclass
 class TokenizerConfig(ModelConfig):
@@ -595,13 +643,10 @@ class TokenizerConfig(ModelConfig):
         self.check_positive('codebook_size', minimum=2)
         if self.latent_dim % self.groups:
             self.bad('groups', f"must divide latent_dim={self.latent_dim}")
-        self.check_heads('enc_width', 'enc_heads')
-        self.check_heads('dec_width', 'dec_heads')
+        self.check_heads('enc_width', 'enc_heads', 'dec_width', 'dec_heads')
         if self.dec_overlap and self.patch % 2:
             self.bad('dec_overlap', f"needs an even patch, got patch={self.patch}")
         self.check_positive('beta', minimum=0)
-        if self.mlp_ratio <= 0:
-            self.bad('mlp_ratio', "must be > 0")
 
 
 # checkpoints written before multi-scale RQ / texture VQ existed hold grouped-VQ tokenizers (the
@@ -648,9 +693,7 @@ class Tokenizer(nn.Module):
             self.struct_decoder = ViTDecoder(p_down, c.tvq_down_width, c.tvq_down_depth, c.tvq_down_heads,
                                              c.tvq_struct_dim, c.mlp_ratio, c.rope_base)
 
-    @property
-    def model_args(self):
-        return asdict(self.config)  # Tokenizer(TokenizerConfig(**model_args)) rebuilds it
+    model_args = property(lambda self: asdict(self.config))  # Tokenizer(TokenizerConfig(**model_args)) rebuilds it
 
     @property
     def last_layer(self):
@@ -773,10 +816,60 @@ class Tokenizer(nn.Module):
 # -----------------------------------------------------------------------------
 # 5. Generators (stage 2)
 #
-# The prior network (prior.py, with its LoRA) is NOT a submodule of Generator: the stage script
-# owns it, so use_prior=False builds no prior at all, the generator's state dict holds only its own
-# weights, and the LoRA weights are saved next to it (prior.LoRAWeights). Generator only consumes
-# what the prior yields: feat (B, feat_dim, hf, wf) for SFT and pooled [(B, d_s)] for the CLS tokens.
+# The stage script owns the prior (not a submodule, see the top of this file) and saves its LoRA weights
+# next to the generator's (prior.LoRAWeights); Generator only consumes what the prior yields: feat
+# (B, feat_dim, hf, wf) for SFT and pooled [(B, d_s)] for the CLS tokens.
+
+class CodebookHead(nn.Module):
+    """head='codebook' of Generator (G groups) and NextScaleGenerator (G = 1), our option
+    (docs/method.md#codebook-head). The generator's Linear(width -> C), zero at init, predicts a
+    correction h to its start a (Generator: lr_anchor; H-VAR: the LR's residual of the step, skips):
+    r = a + s h, s the RMS of a code entry (the correction in the codes' units), and group g scores its
+    codes by distance, logits_k = -t_g ||r^g - e^g_k||^2 + const = t_g (2 r^g.e^g_k - ||e^g_k||^2),
+    t_g = exp(log_t[g]) learned, e (G, K, C/G) a frozen copy of the tokenizer's codes (tie_codebook).
+    So the untrained generator predicts the tokens of a and learns the correction."""
+    def __init__(self, groups, codebook_size, latent_dim):
+        super().__init__()
+        self.register_buffer('codebook', torch.zeros(groups, codebook_size, latent_dim // groups))  # e
+        self.register_buffer('code_scale', torch.ones(()))                                          # s
+        self.log_t = nn.Parameter(torch.zeros(groups))
+
+    def forward(self, h, a):
+        """h, a (..., C): the Linear's correction and the start -> logits (..., G, K)."""
+        G, K, d = self.codebook.shape
+        r = (a.float() + self.code_scale * h.float()).unflatten(-1, (G, d))           # (..., G, d)
+        e = self.codebook.float()                                                      # (G, K, d)
+        with torch.autocast(r.device.type, enabled=False):  # distances in fp32: bf16 would reorder near codes
+            logits = 2 * torch.einsum('...gd,gkd->...gk', r, e) - e.pow(2).sum(-1)
+        return logits * self.log_t.exp()[:, None]                                      # (..., G, K)
+
+    @torch.no_grad()
+    def tie_codebook(self, codebook):
+        """Copy the tokenizer's codes (G, K, C/G), or (K, C) of one codebook; start each group's
+        inverse temperature at 1 / (median squared distance of a code to its nearest other code), so
+        neighbouring codes differ by about one logit (the log in float64: the same on every device)."""
+        e = codebook.float().view(self.codebook.shape)
+        self.codebook.copy_(e)
+        self.code_scale.fill_(float(e.pow(2).mean().sqrt()))
+        d = torch.cdist(e, e).pow(2) + torch.diag(torch.full((e.shape[1],), float('inf'), device=e.device))
+        self.log_t.copy_(-d.min(-1).values.median(-1).values.clamp_min(1e-12).double().log())
+
+    @torch.no_grad()
+    def calibrate_temperature(self, logits, target):
+        """The temperatures' data init, before training (losses.calibrate_codebook_head): the logits
+        (B, G, ..., K) of one batch are t_g times a fixed score, so set each log_t[g] to best_log_t, the
+        grid value log_t[g] + 0.1 k (k = -100..20) that minimises the cross-entropy of the tokens
+        (B, G, ...). -> (CE before, CE after), the means over the groups."""
+        score = logits.float().movedim(1, -2) / self.log_t.exp()[:, None]                # (B, ..., G, K)
+        out = []
+        for g, log_t in enumerate(self.log_t.tolist()):
+            score_NK, target_N = score[..., g, :].flatten(0, -2), target[:, g].flatten()
+            ce = lambda lt: float(F.cross_entropy(score_NK * math.exp(lt), target_N))
+            best_log_t = min([log_t + 0.1 * k for k in range(-100, 21)], key=ce)
+            out.append((ce(log_t), ce(best_log_t)))
+            self.log_t[g] = best_log_t
+        return tuple(sum(c) / len(out) for c in zip(*out))  # (CE before, CE after)
+
 
 @dataclass
 class GeneratorConfig(ModelConfig):
@@ -810,8 +903,6 @@ class GeneratorConfig(ModelConfig):
             self.bad('patch', f"must be a multiple of scale={self.scale} (one LR cell of patch/scale "
                               f"pixels per token)")
         self.check_heads('width', 'n_head')
-        if self.mlp_ratio <= 0:
-            self.bad('mlp_ratio', "must be > 0")
         self.check_choice('cls_tokens', 'none', 'single', 'multi')
         if self.feat_dim < 0 or not all(isinstance(d, int) and d >= 1 for d in self.pooled_dims):
             self.bad('pooled_dims' if self.feat_dim >= 0 else 'feat_dim', "sizes must be positive ints")
@@ -823,9 +914,7 @@ class GeneratorConfig(ModelConfig):
         if self.head == 'codebook' and (self.latent_dim < self.groups or self.latent_dim % self.groups):
             self.bad('latent_dim', f"must be a positive multiple of groups={self.groups} (the tokenizer's C)")
 
-    @property
-    def n_cls(self):
-        return {'none': 0, 'single': 1, 'multi': len(self.pooled_dims)}[self.cls_tokens]
+    n_cls = property(lambda self: {'none': 0, 'single': 1, 'multi': len(self.pooled_dims)}[self.cls_tokens])
 
 
 class Generator(nn.Module):
@@ -838,28 +927,22 @@ class Generator(nn.Module):
     zero, so at init every block is exactly the unmodulated block. CLS tokens carry no SFT.
     CLS tokens: RMSNorm + Linear per stage vector (stages differ in size and scale), prepended,
     unrotated (n_prefix), dropped before the final norm.
-    Output head: 'linear' gives the G x K logits of each token directly. 'codebook' (our option,
-    docs/method.md#codebook-head) predicts a latent r = anchor + s Linear(h) (B, C, h, w): anchor is
-    the frozen tokenizer encoder's latent of the LR upsampled bicubically (lr_anchor), s the RMS of
-    a code entry; group g scores its codes by distance, logits_k = -t_g ||r^g - e^g_k||^2 + const
-    = t_g (2 r^g.e^g_k - ||e^g_k||^2), t_g = exp(log_t[g]) learned, e a frozen copy of the codes
-    (tie_codebook). The linear layer starts at zero, so the untrained model predicts the tokens of
-    the upsampled LR and learns the correction."""
+    Output head: 'linear' gives the G x K logits of each token directly. 'codebook' (CodebookHead,
+    `codes`) predicts a latent r = anchor + s Linear(h) (B, C, h, w) and scores the codes by their
+    distance to it; anchor is the frozen tokenizer encoder's latent of the LR upsampled bicubically
+    (lr_anchor), so the untrained model predicts the tokens of the upsampled LR."""
     def __init__(self, config):
         super().__init__()
         self.config = c = config
+        # first: it draws no weights, and log_t stays the first parameter (clip_grad_norm_'s order)
+        self.codes = CodebookHead(c.groups, c.codebook_size, c.latent_dim) if c.head == 'codebook' else None
         s = c.patch // c.scale  # LR pixels per token side
         self.patchify = nn.Sequential(nn.Conv2d(3, c.stem_dim, 3, padding=1), nn.GELU(),
                                       nn.Conv2d(c.stem_dim, c.width, s, stride=s))
         self.blocks = nn.ModuleList([Block(c.width, c.n_head, c.mlp_ratio) for _ in range(c.depth)])
         self.norm = RMSNorm(c.width)
-        if c.head == 'codebook':
-            self.head = nn.Linear(c.width, c.latent_dim)                    # zeroed below
-            self.register_buffer('codebook', torch.zeros(c.groups, c.codebook_size, c.latent_dim // c.groups))
-            self.register_buffer('code_scale', torch.ones(()))             # RMS of a code entry
-            self.log_t = nn.Parameter(torch.zeros(c.groups))
-        else:
-            self.head = nn.Linear(c.width, c.groups * c.codebook_size)  # the G heads of K logits, fused
+        # the G heads of K logits, fused; head='codebook': the correction (C), zeroed below
+        self.head = nn.Linear(c.width, c.latent_dim if self.codes is not None else c.groups * c.codebook_size)
         mlp = lambda: nn.Sequential(nn.Linear(c.sft_hidden, c.sft_hidden), nn.SiLU(),
                                     nn.Linear(c.sft_hidden, c.width))
         if c.use_sft:
@@ -873,33 +956,10 @@ class Generator(nn.Module):
             for m in (*self.sft_gamma, *self.sft_beta):
                 nn.init.zeros_(m[-1].weight)
                 nn.init.zeros_(m[-1].bias)
-        if c.head == 'codebook':
+        if self.codes is not None:
             nn.init.zeros_(self.head.weight)
 
-    @property
-    def model_args(self):
-        return asdict(self.config)
-
-    @torch.no_grad()
-    def tie_codebook(self, codebook_GKd):
-        """head='codebook': copy the tokenizer's codes (G, K, C/G); start each group's inverse
-        temperature at 1 / (median squared distance of a code to its nearest other code)."""
-        e = codebook_GKd.float()
-        self.codebook.copy_(e)
-        self.code_scale.fill_(float(e.pow(2).mean().sqrt()))
-        d = torch.cdist(e, e).pow(2) + torch.diag(torch.full((e.shape[1],), float('inf'), device=e.device))
-        self.log_t.copy_(-d.min(-1).values.median(-1).values.clamp_min(1e-12).log())
-
-    @torch.no_grad()
-    def calibrate_temperature(self, lr, prior_feat, prior_pooled, anchor, idx_BGhw):
-        """head='codebook', before training (the temperatures' data init): set each group's log_t to
-        best_log_t on one batch with the HR tokens idx (B, G, h, w). -> (CE before, CE after), the
-        means over the groups."""
-        score = self(lr, prior_feat, prior_pooled, anchor).float() / self.log_t.exp()[None, :, None, None, None]
-        out = [best_log_t(score[:, g].flatten(0, 2), idx_BGhw[:, g].flatten(), float(self.log_t[g]))
-               for g in range(self.config.groups)]
-        self.log_t.copy_(torch.tensor([o[0] for o in out]))
-        return sum(o[1] for o in out) / len(out), sum(o[2] for o in out) / len(out)
+    model_args = property(lambda self: asdict(self.config))  # the config's fields: rebuilds the model
 
     def forward(self, lr, prior_feat=None, prior_pooled=None, anchor=None):
         """lr (B, 3, H/s, W/s) in [0, 1]; prior_feat (B, feat_dim, hf, wf) when use_sft; prior_pooled
@@ -907,19 +967,14 @@ class Generator(nn.Module):
         head='codebook' (lr_anchor) -> logits (B, G, h, w, K)."""
         c = self.config
         x, h, w = self.hidden(lr, prior_feat, prior_pooled)
-        if c.head == 'linear':  # (B, h*w, G*K) -> (B, G, h, w, K)
-            return self.head(x).view(-1, h, w, c.groups, c.codebook_size).permute(0, 3, 1, 2, 4)
-        if anchor is None or tuple(anchor.shape[1:]) != (c.latent_dim, h, w):
-            raise ValueError(f"Generator: head='codebook' needs anchor (B, {c.latent_dim}, {h}, {w}), the "
-                             f"tokenizer's latent of the upsampled LR (model.lr_anchor), got "
-                             f"{None if anchor is None else tuple(anchor.shape)}")
-        B, G = x.shape[0], c.groups
-        r = anchor.float().flatten(2).transpose(1, 2) + self.code_scale * self.head(x).float()  # (B, h*w, C)
-        r = r.view(B, h, w, G, c.latent_dim // G)
-        e = self.codebook.float()                                                      # (G, K, d)
-        with torch.autocast(r.device.type, enabled=False):  # distances in fp32: bf16 would reorder near codes
-            logits = 2 * torch.einsum('bhwgd,gkd->bghwk', r, e) - e.pow(2).sum(-1)[None, :, None, None]
-        return logits * self.log_t.exp()[None, :, None, None, None]                    # (B, G, h, w, K)
+        out = self.head(x)                                           # (B, h*w, G*K), or the correction (B, h*w, C)
+        if self.codes is not None:
+            if anchor is None or tuple(anchor.shape[1:]) != (c.latent_dim, h, w):
+                raise ValueError(f"Generator: head='codebook' needs anchor (B, {c.latent_dim}, {h}, {w}), the "
+                                 f"tokenizer's latent of the upsampled LR (model.lr_anchor), got "
+                                 f"{None if anchor is None else tuple(anchor.shape)}")
+            out = self.codes(out, anchor.float().flatten(2).transpose(1, 2))              # (B, h*w, G, K)
+        return out.view(-1, h, w, c.groups, c.codebook_size).permute(0, 3, 1, 2, 4)   # (B, G, h, w, K)
 
     def hidden(self, lr, prior_feat=None, prior_pooled=None):
         """The trunk of forward: -> the normed image tokens (B, h*w, width), h, w."""
@@ -1008,16 +1063,6 @@ def lr_anchor(tokenizer, lr, scale=4):
     return tokenizer.encoder(up.to(lr.dtype)).float()
 
 
-@torch.no_grad()
-def best_log_t(score_NK, target_N, log_t):
-    """Data init of a codebook head's inverse temperature: its logits are exp(log_t) times a fixed
-    score, so -> the grid value (log_t + 0.1 k, k = -100..20) that minimises the cross-entropy of
-    one batch, and the CE before and after."""
-    ce = lambda lt: float(F.cross_entropy(score_NK.float() * math.exp(lt), target_N))
-    best = min([log_t + 0.1 * k for k in range(-100, 21)], key=ce)
-    return best, ce(log_t), ce(best)
-
-
 # -----------------------------------------------------------------------------
 # 5b. Next-scale generator (H-VAR, docs/method.md#next-scale-generator)
 #
@@ -1053,8 +1098,6 @@ class NextScaleConfig(ModelConfig):
         self.check_positive('codebook_size', minimum=2)
         self.check_with(step_partition, self.rq_steps, self.rq_scales)
         self.check_heads('width', 'n_head')
-        if self.mlp_ratio <= 0:
-            self.bad('mlp_ratio', "must be > 0")
         if (self.rq_steps[-1] * self.patch) % self.scale:
             self.bad('scale', f"must divide the native HR side {self.rq_steps[-1] * self.patch}")
         self.check_choice('head', 'linear', 'codebook')
@@ -1078,17 +1121,16 @@ class NextScaleGenerator(nn.Module):
     rho_1; step i the sum of the code contributions of steps < i, area-pooled to rho_i. That sum is
     made on the grid of step i's target scale for hierarchical tokens (as Algorithm 1 made them)
     and on the full grid for plain ones.
-    Output head: 'linear' is VAR's classifier (width -> K). 'codebook' predicts the residual the
-    tokenizer quantizes at step i as a C-dim vector, r_i = skip_i + s Linear(h) (s the RMS of a code
-    entry, so that the correction is in the codes' units), and scores each code
-    by its distance, logits_k = -t ||r_i - e_k||^2 + const = t (2 r_i.e_k - ||e_k||^2), t = exp(log_t)
-    learned, e a frozen copy of the tokenizer's codes (tie_codebook). skip_i = area(cond, rho_i) -
-    in_i (in_1 counted as 0) is that residual computed from the LR's features instead of the HR's:
-    the linear layer starts at zero, so the untrained model predicts the LR's own tokens and learns
-    the correction."""
+    Output head: 'linear' is VAR's classifier (width -> K). 'codebook' (CodebookHead with G = 1,
+    `codes`) predicts the residual the tokenizer quantizes at step i as a C-dim vector,
+    r_i = skip_i + s Linear(h), and scores each code by its distance to it. skip_i = area(cond, rho_i)
+    - in_i (in_1 counted as 0) is that residual computed from the LR's features instead of the HR's,
+    so the untrained model predicts the LR's own tokens and learns the correction."""
     def __init__(self, config):
         super().__init__()
         self.config = c = config
+        # first: it draws no weights, and log_t stays the first parameter (clip_grad_norm_'s order)
+        self.codes = CodebookHead(1, c.codebook_size, c.latent_dim) if c.head == 'codebook' else None
         R, L = c.rq_steps[-1], len(c.rq_steps)
         self.cond_proj = nn.Linear(c.latent_dim, c.width)
         self.in_proj = nn.Linear(c.latent_dim, c.width)
@@ -1096,17 +1138,11 @@ class NextScaleGenerator(nn.Module):
         self.class_emb = nn.Embedding(3, c.width)
         self.blocks = nn.ModuleList([Block(c.width, c.n_head, c.mlp_ratio) for _ in range(c.depth)])
         self.norm = RMSNorm(c.width)
-        if c.head == 'codebook':
-            self.head = nn.Linear(c.width, c.latent_dim)                     # zeroed below
-            self.register_buffer('codebook', torch.zeros(c.codebook_size, c.latent_dim))  # set by tie_codebook
-            self.register_buffer('code_scale', torch.ones(()))                           # RMS of a code entry
-            self.log_t = nn.Parameter(torch.zeros(()))
-        else:
-            self.head = nn.Linear(c.width, c.codebook_size)
+        self.head = nn.Linear(c.width, c.latent_dim if self.codes is not None else c.codebook_size)
         init_transformer_weights(self, c.depth)
         for e in (self.step_emb, self.class_emb):
             nn.init.normal_(e.weight, std=0.02)
-        if c.head == 'codebook':
+        if self.codes is not None:
             nn.init.zeros_(self.head.weight)
         self.shapes = [(r, r) for r in c.rq_steps]
         parts = step_partition(c.rq_steps, c.rq_scales)
@@ -1126,29 +1162,7 @@ class NextScaleGenerator(nn.Module):
         self.register_buffer('rope_sin', sin, persistent=False)
         self.register_buffer('mask', block[:, None] >= block[None, :], persistent=False)  # (T, T)
 
-    @property
-    def model_args(self):
-        return asdict(self.config)
-
-    @torch.no_grad()
-    def tie_codebook(self, codebook_KC):
-        """head='codebook': copy the tokenizer's codes (K, C) and start the inverse temperature at
-        1 / (median squared distance of a code to its nearest other code), so neighbouring codes
-        differ by about one logit."""
-        self.codebook.copy_(codebook_KC)
-        self.code_scale.fill_(float(codebook_KC.float().pow(2).mean().sqrt()))
-        d = torch.cdist(codebook_KC.float(), codebook_KC.float()).pow(2).fill_diagonal_(float('inf'))
-        self.log_t.fill_(-math.log(float(d.min(1).values.median().clamp_min(1e-12))))
-
-    @torch.no_grad()
-    def calibrate_temperature(self, cond_BChw, inputs, cls_B, tokens_BN):
-        """head='codebook', before training (the temperature's data init): the logits are t times
-        a fixed score, so set log_t to the grid value (steps of 0.1) that minimises the cross-entropy
-        of the model as it is on one batch of teacher-forced sequences. -> (CE before, CE after)."""
-        score = self(cond_BChw, inputs, cls_B).float().flatten(0, 1) / self.log_t.exp()   # (B*N, K)
-        best, before, after = best_log_t(score, tokens_BN.flatten(), float(self.log_t))
-        self.log_t.fill_(best)
-        return before, after
+    model_args = property(lambda self: asdict(self.config))  # the config's fields: rebuilds the model
 
     def skips(self, cond_BChw, inputs, first=0):
         """head='codebook': skip_i = area(cond, rho_i) - in_i (in_1 as 0) for the steps of inputs (the
@@ -1162,12 +1176,7 @@ class NextScaleGenerator(nn.Module):
     def logits(self, h_BTd, skip_BTC=None):
         """(B, T, width) and, for head='codebook', the skips (B, T, C) -> (B, T, K)."""
         h = self.head(self.norm(h_BTd))
-        if self.config.head == 'linear':
-            return h
-        r = skip_BTC + self.code_scale * h.float()          # (B, T, C), the correction in the codes' units
-        e = self.codebook.float()                                               # (K, C)
-        with torch.autocast(r.device.type, enabled=False):  # distances in fp32: bf16 would reorder near codes
-            return (2 * r @ e.t() - e.pow(2).sum(-1)) * self.log_t.exp()
+        return h if self.codes is None else self.codes(h, skip_BTC)[..., 0, :]
 
     def embed_cond(self, cond_BChw, cls_B):
         R = self.config.rq_steps[-1]
@@ -1267,10 +1276,9 @@ def hvar_condition(tokenizer, lr, cls_B, scale):
 # -----------------------------------------------------------------------------
 # 6. Helpers: group masking, top-K sampling
 
-# group masking (docs/method.md#group-masking)
-
 def mask_groups(zq_BChw, k, G):
-    """Keep groups 1..k (channels [0, k*C/G)) and zero the rest. k: int or (B,) long."""
+    """Group masking (docs/method.md#group-masking): keep groups 1..k (channels [0, k*C/G)) and zero
+    the rest. k: int or (B,) long."""
     B, C = zq_BChw.shape[:2]
     if C % G:
         raise ValueError(f"mask_groups: G={G} must divide C={C}")
@@ -1280,10 +1288,8 @@ def mask_groups(zq_BChw, k, G):
     return zq_BChw * keep[:, :, None, None]
 
 
-# sampling among the top-K tokens (stage 3, H-VAR inference)
-
 def sample_topk(logits, k, generator=None):
-    """Stage 3 (docs/method.md#decoder-fine-tuning): logits (..., K) -> indices (...,) drawn among
+    """Stage 3 and H-VAR sampling (docs/method.md#decoder-fine-tuning): logits (..., K) -> indices (...,) drawn among
     the k most probable entries in proportion to their renormalised probabilities p_i / sum_{j in top-k} p_j, which is
     exactly softmax over the top-k logits. k = 1 is argmax (no randomness drawn)."""
     if k == 1:

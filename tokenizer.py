@@ -34,9 +34,9 @@ from common import (Logger, Ranks, Timer, TrainStep, autocast_ctx, check_before_
                     setting_problems, stop_if_diverged, summary, write_json)
 from configurator import config_from_settings, configure, fail
 from degradation import DegradeConfig
-from model import Tokenizer, TokenizerConfig, resize_image, step_usage, usage_stats
+from model import Tokenizer, TokenizerConfig, resize_image
 from losses import (PatchDiscriminator, adaptive_gan_weight, discriminator_step, frequency_targets,
-                    g_loss_hinge, gradient_l1, hinge_d_loss, sample_active_groups)
+                    g_loss_hinge, gradient_l1, hinge_d_loss, sample_active_groups, step_usage, usage_stats)
 from sr import scale_decodes  # an RQ tokenizer's decodes at every scale
 from wavelets import lowpass  # prefix-decode targets at eval
 
@@ -107,6 +107,8 @@ down_weight = 1.0         # mean (D_down(F_down) - x_down)^2, the structure auto
 l1_weight = 1.0
 l2_weight = 0.0           # H-VAR's hierarchical fine-tuning: l2 1, LPIPS 5, l1 0
 lpips_weight = 1.0
+perceptual = 'vgg'        # LPIPS network of the loss: 'vgg' (VGG16) | 'alex' (the evaluation metric's own: it then
+                          # measures what was optimised; docs/method.md#metrics)
 grad_weight = 0.0         # edge loss: L1 of the neighbour differences (losses.gradient_l1; docs/results.md "Image quality")
 gan_weight = 0.8          # hinge GAN weight
 adaptive_gan = False      # VQGAN's adaptive GAN weight (gradient-norm ratio at the decoder's last layer)
@@ -215,7 +217,8 @@ if init_from not in ('scratch', 'resume'):
     init = None
 model.encoder.requires_grad_(not freeze_encoder)
 disc = PatchDiscriminator().to(device).requires_grad_(False)
-lpips_net = metrics.load_lpips(device)
+lpips_net = metrics.load_lpips(device)            # the metric (evaluation only)
+loss_net = metrics.load_lpips(device, net=perceptual)  # the perceptual loss
 optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=betas, weight_decay=weight_decay)
 ema = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
@@ -256,7 +259,7 @@ def evaluate_msrq(net, tag):
         out.update({key + 'psnr_y': m['psnr_y'], key + 'ssim_y': m['ssim_y'], key + 'lpips': m['lpips']})
         rows += [target[:6], dec[:6]]
         labels += [f'HR resized to {s:g}x', f'decode of the steps of scales <= {s:g}']
-    out.update(r_grid=m['grid'], r_color_err=m['color_err'])
+    out.update(r_grid=m['grid'], r_periodic=m['periodic'], r_color_err=m['color_err'])
     stats = step_usage(idx, codebook_size)                     # per step, then all steps: (L + 1,)
     use, ppl = stats['util'], stats['perplexity']
     out.update(code_usage_min=float(use[:-1].min()), code_usage_mean=float(use[-1]),
@@ -289,7 +292,7 @@ def evaluate(tag):
     stats = usage_stats(idx, codebook_size)
     use, ppl = stats['util'], stats['perplexity']              # (G,), (G,)
     out = dict(r_psnr_y=m['psnr_y'], r_ssim_y=m['ssim_y'], r_lpips=m['lpips'], r_grid=m['grid'],
-               r_color_err=m['color_err'],
+               r_lpips_vgg=m['lpips_vgg'], r_periodic=m['periodic'], r_color_err=m['color_err'],
                code_usage_min=float(use.min()), code_usage_mean=float(use.mean()),
                perplexity_min=float(ppl.min()))
     if tvq:
@@ -373,7 +376,7 @@ while True:
                 l1 = sum((d.float() - t).abs().mean() for d, t in pairs) / n
                 l2 = sum((d.float() - t).pow(2).mean() for d, t in pairs) / n
                 edge = sum(gradient_l1(d.float(), t) for d, t in pairs) / n if grad_weight > 0 else l1 * 0
-                lp = (sum(metrics.lpips_dist(lpips_net, d.float(), t).mean() for d, t in pairs) / n if lpips_weight > 0
+                lp = (sum(metrics.lpips_dist(loss_net, d.float(), t).mean() for d, t in pairs) / n if lpips_weight > 0
                       else l1 * 0)
                 xrec, target = pairs[-1]                         # full size: the GAN's pair
                 g = g_loss_hinge(disc(xrec)) if gan_on else l1 * 0

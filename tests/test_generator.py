@@ -10,7 +10,7 @@ import metrics
 from common import path_record, resolve_record
 from conftest import GEN_TINY, generator_args, psnr_tol_db, tokenizer_args
 from model import Generator, GeneratorConfig, Tokenizer, TokenizerConfig, rope_2d
-from losses import PatchDiscriminator, g_loss_vanilla, generator_losses, ste_onehot
+from losses import PatchDiscriminator, calibrate_codebook_head, g_loss_vanilla, generator_losses, ste_onehot
 from sr import load_sr_chain, super_resolve
 from prior import LoRA, build_sr_prior, frozen_features, repa_loss, upsample_for_prior
 
@@ -109,7 +109,7 @@ def test_config_validation_names_the_key():
 
 def codebook_generator(tok, **kw):
     g = gen(head='codebook', use_sft=False, cls_tokens='none', **kw)
-    g.tie_codebook(tok.quantizer.codebook)
+    g.codes.tie_codebook(tok.quantizer.codebook)
     return g
 
 
@@ -130,7 +130,7 @@ def test_codebook_head_starts_as_the_tokens_of_the_upsampled_lr():
     for b, gi, i, j in ((0, 0, 0, 0), (1, 3, 2, 5), (0, 2, 3, 1)):
         r = anchor[b, 2 * gi:2 * gi + 2, i, j]                                    # group gi's 2 channels
         d2 = ((r[None] - tok.quantizer.codebook[gi]) ** 2).sum(-1)               # (K,)
-        want = torch.log_softmax(-g.log_t[gi].exp() * d2, -1)
+        want = torch.log_softmax(-g.codes.log_t[gi].exp() * d2, -1)
         torch.testing.assert_close(torch.log_softmax(logits[b, gi, i, j], -1), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match='anchor'):
         g(lr)
@@ -164,19 +164,18 @@ def test_codebook_head_trains_its_correction_and_temperature():
     g = codebook_generator(tok)
     lr, hr = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 32, 32)
     q, anchor = tok.encode(hr)[1], lr_anchor(tok, lr)
-    before, after = g.calibrate_temperature(lr, None, None, anchor, q)
+    before, after = calibrate_codebook_head(g, tok, None, hr, lr)
     with torch.no_grad():
         ce = float(F.cross_entropy(g(lr, anchor=anchor).flatten(0, 3), q.flatten()))
     assert after <= before and after == pytest.approx(ce, rel=1e-4)
-    assert 'codebook' not in dict(g.named_parameters()) and 'codebook' in g.state_dict()
-    s = dict(ce_weight=1.0, repa_weight=0.0, l1_weight=1.0, lpips_weight=0.0, gan_weight=0.0, lora_rank=0,
-             head='codebook')
+    assert 'codes.codebook' not in dict(g.named_parameters()) and 'codes.codebook' in g.state_dict()
+    s = dict(ce_weight=1.0, repa_weight=0.0, l1_weight=1.0, lpips_weight=0.0, gan_weight=0.0)
     opt = torch.optim.AdamW(g.parameters(), lr=1e-2)
     for step in range(2):
         opt.zero_grad()
-        generator_losses(s, tok, g, None, None, None, hr, lr, q, gan_on=False)[0].backward()
+        generator_losses(tok, g, None, hr, lr, q, **s)[0].backward()
         for name, p in g.named_parameters():
-            first = name.startswith('head.') or name == 'log_t'
+            first = name.startswith('head.') or name == 'codes.log_t'
             assert (p.grad is not None and p.grad.abs().sum() > 0) == (first or step == 1), (step, name)
         opt.step()
 
@@ -230,9 +229,9 @@ def test_full_loss_trains_only_generator_and_lora():
     loss = (F.cross_entropy(logits.flatten(0, 3), q.flatten()) + repa_loss(feat, frozen_features(prior, hr)[0])
             + (sr - hr).abs().mean() + metrics.lpips_dist(lpips_net, sr, hr).mean() + 0.5 * g_loss_vanilla(disc(sr)))
     # the loss generator.py and bench.py share is this sum, term by term
-    s = dict(ce_weight=1.0, repa_weight=1.0, l1_weight=1.0, lpips_weight=1.0, gan_weight=0.5, lora_rank=2)
-    shared, parts, _, sr_shared = generator_losses(s, tok, g, prior, lambda x, y: metrics.lpips_dist(lpips_net, x, y),
-                                                   disc, hr, lr, q, gan_on=True)
+    s = dict(ce_weight=1.0, repa_weight=1.0, l1_weight=1.0, lpips_weight=1.0, gan_weight=0.5, train_prior=True)
+    shared, parts, _, sr_shared = generator_losses(tok, g, prior, hr, lr, q, **s, disc=disc, gan_on=True,
+                                                   lpips_fn=lambda x, y: metrics.lpips_dist(lpips_net, x, y))
     assert torch.equal(sr_shared, sr) and set(parts) == {'ce', 'repa', 'l1', 'lpips', 'g'}
     torch.testing.assert_close(shared, loss, rtol=1e-6, atol=0)
     loss.backward()
@@ -319,7 +318,7 @@ def test_codebook_head_chain(tiny, tiny_val, run_script, tmp_path):
     for k, v in a['generator'].items():  # bit for bit: the same settings, thread count and shapes
         assert torch.equal(v, b['generator'][k]), k
     tok, g, prior = load_sr_chain(tmp_path / 'straight' / 'ckpt.pt', 'cpu')
-    assert g.config.head == 'codebook' and torch.equal(g.codebook, tok.quantizer.codebook)
+    assert g.config.head == 'codebook' and torch.equal(g.codes.codebook, tok.quantizer.codebook)
     pairs = data.load_val_pairs(str(tiny_val))
     m = metrics.evaluate(super_resolve(pairs['lr'], tok, g, prior), pairs['hr'], crop_border=4, lpips_net=False)
     # the run and this process, as in test_smoke_exact_resume_and_sr_chain: psnr_tol_db

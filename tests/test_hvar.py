@@ -2,6 +2,7 @@
 masked forward, the block-causal mask, the teacher-forcing inputs against the tokenizer's own
 quantization, DPO against a hand computation, multi-scale tiling, and the scripts (generator.py
 smoke run and exact resume, sr.py --scales, eval.py on the chain, one-line config errors)."""
+import copy
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ import data
 from conftest import SMALL_TOK, assert_images_close, tokenizer_args
 from model import (CLASS_NULL, NextScaleConfig, NextScaleGenerator, Tokenizer, TokenizerConfig,
                    hvar_condition, nearest_code, resize_image, rope_2d, rope_angles)
-from losses import dpo_loss, flat_tokens, hvar_losses, msrq_tokens, sequence_logp
+from losses import calibrate_codebook_head, dpo_loss, flat_tokens, hvar_losses, msrq_tokens, sequence_logp
 from sr import hvar_super_resolve, load_sr_chain
 from sr import tiled_sr
 
@@ -36,7 +37,7 @@ def tiny_chain(hierarchical=True, seed=0, head='linear'):
         for p in gen.parameters():
             p.normal_(0, 0.2)
     if head == 'codebook':
-        gen.tie_codebook(tok.quantizer.codebook[0])
+        gen.codes.tie_codebook(tok.quantizer.codebook)
     return tok.eval().requires_grad_(False), gen.eval()
 
 
@@ -75,22 +76,22 @@ def test_codebook_head_scores_codes_by_distance():
     and e the tokenizer's codes; t starts at 1 / median nearest-code squared distance."""
     tok, gen = tiny_chain(head='codebook')
     e = tok.quantizer.codebook[0]
-    assert torch.equal(gen.codebook, e)
+    assert torch.equal(gen.codes.codebook[0], e)
     d = torch.cdist(e, e).pow(2).fill_diagonal_(float('inf')).min(1).values
     tiny_chain_t = NextScaleGenerator(gen.config)
-    tiny_chain_t.tie_codebook(e)
-    assert abs(tiny_chain_t.log_t.item() + math.log(float(d.median()))) < 1e-5
+    tiny_chain_t.codes.tie_codebook(e)
+    assert abs(tiny_chain_t.codes.log_t.item() + math.log(float(d.median()))) < 1e-5
     h, skip = torch.randn(2, 5, 32), torch.randn(2, 5, 8)
     with torch.no_grad():
         logits, r = gen.logits(h, skip), skip + e.pow(2).mean().sqrt() * gen.head(gen.norm(h))
-    dist = -gen.log_t.exp() * torch.cdist(r, e[None].expand(2, -1, -1)).pow(2)      # (2, 5, K)
+    dist = -gen.codes.log_t.exp() * torch.cdist(r, e[None].expand(2, -1, -1)).pow(2)      # (2, 5, K)
     diff = logits - dist
     assert torch.allclose(diff, diff[..., :1].expand_as(diff), atol=1e-3)
     assert torch.equal(logits.argmax(-1), dist.argmax(-1))
     # untrained (zero linear layer), the model predicts the LR's own residuals: the codes nearest to
     # area(cond) - in_i, i.e. for step 1 the nearest code of the pooled condition
     fresh = NextScaleGenerator(gen.config)
-    fresh.tie_codebook(e)
+    fresh.codes.tie_codebook(e)
     cond, cls = torch.randn(1, 8, 8, 8), torch.zeros(1, dtype=torch.long)
     idxs, _ = fresh.generate(tok.quantizer, cond, cls)
     assert int(idxs[0]) == int(nearest_code(cond.mean((2, 3)), e))
@@ -101,18 +102,19 @@ def test_temperature_calibration_minimises_cross_entropy():
     nor at the neighbouring grid values, and the ranking of the codes (argmax) does not change."""
     tok, gen = tiny_chain(head='codebook')
     x, cls = torch.rand(2, 3, 64, 64), torch.zeros(2, dtype=torch.long)
-    _, cond = hvar_condition(tok, F.interpolate(x, scale_factor=0.25, mode='area'), cls, 4)
+    lr = F.interpolate(x, scale_factor=0.25, mode='area')
+    _, cond = hvar_condition(tok, lr, cls, 4)
     z = msrq_tokens(tok, x, True)
     ins, t = gen.step_inputs(tok.quantizer, cond, z), flat_tokens(z)
     with torch.no_grad():
         top = gen(cond, ins, cls).argmax(-1)
-    before, after = gen.calibrate_temperature(cond, ins, cls, t)
+    before, after = calibrate_codebook_head(gen, tok, None, x, lr)  # on the same batch
     ce = lambda: float(F.cross_entropy(gen(cond, ins, cls).flatten(0, 1), t.flatten()))
     with torch.no_grad():
         assert after <= before and abs(ce() - after) < 1e-4 and torch.equal(gen(cond, ins, cls).argmax(-1), top)
-        best = float(gen.log_t)
+        best = float(gen.codes.log_t)
         for step in (-0.1, 0.1):
-            gen.log_t.fill_(best + step)
+            gen.codes.log_t.fill_(best + step)
             assert ce() >= after - 1e-6
 
 
@@ -196,7 +198,7 @@ def test_losses_ce_plus_dpo_and_ablation():
     gen.train()
     hr, lr, cls = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 16, 16), torch.tensor([0, 2])
     s = dict(dpo=True, dpo_beta=0.2, ce_weight=1.0, dpo_weight=1.0)
-    loss, parts, acc = hvar_losses(s, tok, gen, hr, lr, cls)
+    loss, parts, acc = hvar_losses(tok, gen, hr, lr, cls, **s)
     up, cond = hvar_condition(tok, lr, cls, 4)
     assert torch.equal(cond[1], torch.zeros_like(cond[1]))                       # null class: no condition
     z_hr, z_lr = msrq_tokens(tok, hr, True), msrq_tokens(tok, up, True)
@@ -205,10 +207,21 @@ def test_losses_ce_plus_dpo_and_ablation():
         l_lr = gen(cond, gen.step_inputs(tok.quantizer, cond, z_lr), cls)
     lp_hr, lp_lr = sequence_logp(l_hr, flat_tokens(z_hr)), sequence_logp(l_lr, flat_tokens(z_lr))
     assert abs(parts['ce'].item() + lp_hr.mean().item() / sum(sizes())) < 1e-4
-    assert abs(parts['dpo'].item() - dpo_loss(lp_hr, lp_lr, 0.2).item()) < 1e-4
+    # DPO counts the degraded sample (class 0) only; the null-class one (2) has no preference
+    assert abs(parts['dpo'].item() - dpo_loss(lp_hr[:1], lp_lr[:1], 0.2).item()) < 1e-4
     assert abs(loss.item() - (parts['ce'] + parts['dpo']).item()) < 1e-5 and acc.shape == (len(STEPS),)
-    loss2, parts2, _ = hvar_losses(dict(s, dpo=False), tok, gen, hr, lr, cls)
+    loss2, parts2, _ = hvar_losses(tok, gen, hr, lr, cls, **dict(s, dpo=False))
     assert parts2['dpo'].item() == 0 and abs(loss2.item() - parts['ce'].item()) < 1e-5
+    # per-token log-likelihoods: the sums divided by the sequence length
+    _, parts3, _ = hvar_losses(tok, gen, hr, lr, cls, **s, dpo_reduce='mean')
+    n = sum(sizes())
+    assert abs(parts3['dpo'].item() - dpo_loss(lp_hr[:1] / n, lp_lr[:1] / n, 0.2).item()) < 1e-5
+    # against a frozen copy of itself every log-ratio is 0: -log sigmoid(0) = log 2, and no gradient to the copy
+    ref = copy.deepcopy(gen).requires_grad_(False)
+    loss4, parts4, _ = hvar_losses(tok, gen, hr, lr, cls, **s, reference=ref)
+    assert abs(parts4['dpo'].item() - math.log(2)) < 1e-5 and abs(parts4['logp_gap'].item()) < 1e-4
+    loss4.backward()
+    assert all(p.grad is None for p in ref.parameters()) and any(p.grad is not None for p in gen.parameters())
 
 
 def test_multiscale_tiling_equals_one_scale_at_a_time():
@@ -289,16 +302,14 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
     assert abs(lpips_x4 - a['metrics']['x4_lpips']) < 1e-3, (lpips_x4, a['metrics']['x4_lpips'])
 
 
-@pytest.mark.parametrize('which, arg, words', [
-    ('grouped', '', "method='hvar' predicts multi-scale RQ tokens"),
-    ('msrq', '--crop_size=64', 'native size'),
-    ('msrq', '--bilinear_frac=0.5', 'bilinear_frac=0.5 must be in [0, 0.25]'),
-    ('msrq', '--method=hitoksr', 'use --method=hvar'),
+@pytest.mark.parametrize('arg, words', [
+    ('--crop_size=64', 'native size'),
+    ('--bilinear_frac=0.5', 'bilinear_frac=0.5 must be in [0, 0.25]'),
+    ('--method=hitoksr', "unknown config key 'method'"),  # the tokenizer decides the method
 ])
-def test_config_errors_are_one_line(run_script, hrq_tok, tiny_tok, tiny_val, tmp_path, which, arg, words):
-    tok = hrq_tok if which == 'msrq' else tiny_tok
-    p = run_script('generator.py', HVAR + [f'--tok_ckpt={tok}', f'--val_dir={tiny_val}', f'--out_dir={tmp_path}',
-                                           '--max_iters=1'] + ([arg] if arg else []), check=False)
+def test_config_errors_are_one_line(run_script, hrq_tok, tiny_val, tmp_path, arg, words):
+    p = run_script('generator.py', HVAR + [f'--tok_ckpt={hrq_tok}', f'--val_dir={tiny_val}', f'--out_dir={tmp_path}',
+                                           '--max_iters=1', arg], check=False)
     assert p.returncode != 0 and words in p.stderr and 'config error' in p.stderr, p.stderr
     assert 'Traceback' not in p.stderr and 'step ' not in p.stdout
 

@@ -13,9 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import count_params, flops_per_image, param_groups
 from conftest import tokenizer_args
 from model import (Attention, Block, GroupedVQ, RMSNorm, SwiGLU, Tokenizer, TokenizerConfig, ViTDecoder,
-                   ViTEncoder, apply_rope, mask_groups, rope_2d, usage_stats)
+                   ViTEncoder, apply_rope, mask_groups, rope_2d)
 from losses import (PatchDiscriminator, adaptive_gan_weight, g_loss_hinge, g_loss_vanilla, hinge_d_loss,
-                    sample_active_groups, vanilla_d_loss)
+                    sample_active_groups, usage_stats, vanilla_d_loss)
 
 TINY = tokenizer_args(patch=4, latent_dim=8, groups=4, codebook_size=16, enc_width=32, enc_depth=1,
                       enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2, dec_refine=0)
