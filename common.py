@@ -773,12 +773,13 @@ def flops_per_image(model_args, H, W):
     Per transformer with T tokens, L layers, width w, N matmul params:  6*N*T + 12*L*w*T^2
     (PaLM appendix B: 6N per token for the weights, 12*L*w*T per token for QK^T and AV).
     N counts blocks (4w^2 attention + 3*w*hidden SwiGLU) and the patch / latent projections;
-    the decoder's conv refinement adds 6 * (its conv weights) per pixel;
+    the decoder's conv refinement adds 6 * (its conv weights) per pixel, the conv head the same per level;
     norms, the VQ lookup (2*K*C per token, no backward), the discriminator and LPIPS are left out."""
     c = types.SimpleNamespace(**model_args)
     T = (H // c.patch) * (W // c.patch)
     pix = 3 * c.patch ** 2
-    out_pix = 3 * (2 * c.patch) ** 2 if c.dec_overlap else pix
+    conv_head = getattr(c, 'dec_head', 'linear') == 'conv'
+    out_pix = 0 if conv_head else 3 * (2 * c.patch) ** 2 if c.dec_overlap else pix
     feat = c.dec_refine_ch * c.patch ** 2 if c.dec_refine else 0  # the refinement's input features
     total = 0.0
     for width, depth, io in ((c.enc_width, c.enc_depth, pix + c.latent_dim),
@@ -790,4 +791,11 @@ def flops_per_image(model_args, H, W):
         ch = c.dec_refine_ch
         conv = 9 * ((3 + ch) * ch + 2 * c.dec_refine * ch * ch + ch * 3)  # conv_in, blocks, conv_out
         total += 6 * conv * H * W
+    if conv_head:  # ConvUpsampler: per level, pixels x 9 x weights
+        n_up = c.patch.bit_length() - 1
+        chs = [min(c.dec_conv_ch << (n_up - i), c.dec_width) for i in range(n_up + 1)]
+        for i, ch in enumerate(chs):
+            ch_in = c.dec_width if i == 0 else chs[i - 1]   # conv_in, or the previous level's up conv
+            conv = 9 * (ch_in * ch + 2 * c.dec_conv_blocks * ch * ch + (3 * ch if i == n_up else 0))
+            total += 6 * conv * (H * W) // (c.patch >> i) ** 2
     return total

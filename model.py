@@ -201,6 +201,12 @@ def overlap_add(t_BTd, h, w, p):
     return fold(cols) / norm
 
 
+def res_block(ch):
+    """The residual unit of ConvRefine and ConvUpsampler, x + block(x): two 3x3 convolutions with
+    SiLU, no normalisation (a crop decodes like the same region of a larger image, as sr.py's tiles need)."""
+    return nn.Sequential(nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
+
+
 class ConvRefine(nn.Module):
     """Pixel-space refinement after un-patchifying (docs/method.md#vit-autoencoder). A per-token
     linear output cannot couple pixels of neighbouring patches, so every per-token error ends at a
@@ -211,9 +217,7 @@ class ConvRefine(nn.Module):
     def __init__(self, ch, n_blocks):
         super().__init__()
         self.conv_in = nn.Conv2d(3 + ch, ch, 3, padding=1)
-        self.blocks = nn.ModuleList([nn.Sequential(nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
-                                                   nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
-                                     for _ in range(n_blocks)])
+        self.blocks = nn.ModuleList([res_block(ch) for _ in range(n_blocks)])
         self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
@@ -225,22 +229,59 @@ class ConvRefine(nn.Module):
         return x0_B3HW + self.conv_out(F.silu(h))
 
 
+class ConvUpsampler(nn.Module):
+    """head='conv' of ViTDecoder (docs/method.md#conv-decoder-head): the h x w token features grow to
+    the image in log2(p) steps of x2, each a nearest-neighbour resize + 3x3 conv (no transposed
+    convolution: its uneven kernel overlap paints a checkerboard), with n_blocks residual blocks on
+    every level, as the VQGAN / LlamaGen decoders. No output pixel belongs to one token: every
+    conv straddles the cells, so the token grid has no edge to show. Channels: ch at full
+    resolution, doubled per coarser level up to `width`."""
+    def __init__(self, width, patch, ch, n_blocks):
+        super().__init__()
+        n_up = patch.bit_length() - 1
+        if patch != 1 << n_up:
+            raise ValueError(f"ConvUpsampler: the x2 steps need a power-of-two patch, got {patch}")
+        chs = [min(ch << (n_up - i), width) for i in range(n_up + 1)]   # token grid .. full resolution
+        self.conv_in = nn.Conv2d(width, chs[0], 3, padding=1)
+        self.levels = nn.ModuleList([nn.ModuleList([res_block(c) for _ in range(n_blocks)]) for c in chs])
+        self.ups = nn.ModuleList([nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chs, chs[1:])])
+        self.conv_out = nn.Conv2d(chs[-1], 3, 3, padding=1)
+        for blk in (b for level in self.levels for b in level):
+            nn.init.zeros_(blk[-1].weight)   # each residual block starts as the identity
+            nn.init.zeros_(blk[-1].bias)
+
+    def forward(self, t_BTd, h, w):
+        """(B, h*w, width) token features -> (B, 3, h*p, w*p)."""
+        x = self.conv_in(rearrange(t_BTd, 'b (h w) c -> b c h w', h=h, w=w))    # (B, ch_0, h, w)
+        for i, blocks in enumerate(self.levels):
+            for blk in blocks:
+                x = x + blk(x)
+            if i < len(self.ups):                                                # (B, ch_i+1, 2^i+1 h, ...)
+                x = self.ups[i](F.interpolate(x, scale_factor=2.0, mode='nearest'))
+        return self.conv_out(F.silu(x))
+
+
 class ViTDecoder(nn.Module):
     """Output is unbounded (no sigmoid): it lands in ~[0, 1] because the targets are in [0, 1];
-    clamp to [0, 1] only for evaluation / saving images. Two ways out of the patch grid
-    (docs/method.md#vit-autoencoder), each off = the plain linear un-patchify: overlap=True makes
-    each token paint a 2p x 2p patch, tent-blended with its neighbours (overlap_add);
-    refine_blocks > 0 adds ConvRefine on refine_ch feature channels."""
+    clamp to [0, 1] only for evaluation / saving images. From tokens to pixels
+    (docs/method.md#vit-autoencoder): head='linear' un-patchifies a per-token linear map, where
+    overlap=True makes each token paint a 2p x 2p patch, tent-blended with its neighbours
+    (overlap_add), and refine_blocks > 0 adds ConvRefine on refine_ch feature channels;
+    head='conv' is ConvUpsampler (conv_ch channels at full resolution, conv_blocks per level)."""
     def __init__(self, patch, width, depth, n_head, latent_dim, mlp_ratio=4.0, rope_base=10000.0,
-                 refine_blocks=0, refine_ch=16, overlap=False):
+                 refine_blocks=0, refine_ch=16, overlap=False, head='linear', conv_ch=32, conv_blocks=1):
         super().__init__()
         if overlap and patch % 2:
             raise ValueError(f"ViTDecoder: overlapping output patches need an even patch, got {patch}")
+        if head == 'conv' and (overlap or refine_blocks):
+            raise ValueError("ViTDecoder: head='conv' has no per-token patches to overlap or refine")
         self.patch, self.n_head, self.rope_base, self.overlap = patch, n_head, rope_base, overlap
         self.from_latent = nn.Linear(latent_dim, width)
         self.blocks = nn.ModuleList([Block(width, n_head, mlp_ratio) for _ in range(depth)])
         self.norm = RMSNorm(width)
-        self.to_pixels = nn.Linear(width, 3 * (2 * patch if overlap else patch) ** 2)
+        self.upsampler = ConvUpsampler(width, patch, conv_ch, conv_blocks) if head == 'conv' else None
+        if head == 'linear':
+            self.to_pixels = nn.Linear(width, 3 * (2 * patch if overlap else patch) ** 2)
         if refine_blocks > 0:
             self.to_features = nn.Linear(width, refine_ch * patch * patch)
         init_transformer_weights(self, depth)
@@ -249,7 +290,8 @@ class ViTDecoder(nn.Module):
     @property
     def last_layer(self):
         """The weight nearest the output, where adaptive_gan_weight compares gradients."""
-        return self.to_pixels.weight if self.refine is None else self.refine.conv_out.weight
+        out = self.upsampler or self.refine
+        return self.to_pixels.weight if out is None else out.conv_out.weight
 
     def forward(self, z):
         """z: (B, C, h, w) -> x: (B, 3, h*p, w*p)."""
@@ -262,6 +304,8 @@ class ViTDecoder(nn.Module):
         for blk in self.blocks:
             t = blk(t, rope)
         t = self.norm(t)
+        if self.upsampler is not None:
+            return self.upsampler(t, h, w)
         px = self.to_pixels(t)  # (B, h*w, 3*p*p), or 3*(2p)^2 with overlap
         x = overlap_add(px, h, w, self.patch) if self.overlap else unpatchify(px, h, w, self.patch)
         if self.refine is not None:
@@ -598,6 +642,9 @@ class TokenizerConfig(ModelConfig):
     dec_refine: int           # residual 3x3-conv blocks after un-patchifying (0: plain linear output)
     dec_refine_ch: int        # channels of that refinement
     dec_overlap: bool         # each token paints a 2p x 2p patch, tent-blended with its neighbours
+    dec_head: str             # 'linear' (per-token pixels) | 'conv' (x2 resize + conv steps to full resolution)
+    dec_conv_ch: int          # head='conv': channels at full resolution, doubled per coarser level
+    dec_conv_blocks: int      # head='conv': residual blocks per level
     mlp_ratio: float          # SwiGLU hidden = 2/3 * mlp_ratio * width
     rope_base: float
     beta: float               # commitment weight inside L_commit
@@ -646,6 +693,13 @@ class TokenizerConfig(ModelConfig):
         self.check_heads('enc_width', 'enc_heads', 'dec_width', 'dec_heads')
         if self.dec_overlap and self.patch % 2:
             self.bad('dec_overlap', f"needs an even patch, got patch={self.patch}")
+        self.check_choice('dec_head', 'linear', 'conv')
+        if self.dec_head == 'conv':
+            self.check_positive('dec_conv_ch', 'dec_conv_blocks')
+            if self.patch & (self.patch - 1):
+                self.bad('patch', "must be a power of two with dec_head='conv' (x2 upsampling steps)")
+            if self.dec_overlap or self.dec_refine:
+                self.bad('dec_head', "'conv' needs dec_overlap=False and dec_refine=0 (no per-token patches)")
         self.check_positive('beta', minimum=0)
 
 
@@ -653,7 +707,8 @@ class TokenizerConfig(ModelConfig):
 # texture-VQ values are unused by them)
 TokenizerConfig.ADDED_FIELDS = dict(quantizer='grouped', rq_steps=(), rq_scales=(1.0,), rq_phi=0, rq_phi_ratio=0.5,
                                     tvq_struct_dim=64, tvq_struct_pool=4, tvq_down=8, tvq_down_width=128,
-                                    tvq_down_depth=2, tvq_down_heads=4)
+                                    tvq_down_depth=2, tvq_down_heads=4, dec_head='linear', dec_conv_ch=32,
+                                    dec_conv_blocks=1)
 
 
 def resize_image(x, s):
@@ -685,7 +740,8 @@ class Tokenizer(nn.Module):
         else:
             self.quantizer = GroupedVQ(c.latent_dim, c.groups, c.codebook_size, *vq)
         self.decoder = ViTDecoder(c.patch, c.dec_width, c.dec_depth, c.dec_heads, c.latent_dim + c_l,
-                                  c.mlp_ratio, c.rope_base, c.dec_refine, c.dec_refine_ch, c.dec_overlap)
+                                  c.mlp_ratio, c.rope_base, c.dec_refine, c.dec_refine_ch, c.dec_overlap,
+                                  c.dec_head, c.dec_conv_ch, c.dec_conv_blocks)
         if self.tvq:  # E_down, D_down: patch p * pool / down on x / down puts F_down on the grid of F_L
             p_down = c.patch * c.tvq_struct_pool // c.tvq_down
             self.struct_encoder = ViTEncoder(p_down, c.tvq_down_width, c.tvq_down_depth, c.tvq_down_heads,

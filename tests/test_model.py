@@ -330,6 +330,57 @@ def test_refinement_starts_as_the_plain_decoder_and_joins_patches():
         assert (grad_left > 0) == couples
 
 
+def test_conv_head_couples_tokens_and_shifts_with_them():
+    """head='conv' (ConvUpsampler): any image size of whole tokens; with no transformer block, a pixel
+    just across a token border depends on the neighbouring token (the linear head's does not, test
+    above); token features shifted by one cell give the image shifted by p pixels away from the
+    zero-padded border (nearest x2 + convs: equivariant to shifts by 2^steps = p pixels)."""
+    torch.manual_seed(0)
+    p = 4
+    dec = ViTDecoder(p, 32, 0, 2, 8, head='conv', conv_ch=8)
+    assert dec(torch.randn(2, 8, 3, 5)).shape == (2, 3, 12, 20)
+    assert dec.last_layer is dec.upsampler.conv_out.weight
+    with torch.no_grad():
+        for level in dec.upsampler.levels:
+            for blk in level:
+                blk[-1].weight.normal_(0, 0.1)   # zero at init: the identity
+    z = torch.randn(1, 8, 3, 5, requires_grad=True)
+    dec(z)[0, :, 0, 4].sum().backward()          # the first pixel column of token (0, 1)
+    assert z.grad[0, :, 0, 0].abs().sum() > 0    # token (0, 0), across the border
+    up, t = dec.upsampler, torch.randn(1, 16 * 16, 32)
+    with torch.no_grad():
+        x = up(t, 16, 16)                                                     # (1, 3, 64, 64)
+        shifted = up(t.view(1, 16, 16, 32).roll(1, dims=2).reshape(1, 256, 32), 16, 16)
+    m = 6 * p  # the receptive field is under 6 tokens: the border's zero padding does not reach here
+    torch.testing.assert_close(shifted[..., m:-m, m + p:-m + p], x[..., m:-m, m:-m])
+    with pytest.raises(ValueError, match="power-of-two"):
+        ViTDecoder(6, 32, 0, 2, 8, head='conv')
+    with pytest.raises(ValueError, match="head='conv'"):
+        ViTDecoder(4, 32, 0, 2, 8, head='conv', overlap=True)
+    with pytest.raises(ValueError, match="dec_head"):
+        TokenizerConfig(**dict(TINY, dec_head='conv', dec_overlap=True))
+    with pytest.raises(ValueError, match="patch"):
+        TokenizerConfig(**dict(TINY, patch=6, latent_dim=8, dec_head='conv'))
+    with pytest.raises(ValueError, match="dec_head"):
+        TokenizerConfig(**dict(TINY, dec_head='deconv'))
+
+
+def test_flops_per_image_counts_the_conv_head():
+    """The conv head's FLOPs against the sizes its convolutions really run at (forward hooks)."""
+    cfg = TokenizerConfig(**dict(TINY, dec_head='conv', dec_overlap=False, dec_conv_ch=4, dec_conv_blocks=2))
+    plain = TokenizerConfig(**dict(TINY, dec_overlap=False))
+    tok, ref_tok = Tokenizer(cfg), Tokenizer(plain)
+    ran = []
+    for m in tok.decoder.upsampler.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda m, i, o: ran.append(m.weight.numel() * o.shape[-2] * o.shape[-1]))
+    tok(torch.rand(1, 3, 16, 24))
+    T = (16 // 4) * (24 // 4)
+    ref = flops_per_image(asdict(plain), 16, 24) - 6 * ref_tok.decoder.to_pixels.weight.numel() * T + 6 * sum(ran)
+    assert len(ran) == 1 + 3 * 2 * 2 + 2 + 1  # conv_in, 3 levels x 2 blocks x 2 convs, 2 ups, conv_out
+    assert flops_per_image(asdict(cfg), 16, 24) == pytest.approx(ref)
+
+
 def naive_overlap_add(t, h, w, p):
     """Loops: token (i, j) adds its 2p x 2p patch times the tent window at rows i*p - p/2 ..., into
     a padded canvas, with the window's weights summed alongside; divide, crop the padding."""
