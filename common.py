@@ -779,7 +779,7 @@ def flops_per_image(model_args, H, W):
     T = (H // c.patch) * (W // c.patch)
     pix = 3 * c.patch ** 2
     conv_head = getattr(c, 'dec_head', 'linear') == 'conv'
-    out_pix = 0 if conv_head else 3 * (2 * c.patch) ** 2 if c.dec_overlap else pix
+    out_pix = 3 if conv_head else 3 * (2 * c.patch) ** 2 if c.dec_overlap else pix  # conv: to_rgb
     feat = c.dec_refine_ch * c.patch ** 2 if c.dec_refine else 0  # the refinement's input features
     total = 0.0
     for width, depth, io in ((c.enc_width, c.enc_depth, pix + c.latent_dim),

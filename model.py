@@ -235,7 +235,9 @@ class ConvUpsampler(nn.Module):
     convolution: its uneven kernel overlap paints a checkerboard), with n_blocks residual blocks on
     every level, as the VQGAN / LlamaGen decoders. No output pixel belongs to one token: every
     conv straddles the cells, so the token grid has no edge to show. Channels: ch at full
-    resolution, doubled per coarser level up to `width`."""
+    resolution, doubled per coarser level up to `width`. The convs add detail to each token's
+    colour, bicubically upsampled (to_rgb): conv_out starts at zero, so a fresh head paints a smooth
+    image of the tokens' colours and the colours train as fast as a linear head's."""
     def __init__(self, width, patch, ch, n_blocks):
         super().__init__()
         n_up = patch.bit_length() - 1
@@ -246,19 +248,24 @@ class ConvUpsampler(nn.Module):
         self.levels = nn.ModuleList([nn.ModuleList([res_block(c) for _ in range(n_blocks)]) for c in chs])
         self.ups = nn.ModuleList([nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chs, chs[1:])])
         self.conv_out = nn.Conv2d(chs[-1], 3, 3, padding=1)
+        self.to_rgb = nn.Linear(width, 3)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
         for blk in (b for level in self.levels for b in level):
             nn.init.zeros_(blk[-1].weight)   # each residual block starts as the identity
             nn.init.zeros_(blk[-1].bias)
 
     def forward(self, t_BTd, h, w):
         """(B, h*w, width) token features -> (B, 3, h*p, w*p)."""
-        x = self.conv_in(rearrange(t_BTd, 'b (h w) c -> b c h w', h=h, w=w))    # (B, ch_0, h, w)
+        t = rearrange(t_BTd, 'b (h w) c -> b c h w', h=h, w=w)
+        x = self.conv_in(t)                                                      # (B, ch_0, h, w)
         for i, blocks in enumerate(self.levels):
             for blk in blocks:
                 x = x + blk(x)
             if i < len(self.ups):                                                # (B, ch_i+1, 2^i+1 h, ...)
                 x = self.ups[i](F.interpolate(x, scale_factor=2.0, mode='nearest'))
-        return self.conv_out(F.silu(x))
+        rgb = self.to_rgb(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)             # (B, 3, h, w)
+        return F.interpolate(rgb, size=x.shape[-2:], mode='bicubic', align_corners=False) + self.conv_out(F.silu(x))
 
 
 class ViTDecoder(nn.Module):

@@ -341,12 +341,15 @@ def test_conv_head_couples_tokens_and_shifts_with_them():
     assert dec(torch.randn(2, 8, 3, 5)).shape == (2, 3, 12, 20)
     assert dec.last_layer is dec.upsampler.conv_out.weight
     with torch.no_grad():
-        for level in dec.upsampler.levels:
-            for blk in level:
-                blk[-1].weight.normal_(0, 0.1)   # zero at init: the identity
+        for conv in [blk[-1] for level in dec.upsampler.levels for blk in level] + [dec.upsampler.conv_out]:
+            conv.weight.normal_(0, 0.1)          # zero at init: identity blocks, only the colour path
     z = torch.randn(1, 8, 3, 5, requires_grad=True)
     dec(z)[0, :, 0, 4].sum().backward()          # the first pixel column of token (0, 1)
     assert z.grad[0, :, 0, 0].abs().sum() > 0    # token (0, 0), across the border
+    fresh = ViTDecoder(p, 32, 0, 2, 8, head='conv', conv_ch=8).upsampler
+    t = torch.randn(1, 3 * 5, 32)                # a fresh head paints the tokens' colours, bicubically
+    rgb = (t @ fresh.to_rgb.weight.T + fresh.to_rgb.bias).view(1, 3, 5, 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(fresh(t, 3, 5), F.interpolate(rgb, scale_factor=p, mode='bicubic'))
     up, t = dec.upsampler, torch.randn(1, 16 * 16, 32)
     with torch.no_grad():
         x = up(t, 16, 16)                                                     # (1, 3, 64, 64)
@@ -376,7 +379,8 @@ def test_flops_per_image_counts_the_conv_head():
             m.register_forward_hook(lambda m, i, o: ran.append(m.weight.numel() * o.shape[-2] * o.shape[-1]))
     tok(torch.rand(1, 3, 16, 24))
     T = (16 // 4) * (24 // 4)
-    ref = flops_per_image(asdict(plain), 16, 24) - 6 * ref_tok.decoder.to_pixels.weight.numel() * T + 6 * sum(ran)
+    linear = ref_tok.decoder.to_pixels.weight.numel() - tok.decoder.upsampler.to_rgb.weight.numel()
+    ref = flops_per_image(asdict(plain), 16, 24) - 6 * linear * T + 6 * sum(ran)
     assert len(ran) == 1 + 3 * 2 * 2 + 2 + 1  # conv_in, 3 levels x 2 blocks x 2 convs, 2 ups, conv_out
     assert flops_per_image(asdict(cfg), 16, 24) == pytest.approx(ref)
 
