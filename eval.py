@@ -27,7 +27,7 @@ from common import device_problems, load_checkpoint, write_json
 from degradation import bicubic_upsample
 from metrics import METRICS, load_lpips
 from peer import NAME as PEER_ROW, available as peer_available, realesrgan_x4
-from sr import chain_rows, load_tokenizer, scale_decodes, score
+from chain import chain_rows, load_tokenizer, scale_decodes, score
 
 
 def per_image_rows(row):

@@ -37,7 +37,7 @@ from configurator import configure, fail
 from degradation import DegradeConfig, bicubic_upsample
 from model import lr_anchor, sample_topk
 from losses import PatchDiscriminator, discriminator_step, g_loss_vanilla, vanilla_d_loss
-from sr import load_sr_chain, super_resolve
+from chain import load_sr_chain, super_resolve
 from prior import upsample_for_prior
 
 # -----------------------------------------------------------------------------

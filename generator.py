@@ -48,7 +48,7 @@ from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, Genera
                    NextScaleGenerator, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig)
 from losses import (PatchDiscriminator, calibrate_codebook_head, discriminator_step, generator_losses, hvar_losses,
                     scale_accuracy, vanilla_d_loss)
-from sr import hvar_chain_rows, hvar_sr, output_scales, super_resolve
+from chain import hvar_chain_rows, hvar_sr, output_scales, super_resolve
 from prior import LoRAWeights, build_sr_prior
 
 # -----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from degradation import DegradeConfig
 from model import Tokenizer, TokenizerConfig, resize_image
 from losses import (PatchDiscriminator, adaptive_gan_weight, discriminator_step, frequency_targets,
                     g_loss_hinge, gradient_l1, hinge_d_loss, sample_active_groups, step_usage, usage_stats)
-from sr import scale_decodes  # an RQ tokenizer's decodes at every scale
+from chain import scale_decodes  # an RQ tokenizer's decodes at every scale
 from wavelets import lowpass  # prefix-decode targets at eval
 
 # -----------------------------------------------------------------------------

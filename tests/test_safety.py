@@ -369,6 +369,7 @@ def test_sr_out_dir_keeps_one_run_of_outputs(tiny_gen, run_script, tmp_path):
 
 
 def test_sr_notes_hidden_files_guards_tile0_and_prints_progress(tiny_gen, run_script, tmp_path, monkeypatch, capsys):
+    import chain
     import sr
     src = tmp_path / 'in'
     src.mkdir()
@@ -384,7 +385,7 @@ def test_sr_notes_hidden_files_guards_tile0_and_prints_progress(tiny_gen, run_sc
     assert 'done: 1 written' in p.stdout and 'Traceback' not in p.stderr
     # the progress line on a large image: one report per band of tiles, the last one with 0 s left
     calls = []
-    out = sr.tiled_sr(torch.rand(1, 3, 40, 40), lambda x: x.repeat_interleave(4, -1).repeat_interleave(4, -2),
+    out = chain.tiled_sr(torch.rand(1, 3, 40, 40), lambda x: x.repeat_interleave(4, -1).repeat_interleave(4, -2),
                       4, tile=16, overlap=4, on_band=lambda done, total: calls.append((done, total)))
     assert out.shape == (1, 160, 160, 3) and calls == [(1, 3), (2, 3), (3, 3)]
     times = iter([11.0, 12.0, 25.0])  # seconds since the image started, at each band: a line every 10 s
