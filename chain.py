@@ -1,6 +1,6 @@
 """
 A trained checkpoint chain as functions: load it (load_sr_chain), run it on LR images
-(super_resolve, hvar_super_resolve, sr_function, coarse_to_fine), tile any size through it
+(super_resolve, hvar_super_resolve, sr_function; coarse_to_fine, the preview), tile any size through it
 (tiled_sr), correct its colours (fix_colors) and score it on the validation pairs (score,
 chain_rows, hvar_chain_rows). sr.py, eval.py, bench.py, ablate.py and the stage scripts import them;
 docs/method.md#inference.
@@ -81,16 +81,9 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
 
 
 @torch.no_grad()
-def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
-    """lr (B, 3, h, w) in [0, 1] -> sr (B, 3, scale*h, scale*w) clamped to [0, 1]: top-1 indices
-    of every group, decoded by the tokenizer (docs/method.md#inference: always top-1); a texture-VQ
-    chain decodes them with the generator's structure map.
-    With return_indices also the predicted indices (B, G, h', w').
-    Nothing here reads a tensor's value on the host (no .item(), no branch on data, no
-    data-dependent shapes: tests/test_sr.py checks it), so on a GPU the whole chain is queued
-    without waiting and can be captured as one CUDA graph (sr_function). The prior runs in
-    channels-last (NHWC); its output, and so the result, equals the NCHW one bit for bit when
-    load_sr_chain has made its weights channels-last too."""
+def predict_tokens(lr, tokenizer, generator, prior=None):
+    """lr (B, 3, h, w) in [0, 1] -> the generator's top-1 indices (B, G, h', w') (docs/method.md#inference:
+    always top-1) and, for a texture-VQ chain, its structure map f_l (B, C_L, h'/pool, w'/pool), else None."""
     from prior import upsample_for_prior
     c = generator.config
     feat, pooled = None, None
@@ -99,9 +92,53 @@ def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
     anchor = lr_anchor(tokenizer, lr, c.scale) if c.head == 'codebook' else None  # (B, C, h', w')
     out = generator(lr, feat, pooled, anchor)
     logits, f_l = out if isinstance(out, tuple) else (out, None)  # a TextureGenerator adds F_L
-    idx = logits.argmax(-1)  # (B, G, h', w')
+    return logits.argmax(-1), f_l
+
+
+@torch.no_grad()
+def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
+    """lr (B, 3, h, w) in [0, 1] -> sr (B, 3, scale*h, scale*w) clamped to [0, 1]: top-1 indices
+    of every group (predict_tokens), decoded by the tokenizer; a texture-VQ chain decodes them with
+    the generator's structure map. With return_indices also the indices (B, G, h', w').
+    Nothing here reads a tensor's value on the host (no .item(), no branch on data, no
+    data-dependent shapes: tests/test_sr.py checks it), so on a GPU the whole chain is queued
+    without waiting and can be captured as one CUDA graph (sr_function). The prior runs in
+    channels-last (NHWC); its output, and so the result, equals the NCHW one bit for bit when
+    load_sr_chain has made its weights channels-last too."""
+    idx, f_l = predict_tokens(lr, tokenizer, generator, prior)
     sr = tokenizer.decode_indices(idx, f_l=f_l).float().clamp(0, 1)
     return (sr, idx) if return_indices else sr
+
+
+def preview_frames(tokenizer, generator):
+    """What coarse_to_fine gives for this chain: [(label, factor)] per frame, coarse to fine."""
+    if isinstance(generator, NextScaleGenerator):
+        return [(f'x{f}', f) for f in output_scales(generator)]
+    if tokenizer.config.quantizer == 'tvq':
+        return [('structure map alone', generator.config.scale), ('structure + texture', generator.config.scale)]
+    G = tokenizer.config.groups
+    return [(f"{k} group{'s' if k > 1 else ''} of {G}", generator.config.scale) for k in range(1, G + 1)]
+
+
+@torch.no_grad()
+def coarse_to_fine(lr, tokenizer, generator, prior=None, **sample):
+    """The coarse-to-fine sequence a token chain gives for free, all from one pass
+    (docs/method.md#coarse-to-fine-preview): lr (B, 3, h, w) -> [frame (B, 3, f h, f w) in [0, 1]]
+    as preview_frames lists them. HiTokSR: the top-1 tokens decoded with the first k = 1..G groups
+    (the others zeroed, as in group masking); H-VAR: x1, x2, x4 of hvar_super_resolve (the sampling
+    settings `sample`); texture VQ: the predicted structure map alone, as the tokenizer's structure
+    autoencoder renders it (D_down(F_L), 1 / tvq_down of the output's size, enlarged nearest), then
+    the full decode. The last frame is the chain's output (super_resolve)."""
+    if isinstance(generator, NextScaleGenerator):
+        return hvar_super_resolve(lr, tokenizer, generator, **sample)
+    idx, f_l = predict_tokens(lr, tokenizer, generator, prior)
+    full = tokenizer.decode_indices(idx, f_l=f_l).float().clamp(0, 1)
+    if f_l is not None:
+        down = tokenizer.struct_decoder(f_l).float().clamp(0, 1)          # (B, 3, H/down, W/down)
+        r = tokenizer.config.tvq_down
+        return [down.repeat_interleave(r, -2).repeat_interleave(r, -1), full]
+    G = tokenizer.config.groups
+    return [tokenizer.decode_indices(idx, k=k).float().clamp(0, 1) for k in range(1, G)] + [full]
 
 
 def gaussian_blur(x, sigma):
@@ -318,24 +355,47 @@ def scale_decodes(tok, hr, tokenization='hierarchical', device='cpu', ctx=None, 
     return [(s, torch.cat(d), resize_image(hr, s)) for s, d in zip(scales, decs)], idxs
 
 
+@torch.no_grad()
+def preview(lr, tok, gen, prior=None, color_fix=0.0, device='cpu', batch_size=4):
+    """coarse_to_fine on lr (N, 3, h, w), run as chain_rows and hvar_sr run the chain (whole images,
+    batch_size at a time; H-VAR tiled at its native LR size), every frame colour-corrected when
+    color_fix > 0 (fix_colors, sigma in LR pixels, as sr.py) -> [(label, uint8 (N, f h, f w, 3))]."""
+    frames = preview_frames(tok, gen)
+    factors = tuple(f for _, f in frames)
+
+    def fn(y):
+        outs = coarse_to_fine(y, tok, gen, prior)
+        return [fix_colors(o, y, color_fix * f) for o, f in zip(outs, factors)] if color_fix > 0 else outs
+    if isinstance(gen, NextScaleGenerator):
+        native = gen.config.hr_size // gen.config.scale
+        outs = tiled_sr(lr.to(device), fn, factors, tile=native, overlap=native // 4, batch_size=batch_size,
+                        fixed_tile=True)
+    else:
+        parts = [tiled_sr(lr[i:i + batch_size].to(device), fn, factors, tile=0) for i in range(0, len(lr), batch_size)]
+        outs = [np.concatenate(p) for p in zip(*parts)]
+    return [(label, o) for (label, _), o in zip(frames, outs)]
+
+
 # -----------------------------------------------------------------------------
 # a chain scored on the validation pairs (eval.py's tables, the stage scripts' references)
 
-def score(name, sr, pairs, lpips_net, crop_border=4, patch=8):
-    """One table row: a method's outputs sr (N, 3, H, W) scored against pairs['hr']."""
+def score(name, sr, pairs, lpips_net, crop_border=4, patch=8, keep_images=False):
+    """One table row: a method's outputs sr (N, 3, H, W) scored against pairs['hr']; keep_images
+    adds them to the row ('images', for eval.py's report; not for the JSON)."""
     m = evaluate(sr, pairs['hr'], crop_border=crop_border, lpips_net=lpips_net, patch=patch)
-    return dict(name=name, n=len(sr), **{k: m[k] for k in METRICS},
-                per_image=dict(names=list(pairs['names']), **m['per_image']))
+    row = dict(name=name, n=len(sr), **{k: m[k] for k in METRICS}, per_image=dict(names=list(pairs['names']),
+                                                                                **m['per_image']))
+    return dict(row, images=sr) if keep_images else row
 
 
 @torch.no_grad()
 def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', kinds=('base', 'decode', 'sr'),
-                    outs=None):
+                    outs=None, keep_images=False):
     """Rows for an H-VAR chain: per output factor f of its one pass (x1 = denoising, x2, x4), of the
     kinds asked for: 'base' (x1: the degraded LR itself; else bicubic from it), 'decode' (the
     tokenizer's decode of HR's own tokens at that scale) and 'sr' (the generator's top-1 output,
     hvar_sr, or outs[f] when given), each scored against HR resized by f / 4 with crop_border * f / 4
-    pixels. Every row also holds its f and kind."""
+    pixels. Every row also holds its f and kind (and with keep_images its images, as score)."""
     if 'sr' in kinds and outs is None:
         outs = hvar_sr(pairs['lr'], tok, gen, device)
     if 'decode' in kinds:
@@ -351,26 +411,28 @@ def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', kin
             else:
                 images, name = ((recs[n][1], "tokenizer decode of HR's tokens") if k == 'decode' else
                                 (outs[f], 'H-VAR generator (top-1)'))
-            rows.append(dict(score(f"x{f}: {name}", images, target, lpips_net, border, tok.config.patch), f=f, kind=k))
+            rows.append(dict(score(f"x{f}: {name}", images, target, lpips_net, border, tok.config.patch, keep_images),
+                             f=f, kind=k))
     return rows
 
 
 @torch.no_grad()
 def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='cpu', compare_ckpt='',
-               color_fix=0.0):
+               color_fix=0.0, keep_images=False):
     """Rows for a checkpoint chain on the degraded validation pairs: bicubic, the tokenizer's
     reconstruction of HR (an upper bound for any SR through this decoder), stage 2 (generator +
     stage-1 decoder) and, with decoder_ckpt, stage 3 (the fine-tuned decoder). Top-1 tokens.
     An H-VAR chain gives its rows per output scale (hvar_chain_rows); compare_ckpt adds the x4
     row of another chain (e.g. HiTokSR's stage 2 next to H-VAR). color_fix > 0 adds the last stage
-    again after fix_colors with that sigma in LR pixels (HiTokSR and texture-VQ chains)."""
+    again after fix_colors with that sigma in LR pixels (HiTokSR and texture-VQ chains). keep_images:
+    every row also holds its images (score)."""
     tok, gen, prior = load_sr_chain(gen_ckpt, device)
     if isinstance(gen, NextScaleGenerator):
         if decoder_ckpt:
             raise ValueError(f"--decoder_ckpt: {gen_ckpt} is an H-VAR chain, which has no stage 3")
-        rows = hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border, device)
+        rows = hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border, device, keep_images=keep_images)
         if compare_ckpt:
-            other = chain_rows(pairs, compare_ckpt, '', lpips_net, crop_border, device)[-1]
+            other = chain_rows(pairs, compare_ckpt, '', lpips_net, crop_border, device, keep_images=keep_images)[-1]
             rows.insert(len(rows) - 1, dict(other, name=f"x4: {compare_ckpt} ({other['name']})"))  # H-VAR's x4 stays last
         return rows
     batches = lambda xs, bs=4: (xs[i:i + bs].to(device) for i in range(0, len(xs), bs))
@@ -379,17 +441,17 @@ def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='
     idx = [q for _, q in outs]
     p = tok.config.patch  # the grid score looks for this tokenizer's patch grid
     sr = images(sr for sr, _ in outs)
-    rows = [score('bicubic (degraded LR)', bicubic_upsample(pairs['lr']), pairs, lpips_net, crop_border, p),
-            score('stage 1: tokenizer reconstruction of HR', images(tok(x)[0] for x in batches(pairs['hr'])),
-                  pairs, lpips_net, crop_border, p),
-            score('stage 2: generator + stage-1 decoder', sr, pairs, lpips_net, crop_border, p)]
+    row = lambda name, imgs: score(name, imgs, pairs, lpips_net, crop_border, p, keep_images)
+    rows = [row('bicubic (degraded LR)', bicubic_upsample(pairs['lr'])),
+            row('stage 1: tokenizer reconstruction of HR', images(tok(x)[0] for x in batches(pairs['hr']))),
+            row('stage 2: generator + stage-1 decoder', sr)]
     if decoder_ckpt and tok.config.quantizer == 'tvq':
         raise ValueError(f"--decoder_ckpt: {gen_ckpt} is a texture-VQ chain, which has no stage 3")
     if decoder_ckpt:
         tok3, _, _ = load_sr_chain(gen_ckpt, device, decoder_ckpt)
         sr = images(tok3.decode_indices(q) for q in idx)
-        rows.append(score('stage 3: generator + fine-tuned decoder', sr, pairs, lpips_net, crop_border, p))
+        rows.append(row('stage 3: generator + fine-tuned decoder', sr))
     if color_fix > 0:
-        rows.append(score(f"{rows[-1]['name']} + colour correction ({color_fix:g} LR px)",
-                          fix_colors(sr, pairs['lr'], color_fix * gen.config.scale), pairs, lpips_net, crop_border, p))
+        rows.append(row(f"{rows[-1]['name']} + colour correction ({color_fix:g} LR px)",
+                        fix_colors(sr, pairs['lr'], color_fix * gen.config.scale)))
     return rows

@@ -9,6 +9,7 @@ The chain itself (loading, inference, tiling, scoring) is chain.py; this file is
     python sr.py --input=my_folder/ --device=cuda --batch_size=16 --cuda_graphs=True
     python sr.py --input=my_folder/ --gen_ckpt=out/generator_hvar/ckpt.pt --scales=1,2,4
                                                            # H-VAR: x1 (denoised), x2, x4 of one pass
+    python sr.py --input=photo.jpg --preview=True          # also photo_preview.png, photo_preview_anim.png
 
 Any size: the LR image is padded (reflect) to a multiple of the generator's LR patch and, when
 larger than `tile`, cut into overlapping tiles whose outputs are blended with linear ramps over the
@@ -21,6 +22,13 @@ the models together, `batch_size` at a time; a tiled image sends `batch_size` ti
 Grayscale, palette, RGBA (composited on white) and 16-bit inputs are converted to RGB by
 data.load_image; an unreadable file is reported and skipped, the others are still processed (exit
 code 1 if any failed).
+--preview=True also writes, per input, the coarse-to-fine frames the chain gives for free
+(chain.coarse_to_fine: HiTokSR's first k = 1..G groups, H-VAR's x1 / x2 / x4, texture VQ's structure
+map alone then the full decode; docs/method.md#coarse-to-fine-preview) at the output's size (coarser
+frames enlarged, nearest): NAME_preview.png, the frames left to right, and NAME_preview_anim.png, an
+animated PNG (APNG, exact colours) that loops through them. Every frame gets the output's colour
+correction; the last one is the output. The preview runs the chain eagerly (compile is not used)
+and holds one output-sized image per frame.
 """
 import contextlib
 import json
@@ -31,19 +39,20 @@ import time
 import torch
 
 import data
-from chain import (fix_colors, load_sr_chain, output_scales, sr_function, tile_warning,
-                   tiled_sr)
+from chain import (coarse_to_fine, fix_colors, load_sr_chain, output_scales, preview_frames, sr_function,
+                   tile_warning, tiled_sr)
 from common import weights_id
 from model import NextScaleGenerator
 
 
-def output_names(paths, factor=4):
-    """NAME_x4.png per input path (NAME_x<factor>.png); inputs whose names differ only in the
-    extension (photo.jpg and photo.png in one folder) keep it, photo_jpg_x4.png and
+def output_names(paths, factor=4, tail=None):
+    """NAME_x4.png per input path (NAME_x<factor>.png, or NAME_<tail>.png); inputs whose names differ
+    only in the extension (photo.jpg and photo.png in one folder) keep it, photo_jpg_x4.png and
     photo_png_x4.png, so none overwrites another. eval.py --sr=DIR reads NAME_x4.png."""
+    tail = tail or f'x{factor}'
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     clash = {s for s in stems if stems.count(s) > 1}
-    return [f"{s}_{os.path.splitext(p)[1][1:]}_x{factor}.png" if s in clash else f"{s}_x{factor}.png"
+    return [f"{s}_{os.path.splitext(p)[1][1:]}_{tail}.png" if s in clash else f"{s}_{tail}.png"
             for s, p in zip(stems, paths)]
 
 
@@ -137,6 +146,7 @@ def runs(items, batch_size, key):
 if __name__ == '__main__':
     from configurator import configure, fail
     from common import autocast_ctx, device_problems, dtype_problems, pick_device, save_png, write_json
+    from report import enlarge, save_animation, strip
     # -----------------------------------------------------------------------------
     input = ''                              # an image file or a folder of images
     out_dir = 'out/sr'                      # <name>_x4.png per input
@@ -158,6 +168,7 @@ if __name__ == '__main__':
     kv_cache = True
     seed = 0                                # of the sampling (top_k != 1)
     color_fix = 2.0                         # > 0: the LR's low-frequency chroma, Gaussian sigma in LR px (fix_colors)
+    preview = False                         # True: also the coarse-to-fine frames, NAME_preview(_anim).png
     overwrite = False                       # True: replace the outputs of a run with other settings in out_dir
     config = configure(globals())
     # -----------------------------------------------------------------------------
@@ -209,23 +220,35 @@ if __name__ == '__main__':
         print(f"sr.py: cuda_graphs=True has no effect on {device}", file=sys.stderr)
     sample = dict(cls=input_class, top_k=top_k, temperature=temperature, cfg=cfg, kv_cache=kv_cache,
                   rng=torch.Generator(device).manual_seed(seed)) if hvar else {}
-    chain = sr_function(tokenizer, generator, prior, device, compile, cuda_graphs, **sample)
     all_scales = output_scales(generator)
+    if preview:  # every frame of coarse_to_fine goes through the tiling; the outputs are among them
+        labels, factors = zip(*preview_frames(tokenizer, generator))
+        chain = lambda lr: coarse_to_fine(lr, tokenizer, generator, prior, **sample)
+        keep = list(range(len(factors)))
+        pick = [factors.index(s) for s in scales] if hvar else [len(factors) - 1]
+        print(f"sr.py: preview frames, coarse to fine: {', '.join(labels)}")
+        if compile or cuda_graphs:
+            print("sr.py: --preview runs the chain eagerly: compile and cuda_graphs are not used", file=sys.stderr)
+    else:
+        chain = sr_function(tokenizer, generator, prior, device, compile, cuda_graphs, **sample)
+        factors, keep, pick = scales, [all_scales.index(s) for s in scales], list(range(len(scales)))
 
     def fn(lr):
         with ctx:
             out = chain(lr)
-        out = out if hvar else [out]
-        out = [out[all_scales.index(s)] for s in scales]
-        return [fix_colors(o, lr, color_fix * s) for o, s in zip(out, scales)] if color_fix > 0 else out
+        out = [out[k] for k in keep] if isinstance(out, (list, tuple)) else [out]
+        return [fix_colors(o, lr, color_fix * f) for o, f in zip(out, factors)] if color_fix > 0 else out
 
     names = {s: output_names(paths, s) for s in scales}
+    extra = dict(strip=output_names(paths, tail='preview'), anim=output_names(paths, tail='preview_anim')) \
+        if preview else {}
     # out_dir: locked for this run; outputs of a run with other settings are never mixed with these
     settings = dict(generator=weights_id(generator.state_dict()), decoder=decoder_ckpt and weights_id(
         tokenizer.decoder.state_dict()), scales=list(scales), tile=tile, overlap=overlap, dtype=dtype,
         color_fix=color_fix, **({k: config[k] for k in ('top_k', 'temperature', 'cfg', 'input_class', 'seed')}
                                 if hvar else {}))
-    written = claim_sr_dir(out_dir, settings, [n for s in scales for n in names[s]], overwrite)
+    written = claim_sr_dir(out_dir, settings, [n for ns in list(names.values()) + list(extra.values()) for n in ns],
+                           overwrite)
     failed, t_start, done_px = [], time.time(), 0
     total_px = None  # LR pixels of all inputs, known once the first image is read (sizes come from the headers)
     one_pass = lambda item: tuple(item[2].shape) if tile <= 0 or max(item[2].shape[1:]) <= tile else None
@@ -241,20 +264,27 @@ if __name__ == '__main__':
             continue
         total_px = total_px or image_pixels(paths)
         report = progress_printer(run[0][0], t0) if len(run) == 1 else None
-        srs = tiled_sr(lr, fn, scales, tile, overlap, multiple, batch_size, fixed_tile=hvar,
-                       on_band=report)                                   # [(n, H, W, 3) uint8]
+        srs = tiled_sr(lr, fn, factors, tile, overlap, multiple, batch_size, fixed_tile=hvar,
+                       on_band=report)                                   # [(n, f H, f W, 3) uint8] per factor
         dt = (time.time() - t0) / len(run)
-        for s, sr in zip(scales, srs):
+        outs = [srs[k] for k in pick]
+        for s, sr in zip(scales, outs):
             for (path, i, _), img in zip(run, sr):
-                dst = os.path.join(out_dir, names[s][i])
-                save_png(img, dst)                                          # atomic write
+                save_png(img, os.path.join(out_dir, names[s][i]))           # atomic write
                 written.append(names[s][i])
+                write_json(dict(settings=settings, files=sorted(set(written))), os.path.join(out_dir, 'sr.json'))
+        if preview:
+            for j, (path, i, _) in enumerate(run):
+                frames = [enlarge(f[j], *srs[-1].shape[1:3]) for f in srs]   # the last frame has the largest factor
+                save_png(strip(frames), os.path.join(out_dir, extra['strip'][i]))
+                save_animation(frames, os.path.join(out_dir, extra['anim'][i]))
+                written += [extra['strip'][i], extra['anim'][i]]
                 write_json(dict(settings=settings, files=sorted(set(written))), os.path.join(out_dir, 'sr.json'))
         done_px += lr.shape[0] * lr.shape[-1] * lr.shape[-2]
         left = (time.time() - t_start) / done_px * max(total_px - done_px, 0)
         for path, i, _ in run:
             batch = f" (batch of {len(run)})" if len(run) > 1 else ""
-            print(f"[{i + 1}/{len(paths)}] {path}: {tuple(lr.shape[-2:])} -> {tuple(srs[-1].shape[1:3])} in {dt:.2f} s"
+            print(f"[{i + 1}/{len(paths)}] {path}: {tuple(lr.shape[-2:])} -> {tuple(outs[-1].shape[1:3])} in {dt:.2f} s"
                   f"{batch} -> {os.path.join(out_dir, names[scales[-1]][i])}, about {left:.0f} s left")
     print(f"done: {len(paths) - len(failed)} written to {out_dir}, {len(failed)} failed")
     sys.exit(1 if failed else 0)

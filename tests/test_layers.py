@@ -6,7 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
-    1: ('wavelets', 'configurator', 'degradation', 'prior', 'metrics', 'common', 'peer'),  # tools: no project imports
+    1: ('wavelets', 'configurator', 'degradation', 'prior', 'metrics', 'common', 'peer',   # tools: no project imports
+        'report'),
     2: ('model', 'data'),                                                                  # models, data
     3: ('losses', 'chain'),                                                                # losses, inference
     4: ('tokenizer', 'generator', 'finetune_decoder', 'eval', 'sr', 'bench', 'ablate'),    # the scripts
