@@ -102,8 +102,8 @@ def write_report(path, result, columns, previews=None, title='', images_dir=None
     shown comes from it.
     columns: [(title, row name or None, uint8 (N, h, w, 3))] in the order shown, one image per
     validation pair in per_image's order; images smaller than the largest are enlarged (nearest).
-    previews: None or [(label, uint8 (N, h, w, 3))], the chain's coarse-to-fine frames, shown as a
-    strip of frames and an animated PNG. title: the page's heading.
+    previews: None or [(label, uint8 (N, h, w, 3))], the chain's coarse-to-fine frames, shown side by
+    side and as an animated PNG. title: the page's heading.
     crop: side of the centred crop in output pixels, shown `zoom` times enlarged (nearest).
     -> the list of the PNG files written."""
     folder = os.path.dirname(path) or '.'
