@@ -189,12 +189,12 @@ print(f"== generators ({len(chosen) - len(failed)} x {gen_minutes:g} min, {jobs}
 failed += run_jobs([(k, generator_job(k)) for k in chosen if k not in failed], rerun=retrained)[0]
 
 # -----------------------------------------------------------------------------
-# the table: reconstructions from each tokenizer's summary.json, SR from sr.chain_rows
+# the table: reconstructions from each tokenizer's summary.json, SR from chain.chain_rows
 
 import data  # noqa: E402 (after the runs: the evaluation only)
 import metrics  # noqa: E402
 from degradation import bicubic_upsample  # noqa: E402
-from sr import chain_rows, load_tokenizer, score  # noqa: E402
+from chain import chain_rows, load_tokenizer, score  # noqa: E402
 
 
 def bits_per_image(cfg, side=128):

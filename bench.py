@@ -46,7 +46,7 @@ from model import (Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerat
                    TextureGeneratorConfig, Tokenizer, TokenizerConfig, resize_image)
 from losses import (PatchDiscriminator, discriminator_step, g_loss_hinge, generator_losses, hinge_d_loss,
                     hvar_losses, vanilla_d_loss)
-from sr import sr_function
+from chain import sr_function
 from prior import build_sr_prior
 
 # -----------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def peak_rss_mb():
 def bench_sr_large(dev):
     """sr.py's path for one large image: load, streamed tiles, PNG (written to a temporary folder)."""
     from PIL import Image
-    from sr import _starts, tile_warning, tiled_sr
+    from chain import _starts, tile_warning, tiled_sr
     if sr_fn not in ('chain', 'bicubic'):
         raise ValueError(f"sr_fn={sr_fn!r}: expected chain | bicubic")
     dt_name, ctx = autocast_ctx(dev, dtype)

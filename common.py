@@ -754,6 +754,17 @@ class Timer:
         return (time.time() - self.t0) / 60
 
 
+def time_left(step, max_iters, minutes, max_minutes, start_step=0, start_minutes=0.0):
+    """'left 3.2 min' for a stage's periodic log line: the time until whichever ends the run first,
+    the wall-clock budget (max_minutes; 0 = none) or max_iters at this run's pace so far (steps since
+    start_step over the minutes since start_minutes, evaluations included; a resumed run counts from
+    its resume)."""
+    left = [max_minutes - minutes] if max_minutes > 0 else []
+    if step > start_step:
+        left.append((minutes - start_minutes) / (step - start_step) * max(max_iters - step, 0))
+    return f"left {max(min(left), 0.0):.1f} min" if left else "left ? min"
+
+
 # Dense bf16 tensor-core peak by GPU name, from the vendors' datasheets (no sparsity). MFU is only
 # reported for GPUs listed here, never against an assumed A100.
 PEAK_BF16_FLOPS = [('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12),

@@ -4,7 +4,9 @@ metrics.py (PSNR-Y and SSIM-Y in the BasicSR convention, LPIPS, grid score, peri
 docs/method.md#metrics): a baseline, a folder of PNGs, a trained checkpoint chain (with the published
 peer Real-ESRGAN x4plus beside it when setup.sh could install it, peer.py), the peer alone, or a
 multi-scale tokenizer's reconstructions. Prints a markdown table and a grep-able summary and writes
-out/eval/<name>.json. No module imports this file.
+out/eval/<name>.json; a chain's evaluation also writes the HTML report beside it, out/eval/index.html
+(report.py: every validation image by row with its metrics, and the chain's coarse-to-fine frames).
+No module imports this file.
 
     python eval.py --sr=bicubic --lr_kind=degraded      # bicubic upsampling of the degraded LR
     python eval.py --sr=bicubic --lr_kind=bicubic       # ... of the clean bicubic-downsampled LR
@@ -27,7 +29,7 @@ from common import device_problems, load_checkpoint, write_json
 from degradation import bicubic_upsample
 from metrics import METRICS, load_lpips
 from peer import NAME as PEER_ROW, available as peer_available, realesrgan_x4
-from sr import chain_rows, load_tokenizer, scale_decodes, score
+from chain import chain_rows, load_tokenizer, scale_decodes, score
 
 
 def per_image_rows(row):
@@ -108,6 +110,8 @@ if __name__ == '__main__':
     device = 'cpu'                 # cpu | cuda | mps | auto
     name = ''                      # row name; '' -> bicubic_<lr_kind>, chain or the folder's name
     out_json = ''                  # '' -> out/eval/<name>.json
+    report = ''                    # sr='chain': the HTML report, '' -> index.html beside out_json (its PNGs in
+                                   # <out_json's name>_images/) | 'none'
     config = configure(globals())
     if lr_kind not in ('degraded', 'bicubic'):
         fail(f"eval.py: lr_kind={lr_kind!r} must be degraded or bicubic")
@@ -146,7 +150,8 @@ if __name__ == '__main__':
     if sr == 'chain':
         name = name or 'chain'
         try:
-            rows = chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border, device, compare_ckpt, color_fix)
+            rows = chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border, device, compare_ckpt, color_fix,
+                              keep_images=report != 'none')
         except (FileNotFoundError, ValueError) as err:
             fail(f"eval.py: {err}")
         # the peer's row sits under the chain's in the table and apart in the json ('peer_rows'), so
@@ -155,7 +160,8 @@ if __name__ == '__main__':
         ok, why = peer_available() if peer == 'realesrgan' else (False, '')
         if ok:
             tok_patch = load_checkpoint(gen_ckpt, '--gen_ckpt', kind='generator')['tok_model_args']['patch']
-            peer_rows = [score(PEER_ROW, realesrgan_x4(pairs['lr']), pairs, lpips_net, crop_border, tok_patch)]
+            peer_rows = [score(PEER_ROW, realesrgan_x4(pairs['lr']), pairs, lpips_net, crop_border, tok_patch,
+                               keep_images=report != 'none')]
         elif why:
             print(f"eval.py: no {PEER_ROW} row: {why}", file=sys.stderr)
         print_table(rows + peer_rows)
@@ -200,6 +206,22 @@ if __name__ == '__main__':
         print()
         print_summary(rows[0])
     out_json = out_json or os.path.join('out', 'eval', f'{name}.json')
-    write_json(dict(command=' '.join([os.path.basename(sys.executable)] + sys.argv), config=config,
-                    rows=rows, **(dict(peer_rows=peer_rows) if sr == 'chain' else {})), out_json)
+    images = {r['name']: r.pop('images') for r in rows + peer_rows if 'images' in r}  # the report's, not the JSON's
+    result = dict(command=' '.join([os.path.basename(sys.executable)] + sys.argv), config=config,
+                  rows=rows, **(dict(peer_rows=peer_rows) if sr == 'chain' else {}))
+    write_json(result, out_json)
     print(f"wrote {out_json}")
+    if images:  # sr='chain': what a person looks at, every number from `result`
+        from chain import load_sr_chain, preview
+        from common import to_uint8
+        from model import NextScaleGenerator
+        from report import write_report
+        tok, gen, prior = load_sr_chain(gen_ckpt, device, decoder_ckpt or None)
+        hvar = isinstance(gen, NextScaleGenerator)
+        frames = preview(pairs['lr'], tok, gen, prior, 0.0 if hvar else color_fix, device)  # the last = the last row
+        report = report or os.path.join(os.path.dirname(out_json), 'index.html')
+        columns = ([('LR (nearest)', None, to_uint8(pairs['lr']))] +
+                   [(n, n, to_uint8(imgs)) for n, imgs in images.items()] + [('HR', None, to_uint8(pairs['hr']))])
+        write_report(report, result, columns, frames, title=name,
+                     images_dir=os.path.splitext(os.path.basename(out_json))[0] + '_images')
+        print(f"wrote {report} (open it in a browser)")

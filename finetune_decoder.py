@@ -32,12 +32,12 @@ from common import (Logger, Timer, autocast_ctx, batched, check_before_save, che
                     claim_out_dir, count_params, ddp_cleanup, ddp_setup, ddp_wrap, learning_rate_at,
                     load_state, maybe_compile, mean_items, no_sync, param_groups, path_record, rank0_number,
                     rank_states, save_curves, save_grid, save_state, set_learning_rate, setting_problems,
-                    stop_if_diverged, summary, weights_id, write_json)
+                    stop_if_diverged, summary, time_left, weights_id, write_json)
 from configurator import configure, fail
 from degradation import DegradeConfig, bicubic_upsample
 from model import lr_anchor, sample_topk
 from losses import PatchDiscriminator, discriminator_step, g_loss_vanilla, vanilla_d_loss
-from sr import load_sr_chain, super_resolve
+from chain import load_sr_chain, super_resolve
 from prior import upsample_for_prior
 
 # -----------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def evaluate(tag):
     return out
 
 
-timer = Timer()
+timer, start_step = Timer(), step  # this run's pace (a resumed run counts from its resume)
 minutes = lambda: elapsed_before + timer.minutes()
 decay_steps = decay_iters or max_iters
 decoder.train(mode != 'frozen')
@@ -276,7 +276,8 @@ while True:
         parts = mean_items(parts)  # DDP: of all ranks
         history['train'].append(dict(step=step, **parts, rate=rate))
         log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
-            f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
+            f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min, "
+            f"{time_left(step, max_iters, minutes(), max_minutes, start_step, elapsed_before)}")
         t_log, imgs_since_log = time.time(), 0
 
 if master:

@@ -41,14 +41,15 @@ from common import (Logger, Timer, TrainStep, autocast_ctx, batched, check_befor
                     claim_out_dir, count_params, ddp_cleanup, ddp_setup, ddp_wrap, from_rank0_,
                     learning_rate_at, load_checkpoint, load_state, maybe_compile, mean_items, no_sync,
                     param_groups, path_record, rank0_number, rank_states, save_curves, save_grid, save_state,
-                    set_learning_rate, setting_problems, stop_if_diverged, summary, weights_id, write_json)
+                    set_learning_rate, setting_problems, stop_if_diverged, summary, time_left, weights_id,
+                    write_json)
 from configurator import config_from_settings, configure, fail
 from degradation import DegradeConfig, bicubic_upsample
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
                    NextScaleGenerator, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig)
 from losses import (PatchDiscriminator, calibrate_codebook_head, discriminator_step, generator_losses, hvar_losses,
                     scale_accuracy, vanilla_d_loss)
-from sr import hvar_chain_rows, hvar_sr, output_scales, super_resolve
+from chain import hvar_chain_rows, hvar_sr, output_scales, super_resolve
 from prior import LoRAWeights, build_sr_prior
 
 # -----------------------------------------------------------------------------
@@ -435,7 +436,7 @@ def evaluate(tag):
     return out
 
 
-timer = Timer()
+timer, start_step = Timer(), step  # this run's pace (a resumed run counts from its resume)
 minutes = lambda: elapsed_before + timer.minutes()
 decay_steps = decay_iters or max_iters
 scores, t_log, imgs_since_log = {}, time.time(), 0
@@ -485,7 +486,8 @@ while True:
         parts = mean_items(dict(loss=loss, **parts))  # DDP: of all ranks
         history['train'].append(dict(step=step, **parts, rate=rate))
         log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
-            f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
+            f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min, "
+            f"{time_left(step, max_iters, minutes(), max_minutes, start_step, elapsed_before)}")
         t_log, imgs_since_log = time.time(), 0
 
 if master:

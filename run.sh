@@ -28,5 +28,6 @@ $PY sr.py --input=assets/val_pairs/lr --out_dir=out/sr --decoder_ckpt=out/finetu
 echo
 echo "done in $(( ($(date +%s) - t0) / 60 )) min after set-up. Results:"
 echo "  out/eval/chain.json                          the table above (bicubic, stage 1, stage 2, stage 3)"
+echo "  out/eval/index.html                          the report: open it in a browser (every validation image, every row)"
 echo "  out/{tokenizer,generator,finetune_decoder}/  log.txt, summary.json, samples_*.png, curves.png, ckpt.pt"
 echo "  out/sr/                                      4x outputs of sr.py"

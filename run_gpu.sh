@@ -11,7 +11,8 @@ $PY tokenizer.py config/gpu.py "$@"
 $PY generator.py config/gpu.py "$@"
 $PY finetune_decoder.py config/gpu.py "$@"
 $PY eval.py --sr=chain --device=cuda --gen_ckpt=out/generator_gpu/ckpt.pt \
-    --decoder_ckpt=out/finetune_decoder_gpu/ckpt.pt --out_json=out/eval/chain_gpu.json
+    --decoder_ckpt=out/finetune_decoder_gpu/ckpt.pt --out_json=out/eval/chain_gpu.json --report=out/eval/index_gpu.html
 $PY sr.py --input=assets/val_pairs/lr --out_dir=out/sr_gpu --gen_ckpt=out/generator_gpu/ckpt.pt \
     --decoder_ckpt=out/finetune_decoder_gpu/ckpt.pt
 echo "done in $(( ($(date +%s) - t0) / 60 )) min after set-up: out/eval/chain_gpu.json, out/sr_gpu/"
+echo "the report: out/eval/index_gpu.html (open it in a browser)"

@@ -31,13 +31,13 @@ from common import (Logger, Ranks, Timer, TrainStep, autocast_ctx, check_before_
                     claim_out_dir, count_params, ddp_cleanup, ddp_setup, ddp_wrap, learning_rate_at,
                     load_checkpoint, load_state, maybe_compile, mean_items, no_sync, param_groups,
                     rank0_number, rank_states, save_curves, save_grid, save_state, set_learning_rate,
-                    setting_problems, stop_if_diverged, summary, write_json)
+                    setting_problems, stop_if_diverged, summary, time_left, write_json)
 from configurator import config_from_settings, configure, fail
 from degradation import DegradeConfig
 from model import Tokenizer, TokenizerConfig, resize_image
 from losses import (PatchDiscriminator, adaptive_gan_weight, discriminator_step, frequency_targets,
                     g_loss_hinge, gradient_l1, hinge_d_loss, sample_active_groups, step_usage, usage_stats)
-from sr import scale_decodes  # an RQ tokenizer's decodes at every scale
+from chain import scale_decodes  # an RQ tokenizer's decodes at every scale
 from wavelets import lowpass  # prefix-decode targets at eval
 
 # -----------------------------------------------------------------------------
@@ -336,7 +336,7 @@ def reconstructions(x):
     return [(xrec, frequency_targets(x, k, groups) if dwt_targets else x)], commit, (zero, zero)
 
 
-timer = Timer()
+timer, start_step = Timer(), step  # this run's pace (a resumed run counts from its resume)
 minutes = lambda: elapsed_before + timer.minutes()
 decay_steps = decay_iters or max_iters
 scores, t_log, imgs_since_log = {}, time.time(), 0
@@ -410,7 +410,8 @@ while True:
                                 **(dict(align=align, down=down) if tvq else {})))  # DDP: of all ranks
         history['train'].append(dict(step=step, **parts, rate=rate))
         log(f"step {step} | " + ' '.join(f"{k} {v:.4f}" for k, v in parts.items()) + f" | rate {rate:.2e} | "
-            f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min")
+            f"{1000 * dt / log_interval:.0f} ms/iter {imgs_since_log / dt:.1f} img/s | {minutes():.1f} min, "
+            f"{time_left(step, max_iters, minutes(), max_minutes, start_step, elapsed_before)}")
         t_log, imgs_since_log = time.time(), 0
 
 if master:

@@ -19,7 +19,7 @@ from PIL import Image
 import eval as ev
 import metrics
 from degradation import bicubic_upsample
-from sr import score
+from chain import score
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import metrics
 from common import resolve_record
 from conftest import LPIPS_TOL, generator_args, psnr_tol_db, tokenizer_args
 from model import Generator, GeneratorConfig, Tokenizer, TokenizerConfig, sample_topk
-from sr import fix_colors, load_sr_chain, super_resolve
+from chain import fix_colors, load_sr_chain, super_resolve
 
 # ----------------------------------------------------------------------------- top-K sampling
 

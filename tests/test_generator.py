@@ -11,7 +11,7 @@ from common import path_record, resolve_record
 from conftest import GEN_TINY, generator_args, psnr_tol_db, tokenizer_args
 from model import Generator, GeneratorConfig, Tokenizer, TokenizerConfig, rope_2d
 from losses import PatchDiscriminator, calibrate_codebook_head, g_loss_vanilla, generator_losses, ste_onehot
-from sr import load_sr_chain, super_resolve
+from chain import load_sr_chain, super_resolve
 from prior import LoRA, build_sr_prior, frozen_features, repa_loss, upsample_for_prior
 
 TOK = tokenizer_args(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32, enc_depth=1, enc_heads=2,

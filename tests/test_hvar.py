@@ -15,8 +15,8 @@ from conftest import SMALL_TOK, assert_images_close, tokenizer_args
 from model import (CLASS_NULL, NextScaleConfig, NextScaleGenerator, Tokenizer, TokenizerConfig,
                    hvar_condition, nearest_code, resize_image, rope_2d, rope_angles)
 from losses import calibrate_codebook_head, dpo_loss, flat_tokens, hvar_losses, msrq_tokens, sequence_logp
-from sr import hvar_super_resolve, load_sr_chain
-from sr import tiled_sr
+from chain import hvar_super_resolve, load_sr_chain
+from chain import tiled_sr
 
 STEPS, SCALES = (1, 2, 3, 4, 6, 8), (0.25, 0.5, 1.0)   # grid 8: x1 = steps 1-3 (side 2), x2 = 4 (4), x4 = 5-6
 

@@ -369,6 +369,7 @@ def test_sr_out_dir_keeps_one_run_of_outputs(tiny_gen, run_script, tmp_path):
 
 
 def test_sr_notes_hidden_files_guards_tile0_and_prints_progress(tiny_gen, run_script, tmp_path, monkeypatch, capsys):
+    import chain
     import sr
     src = tmp_path / 'in'
     src.mkdir()
@@ -384,7 +385,7 @@ def test_sr_notes_hidden_files_guards_tile0_and_prints_progress(tiny_gen, run_sc
     assert 'done: 1 written' in p.stdout and 'Traceback' not in p.stderr
     # the progress line on a large image: one report per band of tiles, the last one with 0 s left
     calls = []
-    out = sr.tiled_sr(torch.rand(1, 3, 40, 40), lambda x: x.repeat_interleave(4, -1).repeat_interleave(4, -2),
+    out = chain.tiled_sr(torch.rand(1, 3, 40, 40), lambda x: x.repeat_interleave(4, -1).repeat_interleave(4, -2),
                       4, tile=16, overlap=4, on_band=lambda done, total: calls.append((done, total)))
     assert out.shape == (1, 160, 160, 3) and calls == [(1, 3), (2, 3), (3, 3)]
     times = iter([11.0, 12.0, 25.0])  # seconds since the image started, at each band: a line every 10 s
@@ -395,6 +396,26 @@ def test_sr_notes_hidden_files_guards_tile0_and_prints_progress(tiny_gen, run_sc
         report(done, 4)
     assert capsys.readouterr().out.splitlines() == ['  big.png: 1/4 rows of tiles, about 33 s left',
                                                     '  big.png: 3/4 rows of tiles, about 8 s left']
+
+
+def test_time_left_is_the_earlier_of_the_budget_and_max_iters_at_this_runs_pace():
+    # 10 steps in 2 minutes since a resume at step 10, minute 1: 0.2 min per step
+    assert common.time_left(20, 100, 3.0, 0.0, 10, 1.0) == 'left 16.0 min'    # 80 steps more, no budget
+    assert common.time_left(20, 100, 3.0, 5.0, 10, 1.0) == 'left 2.0 min'     # the budget comes first
+    assert common.time_left(20, 30, 3.0, 50.0, 10, 1.0) == 'left 2.0 min'     # max_iters comes first
+    assert common.time_left(20, 100, 6.0, 5.0, 10, 1.0) == 'left 0.0 min'     # past the budget: never negative
+    assert common.time_left(10, 100, 1.0, 0.0, 10, 1.0) == 'left ? min'       # no step yet, no budget
+    assert common.time_left(10, 100, 1.0, 4.0, 10, 1.0) == 'left 3.0 min'
+
+
+def test_the_stage_log_line_says_the_time_left(tiny_val, run_script, tmp_path):
+    out = run_script('tokenizer.py', TOK_TINY + ['--max_iters=2', '--max_minutes=30', '--log_interval=1',
+                                                 '--eval_interval=1000', f'--val_dir={tiny_val}',
+                                                 f'--out_dir={tmp_path}']).stdout
+    for step, left in ((1, None), (2, 0.0)):  # the budget is 30 min, but max_iters=2 ends the run after step 2
+        line = out.split(f'step {step} |')[1].split('\n')[0]
+        shown = float(line.split('min, left ')[1].split(' min')[0])
+        assert 0 <= shown < 30 and left in (None, shown), line
 
 
 def test_an_animated_image_warns_that_only_its_first_frame_is_used(tmp_path):

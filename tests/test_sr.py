@@ -14,8 +14,9 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from common import to_uint8
-from sr import load_sr_chain, sr_function, super_resolve
-from sr import _ramp, _starts, fix_colors, gaussian_blur, output_names, runs, tile_warning, tiled_sr
+from chain import load_sr_chain, sr_function, super_resolve
+from chain import _ramp, _starts, fix_colors, gaussian_blur, tile_warning, tiled_sr
+from sr import output_names, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 

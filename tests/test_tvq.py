@@ -9,7 +9,7 @@ import data
 from conftest import SMALL_TOK, assert_images_close, tokenizer_args
 from model import GroupedVQ, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig
 from losses import generator_losses
-from sr import load_sr_chain, super_resolve
+from chain import load_sr_chain, super_resolve
 
 C, C_L, K = 8, 4, 32   # texture channels, structure channels, texture codes
 
