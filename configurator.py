@@ -29,6 +29,8 @@ which reads sys.argv:
 A setting is any global whose name does not start with '_', is not all capitals (a constant, e.g.
 one imported from model.py) and whose value is an int, float, bool, str, tuple, dict or None.
 configure() returns the resolved settings as a dict (to be printed and saved in the checkpoint).
+config_from_settings() builds one of model.py's configs from those settings; ModelConfig, their base,
+holds the field checks every config runs (types, ranges, choices), each error naming the field.
 """
 import ast
 import copy
@@ -167,3 +169,56 @@ def config_from_settings(cls, settings, **derived):
     if missing:
         raise ValueError(f"{cls.__name__}: no setting for {missing}")
     return cls(**{n: derived[n] if n in derived else settings[n] for n in names})
+
+
+class ModelConfig:
+    """Base of model.py's configs (TokenizerConfig, GeneratorConfig, NextScaleConfig): fields have no
+    defaults there, the stage scripts hold them (one place per default). Built from a script's flat
+    settings by config_from_settings (above), or from a checkpoint's model_args by from_dict;
+    __post_init__ validates either way with the checks below, each naming the field."""
+
+    def bad(self, key, want):
+        raise ValueError(f"{type(self).__name__}.{key}={getattr(self, key)!r}: {want}")
+
+    def check_types(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, (int, float) if f.type is float else f.type) or (
+                    isinstance(v, bool) and f.type is not bool):
+                self.bad(f.name, f"expected {f.type.__name__}")
+
+    def check_positive(self, *keys, minimum=1):
+        for key in keys:
+            if getattr(self, key) < minimum:
+                self.bad(key, f"must be >= {minimum}")
+
+    def check_choice(self, key, *options):
+        if getattr(self, key) not in options:
+            self.bad(key, f"expected {', '.join(map(repr, options[:-1]))} or {options[-1]!r}")
+
+    def check_heads(self, *keys):
+        """A transformer's shape: keys = width, heads[, width, heads, ...], each width split into heads
+        of a size divisible by 4 (2D RoPE); and mlp_ratio > 0."""
+        for width_key, heads_key in zip(keys[::2], keys[1::2]):
+            width, heads = getattr(self, width_key), getattr(self, heads_key)
+            if width % heads or (width // heads) % 4:
+                self.bad(heads_key, f"must divide {width_key}={width} into heads of a size divisible by 4 (2D RoPE)")
+        if self.mlp_ratio <= 0:
+            self.bad('mlp_ratio', "must be > 0")
+
+    def check_with(self, check, *args):
+        """check(*args) raises ValueError on bad values (e.g. model.step_partition): re-raised naming this config."""
+        try:
+            check(*args)
+        except ValueError as e:
+            raise ValueError(f"{type(self).__name__}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, d):
+        d = {**getattr(cls, 'ADDED_FIELDS', {}), **d}  # fields added later: their old behaviour
+        known = {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
+        if unknown or missing:
+            raise ValueError(f"{cls.__name__}: unknown keys {unknown}, missing keys {missing}; "
+                             f"valid keys: {sorted(known)}")
+        return cls(**d)

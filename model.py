@@ -5,7 +5,7 @@ papers, is in docs/method.md; comments here point to its sections.
     1. Transformer blocks      RMSNorm, SwiGLU, 2D RoPE, attention (takes a mask and a KV cache), Block (SFT)
     2. ViT autoencoder         ViTEncoder, ViTDecoder: patchify -> blocks -> latents and back
     3. Quantizers              GroupedVQ (HiTokSR) and its code counts, OneProcess (DDP), MultiScaleRQ (H-VAR)
-    4. Tokenizer               ModelConfig (the configs' checks), TokenizerConfig, Tokenizer: encoder + quantizer +
+    4. Tokenizer               TokenizerConfig (checked by configurator.ModelConfig), Tokenizer: encoder + quantizer +
                                decoder (stage 1); texture VQ (TVQ&RAP): texture + structure maps, structure autoencoder
     5. Generators              CodebookHead (head='codebook' of 5 and 5b: frozen codes, distance logits, temperature);
                                GeneratorConfig, Generator: LR image -> token logits (stage 2), linear or codebook head
@@ -15,7 +15,8 @@ papers, is in docs/method.md; comments here point to its sections.
 
 The losses of every stage (and the GAN discriminator) and the codebooks' usage statistics are in
 losses.py; loading a trained chain and running it (load_sr_chain, super_resolve) in sr.py; a
-tokenizer's FLOPs for MFU in common.py. This file imports no module of the project.
+tokenizer's FLOPs for MFU in common.py. Of the project this file imports only configurator's ModelConfig
+(the configs' field checks).
 
 The prior network (EfficientNet-Lite0 + LoRA) lives in prior.py: it is not a submodule of any model
 here, so a generator without a prior builds none, and checkpoints hold only the LoRA tensors.
@@ -23,12 +24,14 @@ here, so a generator without a prior builds none, and checkpoints hold only the 
 Shape suffixes follow VAR: `z_BChw` is (B, C, h, w); h, w is the token grid (H/p, W/p).
 """
 import math
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from configurator import ModelConfig
 
 # -----------------------------------------------------------------------------
 # 1. Transformer blocks: RMSNorm, SwiGLU, 2D RoPE everywhere (docs/method.md#transformer-blocks)
@@ -579,59 +582,6 @@ class MultiScaleRQ(GroupedVQ):
 
 # -----------------------------------------------------------------------------
 # 4. Tokenizer (stage 1)
-
-class ModelConfig:
-    """Base of model.py's configs (TokenizerConfig, GeneratorConfig, NextScaleConfig): fields have no
-    defaults there, the stage scripts hold them (one place per default). Built from a script's flat
-    settings by configurator.config_from_settings, or from a checkpoint's model_args by from_dict;
-    __post_init__ validates either way with the checks below, each naming the field."""
-
-    def bad(self, key, want):
-        raise ValueError(f"{type(self).__name__}.{key}={getattr(self, key)!r}: {want}")
-
-    def check_types(self):
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, (int, float) if f.type is float else f.type) or (
-                    isinstance(v, bool) and f.type is not bool):
-                self.bad(f.name, f"expected {f.type.__name__}")
-
-    def check_positive(self, *keys, minimum=1):
-        for key in keys:
-            if getattr(self, key) < minimum:
-                self.bad(key, f"must be >= {minimum}")
-
-    def check_choice(self, key, *options):
-        if getattr(self, key) not in options:
-            self.bad(key, f"expected {', '.join(map(repr, options[:-1]))} or {options[-1]!r}")
-
-    def check_heads(self, *keys):
-        """A transformer's shape: keys = width, heads[, width, heads, ...], each width split into heads
-        of a size divisible by 4 (2D RoPE); and mlp_ratio > 0."""
-        for width_key, heads_key in zip(keys[::2], keys[1::2]):
-            width, heads = getattr(self, width_key), getattr(self, heads_key)
-            if width % heads or (width // heads) % 4:
-                self.bad(heads_key, f"must divide {width_key}={width} into heads of a size divisible by 4 (2D RoPE)")
-        if self.mlp_ratio <= 0:
-            self.bad('mlp_ratio', "must be > 0")
-
-    def check_with(self, check, *args):
-        """check(*args) raises ValueError on bad values (e.g. model.step_partition): re-raised naming this config."""
-        try:
-            check(*args)
-        except ValueError as e:
-            raise ValueError(f"{type(self).__name__}: {e}") from None
-
-    @classmethod
-    def from_dict(cls, d):
-        d = {**getattr(cls, 'ADDED_FIELDS', {}), **d}  # fields added later: their old behaviour
-        known = {f.name for f in fields(cls)}
-        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
-        if unknown or missing:
-            raise ValueError(f"{cls.__name__}: unknown keys {unknown}, missing keys {missing}; "
-                             f"valid keys: {sorted(known)}")
-        return cls(**d)
-
 
 @dataclass
 class TokenizerConfig(ModelConfig):
