@@ -784,24 +784,19 @@ def flops_per_image(model_args, H, W):
     Per transformer with T tokens, L layers, width w, N matmul params:  6*N*T + 12*L*w*T^2
     (PaLM appendix B: 6N per token for the weights, 12*L*w*T per token for QK^T and AV).
     N counts blocks (4w^2 attention + 3*w*hidden SwiGLU) and the patch / latent projections;
-    the decoder's conv refinement adds 6 * (its conv weights) per pixel, the conv head the same per level;
+    the decoder's conv head adds 6 * (its conv weights) per pixel of each level;
     norms, the VQ lookup (2*K*C per token, no backward), the discriminator and LPIPS are left out."""
     c = types.SimpleNamespace(**model_args)
     T = (H // c.patch) * (W // c.patch)
     pix = 3 * c.patch ** 2
     conv_head = getattr(c, 'dec_head', 'linear') == 'conv'
     out_pix = 3 if conv_head else 3 * (2 * c.patch) ** 2 if c.dec_overlap else pix  # conv: to_rgb
-    feat = c.dec_refine_ch * c.patch ** 2 if c.dec_refine else 0  # the refinement's input features
     total = 0.0
     for width, depth, io in ((c.enc_width, c.enc_depth, pix + c.latent_dim),
-                             (c.dec_width, c.dec_depth, c.latent_dim + out_pix + feat)):
+                             (c.dec_width, c.dec_depth, c.latent_dim + out_pix)):
         hidden = int(2 * c.mlp_ratio * width / 3)  # the SwiGLU width of model.Block
         n = depth * (4 * width ** 2 + 3 * width * hidden) + io * width
         total += 6 * n * T + 12 * depth * width * T ** 2
-    if c.dec_refine:
-        ch = c.dec_refine_ch
-        conv = 9 * ((3 + ch) * ch + 2 * c.dec_refine * ch * ch + ch * 3)  # conv_in, blocks, conv_out
-        total += 6 * conv * H * W
     if conv_head:  # ConvUpsampler: per level, pixels x 9 x weights
         n_up = c.patch.bit_length() - 1
         chs = [min(c.dec_conv_ch << (n_up - i), c.dec_width) for i in range(n_up + 1)]

@@ -216,6 +216,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d):
         d = {**getattr(cls, 'ADDED_FIELDS', {}), **d}  # fields added later: their old behaviour
+        for key, off in getattr(cls, 'REMOVED_FIELDS', {}).items():  # options removed later: loadable if off
+            v = d.pop(key, off)
+            if off is not None and v != off:
+                raise ValueError(f"{cls.__name__}: {key}={v!r} is an option this version no longer has "
+                                 f"(only {key}={off!r} loads)")
         known = {f.name for f in fields(cls)}
         unknown, missing = sorted(set(d) - known), sorted(known - set(d))
         if unknown or missing:

@@ -36,7 +36,7 @@ from common import (Logger, Timer, autocast_ctx, batched, check_before_save, che
 from configurator import configure, fail
 from degradation import DegradeConfig, bicubic_upsample
 from model import lr_anchor, sample_topk
-from losses import PatchDiscriminator, discriminator_step, g_loss_vanilla, vanilla_d_loss
+from losses import PatchDiscriminator, adaptive_gan_weight, discriminator_step, g_loss_vanilla, vanilla_d_loss
 from chain import load_sr_chain, super_resolve
 from prior import upsample_for_prior
 
@@ -70,6 +70,7 @@ perceptual = 'vgg'        # LPIPS network of the loss: 'vgg' (VGG16) | 'alex' (t
                           # measures what was optimised; docs/method.md#metrics)
 gan_weight = 0.5
 gan_start = 0             # step at which the discriminator and the GAN term switch on
+adaptive_gan = False      # VQGAN's adaptive weight: gan_weight x ||grad rec|| / ||grad GAN|| at the decoder's last layer
 # optimizers (AdamW; the discriminator with VQGAN's betas)
 learning_rate = 5e-5      # decoder (peak of the schedule)
 d_learning_rate = 1e-5    # discriminator, follows the same schedule
@@ -258,7 +259,9 @@ while True:
                 l1 = (sr - hr).abs().mean()
                 lp = metrics.lpips_dist(loss_net, sr, hr).mean() if lpips_weight > 0 else l1 * 0
                 g = g_loss_vanilla(disc(sr)) if gan_on else l1 * 0
-                loss = l1_weight * l1 + lpips_weight * lp + gan_weight * g
+                rec_loss = l1_weight * l1 + lpips_weight * lp
+                g_scale = adaptive_gan_weight(rec_loss, g, decoder.last_layer) if gan_on and adaptive_gan else 1.0
+                loss = rec_loss + gan_weight * g_scale * g
             (loss / grad_accum).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), grad_clip if grad_clip > 0 else math.inf)
     stop_if_diverged(step, log, grad_norm, loss=loss, l1=l1, lpips=lp, g=g)

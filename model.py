@@ -205,31 +205,9 @@ def overlap_add(t_BTd, h, w, p):
 
 
 def res_block(ch):
-    """The residual unit of ConvRefine and ConvUpsampler, x + block(x): two 3x3 convolutions with
-    SiLU, no normalisation (a crop decodes like the same region of a larger image, as sr.py's tiles need)."""
+    """The residual unit of ConvUpsampler, x + block(x): two 3x3 convolutions with SiLU, no
+    normalisation (a crop decodes like the same region of a larger image, as sr.py's tiles need)."""
     return nn.Sequential(nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1))
-
-
-class ConvRefine(nn.Module):
-    """Pixel-space refinement after un-patchifying (docs/method.md#vit-autoencoder). A per-token
-    linear output cannot couple pixels of neighbouring patches, so every per-token error ends at a
-    patch border and the image shows the token grid; 3x3 convolutions that straddle the borders
-    can join the patches up. Input: the decoder's RGB x0 and `ch` extra feature channels per pixel
-    (also un-patchified); output x0 + conv_out(...), with conv_out zero at init, so a fresh
-    refinement returns exactly the plain decoder's image."""
-    def __init__(self, ch, n_blocks):
-        super().__init__()
-        self.conv_in = nn.Conv2d(3 + ch, ch, 3, padding=1)
-        self.blocks = nn.ModuleList([res_block(ch) for _ in range(n_blocks)])
-        self.conv_out = nn.Conv2d(ch, 3, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
-
-    def forward(self, x0_B3HW, f_BcHW):
-        h = self.conv_in(torch.cat([x0_B3HW, f_BcHW], 1))  # (B, ch, H, W)
-        for blk in self.blocks:
-            h = h + blk(h)
-        return x0_B3HW + self.conv_out(F.silu(h))
 
 
 class ConvUpsampler(nn.Module):
@@ -274,17 +252,16 @@ class ConvUpsampler(nn.Module):
 class ViTDecoder(nn.Module):
     """Output is unbounded (no sigmoid): it lands in ~[0, 1] because the targets are in [0, 1];
     clamp to [0, 1] only for evaluation / saving images. From tokens to pixels
-    (docs/method.md#vit-autoencoder): head='linear' un-patchifies a per-token linear map, where
-    overlap=True makes each token paint a 2p x 2p patch, tent-blended with its neighbours
-    (overlap_add), and refine_blocks > 0 adds ConvRefine on refine_ch feature channels;
-    head='conv' is ConvUpsampler (conv_ch channels at full resolution, conv_blocks per level)."""
+    (docs/method.md#vit-autoencoder): head='conv' is ConvUpsampler (conv_ch channels at full
+    resolution, conv_blocks per level); head='linear' un-patchifies a per-token linear map, where
+    overlap=True makes each token paint a 2p x 2p patch, tent-blended with its neighbours (overlap_add)."""
     def __init__(self, patch, width, depth, n_head, latent_dim, mlp_ratio=4.0, rope_base=10000.0,
-                 refine_blocks=0, refine_ch=16, overlap=False, head='linear', conv_ch=32, conv_blocks=1):
+                 overlap=False, head='linear', conv_ch=32, conv_blocks=1):
         super().__init__()
         if overlap and patch % 2:
             raise ValueError(f"ViTDecoder: overlapping output patches need an even patch, got {patch}")
-        if head == 'conv' and (overlap or refine_blocks):
-            raise ValueError("ViTDecoder: head='conv' has no per-token patches to overlap or refine")
+        if head == 'conv' and overlap:
+            raise ValueError("ViTDecoder: head='conv' has no per-token patches to overlap")
         self.patch, self.n_head, self.rope_base, self.overlap = patch, n_head, rope_base, overlap
         self.from_latent = nn.Linear(latent_dim, width)
         self.blocks = nn.ModuleList([Block(width, n_head, mlp_ratio) for _ in range(depth)])
@@ -292,16 +269,12 @@ class ViTDecoder(nn.Module):
         self.upsampler = ConvUpsampler(width, patch, conv_ch, conv_blocks) if head == 'conv' else None
         if head == 'linear':
             self.to_pixels = nn.Linear(width, 3 * (2 * patch if overlap else patch) ** 2)
-        if refine_blocks > 0:
-            self.to_features = nn.Linear(width, refine_ch * patch * patch)
         init_transformer_weights(self, depth)
-        self.refine = ConvRefine(refine_ch, refine_blocks) if refine_blocks > 0 else None
 
     @property
     def last_layer(self):
         """The weight nearest the output, where adaptive_gan_weight compares gradients."""
-        out = self.upsampler or self.refine
-        return self.to_pixels.weight if out is None else out.conv_out.weight
+        return self.to_pixels.weight if self.upsampler is None else self.upsampler.conv_out.weight
 
     def forward(self, z):
         """z: (B, C, h, w) -> x: (B, 3, h*p, w*p)."""
@@ -317,10 +290,7 @@ class ViTDecoder(nn.Module):
         if self.upsampler is not None:
             return self.upsampler(t, h, w)
         px = self.to_pixels(t)  # (B, h*w, 3*p*p), or 3*(2p)^2 with overlap
-        x = overlap_add(px, h, w, self.patch) if self.overlap else unpatchify(px, h, w, self.patch)
-        if self.refine is not None:
-            x = self.refine(x, unpatchify(self.to_features(t), h, w, self.patch))
-        return x
+        return overlap_add(px, h, w, self.patch) if self.overlap else unpatchify(px, h, w, self.patch)
 
 # -----------------------------------------------------------------------------
 # 3. Quantizers (docs/method.md#grouped-vq)
@@ -596,8 +566,6 @@ class TokenizerConfig(ModelConfig):
     dec_width: int
     dec_depth: int
     dec_heads: int
-    dec_refine: int           # residual 3x3-conv blocks after un-patchifying (0: plain linear output)
-    dec_refine_ch: int        # channels of that refinement
     dec_overlap: bool         # each token paints a 2p x 2p patch, tent-blended with its neighbours
     dec_head: str             # 'linear' (per-token pixels) | 'conv' (x2 resize + conv steps to full resolution)
     dec_conv_ch: int          # head='conv': channels at full resolution, doubled per coarser level
@@ -642,8 +610,7 @@ class TokenizerConfig(ModelConfig):
                 self.bad('rq_phi_ratio', "must be in [0, 1]")
         self.check_positive('patch', 'latent_dim', 'groups', 'enc_width', 'enc_heads', 'dec_width', 'dec_heads',
                             'vq_restart_every')
-        self.check_positive('enc_depth', 'dec_depth', 'dec_refine', minimum=0)
-        self.check_positive('dec_refine_ch')
+        self.check_positive('enc_depth', 'dec_depth', minimum=0)
         self.check_positive('codebook_size', minimum=2)
         if self.latent_dim % self.groups:
             self.bad('groups', f"must divide latent_dim={self.latent_dim}")
@@ -655,8 +622,8 @@ class TokenizerConfig(ModelConfig):
             self.check_positive('dec_conv_ch', 'dec_conv_blocks')
             if self.patch & (self.patch - 1):
                 self.bad('patch', "must be a power of two with dec_head='conv' (x2 upsampling steps)")
-            if self.dec_overlap or self.dec_refine:
-                self.bad('dec_head', "'conv' needs dec_overlap=False and dec_refine=0 (no per-token patches)")
+            if self.dec_overlap:
+                self.bad('dec_head', "'conv' needs dec_overlap=False (no per-token patches to overlap)")
         self.check_positive('beta', minimum=0)
 
 
@@ -666,6 +633,7 @@ TokenizerConfig.ADDED_FIELDS = dict(quantizer='grouped', rq_steps=(), rq_scales=
                                     tvq_struct_dim=64, tvq_struct_pool=4, tvq_down=8, tvq_down_width=128,
                                     tvq_down_depth=2, tvq_down_heads=4, dec_head='linear', dec_conv_ch=32,
                                     dec_conv_blocks=1)
+TokenizerConfig.REMOVED_FIELDS = dict(dec_refine=0, dec_refine_ch=None)  # the conv refinement, now dec_head='conv'
 
 
 def resize_image(x, s):
@@ -697,8 +665,8 @@ class Tokenizer(nn.Module):
         else:
             self.quantizer = GroupedVQ(c.latent_dim, c.groups, c.codebook_size, *vq)
         self.decoder = ViTDecoder(c.patch, c.dec_width, c.dec_depth, c.dec_heads, c.latent_dim + c_l,
-                                  c.mlp_ratio, c.rope_base, c.dec_refine, c.dec_refine_ch, c.dec_overlap,
-                                  c.dec_head, c.dec_conv_ch, c.dec_conv_blocks)
+                                  c.mlp_ratio, c.rope_base, c.dec_overlap, c.dec_head, c.dec_conv_ch,
+                                  c.dec_conv_blocks)
         if self.tvq:  # E_down, D_down: patch p * pool / down on x / down puts F_down on the grid of F_L
             p_down = c.patch * c.tvq_struct_pool // c.tvq_down
             self.struct_encoder = ViTEncoder(p_down, c.tvq_down_width, c.tvq_down_depth, c.tvq_down_heads,

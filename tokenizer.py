@@ -69,12 +69,10 @@ enc_heads = 12
 dec_width = 768           # ViT decoder: width, blocks, heads
 dec_depth = 12
 dec_heads = 12
-dec_overlap = True        # each token paints a 2p x 2p patch, tent-blended with its neighbours (no grid)
-dec_refine = 0            # residual 3x3-conv blocks after un-patchifying (0: none; docs/results.md)
-dec_refine_ch = 32        # their channels (the decoder also emits this many features per pixel)
-dec_head = 'linear'       # 'conv': x2 resize + conv steps from the token grid to pixels (docs/method.md#conv-decoder-head)
+dec_head = 'conv'         # x2 resize + conv steps from the token grid to pixels (docs/method.md#conv-decoder-head)
 dec_conv_ch = 64          # head 'conv': channels at full resolution, doubled per coarser level up to dec_width
 dec_conv_blocks = 1       # head 'conv': residual blocks (two 3x3 convs each) per level
+dec_overlap = False       # head 'linear': each token paints a 2p x 2p patch, tent-blended with its neighbours
 mlp_ratio = 4.0           # SwiGLU hidden = 2/3 * mlp_ratio * width
 rope_base = 10000.0       # 2D RoPE frequency base
 beta = 0.25               # commitment weight inside L_commit (docs/method.md#grouped-vq)

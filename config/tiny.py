@@ -29,6 +29,7 @@ if stage == 'tokenizer':
     dec_width = 128
     dec_depth = 4
     dec_heads = 4
+    dec_conv_ch = 16          # the conv head's channels at 64 px (32 at 32 px, 64 at 16 px, 128 on the 8x8 grid)
     lpips_weight = 0.5        # L1 + 0.5 LPIPS (the paper: 1 + 1)
     learning_rate = 1e-3
     d_learning_rate = 5e-4
