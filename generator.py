@@ -374,8 +374,9 @@ def hvar_references():
     """Fixed rows per output factor f (x1, x2, x4): the degraded LR itself / bicubic, and the decode
     of HR's own tokens at that scale. -> (rows, the top-left native crops for the teacher-forced
     accuracy)."""
-    ref = {f"x{r['f']}_{'bicubic' if r['kind'] == 'base' else 'r'}_{k}": r[k] for k in METRICS
-           for r in hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device, kinds=('base', 'decode'))}
+    ref = {f"x{r['f']}_{'bicubic' if r['kind'] == 'base' else 'r'}_{k}": r[k]
+           for r in hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device, kinds=('base', 'decode'))
+           for k in METRICS}  # the rows once (the first loop's iterable is evaluated once)
     ref.update({k[3:]: v for k, v in ref.items() if k.startswith('x4_')})  # r_*, bicubic_* at x4
     native = crop_size // 4
     return ref, dict(hr=val_hr[..., :crop_size, :crop_size], lr=val_lr[..., :native, :native])

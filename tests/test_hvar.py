@@ -278,9 +278,9 @@ def test_super_resolve_gives_each_scale_from_one_sequence():
 
 # ----------------------------------------------------------------------------- the scripts
 
-MSRQ = ['config/tiny.py', 'config/hvar.py', '--crop_size=128', '--patch=8', '--batch_size=2', *SMALL_TOK,
+MSRQ = ['config/tiny.py', 'config/hvar.py', '--patch=8', '--batch_size=2', *SMALL_TOK,
         '--codebook_size=16', '--max_minutes=0', '--threads=1', '--eval_interval=1000', '--max_iters=2']
-HVAR = ['config/tiny.py', 'config/hvar.py', '--crop_size=128', '--batch_size=2', '--width=32', '--depth=1',
+HVAR = ['config/tiny.py', 'config/hvar.py', '--batch_size=2', '--width=32', '--depth=1',
         '--n_head=2', '--max_minutes=0', '--threads=1', '--log_interval=1', '--warmup_iters=2',
         '--bilinear_frac=0.25', '--free_frac=0.25', '--guidance_drop=0.25']
 
@@ -303,14 +303,14 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
     for f in ('log.txt', 'curves.png', 'summary.json', 'samples_000004.png'):
         assert (tmp_path / 'straight' / f).is_file(), f
     # sr.py --scales on a folder: NAME_x1 / x2 / x4, the chain's own pass on these 64 px LR images
-    # (tiles of the native 32 px, as the run's evaluation); sr.py is another process (torch's default
+    # (tiles of the native 16 px, as the run's evaluation); sr.py is another process (torch's default
     # thread count), so equal up to float noise: 1 grey level on a few pixels (conftest)
     ckpt, sr_out = tmp_path / 'straight' / 'ckpt.pt', tmp_path / 'sr'
     p = run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={ckpt}', f'--out_dir={sr_out}', '--scales=1,2,4',
                              '--color_fix=0'])
     pairs = data.load_val_pairs(str(tiny_val))
     tok, gen, _ = load_sr_chain(ckpt)
-    ref = tiled_sr(pairs['lr'], lambda y: hvar_super_resolve(y, tok, gen), (1, 2, 4), tile=32, overlap=8,
+    ref = tiled_sr(pairs['lr'], lambda y: hvar_super_resolve(y, tok, gen), (1, 2, 4), tile=16, overlap=4,
                    fixed_tile=True)
     for k, s in enumerate((1, 2, 4)):
         for i, name in enumerate(pairs['names']):
@@ -328,7 +328,7 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
 
 
 @pytest.mark.parametrize('arg, words', [
-    ('--crop_size=64', 'native size'),
+    ('--crop_size=128', 'native size'),
     ('--bilinear_frac=0.5', 'bilinear_frac=0.5 must be in [0, 0.25]'),
     ('--method=hitoksr', "unknown config key 'method'"),  # the tokenizer decides the method
 ])
