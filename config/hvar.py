@@ -69,7 +69,7 @@ if stage == 'generator':
         hue_aug = 0.0
         warmup_iters = 20
         max_minutes = 10.0
-        eval_interval = 500
+        eval_interval = 1000      # each evaluation of the 11 validation pairs costs about 10-20 s of the budget
     if crop_size == 512:      # config/paper.py: H-VAR Sec. 4
         # 512x512 crops / patch 16 = a 32x32 grid; 1024 condition tokens + 3452 image tokens (steps
         # 4,6,8,10,14,16,20,24,28,32). 16 blocks of width 1024, 16 heads: 306M params (the paper's VAR
