@@ -24,8 +24,7 @@ tokens, REPA or LoRA), --use_sft=False, --cls_tokens=none|single, --lora_rank=0 
 --repa_weight=0, --l1_weight=0 --lpips_weight=0 --gan_weight=0 (CE only).
 H-VAR (losses.hvar_losses, docs/method.md#next-scale-generator): ce_weight * CE(z_HR) + dpo_weight *
 DPO(z_HR against z_LR, the tokens of the upsampled LR), both under teacher forcing. Ablations:
---dpo=False, --hvar_tokens=plain (no valid x1 / x2), --bilinear_frac=0; --guidance_drop=0.1 trains for
-classifier-free guidance (sr.py --cfg).
+--dpo=False, --hvar_tokens=plain (no valid x1 / x2), --bilinear_frac=0.
 """
 import copy
 import math
@@ -292,8 +291,8 @@ if hvar:
     log(f"H-VAR generator: {count_params(generator) / 1e6:.2f}M params, {tcfg.codebook_size} logits ({head} head), "
         f"{generator.n_cond} condition + {sum(generator.sizes[1:])} image tokens ({hvar_tokens} targets, steps "
         f"{tcfg.rq_steps}, scales {tcfg.rq_scales}), dpo {dpo} (beta {dpo_beta}, {dpo_reduce}, from step {dpo_start}"
-        f"{', reference policy' if dpo_ref else ''}), bilinear_frac {bilinear_frac}, "
-        f"free_frac {free_frac}, guidance_drop {guidance_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
+        f"{', reference policy' if dpo_ref else ''}), bilinear_frac {bilinear_frac}, free_frac {free_frac}, "
+        f"guidance_drop {guidance_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
         + (f", DDP over {world} processes" if world > 1 else ''))
 else:
     log(f"generator: {count_params(generator) / 1e6:.2f}M params, LoRA "
@@ -374,9 +373,8 @@ def hvar_references():
     """Fixed rows per output factor f (x1, x2, x4): the degraded LR itself / bicubic, and the decode
     of HR's own tokens at that scale. -> (rows, the top-left native crops for the teacher-forced
     accuracy)."""
-    ref = {f"x{r['f']}_{'bicubic' if r['kind'] == 'base' else 'r'}_{k}": r[k]
-           for r in hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device, kinds=('base', 'decode'))
-           for k in METRICS}  # the rows once (the first loop's iterable is evaluated once)
+    rows = hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device, kinds=('base', 'decode'))  # once
+    ref = {f"x{r['f']}_{'bicubic' if r['kind'] == 'base' else 'r'}_{k}": r[k] for r in rows for k in METRICS}
     ref.update({k[3:]: v for k, v in ref.items() if k.startswith('x4_')})  # r_*, bicubic_* at x4
     native = crop_size // 4
     return ref, dict(hr=val_hr[..., :crop_size, :crop_size], lr=val_lr[..., :native, :native])
@@ -404,9 +402,8 @@ def hvar_evaluate(tag):
 
 
 def hvar_batch(hr, lr, gan_on):
-    """One micro-batch: H-VAR's classes, degraded (0) or bilinear-only (1: the LR replaced by HR's bilinear
-    downsample), either one labelled class-free (2) for free_frac of the pairs, the LR kept; guidance_drop
-    of the pairs class-free with zero conditions; then losses.hvar_losses. -> (loss, parts to log, None)."""
+    """One micro-batch: classes 0 (degraded) or 1 (the LR replaced by HR's bilinear downsample), free_frac
+    labelled 2 (class-free, the LR kept), guidance_drop class-free with zero conditions. -> (loss, parts, None)."""
     u = torch.rand(3, hr.shape[0]).to(device)
     bilinear, drop = u[0] < bilinear_frac, u[2] < guidance_drop
     cls = torch.where((u[1] < free_frac) | drop, CLASS_FREE, torch.where(bilinear, CLASS_BILINEAR, CLASS_DEGRADED))

@@ -38,7 +38,7 @@ if [ "$job" = hitoksr ]; then
         --out_json=out/eval/chain.json
     echo "== sr.py: super-resolve the degraded validation LR images =="
     $PY sr.py --input=assets/val_pairs/lr --out_dir=out/sr --decoder_ckpt=out/finetune_decoder/ckpt.pt
-    results="out/eval/chain.json (bicubic, stage 1, stage 2, stage 3); out/{tokenizer,generator,finetune_decoder}/; out/sr/"
+    results="out/eval/chain.json (bicubic, stages 1-3); out/{tokenizer,generator,finetune_decoder}/; out/sr/"
 elif [ "$job" = hvar ]; then
     echo "== H-VAR tokenizer: plain multi-scale RQ (config/tiny.py config/hvar.py) =="
     $PY tokenizer.py config/tiny.py config/hvar.py --overwrite=True "$@"
@@ -51,7 +51,7 @@ elif [ "$job" = hvar ]; then
     $PY eval.py --sr=chain --gen_ckpt=out/generator_hvar/ckpt.pt --out_json=out/eval/chain_hvar.json
     echo "== sr.py --scales=1,2,4: the degraded validation LR images =="
     $PY sr.py --input=assets/val_pairs/lr --out_dir=out/sr_hvar --gen_ckpt=out/generator_hvar/ckpt.pt --scales=1,2,4
-    results="out/eval/chain_hvar.json (x1, x2, x4 rows); out/{tokenizer_hrq,tokenizer_hrq_ft,generator_hvar}/; out/sr_hvar/"
+    results="out/eval/chain_hvar.json (x1, x2, x4); out/{tokenizer_hrq,tokenizer_hrq_ft,generator_hvar}/; out/sr_hvar/"
 else
     echo "== texture-VQ tokenizer (config/tiny.py config/tvq.py) =="
     $PY tokenizer.py config/tiny.py config/tvq.py --overwrite=True "$@"
@@ -61,7 +61,8 @@ else
     $PY eval.py --sr=chain --gen_ckpt=out/generator_tvq/ckpt.pt --out_json=out/eval/chain_tvq.json
     echo "== sr.py: super-resolve the degraded validation LR images =="
     $PY sr.py --input=assets/val_pairs/lr --out_dir=out/sr_tvq --gen_ckpt=out/generator_tvq/ckpt.pt
-    results="out/eval/chain_tvq.json; out/{tokenizer_tvq,generator_tvq}/ (log.txt, summary.json, PNGs, ckpt.pt); out/sr_tvq/"
+    results="out/eval/chain_tvq.json; out/{tokenizer_tvq,generator_tvq}/; out/sr_tvq/"
 fi
 echo
 echo "done in $(( ($(date +%s) - t0) / 60 )) min after set-up. Results: $results"
+echo "(each out/ stage folder: log.txt, summary.json, samples_*.png, curves.png, ckpt.pt)"

@@ -32,7 +32,8 @@ def tiny_chain(hierarchical=True, seed=0, head='linear'):
         tok.quantizer.codebook.normal_()
     gen = NextScaleGenerator(NextScaleConfig(
         patch=8, scale=4, latent_dim=8, codebook_size=32, rq_steps=STEPS, rq_scales=SCALES,
-        hierarchical=hierarchical, scale_starts=True, head=head, width=32, depth=2, n_head=2, mlp_ratio=2.0, rope_base=100.0))
+        hierarchical=hierarchical, scale_starts=True, head=head, width=32, depth=2, n_head=2, mlp_ratio=2.0,
+        rope_base=100.0))
     with torch.no_grad():
         for p in gen.parameters():
             p.normal_(0, 0.2)
