@@ -53,21 +53,25 @@ val_dir = 'assets/val_pairs'
 config = configure(globals())
 
 TINY, HVAR, TVQ = ('config/tiny.py',), ('config/tiny.py', 'config/hvar.py'), ('config/tiny.py', 'config/tvq.py')
-# the recipe every kind shares (128-px crops, batch 8, L1 + LPIPS 1:1, as config/hvar.py and config/tvq.py set it
+# the recipe every kind shares (128-px crops, batch 8, L1 + LPIPS 1:1, as config/tvq.py sets it
 # on top of config/tiny.py); config/tiny.py's own tokenizer trains on 64-px crops with random hues, half the
 # LPIPS weight and 2 + 4 blocks, and its generator has the codebook head (docs/results.md "Image quality" and
 # "The main job"); the table keeps the first recipe
 SAME = ['--crop_size=128', '--batch_size=8', '--hue_aug=0', '--grad_weight=0', '--lpips_weight=1',
         '--enc_depth=3', '--dec_depth=3']
 GEN = (TINY, ['--head=linear'])
+# H-VAR at these crops: 10 steps on the 16 x 16 grid (config/hvar.py's tiny size is 64 px, 6 steps), the
+# generator at config/tiny.py's width
+RQ = [*SAME, '--rq_steps=(1,2,3,4,5,6,8,10,13,16)']
+GEN_RQ = ['--crop_size=128', '--width=192', '--n_head=4', '--eval_interval=1000']
 KINDS = {  # kind -> (table label, tokenizer phases [(config files, args)], generator (config files, args))
     'vq': ('vanilla VQ, 1 x 1024 codes', [(TINY, [*SAME, '--groups=1', '--codebook_size=1024'])], GEN),
     'grouped': ('grouped VQ (HiTokSR), 4 x 256 codes, masking + DWT targets', [(TINY, SAME)], GEN),
     'grouped_nomask': ('grouped VQ, 4 x 256 codes, no masking', [(TINY, [*SAME, '--group_masking=False',
                                                                          '--dwt_targets=False'])], GEN),
-    'msrq': ('multi-scale RQ, 1 x 4096 codes, 10 steps', [(HVAR, [])], (HVAR, ['--hvar_tokens=plain'])),
+    'msrq': ('multi-scale RQ, 1 x 4096 codes, 10 steps', [(HVAR, RQ)], (HVAR, [*GEN_RQ, '--hvar_tokens=plain'])),
     'hrq': ('hierarchical RQ (H-VAR): multi-scale RQ + Algorithm 1 fine-tuning',
-            [(HVAR, []), (HVAR, ['--hierarchical=True', '--freeze_encoder=True'])], (HVAR, [])),
+            [(HVAR, RQ), (HVAR, [*RQ, '--hierarchical=True', '--freeze_encoder=True'])], (HVAR, GEN_RQ)),
     'tvq': ('texture VQ (TVQ&RAP), 1 x 1024 codes + structure map', [(TVQ, ['--l1_weight=1', '--l2_weight=0'])],
             (TVQ, [])),
 }

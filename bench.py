@@ -221,7 +221,8 @@ def build_chain(dev):
     if g['method'] == 'hvar':  # H-VAR: the next-scale generator on a multi-scale RQ tokenizer, no prior
         gcfg = config_from_settings(NextScaleConfig, g, patch=tcfg.patch, scale=4, latent_dim=tcfg.latent_dim,
                                     codebook_size=tcfg.codebook_size, rq_steps=tcfg.rq_steps,
-                                    rq_scales=tcfg.rq_scales, hierarchical=g['hvar_tokens'] == 'hierarchical')
+                                    rq_scales=tcfg.rq_scales, hierarchical=g['hvar_tokens'] == 'hierarchical',
+                                    scale_starts=True)
         tok, gen = Tokenizer(tcfg).to(dev), NextScaleGenerator(gcfg).to(dev)
         if gcfg.head == 'codebook':
             gen.codes.tie_codebook(tok.quantizer.codebook)
@@ -265,7 +266,7 @@ def bench_generator(dev):
         weights['repa_weight'] = 0.0
 
     def step(hr, lr, net=fwd):  # generator.py's step, without logging and the schedule
-        if hvar:  # the classes do not change the work (a null condition is zeros)
+        if hvar:  # the classes and a zeroed condition do not change the work
             with ctx:
                 loss = hvar_losses(tok, net, hr, lr, torch.zeros(len(hr), dtype=torch.long, device=dev),
                                    **{k: g[k] for k in ('ce_weight', 'dpo', 'dpo_weight', 'dpo_beta')})[0]

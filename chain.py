@@ -171,8 +171,8 @@ def hvar_super_resolve(lr, tokenizer, generator, cls=CLASS_DEGRADED, top_k=1, te
     """H-VAR: lr (B, 3, h, w) at the generator's native LR size -> [one image per target scale
     s_n: (B, 3, 4 s_n h, 4 s_n w)], i.e. x1 (denoised), x2 and x4 for scales (0.25, 0.5, 1), all
     from the one token sequence of one pass (decode n uses the steps of scales 1..n); with
-    return_indices also the tokens [idx (B, rho_i, rho_i)]. cls: the input kind (0 degraded,
-    1 bilinear-only, 2 null); sampling settings as NextScaleGenerator.generate."""
+    return_indices also the tokens [idx (B, rho_i, rho_i)]. cls: the class (model.CLASS_*: 0 degraded,
+    1 bilinear-only, 2 class-free); sampling settings as NextScaleGenerator.generate."""
     c = generator.config
     side = c.hr_size // c.scale
     if lr.dim() != 4 or tuple(lr.shape[-2:]) != (side, side):
@@ -180,8 +180,8 @@ def hvar_super_resolve(lr, tokenizer, generator, cls=CLASS_DEGRADED, top_k=1, te
                          f"(its tokenizer's native {c.hr_size} px / {c.scale}), got {tuple(lr.shape)}; "
                          f"sr.py tiles other sizes")
     cls_B = torch.full((lr.shape[0],), cls, dtype=torch.long, device=lr.device)
-    _, cond = hvar_condition(tokenizer, lr, cls_B, c.scale)
-    idxs, _ = generator.generate(tokenizer.quantizer, cond, cls_B, top_k, temperature, cfg, kv_cache, rng)
+    _, conds = hvar_condition(tokenizer, generator, lr)
+    idxs, _ = generator.generate(tokenizer.quantizer, conds, cls_B, top_k, temperature, cfg, kv_cache, rng)
     outs = [tokenizer.decode_steps(idxs, n + 1).float().clamp(0, 1) for n in range(len(c.rq_scales))]
     return (outs, idxs) if return_indices else outs
 

@@ -45,7 +45,7 @@ from common import (Logger, Timer, TrainStep, autocast_ctx, batched, check_befor
                     write_json)
 from configurator import config_from_settings, configure, fail
 from degradation import DegradeConfig, bicubic_upsample
-from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_NULL, Generator, GeneratorConfig, NextScaleConfig,
+from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_FREE, Generator, GeneratorConfig, NextScaleConfig,
                    NextScaleGenerator, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig)
 from losses import (PatchDiscriminator, calibrate_codebook_head, discriminator_step, generator_losses, hvar_losses,
                     scale_accuracy, vanilla_d_loss)
@@ -92,7 +92,8 @@ dpo_reduce = 'sum'        # log-likelihood of a sequence: 'sum' over its tokens 
 dpo_start = 0             # steps of CE alone before DPO joins (a warm-up)
 dpo_ref = False           # True: DPO against a frozen copy of the generator taken at dpo_start (standard DPO)
 bilinear_frac = 0.1       # pairs whose LR is only a bilinear downsample of HR (class 1), <= 0.25
-cond_drop = 0.1           # pairs with the null class and no condition (for optional CFG at inference)
+free_frac = 0.1           # pairs of either kind labelled class-free (class 2), the LR still given
+guidance_drop = 0.0       # pairs with zero conditions (class-free), for classifier-free guidance (sr.py --cfg)
 # semantic prior (HiTokSR)
 use_prior = True          # False: no prior at all (no SFT, no CLS tokens, no REPA, no LoRA)
 prior_name = 'efficientnet_lite0'
@@ -158,8 +159,8 @@ def check_config():
         problems.append(f"hvar_tokens={hvar_tokens!r} must be 'hierarchical' or 'plain'")
     if not 0 <= bilinear_frac <= 0.25:
         problems.append(f"bilinear_frac={bilinear_frac} must be in [0, 0.25] (H-VAR uses a small fraction)")
-    if not 0 <= cond_drop < 1 or bilinear_frac + cond_drop >= 1:
-        problems.append(f"cond_drop={cond_drop} must be in [0, 1) with bilinear_frac + cond_drop < 1")
+    if not (0 <= free_frac < 1 and 0 <= guidance_drop < 1):
+        problems.append(f"free_frac={free_frac} and guidance_drop={guidance_drop} must be in [0, 1)")
     if dpo_beta <= 0 or dpo_weight < 0:
         problems.append(f"dpo_beta={dpo_beta} must be > 0 and dpo_weight={dpo_weight} >= 0")
     if dpo_reduce not in ('sum', 'mean') or dpo_start < 0:
@@ -201,7 +202,8 @@ try:
     if hvar:
         gcfg = config_from_settings(NextScaleConfig, config, scale=4, latent_dim=tcfg.latent_dim,
                                     codebook_size=tcfg.codebook_size, rq_steps=tcfg.rq_steps,
-                                    rq_scales=tcfg.rq_scales, hierarchical=hvar_tokens == 'hierarchical')
+                                    rq_scales=tcfg.rq_scales, hierarchical=hvar_tokens == 'hierarchical',
+                                    scale_starts=True)
     else:  # the texture-VQ generator: the same, plus the tokenizer's structure-map shape
         derived = dict(scale=4, groups=tcfg.groups, codebook_size=tcfg.codebook_size, latent_dim=tcfg.latent_dim,
                        feat_dim=prior.feat_dim if prior else 0, pooled_dims=tuple(prior.pooled_dims) if prior else ())
@@ -290,8 +292,8 @@ if hvar:
     log(f"H-VAR generator: {count_params(generator) / 1e6:.2f}M params, {tcfg.codebook_size} logits ({head} head), "
         f"{generator.n_cond} condition + {sum(generator.sizes[1:])} image tokens ({hvar_tokens} targets, steps "
         f"{tcfg.rq_steps}, scales {tcfg.rq_scales}), dpo {dpo} (beta {dpo_beta}, {dpo_reduce}, from step {dpo_start}"
-        f"{', reference policy' if dpo_ref else ''}), bilinear_frac {bilinear_frac}, "
-        f"cond_drop {cond_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
+        f"{', reference policy' if dpo_ref else ''}), bilinear_frac {bilinear_frac}, free_frac {free_frac}, "
+        f"guidance_drop {guidance_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
         + (f", DDP over {world} processes" if world > 1 else ''))
 else:
     log(f"generator: {count_params(generator) / 1e6:.2f}M params, LoRA "
@@ -372,8 +374,8 @@ def hvar_references():
     """Fixed rows per output factor f (x1, x2, x4): the degraded LR itself / bicubic, and the decode
     of HR's own tokens at that scale. -> (rows, the top-left native crops for the teacher-forced
     accuracy)."""
-    ref = {f"x{r['f']}_{'bicubic' if r['kind'] == 'base' else 'r'}_{k}": r[k] for k in METRICS
-           for r in hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device, kinds=('base', 'decode'))}
+    rows = hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device, kinds=('base', 'decode'))  # once
+    ref = {f"x{r['f']}_{'bicubic' if r['kind'] == 'base' else 'r'}_{k}": r[k] for r in rows for k in METRICS}
     ref.update({k[3:]: v for k, v in ref.items() if k.startswith('x4_')})  # r_*, bicubic_* at x4
     native = crop_size // 4
     return ref, dict(hr=val_hr[..., :crop_size, :crop_size], lr=val_lr[..., :native, :native])
@@ -401,19 +403,19 @@ def hvar_evaluate(tag):
 
 
 def hvar_batch(hr, lr, gan_on):
-    """One micro-batch: input kinds degraded (class 0), bilinear-only (1: the LR replaced by HR's bilinear
-    downsample), null (2: no condition), then losses.hvar_losses. -> (loss, parts to log, None)."""
-    u = torch.rand(hr.shape[0]).to(device)
-    cls = torch.where(u < bilinear_frac, CLASS_BILINEAR,
-                      torch.where(u < bilinear_frac + cond_drop, CLASS_NULL, CLASS_DEGRADED))
+    """One micro-batch: classes 0 (degraded) or 1 (the LR replaced by HR's bilinear downsample), free_frac
+    labelled 2 (class-free, the LR kept), guidance_drop class-free with zero conditions. -> (loss, parts, None)."""
+    u = torch.rand(3, hr.shape[0]).to(device)
+    bilinear, drop = u[0] < bilinear_frac, u[2] < guidance_drop
+    cls = torch.where((u[1] < free_frac) | drop, CLASS_FREE, torch.where(bilinear, CLASS_BILINEAR, CLASS_DEGRADED))
     bil = F.interpolate(hr, scale_factor=0.25, mode='bilinear', align_corners=False, antialias=True)
-    lr = torch.where((cls == CLASS_BILINEAR)[:, None, None, None], bil.clamp(0, 1), lr)
+    lr = torch.where(bilinear[:, None, None, None], bil.clamp(0, 1), lr)
     if reference is not None and step == dpo_start:  # DPO starts: the reference is the generator now
         reference.load_state_dict(generator.state_dict())
     with ctx:
         loss, parts, acc = train_step(hvar_losses, tokenizer, train_gen, hr, lr, cls, ce_weight=ce_weight,
                                       dpo=dpo and step >= dpo_start, dpo_weight=dpo_weight, dpo_beta=dpo_beta,
-                                      dpo_reduce=dpo_reduce, reference=reference)
+                                      dpo_reduce=dpo_reduce, reference=reference, drop_B=drop)
     parts.update({f'acc_s{n + 1}': a.detach()
                   for n, a in enumerate(scale_accuracy(acc, tcfg.rq_steps, tokenizer.quantizer.partition))})
     return loss, parts, None

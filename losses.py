@@ -209,9 +209,9 @@ def calibrate_codebook_head(generator, tokenizer, prior, hr, lr):
     c = generator.config
     if isinstance(generator, NextScaleGenerator):
         cls = torch.full((len(hr),), CLASS_DEGRADED, device=hr.device)
-        _, cond = hvar_condition(tokenizer, lr, cls, c.scale)
+        _, conds = hvar_condition(tokenizer, generator, lr)
         z_hr = msrq_tokens(tokenizer, hr, c.hierarchical)
-        logits = generator(cond, generator.step_inputs(tokenizer.quantizer, cond, z_hr), cls)       # (B, N, K)
+        logits = generator(conds, generator.step_inputs(tokenizer.quantizer, conds, z_hr), cls)     # (B, N, K)
         return generator.codes.calibrate_temperature(logits[:, None], flat_tokens(z_hr)[:, None])  # one group
     feat, pooled = prior(upsample_for_prior(lr, c.scale)) if prior is not None else (None, None)
     logits = generator(lr, feat, pooled, lr_anchor(tokenizer, lr, c.scale))                    # (B, G, h, w, K)
@@ -263,7 +263,7 @@ def scale_accuracy(acc_L, steps, partition):
 
 
 def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weight, dpo_beta, dpo_reduce='sum',
-                reference=None):
+                reference=None, drop_B=None):
     """The H-VAR stage-2 loss of one batch (docs/method.md#next-scale-generator, #dpo), for
     generator.py and bench.py: ce_weight * CE(z_HR) + dpo_weight * L_DPO, both under teacher
     forcing; L_DPO needs a second sequence, z_LR (the tokens of the upsampled LR), run in the same
@@ -272,18 +272,19 @@ def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weig
     sequences' log-likelihoods summed ('sum', the paper's) or averaged per token ('mean');
     reference: a frozen copy of the generator, whose log-likelihoods of the same sequences are
     subtracted (standard DPO; the paper has none). generator: the module to call (compiled or not).
+    drop_B (B,) bool: these samples get zero conditions (guidance dropout, for classifier-free guidance).
     -> (loss, parts (ce, dpo, logp_gap), per-step accuracy (L,))."""
     c = generator.config
-    up, cond = hvar_condition(tokenizer, lr, cls_B, c.scale)
+    up, conds = hvar_condition(tokenizer, generator, lr, drop_B)
     z_hr = msrq_tokens(tokenizer, hr, c.hierarchical)
-    ins = generator.step_inputs(tokenizer.quantizer, cond, z_hr)
+    ins = generator.step_inputs(tokenizer.quantizer, conds, z_hr)
     t_hr = flat_tokens(z_hr)                                            # (B, N)
     zero = torch.zeros((), device=hr.device)
     if dpo:
         z_lr = msrq_tokens(tokenizer, up, c.hierarchical)
         t_lr = flat_tokens(z_lr)
-        both = (torch.cat([cond, cond]), [torch.cat(p) for p in zip(ins, generator.step_inputs(tokenizer.quantizer,
-                                                                                             cond, z_lr))],
+        both = ([torch.cat([z, z]) for z in conds],
+                [torch.cat(p) for p in zip(ins, generator.step_inputs(tokenizer.quantizer, conds, z_lr))],
                 torch.cat([cls_B, cls_B]))
         logits, logits_lr = generator(*both).chunk(2)                   # (B, N, K) each
         logp_hr, logp_lr = sequence_logp(logits, t_hr, dpo_reduce), sequence_logp(logits_lr, t_lr, dpo_reduce)
@@ -295,7 +296,7 @@ def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weig
         degraded = (cls_B == CLASS_DEGRADED).float()
         l_dpo, gap = dpo_loss(logp_hr, logp_lr, dpo_beta, degraded), (logp_hr - logp_lr).mean().detach()
     else:
-        logits = generator(cond, ins, cls_B)                            # (B, N, K)
+        logits = generator(conds, ins, cls_B)                           # (B, N, K)
         l_dpo = gap = zero
     ce = F.cross_entropy(logits.float().flatten(0, 1), t_hr.flatten())
     loss = ce_weight * ce + dpo_weight * l_dpo

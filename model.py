@@ -881,8 +881,7 @@ class GeneratorConfig(ModelConfig):
         self.check_positive('patch', 'scale', 'groups', 'width', 'depth', 'n_head', 'stem_dim', 'sft_hidden')
         self.check_positive('codebook_size', minimum=2)
         if self.patch % self.scale:
-            self.bad('patch', f"must be a multiple of scale={self.scale} (one LR cell of patch/scale "
-                              f"pixels per token)")
+            self.bad('patch', f"must be a multiple of scale={self.scale} (one LR cell of patch/scale pixels per token)")
         self.check_heads('width', 'n_head')
         self.check_choice('cls_tokens', 'none', 'single', 'multi')
         if self.feat_dim < 0 or not all(isinstance(d, int) and d >= 1 for d in self.pooled_dims):
@@ -908,10 +907,8 @@ class Generator(nn.Module):
     zero, so at init every block is exactly the unmodulated block. CLS tokens carry no SFT.
     CLS tokens: RMSNorm + Linear per stage vector (stages differ in size and scale), prepended,
     unrotated (n_prefix), dropped before the final norm.
-    Output head: 'linear' gives the G x K logits of each token directly. 'codebook' (CodebookHead,
-    `codes`) predicts a latent r = anchor + s Linear(h) (B, C, h, w) and scores the codes by their
-    distance to it; anchor is the frozen tokenizer encoder's latent of the LR upsampled bicubically
-    (lr_anchor), so the untrained model predicts the tokens of the upsampled LR."""
+    Output head: 'linear' gives the G x K logits of each token directly; 'codebook' (CodebookHead)
+    starts from lr_anchor, so the untrained model predicts the tokens of the upsampled LR."""
     def __init__(self, config):
         super().__init__()
         self.config = c = config
@@ -1020,8 +1017,7 @@ class TextureGenerator(Generator):
         nn.init.zeros_(self.struct_head.bias)
 
     def forward(self, lr, prior_feat=None, prior_pooled=None, anchor=None):
-        """-> logits (B, 1, h, w, K) of the texture indices, f_l (B, C_L, h/pool, w/pool); the
-        linear head only, so anchor is not used.
+        """-> logits (B, 1, h, w, K) of the texture indices, f_l (B, C_L, h/pool, w/pool) (anchor unused);
         lr sides must be multiples of pool * patch / scale (8 LR pixels with patch 8, pool 4)."""
         c = self.config
         side = c.struct_pool * c.patch // c.scale
@@ -1051,7 +1047,7 @@ def lr_anchor(tokenizer, lr, scale=4):
 # frozen tokenizer encoder's features of the LR image upsampled to the target size. It works at the
 # tokenizer's native size (token grid R = rq_steps[-1]), as VAR does; sr.py tiles larger images.
 
-CLASS_DEGRADED, CLASS_BILINEAR, CLASS_NULL = 0, 1, 2  # input kinds of the 3-class embedding
+CLASS_DEGRADED, CLASS_BILINEAR, CLASS_FREE = 0, 1, 2  # H-VAR's 3 classes (the LR given to all three)
 
 
 @dataclass
@@ -1065,6 +1061,7 @@ class NextScaleConfig(ModelConfig):
     rq_steps: tuple           # step sides on the native grid, R = rq_steps[-1] (the tokenizer's)
     rq_scales: tuple          # target scales s_n (the tokenizer's)
     hierarchical: bool        # targets from Algorithm 1 (True) or from the plain full-size RQ (False)
+    scale_starts: bool        # codebook head, hierarchical: start from the LR's encoding at each step's scale
     head: str                 # 'linear' (VAR: width -> K) | 'codebook' (width -> C, logits from distances to the codes)
     width: int
     depth: int
@@ -1088,25 +1085,25 @@ class NextScaleConfig(ModelConfig):
         return self.rq_steps[-1] * self.patch      # the native HR side (training crops, sr.py tiles)
 
 
-NextScaleConfig.ADDED_FIELDS = dict(head='linear')  # checkpoints from before the codebook head
+NextScaleConfig.ADDED_FIELDS = dict(head='linear', scale_starts=False)  # older checkpoints: their behaviour
 
 
 class NextScaleGenerator(nn.Module):
     """Sequence [condition (R*R tokens) | step 1 (rho_1^2) | ... | step L (rho_L^2)], block-causal:
     the condition sees itself, step i sees the condition, itself and the steps before it.
     Token embedding: a linear map of the C-dim input + a learned step embedding (0 = condition)
-    + the class embedding of the input kind (degraded / bilinear-only / null) on every token.
+    + the class embedding (CLASS_*) on every token.
     2D RoPE places every token on the full R x R grid: the condition at its cells, a step's cells
     at their centres ((a + 1/2) R / rho_i - 1/2), so all scales share one coordinate frame.
     Step inputs (VAR's teacher forcing, step_inputs): step 1 gets the condition area-pooled to
     rho_1; step i the sum of the code contributions of steps < i, area-pooled to rho_i. That sum is
     made on the grid of step i's target scale for hierarchical tokens (as Algorithm 1 made them)
     and on the full grid for plain ones.
-    Output head: 'linear' is VAR's classifier (width -> K). 'codebook' (CodebookHead with G = 1,
-    `codes`) predicts the residual the tokenizer quantizes at step i as a C-dim vector,
-    r_i = skip_i + s Linear(h), and scores each code by its distance to it. skip_i = area(cond, rho_i)
-    - in_i (in_1 counted as 0) is that residual computed from the LR's features instead of the HR's,
-    so the untrained model predicts the LR's own tokens and learns the correction."""
+    Output head: 'linear' is VAR's classifier (width -> K). 'codebook' (CodebookHead with G = 1)
+    regresses the residual the tokenizer quantizes at step i, r_i = skip_i + s Linear(h), and scores
+    the codes by their distance to it; skip_i = area(z_n, rho_i) - in_i (in_1 as 0), z_n the LR's
+    encoding at step i's target scale (full size for plain tokens), is that residual of the LR's own
+    tokens: the untrained model predicts them (docs/method.md#codebook-head)."""
     def __init__(self, config):
         super().__init__()
         self.config = c = config
@@ -1127,8 +1124,11 @@ class NextScaleGenerator(nn.Module):
             nn.init.zeros_(self.head.weight)
         self.shapes = [(r, r) for r in c.rq_steps]
         parts = step_partition(c.rq_steps, c.rq_scales)
-        side = {i: c.rq_steps[p[-1]] if c.hierarchical else R for p in parts for i in p}
-        self.step_grid = [(side[i], side[i]) for i in range(L)]
+        n_of = {i: n for n, p in enumerate(parts) for i in p}                # step -> its target scale
+        self.step_grid = [(c.rq_steps[parts[n_of[i]][-1]],) * 2 if c.hierarchical else (R, R) for i in range(L)]
+        per_scale = c.head == 'codebook' and c.hierarchical and c.scale_starts   # the condition's scales
+        self.cond_scales = c.rq_scales if per_scale else (1,)
+        self.start_of = [n_of[i] if per_scale else 0 for i in range(L)]
         self.sizes = [R * R] + [r * r for r in c.rq_steps]          # tokens per block
         self.n_cond = R * R
         # positions on the full grid and the block-causal mask, for the longest sequence
@@ -1145,12 +1145,12 @@ class NextScaleGenerator(nn.Module):
 
     model_args = property(lambda self: asdict(self.config))  # the config's fields: rebuilds the model
 
-    def skips(self, cond_BChw, inputs, first=0):
-        """head='codebook': skip_i = area(cond, rho_i) - in_i (in_1 as 0) for the steps of inputs (the
-        first of them step `first`), flattened step-major: (B, N, C). None for head='linear'."""
-        if self.config.head == 'linear':
+    def skips(self, conds, inputs, first=0):
+        """head='codebook': skip_i = area(z_n, rho_i) - in_i (in_1 as 0), z_n = conds[start_of[i]], for
+        the steps of inputs (the first of them step `first`), step-major: (B, N, C). None for 'linear'."""
+        if self.codes is None:
             return None
-        out = [F.adaptive_avg_pool2d(cond_BChw.float(), self.shapes[i]) - (t if i > 0 else 0)
+        out = [F.adaptive_avg_pool2d(conds[self.start_of[i]].float(), self.shapes[i]) - (t if i > 0 else 0)
                for i, t in enumerate(inputs, first)]
         return torch.cat([o.flatten(2).transpose(1, 2) for o in out], dim=1)
 
@@ -1171,17 +1171,17 @@ class NextScaleGenerator(nn.Module):
         x = self.in_proj(in_BChw.flatten(2).transpose(1, 2))                  # (B, rho_i^2, width)
         return x + self.step_emb.weight[i + 1] + self.class_emb(cls_B)[:, None]
 
-    def forward(self, cond_BChw, inputs, cls_B):
-        """Teacher-forced pass, one masked forward. cond (B, C, R, R) (zeros for the null class);
-        inputs [(B, C, rho_i, rho_i)] of steps 1..n (n <= L), from step_inputs; cls_B (B,) long.
-        -> logits (B, N, K) of those steps, N = sum_{i<=n} rho_i^2 (step-major, row-major)."""
-        x = torch.cat([self.embed_cond(cond_BChw, cls_B)] +
+    def forward(self, conds, inputs, cls_B):
+        """Teacher-forced pass, one masked forward. conds from hvar_condition (the last (B, C, R, R):
+        the condition tokens); inputs [(B, C, rho_i, rho_i)] of steps 1..n (n <= L), from step_inputs;
+        cls_B (B,) long. -> logits (B, N, K) of those steps, N = sum_{i<=n} rho_i^2 (step-major)."""
+        x = torch.cat([self.embed_cond(conds[-1], cls_B)] +
                       [self.embed_step(i, t, cls_B) for i, t in enumerate(inputs)], dim=1)
         T = x.shape[1]
         rope, mask = (self.rope_cos[:T], self.rope_sin[:T]), self.mask[:T, :T]
         for blk in self.blocks:
             x = blk(x, rope, attn_mask=mask)
-        return self.logits(x[:, self.n_cond:], self.skips(cond_BChw, inputs))
+        return self.logits(x[:, self.n_cond:], self.skips(conds, inputs))
 
     def next_input(self, quantizer, idxs, i, acc):
         """Input of step i >= 1 from the tokens idxs of steps < i: the running sum acc = [f, grid]
@@ -1194,35 +1194,33 @@ class NextScaleGenerator(nn.Module):
             acc[0] = acc[0] + quantizer.contribution(i - 1, idxs[i - 1], grid)
         return F.adaptive_avg_pool2d(acc[0], self.shapes[i])
 
-    def step_inputs(self, quantizer, cond_BChw, idxs):
+    def step_inputs(self, quantizer, conds, idxs):
         """Teacher-forcing inputs [(B, C, rho_i, rho_i)] of all L steps from the tokens idxs
         [(B, rho_i, rho_i)] (the last step's tokens are not needed)."""
-        ins, acc = [F.adaptive_avg_pool2d(cond_BChw.float(), self.shapes[0])], [None, None]
+        ins, acc = [F.adaptive_avg_pool2d(conds[-1].float(), self.shapes[0])], [None, None]
         for i in range(1, len(self.shapes)):
             ins.append(self.next_input(quantizer, idxs, i, acc))
         return ins
 
     @torch.no_grad()
-    def generate(self, quantizer, cond_BChw, cls_B, top_k=1, temperature=1.0, cfg=0.0, kv_cache=True,
-                 rng=None):
+    def generate(self, quantizer, conds, cls_B, top_k=1, temperature=1.0, cfg=0.0, kv_cache=True, rng=None):
         """Next-scale sampling. With kv_cache each step runs only its own tokens against the cached
         keys / values of the condition and the earlier steps; without, step i reruns the masked
         forward over the whole prefix. Per step: top_k=1 is argmax, k > 1 samples among the k most
         probable (sample_topk), 0 from the whole distribution, logits divided by temperature.
-        cfg > 0: classifier-free guidance, logits (1 + cfg) l(c) - cfg l(null).
+        cfg > 0: classifier-free guidance, (1 + cfg) l(c) - cfg l(0), l(0) with zero conds, class-free.
         -> [idx (B, rho_i, rho_i)] * L, [logits (B, rho_i^2, K)] * L (after guidance, before temperature)."""
-        B = cond_BChw.shape[0]
-        cond = cond_BChw.float()
+        B, conds = len(cls_B), [c.float() for c in conds]
         if cfg > 0:
-            cond = torch.cat([cond, torch.zeros_like(cond)])
-            cls_B = torch.cat([cls_B, torch.full_like(cls_B, CLASS_NULL)])
+            conds = [torch.cat([c, torch.zeros_like(c)]) for c in conds]
+            cls_B = torch.cat([cls_B, torch.full_like(cls_B, CLASS_FREE)])
         caches = [dict() for _ in self.blocks] if kv_cache else None
         if kv_cache:
-            x = self.embed_cond(cond, cls_B)
+            x = self.embed_cond(conds[-1], cls_B)
             rope = (self.rope_cos[:self.n_cond], self.rope_sin[:self.n_cond])
             for blk, cache in zip(self.blocks, caches):
                 x = blk(x, rope, kv_cache=cache)                      # the condition sees only itself
-        ins, acc, idxs, idxs2, out_logits = [F.adaptive_avg_pool2d(cond, self.shapes[0])], [None, None], [], [], []
+        ins, acc, idxs, idxs2, out_logits = [F.adaptive_avg_pool2d(conds[-1], self.shapes[0])], [None, None], [], [], []
         for i, shape in enumerate(self.shapes):
             if kv_cache:
                 lo = sum(self.sizes[:i + 1])
@@ -1230,9 +1228,9 @@ class NextScaleGenerator(nn.Module):
                 x = self.embed_step(i, ins[i], cls_B)
                 for blk, cache in zip(self.blocks, caches):
                     x = blk(x, rope, kv_cache=cache)                  # sees the cache and itself
-                logits = self.logits(x, self.skips(cond, ins[i:i + 1], i)).float()  # (B or 2B, rho_i^2, K)
+                logits = self.logits(x, self.skips(conds, ins[i:i + 1], i)).float()  # (B or 2B, rho_i^2, K)
             else:
-                logits = self(cond, ins, cls_B)[:, -self.sizes[i + 1]:].float()
+                logits = self(conds, ins, cls_B)[:, -self.sizes[i + 1]:].float()
             if cfg > 0:
                 logits = (1 + cfg) * logits[:B] - cfg * logits[B:]
             k = logits.shape[-1] if top_k == 0 else top_k
@@ -1246,12 +1244,13 @@ class NextScaleGenerator(nn.Module):
 
 
 @torch.no_grad()
-def hvar_condition(tokenizer, lr, cls_B, scale):
-    """lr (B, 3, h, w) -> the LR bilinearly upsampled to the target size (B, 3, s h, s w) and the
-    condition: the frozen encoder's features of it (B, C, R, R), zero for the null class."""
-    up = F.interpolate(lr, scale_factor=scale, mode='bilinear', align_corners=False).clamp(0, 1)
-    cond = tokenizer.encoder(up).float()
-    return up, cond * (cls_B != CLASS_NULL).to(cond.dtype)[:, None, None, None]
+def hvar_condition(tokenizer, generator, lr, drop_B=None):
+    """lr (B, 3, h, w) -> up, the LR bilinearly upsampled to the target size (B, 3, s h, s w), and
+    conds: the frozen encoder's features of up resized to each of generator.cond_scales, [(B, C,
+    s_n R, s_n R)], the last at full size (the condition tokens); zero where drop_B (B,) is True."""
+    up = F.interpolate(lr, scale_factor=generator.config.scale, mode='bilinear', align_corners=False).clamp(0, 1)
+    keep = 1.0 if drop_B is None else (~drop_B).float()[:, None, None, None]
+    return up, [tokenizer.encoder(resize_image(up, s)).float() * keep for s in generator.cond_scales]
 
 
 # -----------------------------------------------------------------------------

@@ -164,7 +164,7 @@ if __name__ == '__main__':
     top_k = 1                               # per step: 1 = argmax, k > 1 = among the k most probable, 0 = all
     temperature = 1.0
     cfg = 0.0                               # classifier-free guidance weight (0 = off)
-    input_class = 0                         # 0 degraded LR, 1 bilinear-only LR (light correction), 2 null
+    input_class = 0                         # 0 degraded LR, 1 bilinear-only LR (light correction), 2 class-free
     kv_cache = True
     seed = 0                                # of the sampling (top_k != 1)
     color_fix = 2.0                         # > 0: the LR's low-frequency chroma, Gaussian sigma in LR px (fix_colors)
@@ -214,7 +214,7 @@ if __name__ == '__main__':
         tile, multiple = native, 1
     if tile % multiple or overlap % multiple:
         fail(f"sr.py: tile={tile} and overlap={overlap} must be multiples of the generator's LR patch {multiple}")
-    if tile_warning(tile, overlap):
+    if tile_warning(tile, overlap) and not hvar:  # H-VAR's tile is its native size, whatever it is
         print(tile_warning(tile, overlap), file=sys.stderr)
     if cuda_graphs and not device.startswith('cuda'):
         print(f"sr.py: cuda_graphs=True has no effect on {device}", file=sys.stderr)

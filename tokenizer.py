@@ -154,9 +154,10 @@ def check_config():
     if hierarchical and any((s * crop_size) % patch for s in rq_scales):
         problems.append(f"crop_size={crop_size} at every scale in rq_scales={tuple(rq_scales)} must be a "
                         f"multiple of patch={patch}")
-    if hierarchical and lpips_weight > 0 and min(rq_scales) * crop_size < 32:
-        problems.append(f"crop_size={crop_size} x the smallest scale {min(rq_scales)} is below 32 px, "
-                        f"too small for LPIPS (AlexNet): use larger crops or lpips_weight=0")
+    min_px = 32 if perceptual == 'alex' else 16  # the smallest input of the LPIPS network (AlexNet, VGG16)
+    if hierarchical and lpips_weight > 0 and min(rq_scales) * crop_size < min_px:
+        problems.append(f"crop_size={crop_size} x the smallest scale {min(rq_scales)} is below {min_px} px, "
+                        f"too small for LPIPS (perceptual={perceptual!r}): use larger crops or lpips_weight=0")
     if quantizer == 'tvq' and crop_size % (patch * tvq_struct_pool):
         problems.append(f"crop_size={crop_size} must be a multiple of patch x tvq_struct_pool = "
                         f"{patch * tvq_struct_pool} (the structure map's cell)")

@@ -1,7 +1,7 @@
 # H-VAR on top of a size file: a multi-scale residual quantizer (docs/method.md#multi-scale-rq: one
-# shared codebook and 10 residual steps instead of 4 groups), its hierarchical fine-tuning
+# shared codebook and residual steps instead of 4 groups), its hierarchical fine-tuning
 # (#hierarchical-tokenization) and a next-scale generator on its tokens (#next-scale-generator).
-# On a 2-core CPU (row (c') of Table 1a in docs/results.md):
+# On a 2-core CPU (bash run.sh hvar runs these four, then the x1 / x2 / x4 table and sr.py):
 #   python tokenizer.py config/tiny.py config/hvar.py      # (a) plain multi-scale RQ -> out/tokenizer_hrq
 #   python tokenizer.py config/tiny.py config/hvar.py --hierarchical=True --freeze_encoder=True \
 #       --init_from=out/tokenizer_hrq/ckpt.pt --out_dir=out/tokenizer_hrq_ft --max_minutes=4   # (c) Algorithm 1
@@ -9,7 +9,8 @@
 #   python generator.py config/tiny.py config/hvar.py --dpo=False --out_dir=out/generator_hvar_nodpo
 #   python generator.py config/tiny.py config/hvar.py --hvar_tokens=plain --out_dir=out/generator_hvar_plain
 # At the paper's size the tokenizer's settings are the hierarchical fine-tuning of a plain RQ run:
-#   python tokenizer.py config/paper.py config/hvar.py --hierarchical=False --out_dir=out/tokenizer_rq_paper
+#   python tokenizer.py config/paper.py config/hvar.py --hierarchical=False --freeze_encoder=False \
+#       --out_dir=out/tokenizer_rq_paper
 #   python tokenizer.py config/paper.py config/hvar.py --init_from=out/tokenizer_rq_paper/ckpt.pt
 #   python generator.py config/paper.py config/hvar.py
 # The size is told by the size file's crop_size: 64 (tokenizer) / 128 (generator) tiny, 512 paper.
@@ -19,25 +20,22 @@ if stage == 'tokenizer':
     quantizer = 'msrq'
     groups = 1
     codebook_size = 4096      # one shared codebook
-    if crop_size == 64:       # config/tiny.py: its 8x8 grid is too coarse for 10 steps
-        # 128x128 crops / patch 8 = a 16x16 grid; steps 1..4 make the 32 px image (scale 0.25), 5..7
-        # the 64 px one (0.5), 8..10 the 128 px one: 1+4+9+16 | 25+36+64 | 100+169+256 = 680 tokens
-        # per image x 12 bits = 8160 bits, the grouped tiny's 1024 x 8 bits at this size. Batch 8,
-        # 3 + 3 blocks, no hue augmentation, L1 + LPIPS 1:1: the recipe every tokenizer of ablate.py shares.
-        crop_size = 128
-        batch_size = 8
-        enc_depth = 3
-        dec_depth = 3
-        hue_aug = 0.0
-        lpips_weight = 1.0
-        max_minutes = 10.0
-    # step sides on the token grid, the last one the grid itself: 16x16 (tiny), 32x32 (gpu, paper: VAR's
-    # list; steps 1-3 -> 128 px, 1-6 -> 256 px, 1-10 -> 512 px at the paper's size)
-    rq_steps = {16: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 32: (4, 6, 8, 10, 14, 16, 20, 24, 28, 32)}[crop_size // patch]
+    # step sides on the token grid, the last one the grid itself: 8x8 (tiny), 32x32 (paper: VAR's list;
+    # steps 1-3 -> 128 px, 1-6 -> 256 px, 1-10 -> 512 px at the paper's size)
+    rq_steps = {8: (1, 2, 3, 4, 6, 8), 32: (4, 6, 8, 10, 14, 16, 20, 24, 28, 32)}[crop_size // patch]
+    if crop_size == 64:       # config/tiny.py: its 64x64 crops / patch 8 = an 8x8 grid
+        # steps 1-2 make the 16 px image (scale 0.25), 3-4 the 32 px one (0.5), 5-6 the 64 px one:
+        # 1+4 | 9+16 | 36+64 = 130 tokens per image x 12 bits = 1560 bits (the grouped tiny's: 64 x 4 x 8
+        # = 2048). The rest is config/tiny.py's tokenizer (batch 16, 2 + 4 blocks, random hues, L1 + 0.5
+        # LPIPS). The training LPIPS (VGG16) takes the 16 px decode of the fine-tuning.
+        max_minutes = 7.0     # bash run.sh hvar: 7 + 4 (the fine-tuning) + 10 (the generator) minutes
     if crop_size == 512:      # config/paper.py: the H-VAR paper fine-tunes a pretrained RQ-VAE
         # for 25k steps (batch 384, AdamW lr 2.5e-4, weight decay 0.05, l2 + 5 LPIPS, quantization
-        # dropout 0.5 (the default)); here on a plain RQ run of this file (see the commands above)
+        # dropout 0.5 (the default)); here on a plain RQ run of this file (see the commands above).
+        # Encoder frozen: the paper fine-tunes only the vocabulary and the decoder, so that Algorithm 1
+        # tokenizes the same features the plain RQ was trained on.
         hierarchical = True
+        freeze_encoder = True
         learning_rate = 2.5e-4
         weight_decay = 0.05
         betas = (0.9, 0.95)
@@ -56,16 +54,22 @@ if stage == 'generator':
     learning_rate = 1e-3      # the paper's
     weight_decay = 0.005
     if crop_size == 128:      # config/tiny.py
-        # 128x128 HR crops (the tokenizer's native size: 16 x patch 8) <- 32x32 LR; sequence = 256
-        # condition tokens + 680 image tokens (steps 1,2,3,4,5,6,8,10,13,16; x1 = steps 1-4 at 32 px,
-        # x2 = 1-7 at 64 px, x4 = all at 128 px). Larger images are tiled at this size (sr.py, eval).
-        # head 'codebook' (config/tiny.py's): residual regression onto the tokenizer's codes, starting
-        # from the LR's own tokens (docs/method.md#next-scale-generator); 'linear' is VAR's classifier.
+        # 64x64 HR crops (the tokenizer's native size: 8 x patch 8) <- 16x16 LR; sequence = 64 condition
+        # tokens + 130 image tokens (steps 1,2,3,4,6,8; x1 = steps 1-2 at 16 px, x2 = 1-4 at 32 px, x4 =
+        # all at 64 px). Larger images are tiled at this size (sr.py, eval). head 'codebook' (config/tiny.py's):
+        # residual regression onto the tokenizer's codes, starting from the LR's own tokens
+        # (docs/method.md#codebook-head); 'linear' is VAR's classifier. Width 96, 4 blocks, batch 8 (0.45M
+        # parameters): small enough for 1500 or more steps, each with DPO's second sequence, in the
+        # 10-minute budget on 2 cores.
         tok_ckpt = 'out/tokenizer_hrq_ft/ckpt.pt'   # the hierarchical fine-tuning (c) above
+        crop_size = 64
+        width = 96
+        depth = 4
+        n_head = 3                # head size 32
         hue_aug = 0.0
         warmup_iters = 20
-        max_minutes = 14.0
-        eval_interval = 1000
+        max_minutes = 10.0
+        eval_interval = 1000      # each evaluation of the 11 validation pairs costs about 10-20 s of the budget
     if crop_size == 512:      # config/paper.py: H-VAR Sec. 4
         # 512x512 crops / patch 16 = a 32x32 grid; 1024 condition tokens + 3452 image tokens (steps
         # 4,6,8,10,14,16,20,24,28,32). 16 blocks of width 1024, 16 heads: 306M params (the paper's VAR

@@ -93,7 +93,7 @@ def test_a_method_file_sees_the_size_files_settings(tmp_path):
     # the project's own: config/hvar.py takes its residual steps from the size file's token grid
     tiny = script_settings('tokenizer.py', ['config/tiny.py', 'config/hvar.py'])
     paper = script_settings('tokenizer.py', ['config/paper.py', 'config/hvar.py'])
-    assert tiny['rq_steps'][-1] * tiny['patch'] == tiny['crop_size'] == 128
+    assert tiny['rq_steps'][-1] * tiny['patch'] == tiny['crop_size'] == 64
     assert paper['rq_steps'][-1] * paper['patch'] == paper['crop_size'] == 512
     assert (tiny['out_dir'], paper['out_dir']) == ('out/tokenizer_hrq', 'out/tokenizer_hrq_paper')
 

@@ -188,8 +188,8 @@ def test_hvar_tokenizer_and_generator_exact_resume_under_torchrun(check_exact_re
                                 f'--val_dir={tiny_val}', f'--out_dir={tok}'], nproc=2)
     args = ['config/tiny.py', 'config/hvar.py', '--crop_size=64', '--batch_size=2', '--width=32', '--depth=1',
             '--n_head=2', '--max_minutes=0', '--threads=1', '--log_interval=1', '--warmup_iters=2',
-            '--eval_interval=1000', '--bilinear_frac=0.25', '--cond_drop=0.25', f'--tok_ckpt={tok / "ckpt.pt"}',
-            f'--val_dir={tiny_val}']
+            '--eval_interval=1000', '--bilinear_frac=0.25', '--free_frac=0.25', '--guidance_drop=0.25',
+            f'--tok_ckpt={tok / "ckpt.pt"}', f'--val_dir={tiny_val}']
     check_exact_resume('generator.py', args, tmp_path / 'hvar', 2, ('generator',), nproc=2)
     check_ranks_resumed(tmp_path / 'hvar')
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import data
 from conftest import SMALL_TOK, assert_images_close, tokenizer_args
-from model import (CLASS_NULL, NextScaleConfig, NextScaleGenerator, Tokenizer, TokenizerConfig,
+from model import (CLASS_FREE, NextScaleConfig, NextScaleGenerator, Tokenizer, TokenizerConfig,
                    hvar_condition, nearest_code, resize_image, rope_2d, rope_angles)
 from losses import calibrate_codebook_head, dpo_loss, flat_tokens, hvar_losses, msrq_tokens, sequence_logp
 from chain import hvar_super_resolve, load_sr_chain
@@ -32,7 +32,8 @@ def tiny_chain(hierarchical=True, seed=0, head='linear'):
         tok.quantizer.codebook.normal_()
     gen = NextScaleGenerator(NextScaleConfig(
         patch=8, scale=4, latent_dim=8, codebook_size=32, rq_steps=STEPS, rq_scales=SCALES,
-        hierarchical=hierarchical, head=head, width=32, depth=2, n_head=2, mlp_ratio=2.0, rope_base=100.0))
+        hierarchical=hierarchical, scale_starts=True, head=head, width=32, depth=2, n_head=2, mlp_ratio=2.0,
+        rope_base=100.0))
     with torch.no_grad():
         for p in gen.parameters():
             p.normal_(0, 0.2)
@@ -53,17 +54,17 @@ def test_kv_cache_equals_one_masked_forward(hierarchical, cfg, head):
     sampling without the cache gives the same tokens and logits."""
     tok, gen = tiny_chain(hierarchical, head=head)
     lr, cls = torch.rand(2, 3, 16, 16), torch.tensor([0, 1])
-    _, cond = hvar_condition(tok, lr, cls, 4)
-    idxs, logits = gen.generate(tok.quantizer, cond, cls, cfg=cfg)
-    idxs_nc, logits_nc = gen.generate(tok.quantizer, cond, cls, cfg=cfg, kv_cache=False)
+    _, conds = hvar_condition(tok, gen, lr)
+    idxs, logits = gen.generate(tok.quantizer, conds, cls, cfg=cfg)
+    idxs_nc, logits_nc = gen.generate(tok.quantizer, conds, cls, cfg=cfg, kv_cache=False)
     assert [i.shape[-1] for i in idxs] == list(STEPS)
     assert all(torch.equal(a, b) for a, b in zip(idxs, idxs_nc))
     with torch.no_grad():
-        full = gen(cond, gen.step_inputs(tok.quantizer, cond, idxs), cls)              # (2, N, K)
+        full = gen(conds, gen.step_inputs(tok.quantizer, conds, idxs), cls)            # (2, N, K)
         if cfg > 0:
-            null = torch.zeros_like(cond)
+            null = [torch.zeros_like(c) for c in conds]
             full = (1 + cfg) * full - cfg * gen(null, gen.step_inputs(tok.quantizer, null, idxs),
-                                                torch.full_like(cls, CLASS_NULL))
+                                                torch.full_like(cls, CLASS_FREE))
     cached = torch.cat(logits, 1)
     assert cached.shape == full.shape == (2, sum(sizes()), 32)
     assert float((cached - full).abs().max()) < 1e-4 * float(full.abs().max())     # fp32 summation order only
@@ -93,8 +94,32 @@ def test_codebook_head_scores_codes_by_distance():
     fresh = NextScaleGenerator(gen.config)
     fresh.codes.tie_codebook(e)
     cond, cls = torch.randn(1, 8, 8, 8), torch.zeros(1, dtype=torch.long)
-    idxs, _ = fresh.generate(tok.quantizer, cond, cls)
-    assert int(idxs[0]) == int(nearest_code(cond.mean((2, 3)), e))
+    idxs, _ = fresh.generate(tok.quantizer, [cond[..., :2, :2], cond[..., :4, :4], cond], cls)
+    assert int(idxs[0]) == int(nearest_code(cond[..., :2, :2].mean((2, 3)), e))   # step 1 starts from scale 1's
+
+
+@pytest.mark.parametrize('hierarchical', [True, False])
+def test_untrained_codebook_head_predicts_the_lrs_own_tokens(hierarchical):
+    """head='codebook' untrained (zero linear layer; the codes tied as generator.py ties them): greedy
+    sampling gives the LR's own tokens at every step, Algorithm 1's of the upsampled LR (each step starts
+    from the LR's encoding at its target scale) or, for plain targets, the plain RQ's; teacher forcing on
+    those tokens ranks them first too. Same process and shapes: equal tokens (a near-tie could differ
+    by float summation order; none does here). Older checkpoints (no scale_starts) keep the full-size start."""
+    tok, gen = tiny_chain(hierarchical, head='codebook')
+    fresh = NextScaleGenerator(gen.config)
+    fresh.codes.tie_codebook(tok.quantizer.codebook)
+    lr, cls = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    up, conds = hvar_condition(tok, fresh, lr)
+    assert [c.shape[-1] for c in conds] == ([2, 4, 8] if hierarchical else [8])
+    want = tok.encode_hierarchical(up) if hierarchical else tok.encode(up)[1]
+    idxs, _ = fresh.generate(tok.quantizer, conds, cls)
+    for i, (a, b) in enumerate(zip(idxs, want)):
+        assert torch.equal(a, b), (i, float((a == b).float().mean()))
+    with torch.no_grad():
+        forced = fresh(conds, fresh.step_inputs(tok.quantizer, conds, want), cls)
+    assert torch.equal(forced.argmax(-1), flat_tokens(want))
+    old = {k: v for k, v in fresh.model_args.items() if k != 'scale_starts'}
+    assert NextScaleGenerator(NextScaleConfig.from_dict(old)).cond_scales == (1,)
 
 
 def test_temperature_calibration_minimises_cross_entropy():
@@ -103,15 +128,15 @@ def test_temperature_calibration_minimises_cross_entropy():
     tok, gen = tiny_chain(head='codebook')
     x, cls = torch.rand(2, 3, 64, 64), torch.zeros(2, dtype=torch.long)
     lr = F.interpolate(x, scale_factor=0.25, mode='area')
-    _, cond = hvar_condition(tok, lr, cls, 4)
+    _, conds = hvar_condition(tok, gen, lr)
     z = msrq_tokens(tok, x, True)
-    ins, t = gen.step_inputs(tok.quantizer, cond, z), flat_tokens(z)
+    ins, t = gen.step_inputs(tok.quantizer, conds, z), flat_tokens(z)
     with torch.no_grad():
-        top = gen(cond, ins, cls).argmax(-1)
+        top = gen(conds, ins, cls).argmax(-1)
     before, after = calibrate_codebook_head(gen, tok, None, x, lr)  # on the same batch
-    ce = lambda: float(F.cross_entropy(gen(cond, ins, cls).flatten(0, 1), t.flatten()))
+    ce = lambda: float(F.cross_entropy(gen(conds, ins, cls).flatten(0, 1), t.flatten()))
     with torch.no_grad():
-        assert after <= before and abs(ce() - after) < 1e-4 and torch.equal(gen(cond, ins, cls).argmax(-1), top)
+        assert after <= before and abs(ce() - after) < 1e-4 and torch.equal(gen(conds, ins, cls).argmax(-1), top)
         best = float(gen.codes.log_t)
         for step in (-0.1, 0.1):
             gen.codes.log_t.fill_(best + step)
@@ -122,7 +147,7 @@ def test_mask_is_block_causal():
     """Changing the tokens of step i+1 changes no logit of steps <= i+1 (their inputs never see
     them) and changes step i+2's; the mask itself is 'key block <= query block'."""
     tok, gen = tiny_chain()
-    cond, cls = torch.randn(1, 8, 8, 8), torch.zeros(1, dtype=torch.long)
+    cond, cls = [torch.randn(1, 8, 8, 8)], torch.zeros(1, dtype=torch.long)
     idxs = [torch.randint(32, (1, r, r)) for r in STEPS]
     ends = np.cumsum(sizes())
     for i in (0, 2, 3):                                   # within x1, at the x1 -> x2 grid change, within x4
@@ -158,7 +183,7 @@ def test_step_inputs_reproduce_the_tokenizers_choices(hierarchical):
     tok, gen = tiny_chain(hierarchical)
     x = torch.rand(2, 3, 64, 64)
     idxs = msrq_tokens(tok, x, hierarchical)
-    ins = gen.step_inputs(tok.quantizer, torch.randn(2, 8, 8, 8), idxs)
+    ins = gen.step_inputs(tok.quantizer, [torch.randn(2, 8, 8, 8)], idxs)
     scale_of = {i: n for n, part in enumerate(tok.quantizer.partition) for i in part}
     agree, total = 0, 0
     for i in range(1, len(STEPS)):
@@ -199,12 +224,13 @@ def test_losses_ce_plus_dpo_and_ablation():
     hr, lr, cls = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 16, 16), torch.tensor([0, 2])
     s = dict(dpo=True, dpo_beta=0.2, ce_weight=1.0, dpo_weight=1.0)
     loss, parts, acc = hvar_losses(tok, gen, hr, lr, cls, **s)
-    up, cond = hvar_condition(tok, lr, cls, 4)
-    assert torch.equal(cond[1], torch.zeros_like(cond[1]))                       # null class: no condition
+    up, conds = hvar_condition(tok, gen, lr)
+    _, dropped = hvar_condition(tok, gen, lr, torch.tensor([False, True]))     # guidance dropout: zero conditions
+    assert torch.equal(dropped[-1][0], conds[-1][0]) and not dropped[-1][1].any() and conds[-1][1].any()
     z_hr, z_lr = msrq_tokens(tok, hr, True), msrq_tokens(tok, up, True)
     with torch.no_grad():
-        l_hr = gen(cond, gen.step_inputs(tok.quantizer, cond, z_hr), cls)
-        l_lr = gen(cond, gen.step_inputs(tok.quantizer, cond, z_lr), cls)
+        l_hr = gen(conds, gen.step_inputs(tok.quantizer, conds, z_hr), cls)
+        l_lr = gen(conds, gen.step_inputs(tok.quantizer, conds, z_lr), cls)
     lp_hr, lp_lr = sequence_logp(l_hr, flat_tokens(z_hr)), sequence_logp(l_lr, flat_tokens(z_lr))
     assert abs(parts['ce'].item() + lp_hr.mean().item() / sum(sizes())) < 1e-4
     # DPO counts the degraded sample (class 0) only; the null-class one (2) has no preference
@@ -253,11 +279,11 @@ def test_super_resolve_gives_each_scale_from_one_sequence():
 
 # ----------------------------------------------------------------------------- the scripts
 
-MSRQ = ['config/tiny.py', 'config/hvar.py', '--crop_size=128', '--patch=8', '--batch_size=2', *SMALL_TOK,
+MSRQ = ['config/tiny.py', 'config/hvar.py', '--patch=8', '--batch_size=2', *SMALL_TOK,
         '--codebook_size=16', '--max_minutes=0', '--threads=1', '--eval_interval=1000', '--max_iters=2']
-HVAR = ['config/tiny.py', 'config/hvar.py', '--crop_size=128', '--batch_size=2', '--width=32', '--depth=1',
+HVAR = ['config/tiny.py', 'config/hvar.py', '--batch_size=2', '--width=32', '--depth=1',
         '--n_head=2', '--max_minutes=0', '--threads=1', '--log_interval=1', '--warmup_iters=2',
-        '--bilinear_frac=0.25', '--cond_drop=0.25']
+        '--bilinear_frac=0.25', '--free_frac=0.25', '--guidance_drop=0.25']
 
 
 @pytest.fixture(scope='module')
@@ -278,14 +304,14 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
     for f in ('log.txt', 'curves.png', 'summary.json', 'samples_000004.png'):
         assert (tmp_path / 'straight' / f).is_file(), f
     # sr.py --scales on a folder: NAME_x1 / x2 / x4, the chain's own pass on these 64 px LR images
-    # (tiles of the native 32 px, as the run's evaluation); sr.py is another process (torch's default
+    # (tiles of the native 16 px, as the run's evaluation); sr.py is another process (torch's default
     # thread count), so equal up to float noise: 1 grey level on a few pixels (conftest)
     ckpt, sr_out = tmp_path / 'straight' / 'ckpt.pt', tmp_path / 'sr'
     p = run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={ckpt}', f'--out_dir={sr_out}', '--scales=1,2,4',
                              '--color_fix=0'])
     pairs = data.load_val_pairs(str(tiny_val))
     tok, gen, _ = load_sr_chain(ckpt)
-    ref = tiled_sr(pairs['lr'], lambda y: hvar_super_resolve(y, tok, gen), (1, 2, 4), tile=32, overlap=8,
+    ref = tiled_sr(pairs['lr'], lambda y: hvar_super_resolve(y, tok, gen), (1, 2, 4), tile=16, overlap=4,
                    fixed_tile=True)
     for k, s in enumerate((1, 2, 4)):
         for i, name in enumerate(pairs['names']):
@@ -303,7 +329,7 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
 
 
 @pytest.mark.parametrize('arg, words', [
-    ('--crop_size=64', 'native size'),
+    ('--crop_size=128', 'native size'),
     ('--bilinear_frac=0.5', 'bilinear_frac=0.5 must be in [0, 0.25]'),
     ('--method=hitoksr', "unknown config key 'method'"),  # the tokenizer decides the method
 ])

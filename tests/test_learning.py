@@ -103,7 +103,7 @@ def test_the_next_scale_generator_fits_a_batch(head):
         **SMALL))))
     gen = NextScaleGenerator(NextScaleConfig(
         patch=8, scale=4, latent_dim=8, codebook_size=32, rq_steps=steps_, rq_scales=scales, hierarchical=True,
-        head=head, width=32, depth=2, n_head=2, mlp_ratio=2.0, rope_base=100.0))
+        scale_starts=True, head=head, width=32, depth=2, n_head=2, mlp_ratio=2.0, rope_base=100.0))
     if head == 'codebook':
         gen.codes.tie_codebook(tok.quantizer.codebook)
     hr, lr = fixed_batch(64)

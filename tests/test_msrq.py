@@ -175,8 +175,9 @@ def test_config_rejects_bad_msrq_settings():
         TokenizerConfig(**tokenizer_args(quantizer='rq'))
 
 
-# 128 px crops: the 1/4-scale decode (32 px) is the smallest image LPIPS (AlexNet) accepts
-MSRQ = ['config/tiny.py', 'config/hvar.py', '--crop_size=128', '--patch=8', '--batch_size=2', *SMALL_TOK,
+# 128 px crops and the 10 steps of a 16 x 16 grid (config/hvar.py's tiny size is 64 px, 6 steps)
+MSRQ = ['config/tiny.py', 'config/hvar.py', '--crop_size=128', '--rq_steps=(1,2,3,4,5,6,8,10,13,16)', '--patch=8',
+        '--batch_size=2', *SMALL_TOK,
         '--codebook_size=16', '--max_minutes=0', '--threads=1', '--eval_interval=1000', '--log_interval=1',
         '--warmup_iters=2', '--vq_restart_every=2']
 
@@ -201,9 +202,9 @@ def test_plain_and_hierarchical_exact_resume(check_exact_resume, tmp_path, tiny_
     ('--rq_steps=(1,2,4,8,12)', 'last side must be the grid side'),   # grid 128/8 = 16
     ('--rq_steps=(2,1,4,8,16)', 'strictly increasing'),
     ('--rq_scales=(0.25,0.75,1.0)', 'scale 0.75 needs'),              # 0.75 x 16 = 12 is no step side
-    ('--rq_scales=(0.125,0.5,1.0)', 'too small for LPIPS'),           # 16 px at 1/8
+    ('--rq_scales=(0.125,0.5,1.0) --perceptual=alex', 'too small for LPIPS'),   # 16 px at 1/8 (VGG16: enough)
 ])
 def test_bad_step_list_fails_before_training(run_script, arg, words):
-    p = run_script('tokenizer.py', MSRQ + [arg, '--max_iters=1', '--hierarchical=True'], check=False)
+    p = run_script('tokenizer.py', MSRQ + arg.split() + ['--max_iters=1', '--hierarchical=True'], check=False)
     assert p.returncode != 0 and words in p.stderr and 'config error' in p.stderr, p.stderr
     assert 'Traceback' not in p.stderr and 'step ' not in p.stdout

@@ -190,8 +190,8 @@ def test_sr_preview_hvar_frames_are_x1_x2_x4_and_its_report(run_script, hvar_gen
 
     def scales(y):  # one top-1 pass of class 0 (degraded LR), decoded with the steps of scales 1..n
         cls = torch.zeros(len(y), dtype=torch.long)
-        _, cond = hvar_condition(tok, y, cls, gen.config.scale)
-        idxs, _ = gen.generate(tok.quantizer, cond, cls, 1)
+        _, conds = hvar_condition(tok, gen, y)
+        idxs, _ = gen.generate(tok.quantizer, conds, cls, 1)
         return [tok.decode_steps(idxs, upto=n).float().clamp(0, 1) for n in (1, 2, 3)]
     pairs = data.load_val_pairs(str(tiny_val))
     ref = tiled_sr(pairs['lr'], scales, (1, 2, 4), tile=32, overlap=8, fixed_tile=True)  # as sr.py tiles 64 px
