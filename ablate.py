@@ -16,7 +16,7 @@ for the same time on it, all scored on the same validation pairs.
 | hrq            | msrq for (1 - hrq_finetune) of the time, then its hierarchical fine-tuning | tiny + hvar  |
 | tvq            | tiny + tvq: 1 x 1024 texture codes + structure map, L1 + LPIPS | tiny + tvq               |
 
-Every tokenizer has the encoder, decoder (overlapping output patches) and latent width 32 of
+Every tokenizer has the encoder, decoder (the conv head, 16 channels) and latent width 32 of
 config/tiny.py and trains on 128-px crops, batch 8, no hue augmentation, with L1 + LPIPS
 (GAN off; SAME below); the texture VQ adds its structure branch and its two losses. Each run is an
 ordinary stage-script run with its own out_dir under out_dir/KIND/ (log, PNGs, checkpoint,
