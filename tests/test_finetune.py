@@ -59,6 +59,9 @@ def test_only_the_decoder_gets_gradients():
     gen = Generator(GeneratorConfig(**generator_args(patch=8, scale=4, groups=4, codebook_size=16, latent_dim=8, width=32, depth=1,
                                                      n_head=2, stem_dim=8, use_sft=False, cls_tokens='none',
                                                      feat_dim=0, pooled_dims=())))
+    with torch.no_grad():  # as after a few steps: the conv head's zero-initialised convs (conv_out, each
+        for p in tok.decoder.parameters():  # residual block's last) pass no gradient upstream at step 0
+            p.add_(0.01 * torch.randn_like(p))
     for m in (tok, gen):
         m.eval().requires_grad_(False)
     tok.decoder.requires_grad_(True)

@@ -194,7 +194,8 @@ def test_sr_preview_hvar_frames_are_x1_x2_x4_and_its_report(run_script, hvar_gen
         idxs, _ = gen.generate(tok.quantizer, conds, cls, 1)
         return [tok.decode_steps(idxs, upto=n).float().clamp(0, 1) for n in (1, 2, 3)]
     pairs = data.load_val_pairs(str(tiny_val))
-    ref = tiled_sr(pairs['lr'], scales, (1, 2, 4), tile=32, overlap=8, fixed_tile=True)  # as sr.py tiles 64 px
+    native = gen.config.hr_size // gen.config.scale  # as sr.py tiles: its native LR size, overlap 16/64 of it
+    ref = tiled_sr(pairs['lr'], scales, (1, 2, 4), tile=native, overlap=round(16 * native / 64), fixed_tile=True)
     for i, name in enumerate(pairs['names']):
         frames = preview_files(tmp_path, name, 256)
         assert len(frames) == 3
