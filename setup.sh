@@ -27,7 +27,9 @@ if [ -n "$missing" ]; then
 fi
 
 # 2. The venv, reinstalled only when requirements.txt changes.
-if [ ! -x "$VENV/bin/python" ]; then log "creating $VENV"; "$PY" -m venv "$VENV"; fi
+if [ ! -x "$VENV/bin/python" ] || [ ! -x "$VENV/bin/pip" ]; then  # (again, if a killed set-up left it half made)
+  log "creating $VENV"; "$PY" -m venv --clear "$VENV"
+fi
 stamp="$VENV/.requirements.sha256"
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
