@@ -91,6 +91,8 @@ dpo_weight = 1.0          # equal weight with CE, as the paper
 dpo_reduce = 'sum'        # log-likelihood of a sequence: 'sum' over its tokens (the paper) | 'mean' (per token)
 dpo_start = 0             # steps of CE alone before DPO joins (a warm-up)
 dpo_ref = False           # True: DPO against a frozen copy of the generator taken at dpo_start (standard DPO)
+reg_weight = 0.0          # head 'codebook': + this x the regressed residual's squared distance to the target's code
+                          # (losses.code_regression), which keeps top-1 on the nearest code (docs/method.md#codebook-head)
 bilinear_frac = 0.1       # pairs whose LR is only a bilinear downsample of HR (class 1), <= 0.25
 free_frac = 0.1           # pairs of either kind labelled class-free (class 2), the LR still given
 guidance_drop = 0.0       # pairs with zero conditions (class-free), for classifier-free guidance (sr.py --cfg)
@@ -163,6 +165,9 @@ def check_config():
         problems.append(f"free_frac={free_frac} and guidance_drop={guidance_drop} must be in [0, 1)")
     if dpo_beta <= 0 or dpo_weight < 0:
         problems.append(f"dpo_beta={dpo_beta} must be > 0 and dpo_weight={dpo_weight} >= 0")
+    if reg_weight < 0 or (reg_weight > 0 and head != 'codebook'):
+        problems.append(f"reg_weight={reg_weight} must be >= 0, and 0 unless head='codebook' (it regresses that "
+                        f"head's residual; head={head!r})")
     if dpo_reduce not in ('sum', 'mean') or dpo_start < 0:
         problems.append(f"dpo_reduce={dpo_reduce!r} must be 'sum' or 'mean', dpo_start={dpo_start} >= 0")
     if problems:
@@ -292,7 +297,7 @@ if hvar:
     log(f"H-VAR generator: {count_params(generator) / 1e6:.2f}M params, {tcfg.codebook_size} logits ({head} head), "
         f"{generator.n_cond} condition + {sum(generator.sizes[1:])} image tokens ({hvar_tokens} targets, steps "
         f"{tcfg.rq_steps}, scales {tcfg.rq_scales}), dpo {dpo} (beta {dpo_beta}, {dpo_reduce}, from step {dpo_start}"
-        f"{', reference policy' if dpo_ref else ''}), bilinear_frac {bilinear_frac}, free_frac {free_frac}, "
+        f"{', reference policy' if dpo_ref else ''}), reg_weight {reg_weight}, bilinear_frac {bilinear_frac}, free_frac {free_frac}, "
         f"guidance_drop {guidance_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
         + (f", DDP over {world} processes" if world > 1 else ''))
 else:
@@ -393,8 +398,10 @@ def hvar_evaluate(tag):
     cls = torch.full((len(fixed['hr']),), CLASS_DEGRADED, device=device)
     _, parts, acc = hvar_losses(tokenizer, generator, fixed['hr'].to(device), fixed['lr'].to(device), cls,
                                 ce_weight=ce_weight, dpo=True, dpo_weight=dpo_weight, dpo_beta=dpo_beta,
-                                dpo_reduce=dpo_reduce)
+                                dpo_reduce=dpo_reduce, reg_weight=reg_weight)
     out.update(val_ce=float(parts['ce']), val_logp_gap=float(parts['logp_gap']), token_acc_mean=float(acc.mean()))
+    if reg_weight > 0:
+        out['val_reg'] = float(parts['reg'])
     out.update({f'token_acc_s{n + 1}': float(a)
                 for n, a in enumerate(scale_accuracy(acc, tcfg.rq_steps, tokenizer.quantizer.partition))})
     out.update({f'token_acc_step{i + 1}': float(a) for i, a in enumerate(acc)})
@@ -415,7 +422,7 @@ def hvar_batch(hr, lr, gan_on):
     with ctx:
         loss, parts, acc = train_step(hvar_losses, tokenizer, train_gen, hr, lr, cls, ce_weight=ce_weight,
                                       dpo=dpo and step >= dpo_start, dpo_weight=dpo_weight, dpo_beta=dpo_beta,
-                                      dpo_reduce=dpo_reduce, reference=reference, drop_B=drop)
+                                      dpo_reduce=dpo_reduce, reference=reference, drop_B=drop, reg_weight=reg_weight)
     parts.update({f'acc_s{n + 1}': a.detach()
                   for n, a in enumerate(scale_accuracy(acc, tcfg.rq_steps, tokenizer.quantizer.partition))})
     return loss, parts, None

@@ -262,8 +262,15 @@ def scale_accuracy(acc_L, steps, partition):
     return [(acc_L[p] * n[p]).sum() / n[p].sum() for p in partition]
 
 
+def code_regression(r_BNC, tokens_BN, codes):
+    """The codebook head's regression term: mean ||r - e_z||^2 / (C s^2) over the tokens, r the regressed
+    residuals (B, N, C), e_z the target tokens' codes, s the RMS of a code entry (codes: CodebookHead)."""
+    e = codes.codebook.float()[0][tokens_BN]                                     # (B, N, C)
+    return (r_BNC - e).pow(2).mean() / codes.code_scale.pow(2)
+
+
 def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weight, dpo_beta, dpo_reduce='sum',
-                reference=None, drop_B=None):
+                reference=None, drop_B=None, reg_weight=0.0):
     """The H-VAR stage-2 loss of one batch (docs/method.md#next-scale-generator, #dpo), for
     generator.py and bench.py: ce_weight * CE(z_HR) + dpo_weight * L_DPO, both under teacher
     forcing; L_DPO needs a second sequence, z_LR (the tokens of the upsampled LR), run in the same
@@ -273,8 +280,11 @@ def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weig
     reference: a frozen copy of the generator, whose log-likelihoods of the same sequences are
     subtracted (standard DPO; the paper has none). generator: the module to call (compiled or not).
     drop_B (B,) bool: these samples get zero conditions (guidance dropout, for classifier-free guidance).
-    -> (loss, parts (ce, dpo, logp_gap), per-step accuracy (L,))."""
+    reg_weight > 0 (codebook head): + reg_weight * code_regression of HR's tokens, which pulls the
+    regressed residual to the target's code, so that top-1 (its nearest code) follows it.
+    -> (loss, parts (ce, dpo, logp_gap, reg), per-step accuracy (L,))."""
     c = generator.config
+    reg = reg_weight > 0
     up, conds = hvar_condition(tokenizer, generator, lr, drop_B)
     z_hr = msrq_tokens(tokenizer, hr, c.hierarchical)
     ins = generator.step_inputs(tokenizer.quantizer, conds, z_hr)
@@ -286,7 +296,9 @@ def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weig
         both = ([torch.cat([z, z]) for z in conds],
                 [torch.cat(p) for p in zip(ins, generator.step_inputs(tokenizer.quantizer, conds, z_lr))],
                 torch.cat([cls_B, cls_B]))
-        logits, logits_lr = generator(*both).chunk(2)                   # (B, N, K) each
+        out = generator(*both, residual=reg)
+        logits, logits_lr = (out[0] if reg else out).chunk(2)           # (B, N, K) each
+        r = out[1].chunk(2)[0] if reg else None                         # (B, N, C): HR's sequence
         logp_hr, logp_lr = sequence_logp(logits, t_hr, dpo_reduce), sequence_logp(logits_lr, t_lr, dpo_reduce)
         if reference is not None:
             with torch.no_grad():
@@ -296,9 +308,10 @@ def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weig
         degraded = (cls_B == CLASS_DEGRADED).float()
         l_dpo, gap = dpo_loss(logp_hr, logp_lr, dpo_beta, degraded), (logp_hr - logp_lr).mean().detach()
     else:
-        logits = generator(conds, ins, cls_B)                           # (B, N, K)
+        logits, r = generator(conds, ins, cls_B, residual=True) if reg else (generator(conds, ins, cls_B), None)
         l_dpo = gap = zero
     ce = F.cross_entropy(logits.float().flatten(0, 1), t_hr.flatten())
-    loss = ce_weight * ce + dpo_weight * l_dpo
-    acc = step_accuracy(logits.detach(), t_hr, [r * r for r in c.rq_steps])
-    return loss, dict(ce=ce, dpo=l_dpo, logp_gap=gap), acc
+    l_reg = code_regression(r, t_hr, generator.codes) if reg else zero
+    loss = ce_weight * ce + dpo_weight * l_dpo + reg_weight * l_reg
+    acc = step_accuracy(logits.detach(), t_hr, [n * n for n in c.rq_steps])
+    return loss, dict(ce=ce, dpo=l_dpo, logp_gap=gap, reg=l_reg), acc

@@ -815,10 +815,15 @@ class CodebookHead(nn.Module):
         self.register_buffer('code_scale', torch.ones(()))                                          # s
         self.log_t = nn.Parameter(torch.zeros(groups))
 
+    def residual(self, h, a):
+        """h, a (..., C): the Linear's correction and the start -> r = a + s h (..., C), the point the
+        codes are scored against (top-1 = its nearest code in each group)."""
+        return a.float() + self.code_scale * h.float()
+
     def forward(self, h, a):
         """h, a (..., C): the Linear's correction and the start -> logits (..., G, K)."""
         G, K, d = self.codebook.shape
-        r = (a.float() + self.code_scale * h.float()).unflatten(-1, (G, d))           # (..., G, d)
+        r = self.residual(h, a).unflatten(-1, (G, d))                                 # (..., G, d)
         e = self.codebook.float()                                                      # (G, K, d)
         with torch.autocast(r.device.type, enabled=False):  # distances in fp32: bf16 would reorder near codes
             logits = 2 * torch.einsum('...gd,gkd->...gk', r, e) - e.pow(2).sum(-1)
@@ -1154,10 +1159,14 @@ class NextScaleGenerator(nn.Module):
                for i, t in enumerate(inputs, first)]
         return torch.cat([o.flatten(2).transpose(1, 2) for o in out], dim=1)
 
-    def logits(self, h_BTd, skip_BTC=None):
-        """(B, T, width) and, for head='codebook', the skips (B, T, C) -> (B, T, K)."""
+    def logits(self, h_BTd, skip_BTC=None, residual=False):
+        """(B, T, width) and, for head='codebook', the skips (B, T, C) -> (B, T, K); residual=True (codebook
+        head): (logits, the regressed residual r (B, T, C))."""
         h = self.head(self.norm(h_BTd))
-        return h if self.codes is None else self.codes(h, skip_BTC)[..., 0, :]
+        if self.codes is None:
+            return h
+        logits = self.codes(h, skip_BTC)[..., 0, :]
+        return (logits, self.codes.residual(h, skip_BTC)) if residual else logits
 
     def embed_cond(self, cond_BChw, cls_B):
         R = self.config.rq_steps[-1]
@@ -1171,17 +1180,18 @@ class NextScaleGenerator(nn.Module):
         x = self.in_proj(in_BChw.flatten(2).transpose(1, 2))                  # (B, rho_i^2, width)
         return x + self.step_emb.weight[i + 1] + self.class_emb(cls_B)[:, None]
 
-    def forward(self, conds, inputs, cls_B):
+    def forward(self, conds, inputs, cls_B, residual=False):
         """Teacher-forced pass, one masked forward. conds from hvar_condition (the last (B, C, R, R):
         the condition tokens); inputs [(B, C, rho_i, rho_i)] of steps 1..n (n <= L), from step_inputs;
-        cls_B (B,) long. -> logits (B, N, K) of those steps, N = sum_{i<=n} rho_i^2 (step-major)."""
+        cls_B (B,) long. -> logits (B, N, K) of those steps, N = sum_{i<=n} rho_i^2 (step-major);
+        residual=True (codebook head): (logits, r (B, N, C))."""
         x = torch.cat([self.embed_cond(conds[-1], cls_B)] +
                       [self.embed_step(i, t, cls_B) for i, t in enumerate(inputs)], dim=1)
         T = x.shape[1]
         rope, mask = (self.rope_cos[:T], self.rope_sin[:T]), self.mask[:T, :T]
         for blk in self.blocks:
             x = blk(x, rope, attn_mask=mask)
-        return self.logits(x[:, self.n_cond:], self.skips(conds, inputs))
+        return self.logits(x[:, self.n_cond:], self.skips(conds, inputs), residual)
 
     def next_input(self, quantizer, idxs, i, acc):
         """Input of step i >= 1 from the tokens idxs of steps < i: the running sum acc = [f, grid]

@@ -250,6 +250,27 @@ def test_losses_ce_plus_dpo_and_ablation():
     assert all(p.grad is None for p in ref.parameters()) and any(p.grad is not None for p in gen.parameters())
 
 
+def test_code_regression_by_hand():
+    """reg_weight (codebook head): untrained, the regressed residual is the skip (the LR's residual of each
+    step), so the term is the mean of ||skip - e_z||^2 / (C s^2) over HR's tokens z, made here from
+    generator.skips and the tokenizer's codebook; the loss adds reg_weight times it, with DPO or without."""
+    tok, gen = tiny_chain(head='codebook')
+    fresh = NextScaleGenerator(gen.config)
+    fresh.codes.tie_codebook(tok.quantizer.codebook)
+    hr, lr, cls = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 16, 16), torch.tensor([0, 0])
+    _, conds = hvar_condition(tok, fresh, lr)
+    z_hr = msrq_tokens(tok, hr, True)
+    skip = fresh.skips(conds, fresh.step_inputs(tok.quantizer, conds, z_hr))        # (2, 130, 8)
+    e = tok.quantizer.codebook[0][flat_tokens(z_hr)]                                 # (2, 130, 8)
+    want = ((skip - e) ** 2).sum(-1).mean() / (8 * tok.quantizer.codebook.pow(2).mean())
+    for dpo in (False, True):
+        s = dict(dpo=dpo, dpo_beta=0.2, ce_weight=1.0, dpo_weight=1.0)
+        loss0, parts0, _ = hvar_losses(tok, fresh, hr, lr, cls, **s)
+        loss, parts, _ = hvar_losses(tok, fresh, hr, lr, cls, **s, reg_weight=0.5)
+        assert abs(parts['reg'].item() - want.item()) < 1e-4 * want.item(), (parts['reg'].item(), want.item())
+        assert abs(loss.item() - loss0.item() - 0.5 * want.item()) < 1e-4 and parts0['reg'].item() == 0
+
+
 def test_multiscale_tiling_equals_one_scale_at_a_time():
     """tiled_sr with scales (1, 2, 4) and a multi-output fn blends each output exactly as a separate
     single-scale run would; fixed_tile pads a small image up to the tile."""
@@ -332,10 +353,11 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
     ('--crop_size=128', 'native size'),
     ('--bilinear_frac=0.5', 'bilinear_frac=0.5 must be in [0, 0.25]'),
     ('--method=hitoksr', "unknown config key 'method'"),  # the tokenizer decides the method
+    ('--reg_weight=1 --head=linear', "0 unless head='codebook'"),
 ])
 def test_config_errors_are_one_line(run_script, hrq_tok, tiny_val, tmp_path, arg, words):
     p = run_script('generator.py', HVAR + [f'--tok_ckpt={hrq_tok}', f'--val_dir={tiny_val}', f'--out_dir={tmp_path}',
-                                           '--max_iters=1', arg], check=False)
+                                           '--max_iters=1', *arg.split()], check=False)
     assert p.returncode != 0 and words in p.stderr and 'config error' in p.stderr, p.stderr
     assert 'Traceback' not in p.stderr and 'step ' not in p.stdout
 

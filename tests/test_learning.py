@@ -93,9 +93,12 @@ def test_the_texture_predictor_fits_a_batch():
     assert learned(accs), f"token accuracy {accs[0]:.2f} -> {accs[-1]:.2f} after {steps} steps"
 
 
-@pytest.mark.parametrize('head', ['linear', 'codebook'])
-def test_the_next_scale_generator_fits_a_batch(head):
-    """H-VAR, teacher forcing over every step of the hierarchical sequence (130 tokens a crop)."""
+@pytest.mark.parametrize('head, ce_weight, reg_weight', [('linear', 1.0, 0.0), ('codebook', 1.0, 0.0),
+                                                     ('codebook', 0.0, 1.0)])
+def test_the_next_scale_generator_fits_a_batch(head, ce_weight, reg_weight):
+    """H-VAR, teacher forcing over every step of the hierarchical sequence (130 tokens a crop); for the
+    codebook head also with the code regression alone (its top-1 is the code nearest to the regressed
+    residual, so pulling that to the target's code must get the tokens right too)."""
     torch.manual_seed(0)
     steps_, scales = (1, 2, 3, 4, 6, 8), (0.25, 0.5, 1.0)
     tok = frozen(Tokenizer(TokenizerConfig(**tokenizer_args(
@@ -110,7 +113,8 @@ def test_the_next_scale_generator_fits_a_batch(head):
     cls = torch.full((2,), CLASS_DEGRADED)
 
     def step():
-        loss, _, acc = hvar_losses(tok, gen, hr, lr, cls, ce_weight=1.0, dpo=False, dpo_weight=0.0, dpo_beta=0.2)
+        loss, _, acc = hvar_losses(tok, gen, hr, lr, cls, ce_weight=ce_weight, dpo=False, dpo_weight=0.0, dpo_beta=0.2,
+                                   reg_weight=reg_weight)
         n = torch.tensor([r * r for r in steps_], dtype=torch.float32)
         return loss, (acc * n).sum() / n.sum()                              # over all 130 tokens
     steps, accs = fit(step, gen.parameters())
