@@ -212,15 +212,18 @@ def res_block(ch):
 
 class ConvUpsampler(nn.Module):
     """head='conv' of ViTDecoder (docs/method.md#conv-decoder-head): the h x w token features grow to
-    the image in log2(p) steps of x2, each a nearest-neighbour resize + 3x3 conv (no transposed
+    the image in log2(p) steps of x2, each a nearest-neighbour (or bilinear, up='bilinear') resize + 3x3 conv (no transposed
     convolution: its uneven kernel overlap paints a checkerboard), with n_blocks residual blocks on
     every level, as the VQGAN / LlamaGen decoders. No output pixel belongs to one token: every
     conv straddles the cells, so the token grid has no edge to show. Channels: ch at full
     resolution, doubled per coarser level up to `width`. The convs add detail to each token's
-    colour, bicubically upsampled (to_rgb): conv_out starts at zero, so a fresh head paints a smooth
-    image of the tokens' colours and the colours train as fast as a linear head's."""
-    def __init__(self, width, patch, ch, n_blocks):
+    colour, bicubically upsampled (to_rgb; bilinearly with up='bilinear'): conv_out starts at zero, so a
+    fresh head paints a smooth image of the tokens' colours and the colours train as fast as a linear head's."""
+    def __init__(self, width, patch, ch, n_blocks, up='nearest'):
         super().__init__()
+        if up not in ('nearest', 'bilinear'):
+            raise ValueError(f"ConvUpsampler: up must be 'nearest' or 'bilinear', got {up!r}")
+        self.up, self.rgb_up = up, 'bicubic' if up == 'nearest' else 'bilinear'
         n_up = patch.bit_length() - 1
         if patch != 1 << n_up:
             raise ValueError(f"ConvUpsampler: the x2 steps need a power-of-two patch, got {patch}")
@@ -244,19 +247,19 @@ class ConvUpsampler(nn.Module):
             for blk in blocks:
                 x = x + blk(x)
             if i < len(self.ups):                                                # (B, ch_i+1, 2^i+1 h, ...)
-                x = self.ups[i](F.interpolate(x, scale_factor=2.0, mode='nearest'))
+                x = self.ups[i](F.interpolate(x, scale_factor=2.0, mode=self.up))
         rgb = self.to_rgb(t.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)             # (B, 3, h, w)
-        return F.interpolate(rgb, size=x.shape[-2:], mode='bicubic', align_corners=False) + self.conv_out(F.silu(x))
+        return F.interpolate(rgb, size=x.shape[-2:], mode=self.rgb_up, align_corners=False) + self.conv_out(F.silu(x))
 
 
 class ViTDecoder(nn.Module):
     """Output is unbounded (no sigmoid): it lands in ~[0, 1] because the targets are in [0, 1];
     clamp to [0, 1] only for evaluation / saving images. From tokens to pixels
     (docs/method.md#vit-autoencoder): head='conv' is ConvUpsampler (conv_ch channels at full
-    resolution, conv_blocks per level); head='linear' un-patchifies a per-token linear map, where
+    resolution, conv_blocks per level, resizes conv_up); head='linear' un-patchifies a per-token linear map, where
     overlap=True makes each token paint a 2p x 2p patch, tent-blended with its neighbours (overlap_add)."""
     def __init__(self, patch, width, depth, n_head, latent_dim, mlp_ratio=4.0, rope_base=10000.0,
-                 overlap=False, head='linear', conv_ch=32, conv_blocks=1):
+                 overlap=False, head='linear', conv_ch=32, conv_blocks=1, conv_up='nearest'):
         super().__init__()
         if overlap and patch % 2:
             raise ValueError(f"ViTDecoder: overlapping output patches need an even patch, got {patch}")
@@ -266,7 +269,7 @@ class ViTDecoder(nn.Module):
         self.from_latent = nn.Linear(latent_dim, width)
         self.blocks = nn.ModuleList([Block(width, n_head, mlp_ratio) for _ in range(depth)])
         self.norm = RMSNorm(width)
-        self.upsampler = ConvUpsampler(width, patch, conv_ch, conv_blocks) if head == 'conv' else None
+        self.upsampler = ConvUpsampler(width, patch, conv_ch, conv_blocks, conv_up) if head == 'conv' else None
         if head == 'linear':
             self.to_pixels = nn.Linear(width, 3 * (2 * patch if overlap else patch) ** 2)
         init_transformer_weights(self, depth)
@@ -570,6 +573,7 @@ class TokenizerConfig(ModelConfig):
     dec_head: str             # 'linear' (per-token pixels) | 'conv' (x2 resize + conv steps to full resolution)
     dec_conv_ch: int          # head='conv': channels at full resolution, doubled per coarser level
     dec_conv_blocks: int      # head='conv': residual blocks per level
+    dec_conv_up: str          # head='conv': the x2 resizes, 'nearest' (colours bicubic) | 'bilinear' (colours too)
     mlp_ratio: float          # SwiGLU hidden = 2/3 * mlp_ratio * width
     rope_base: float
     beta: float               # commitment weight inside L_commit
@@ -620,6 +624,7 @@ class TokenizerConfig(ModelConfig):
         self.check_choice('dec_head', 'linear', 'conv')
         if self.dec_head == 'conv':
             self.check_positive('dec_conv_ch', 'dec_conv_blocks')
+            self.check_choice('dec_conv_up', 'nearest', 'bilinear')
             if self.patch & (self.patch - 1):
                 self.bad('patch', "must be a power of two with dec_head='conv' (x2 upsampling steps)")
             if self.dec_overlap:
@@ -632,7 +637,7 @@ class TokenizerConfig(ModelConfig):
 TokenizerConfig.ADDED_FIELDS = dict(quantizer='grouped', rq_steps=(), rq_scales=(1.0,), rq_phi=0, rq_phi_ratio=0.5,
                                     tvq_struct_dim=64, tvq_struct_pool=4, tvq_down=8, tvq_down_width=128,
                                     tvq_down_depth=2, tvq_down_heads=4, dec_head='linear', dec_conv_ch=32,
-                                    dec_conv_blocks=1)
+                                    dec_conv_blocks=1, dec_conv_up='nearest')
 TokenizerConfig.REMOVED_FIELDS = dict(dec_refine=0, dec_refine_ch=None)  # the conv refinement, now dec_head='conv'
 
 
@@ -666,7 +671,7 @@ class Tokenizer(nn.Module):
             self.quantizer = GroupedVQ(c.latent_dim, c.groups, c.codebook_size, *vq)
         self.decoder = ViTDecoder(c.patch, c.dec_width, c.dec_depth, c.dec_heads, c.latent_dim + c_l,
                                   c.mlp_ratio, c.rope_base, c.dec_overlap, c.dec_head, c.dec_conv_ch,
-                                  c.dec_conv_blocks)
+                                  c.dec_conv_blocks, c.dec_conv_up)
         if self.tvq:  # E_down, D_down: patch p * pool / down on x / down puts F_down on the grid of F_L
             p_down = c.patch * c.tvq_struct_pool // c.tvq_down
             self.struct_encoder = ViTEncoder(p_down, c.tvq_down_width, c.tvq_down_depth, c.tvq_down_heads,

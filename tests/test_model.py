@@ -335,6 +335,9 @@ def test_conv_head_couples_tokens_and_shifts_with_them():
     t = torch.randn(1, 3 * 5, 32)                # a fresh head paints the tokens' colours, bicubically
     rgb = (t @ fresh.to_rgb.weight.T + fresh.to_rgb.bias).view(1, 3, 5, 3).permute(0, 3, 1, 2)
     torch.testing.assert_close(fresh(t, 3, 5), F.interpolate(rgb, scale_factor=p, mode='bicubic'))
+    bil = ViTDecoder(p, 32, 0, 2, 8, head='conv', conv_ch=8, conv_up='bilinear').upsampler  # ... or bilinearly
+    bil.load_state_dict(fresh.state_dict())
+    torch.testing.assert_close(bil(t, 3, 5), F.interpolate(rgb, scale_factor=p, mode='bilinear'))
     up, t = dec.upsampler, torch.randn(1, 16 * 16, 32)
     with torch.no_grad():
         x = up(t, 16, 16)                                                     # (1, 3, 64, 64)
@@ -351,6 +354,8 @@ def test_conv_head_couples_tokens_and_shifts_with_them():
         TokenizerConfig(**dict(TINY, patch=6, latent_dim=8, dec_head='conv'))
     with pytest.raises(ValueError, match="dec_head"):
         TokenizerConfig(**dict(TINY, dec_head='deconv'))
+    with pytest.raises(ValueError, match="dec_conv_up"):
+        TokenizerConfig(**dict(TINY, dec_head='conv', dec_overlap=False, dec_conv_up='bicubic'))
 
 
 def test_flops_per_image_counts_the_conv_head():
