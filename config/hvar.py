@@ -6,7 +6,7 @@
 #   python tokenizer.py config/tiny.py config/hvar.py --hierarchical=True --freeze_encoder=True \
 #       --init_from=out/tokenizer_hrq/ckpt.pt --out_dir=out/tokenizer_hrq_ft --max_minutes=4   # (c) Algorithm 1
 #   python generator.py config/tiny.py config/hvar.py      # on out/tokenizer_hrq_ft
-#   python generator.py config/tiny.py config/hvar.py --dpo=False --out_dir=out/generator_hvar_nodpo
+#   python generator.py config/tiny.py config/hvar.py --dpo=True --out_dir=out/generator_hvar_dpo   # + the paper's DPO
 #   python generator.py config/tiny.py config/hvar.py --hvar_tokens=plain --out_dir=out/generator_hvar_plain
 # At the paper's size the tokenizer's settings are the hierarchical fine-tuning of a plain RQ run:
 #   python tokenizer.py config/paper.py config/hvar.py --hierarchical=False --freeze_encoder=False \
@@ -61,6 +61,11 @@ if stage == 'generator':
         # (docs/method.md#codebook-head); 'linear' is VAR's classifier. Width 96, 4 blocks, batch 8 (0.45M
         # parameters): small enough for 1500 or more steps, each with DPO's second sequence, in the
         # 10-minute budget on 2 cores.
+        # CE + the code regression (reg_weight: keeps the regressed residual among the codes, so that
+        # top-1 stays a sensible token; docs/method.md#codebook-head), no DPO: at this size every DPO
+        # form and CE alone made the x4 decode worse than the untrained start (docs/results.md, Table 1b).
+        dpo = False
+        reg_weight = 1.0
         tok_ckpt = 'out/tokenizer_hrq_ft/ckpt.pt'   # the hierarchical fine-tuning (c) above
         crop_size = 64
         width = 96

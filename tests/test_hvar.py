@@ -304,7 +304,7 @@ MSRQ = ['config/tiny.py', 'config/hvar.py', '--patch=8', '--batch_size=2', *SMAL
         '--codebook_size=16', '--max_minutes=0', '--threads=1', '--eval_interval=1000', '--max_iters=2']
 HVAR = ['config/tiny.py', 'config/hvar.py', '--batch_size=2', '--width=32', '--depth=1',
         '--n_head=2', '--max_minutes=0', '--threads=1', '--log_interval=1', '--warmup_iters=2',
-        '--bilinear_frac=0.25', '--free_frac=0.25', '--guidance_drop=0.25']
+        '--bilinear_frac=0.25', '--free_frac=0.25', '--guidance_drop=0.25', '--dpo=True']   # with config/hvar.py's reg_weight
 
 
 @pytest.fixture(scope='module')
@@ -320,7 +320,7 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
     out, a = check_exact_resume('generator.py', args, tmp_path, 2, ('generator',))
     for key in ('x1_psnr_y:', 'x2_lpips:', 'x4_lpips:', 'x1_bicubic_lpips:', 'token_acc_s3:', 'val_logp_gap:'):
         assert key in out, key
-    assert 'dpo ' in out.split('step 1 |')[1].split('\n')[0] and 'acc_s1' in out
+    assert all(k in out.split('step 1 |')[1].split('\n')[0] for k in ('dpo ', 'reg ', 'acc_s1'))
     assert a['method'] == 'hvar' and 'disc' not in a and 'prior_lora' not in a
     for f in ('log.txt', 'curves.png', 'summary.json', 'samples_000004.png'):
         assert (tmp_path / 'straight' / f).is_file(), f
