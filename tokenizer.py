@@ -72,7 +72,8 @@ dec_heads = 12
 dec_head = 'conv'         # x2 resize + conv steps from the token grid to pixels (docs/method.md#conv-decoder-head)
 dec_conv_ch = 64          # head 'conv': channels at full resolution, doubled per coarser level up to dec_width
 dec_conv_blocks = 1       # head 'conv': residual blocks (two 3x3 convs each) per level
-dec_conv_up = 'nearest'   # head 'conv': the x2 resizes, 'nearest' (VQGAN, LlamaGen; the colours bicubic) | 'bilinear'
+dec_conv_up = 'bilinear'  # head 'conv': the x2 resizes and the colour path, bilinear | 'nearest' (VQGAN, LlamaGen;
+                          # the colours bicubic): nearest leaves a period-p pattern (docs/method.md#conv-decoder-head)
 dec_overlap = False       # head 'linear': each token paints a 2p x 2p patch, tent-blended with its neighbours
 mlp_ratio = 4.0           # SwiGLU hidden = 2/3 * mlp_ratio * width
 rope_base = 10000.0       # 2D RoPE frequency base
