@@ -191,8 +191,9 @@ def rank_states(state, names):
 
 
 def setting_problems(s):
-    """Range checks of the settings every stage script has, before any work: one message per bad
-    value, with the valid range (the scripts add their own checks and fail with all of them)."""
+    """Range checks of the settings the stage scripts share, before any work: one message per bad
+    value, with the valid range (every *_weight >= 0; degradation, jpeg_impl, patch where a script has
+    them). The scripts add their own checks and fail with all of them."""
     problems = []
     for key in ('batch_size', 'grad_accum', 'crop_size', 'eval_interval', 'log_interval'):
         if s[key] < 1:
@@ -209,6 +210,18 @@ def setting_problems(s):
         problems.append(f"perceptual={s['perceptual']!r} must be 'vgg' or 'alex' (the LPIPS network of the loss)")
     if 'threads' in s and s['threads'] < 0:
         problems.append(f"threads={s['threads']} must be >= 0 (0 = torch's default)")
+    if s['max_iters'] <= 0 and s['max_minutes'] <= 0:
+        problems.append("set max_iters > 0 or max_minutes > 0")
+    for key in sorted(k for k in s if k.endswith('_weight')):                  # every loss weight
+        if s[key] < 0:
+            problems.append(f"{key}={s[key]} must be >= 0 (0 disables it)")
+    for key, choices in (('degradation', ('realesrgan', 'bicubic')), ('jpeg_impl', ('torch', 'pil'))):
+        if key in s and s[key] not in choices:
+            problems.append(f"{key}={s[key]!r} must be " + ' or '.join(map(repr, choices)))
+    if 'patch' in s and s['patch'] < 1:
+        problems.append(f"patch={s['patch']} must be >= 1")
+    elif 'patch' in s and s['crop_size'] % s['patch']:
+        problems.append(f"crop_size={s['crop_size']} must be a multiple of patch={s['patch']}")
     return problems + device_problems(s['device']) + dtype_problems(s.get('dtype', 'auto'))
 
 

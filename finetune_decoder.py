@@ -99,15 +99,6 @@ def check_config():
         problems.append(f"mode={mode!r} must be 'frozen', 'top1' or 'topk'")
     if top_k < 1:
         problems.append(f"top_k={top_k} must be >= 1")
-    if max_iters <= 0 and max_minutes <= 0:
-        problems.append("set max_iters > 0 or max_minutes > 0")
-    if degradation not in ('realesrgan', 'bicubic'):
-        problems.append(f"degradation={degradation!r} must be 'realesrgan' or 'bicubic'")
-    if jpeg_impl not in ('torch', 'pil'):
-        problems.append(f"jpeg_impl={jpeg_impl!r} must be 'torch' or 'pil'")
-    for k in ('l1_weight', 'lpips_weight', 'gan_weight'):
-        if globals()[k] < 0:
-            problems.append(f"{k}={globals()[k]} must be >= 0 (0 disables it)")
     if mode != 'frozen' and l1_weight == lpips_weight == gan_weight == 0:
         problems.append("every loss weight is 0: nothing would train the decoder (use --mode=frozen)")
     if not os.path.isfile(gen_ckpt):

@@ -132,7 +132,8 @@ def periodic_score(x, period=8, radius=4):
     `radius` around it, the 3 x 3 centre left out); log10 of the mean ratio. A dot texture or a
     staircase that repeats every `period` pixels puts peaks far above their neighbours there; a
     photo's smooth spectrum does not. Random offsets per cell (a patch grid of varying contrast)
-    have no such peaks: that is the grid score's job. Adding a constant leaves it unchanged.
+    have no such peaks: that is the grid score's job. Adding a constant leaves it unchanged; a flat
+    image (no spectrum at all) scores 0.
     x (B, 3, H, W) in [0, 1], H and W multiples of `period` (each harmonic on an exact FFT bin)."""
     if x.ndim != 4 or x.shape[1] != 3 or x.shape[-1] % period or x.shape[-2] % period:
         raise ValueError(f"metrics.periodic_score: expected (B, 3, H, W) images with H, W multiples of "
@@ -153,8 +154,8 @@ def periodic_score(x, period=8, radius=4):
                 continue
             u, v = a * H // period, b * W // period                                  # the harmonic's bin
             nb = power[:, (u + dy[ring]) % H, (v + dx[ring]) % W]                    # (B, n) neighbours
-            ratios.append(power[:, u, v] / nb.median(1).values.clamp_min(1e-12))
-    return torch.stack(ratios, 1).mean(1).log10()
+            ratios.append(power[:, u, v].clamp_min(1e-12) / nb.median(1).values.clamp_min(1e-12))
+    return torch.stack(ratios, 1).mean(1).log10()                                   # a flat image: 0
 
 
 def color_error(sr, hr, crop_border=0):

@@ -140,10 +140,6 @@ config = configure(globals())
 
 def check_config():
     problems = setting_problems(config)
-    if patch < 1:
-        problems.append(f"patch={patch} must be >= 1")
-    elif crop_size % patch:
-        problems.append(f"crop_size={crop_size} must be a multiple of patch={patch}")
     if not 0.0 <= p_full <= 1.0:
         problems.append(f"p_full={p_full} must be in [0, 1]")
     if init_from not in ('scratch', 'resume') and not os.path.isfile(init_from):
@@ -163,12 +159,8 @@ def check_config():
     if quantizer == 'tvq' and crop_size % (patch * tvq_struct_pool):
         problems.append(f"crop_size={crop_size} must be a multiple of patch x tvq_struct_pool = "
                         f"{patch * tvq_struct_pool} (the structure map's cell)")
-    if align_weight < 0 or down_weight < 0:
-        problems.append(f"align_weight={align_weight} and down_weight={down_weight} must be >= 0")
     if not 0.0 <= quant_dropout <= 1.0:
         problems.append(f"quant_dropout={quant_dropout} must be in [0, 1]")
-    if max_iters <= 0 and max_minutes <= 0:
-        problems.append("set max_iters > 0 or max_minutes > 0")
     if problems:
         fail('tokenizer.py: ' + '; '.join(problems))
 

@@ -402,6 +402,8 @@ def test_periodic_score_against_loops_low_on_photos_high_on_dots_and_grids(tiny_
     mid = (hr * 0.6 + 0.2 - (hr * 0.6 + 0.2) % (1 / 255))
     torch.testing.assert_close(metrics.periodic_score(mid + 12 / 255, 8), metrics.periodic_score(mid, 8),
                                rtol=0, atol=1e-6)
+    # a flat image (an untrained decoder's output) has no spectrum: 0, a finite number for the JSON logs
+    assert metrics.periodic_score(torch.full((2, 3, 64, 64), 0.3), 8).tolist() == [0.0, 0.0]
     with pytest.raises(ValueError, match='multiples of period=8'):
         metrics.periodic_score(torch.rand(1, 3, 60, 64), 8)
 

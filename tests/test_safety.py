@@ -478,6 +478,8 @@ def test_a_run_that_fails_before_writing_leaves_no_empty_out_dir(run_script, tmp
     ('sr.py', ['--input=assets/val_pairs/lr', '--dtype=float64'], "dtype='float64' must be auto, float32, bfloat16 or float16"),
     ('tokenizer.py', ['--threads=-1'], 'threads=-1 must be >= 0'),
     ('tokenizer.py', ['--patch=0'], 'patch=0 must be >= 1'),
+    ('tokenizer.py', ['--grad_weight=-0.5'], 'grad_weight=-0.5 must be >= 0'),          # every *_weight
+    ('finetune_decoder.py', ['--jpeg_impl=turbo'], "jpeg_impl='turbo' must be 'torch' or 'pil'"),
 ])
 def test_bad_settings_are_one_line(script, args, words, run_script, tmp_path):
     p = run_script(script, args + ([f'--out_dir={tmp_path}/o'] if script != 'eval.py' else []), check=False)
