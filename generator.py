@@ -24,8 +24,9 @@ tokens, REPA or LoRA), --use_sft=False, --cls_tokens=none|single, --lora_rank=0 
 --repa_weight=0, --l1_weight=0 --lpips_weight=0 --gan_weight=0 (CE only).
 H-VAR (losses.hvar_losses, docs/method.md#next-scale-generator): ce_weight * CE(z_HR) + dpo_weight *
 DPO(z_HR against z_LR, the tokens of the upsampled LR), both under teacher forcing, + reg_weight *
-the codebook head's code regression (the tiny config: CE + regression). Ablations: --dpo=True|False,
---reg_weight=0, --hvar_tokens=plain (no valid x1 / x2), --bilinear_frac=0.
+the codebook head's code regression (the tiny config: CE + regression); self_correct: samples trained on
+their own generated prefix. Ablations: --dpo=True|False, --reg_weight=0, --self_correct=0,
+--hvar_tokens=plain (no valid x1 / x2), --bilinear_frac=0.
 """
 import copy
 import math
@@ -94,6 +95,8 @@ dpo_start = 0             # steps of CE alone before DPO joins (a warm-up)
 dpo_ref = False           # True: DPO against a frozen copy of the generator taken at dpo_start (standard DPO)
 reg_weight = 0.0          # head 'codebook': + this x the regressed residual's squared distance to the target's code
                           # (losses.code_regression), which keeps top-1 on the nearest code (docs/method.md#codebook-head)
+self_correct = 0.0        # samples whose steps see the generator's own top-1 tokens, with HR's tokens given them as
+                          # targets (losses.prefix_targets; docs/method.md#self-correction): generation's inputs in training
 bilinear_frac = 0.1       # pairs whose LR is only a bilinear downsample of HR (class 1), <= 0.25
 free_frac = 0.1           # pairs of either kind labelled class-free (class 2), the LR still given
 guidance_drop = 0.0       # pairs with zero conditions (class-free), for classifier-free guidance (sr.py --cfg)
@@ -151,6 +154,8 @@ def check_config():
         problems.append(f"hvar_tokens={hvar_tokens!r} must be 'hierarchical' or 'plain'")
     if not 0 <= bilinear_frac <= 0.25:
         problems.append(f"bilinear_frac={bilinear_frac} must be in [0, 0.25] (H-VAR uses a small fraction)")
+    if not 0 <= self_correct <= 1:
+        problems.append(f"self_correct={self_correct} must be in [0, 1] (a fraction of the samples)")
     if not (0 <= free_frac < 1 and 0 <= guidance_drop < 1):
         problems.append(f"free_frac={free_frac} and guidance_drop={guidance_drop} must be in [0, 1)")
     if dpo_beta <= 0:
@@ -287,7 +292,7 @@ if hvar:
     log(f"H-VAR generator: {count_params(generator) / 1e6:.2f}M params, {tcfg.codebook_size} logits ({head} head), "
         f"{generator.n_cond} condition + {sum(generator.sizes[1:])} image tokens ({hvar_tokens} targets, steps "
         f"{tcfg.rq_steps}, scales {tcfg.rq_scales}), dpo {dpo} (beta {dpo_beta}, {dpo_reduce}, from step {dpo_start}"
-        f"{', reference policy' if dpo_ref else ''}), reg_weight {reg_weight}, bilinear_frac {bilinear_frac}, free_frac {free_frac}, "
+        f"{', reference policy' if dpo_ref else ''}), reg_weight {reg_weight}, self_correct {self_correct}, bilinear_frac {bilinear_frac}, free_frac {free_frac}, "
         f"guidance_drop {guidance_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
         + (f", DDP over {world} processes" if world > 1 else ''))
 else:
@@ -401,18 +406,21 @@ def hvar_evaluate(tag):
 
 def hvar_batch(hr, lr, gan_on):
     """One micro-batch: classes 0 (degraded) or 1 (the LR replaced by HR's bilinear downsample), free_frac
-    labelled 2 (class-free, the LR kept), guidance_drop class-free with zero conditions. -> (loss, parts, None)."""
+    labelled 2 (class-free, the LR kept), guidance_drop class-free with zero conditions; self_correct of
+    them on the generator's own prefix. -> (loss, parts, None)."""
     u = torch.rand(3, hr.shape[0]).to(device)
     bilinear, drop = u[0] < bilinear_frac, u[2] < guidance_drop
     cls = torch.where((u[1] < free_frac) | drop, CLASS_FREE, torch.where(bilinear, CLASS_BILINEAR, CLASS_DEGRADED))
     bil = F.interpolate(hr, scale_factor=0.25, mode='bilinear', align_corners=False, antialias=True)
     lr = torch.where(bilinear[:, None, None, None], bil.clamp(0, 1), lr)
+    own = torch.rand(hr.shape[0]).to(device) < self_correct if self_correct > 0 else None  # their own prefix
     if reference is not None and step == dpo_start:  # DPO starts: the reference is the generator now
         reference.load_state_dict(generator.state_dict())
     with ctx:
         loss, parts, acc = train_step(hvar_losses, tokenizer, train_gen, hr, lr, cls, ce_weight=ce_weight,
                                       dpo=dpo and step >= dpo_start, dpo_weight=dpo_weight, dpo_beta=dpo_beta,
-                                      dpo_reduce=dpo_reduce, reference=reference, drop_B=drop, reg_weight=reg_weight)
+                                      dpo_reduce=dpo_reduce, reference=reference, drop_B=drop, reg_weight=reg_weight,
+                                      own_B=own)
     parts.update({f'acc_s{n + 1}': a.detach()
                   for n, a in enumerate(scale_accuracy(acc, tcfg.rq_steps, tokenizer.quantizer.partition))})
     return loss, parts, None

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import CLASS_DEGRADED, NextScaleGenerator, code_counts, hvar_condition, lr_anchor, stats_from_counts
+from model import (CLASS_DEGRADED, NextScaleGenerator, code_counts, hvar_condition, lr_anchor, nearest_code, resize_image,
+                   stats_from_counts)
 from wavelets import lowpass
 
 # -----------------------------------------------------------------------------
@@ -249,6 +250,27 @@ def msrq_tokens(tokenizer, x, hierarchical):
         return tokenizer.encode_hierarchical(x) if hierarchical else tokenizer.encode(x)[1]
 
 
+@torch.no_grad()
+def prefix_targets(tokenizer, hr, prefix, hierarchical):
+    """Self-correction targets (docs/method.md#self-correction): step i's tokens of hr when the steps
+    before it took the tokens `prefix` [(B, rho_j, rho_j)] * L: the nearest codes of the area-pooled
+    residual of hr's encoding at step i's scale (Algorithm 1; the full size for plain RQ) minus the
+    contributions of prefix's steps < i on that grid. Algorithm 1 is this greedy rule with hr's own
+    tokens as the prefix; with the generator's own tokens it gives the tokens that correct its errors.
+    prefix[i] itself is not used (only steps < i). -> [idx (B, rho_i, rho_i)] * L."""
+    q = tokenizer.quantizer
+    scales = q.scales if hierarchical else (1.0,)
+    zs = [tokenizer.encoder(resize_image(hr, s)).float() for s in scales]          # [(B, C, s h, s w)]
+    scale_of = {i: n for n, part in enumerate(q.partition) for i in part} if hierarchical else {}
+    out = []
+    for i, idx in enumerate(prefix):
+        z = zs[scale_of.get(i, 0)]
+        f_hat = q.decode_steps(prefix[:i], z.shape[-2:]) if i else 0.0            # (B, C, s h, s w)
+        r = F.adaptive_avg_pool2d(z - f_hat, idx.shape[-2:])                        # area: (B, C, rho_i, rho_i)
+        out.append(nearest_code(r.permute(0, 2, 3, 1).reshape(-1, q.C), q.codebook[0]).view(idx.shape))
+    return out
+
+
 def step_accuracy(logits_BNK, tokens_BN, sizes):
     """Top-1 accuracy of each step: (L,) from the flat logits / tokens and the steps' token counts."""
     hit = (logits_BNK.argmax(-1) == tokens_BN).float()
@@ -270,7 +292,7 @@ def code_regression(r_BNC, tokens_BN, codes):
 
 
 def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weight, dpo_beta, dpo_reduce='sum',
-                reference=None, drop_B=None, reg_weight=0.0):
+                reference=None, drop_B=None, reg_weight=0.0, own_B=None):
     """The H-VAR stage-2 loss of one batch (docs/method.md#next-scale-generator, #dpo), for
     generator.py and bench.py: ce_weight * CE(z_HR) + dpo_weight * L_DPO, both under teacher
     forcing; L_DPO needs a second sequence, z_LR (the tokens of the upsampled LR), run in the same
@@ -282,12 +304,20 @@ def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weig
     drop_B (B,) bool: these samples get zero conditions (guidance dropout, for classifier-free guidance).
     reg_weight > 0 (codebook head): + reg_weight * code_regression of HR's tokens, which pulls the
     regressed residual to the target's code, so that top-1 (its nearest code) follows it.
+    own_B (B,) bool (self-correction): these samples' steps see the generator's own top-1 tokens as
+    in generation, and their targets are HR's tokens given that prefix (prefix_targets).
     -> (loss, parts (ce, dpo, logp_gap, reg), per-step accuracy (L,))."""
     c = generator.config
     reg = reg_weight > 0
     up, conds = hvar_condition(tokenizer, generator, lr, drop_B)
     z_hr = msrq_tokens(tokenizer, hr, c.hierarchical)
-    ins = generator.step_inputs(tokenizer.quantizer, conds, z_hr)
+    prefix = z_hr                                                       # the tokens the inputs are made of
+    if own_B is not None and bool(own_B.any()):  # self-correction: the generator's own prefix, HR's answers to it
+        own, _ = generator.generate(tokenizer.quantizer, conds, cls_B)   # top-1, as sr.py
+        pick = lambda a, b: [torch.where(own_B[:, None, None], x, y) for x, y in zip(a, b)]
+        prefix = pick(own, z_hr)
+        z_hr = pick(prefix_targets(tokenizer, hr, prefix, c.hierarchical), z_hr)
+    ins = generator.step_inputs(tokenizer.quantizer, conds, prefix)
     t_hr = flat_tokens(z_hr)                                            # (B, N)
     zero = torch.zeros((), device=hr.device)
     if dpo:

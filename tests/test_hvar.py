@@ -14,7 +14,8 @@ import data
 from conftest import SMALL_TOK, assert_images_close, tokenizer_args
 from model import (CLASS_FREE, NextScaleConfig, NextScaleGenerator, Tokenizer, TokenizerConfig,
                    hvar_condition, nearest_code, resize_image, rope_2d, rope_angles)
-from losses import calibrate_codebook_head, dpo_loss, flat_tokens, hvar_losses, msrq_tokens, sequence_logp
+from losses import (calibrate_codebook_head, dpo_loss, flat_tokens, hvar_losses, msrq_tokens, prefix_targets,
+                    sequence_logp)
 from chain import hvar_super_resolve, load_sr_chain
 from chain import tiled_sr
 
@@ -195,6 +196,42 @@ def test_step_inputs_reproduce_the_tokenizers_choices(hierarchical):
     assert agree == total, (agree, total)   # (accumulating on the wrong grid agrees on ~96% only)
 
 
+@pytest.mark.parametrize('hierarchical', [True, False])
+def test_self_correction_targets(hierarchical):
+    """prefix_targets: with HR's own tokens as the prefix it gives them back (Algorithm 1 is its greedy
+    rule); with another prefix, step i's target is the nearest code of area(z_n) - input_i, the input
+    the generator gets from that prefix (step_inputs); hvar_losses with own_B trains those samples on
+    the generator's own top-1 prefix and these targets, the others as before."""
+    tok, gen = tiny_chain(hierarchical)
+    hr, lr, cls = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 16, 16), torch.tensor([0, 0])
+    z_hr = msrq_tokens(tok, hr, hierarchical)
+    same = prefix_targets(tok, hr, z_hr, hierarchical)
+    assert all(torch.equal(a, b) for a, b in zip(same, z_hr))
+    _, conds = hvar_condition(tok, gen, lr)
+    own, _ = gen.generate(tok.quantizer, conds, cls)                                  # the generator's top-1
+    assert sum(int((a != b).sum()) for a, b in zip(own, z_hr)) > 50                   # a different prefix
+    got = prefix_targets(tok, hr, own, hierarchical)
+    ins = gen.step_inputs(tok.quantizer, conds, own)
+    scale_of = {i: n for n, part in enumerate(tok.quantizer.partition) for i in part}
+    for i in range(len(STEPS)):
+        z = tok.encoder(resize_image(hr, SCALES[scale_of[i]] if hierarchical else 1.0))
+        r = F.adaptive_avg_pool2d(z, (STEPS[i], STEPS[i])) - (ins[i] if i else 0)
+        want = nearest_code(r.permute(0, 2, 3, 1).reshape(-1, 8), tok.quantizer.codebook[0]).view(2, STEPS[i], STEPS[i])
+        assert torch.equal(got[i], want), i
+    assert not all(torch.equal(a, b) for a, b in zip(got, z_hr))
+    # the loss: sample 0 on its own prefix and these targets, sample 1 teacher-forced on HR's tokens
+    s = dict(dpo=False, dpo_beta=0.2, ce_weight=1.0, dpo_weight=1.0)
+    _, parts, _ = hvar_losses(tok, gen, hr, lr, cls, **s, own_B=torch.tensor([True, False]))
+    mix = lambda a, b: [torch.cat([x[:1], y[1:]]) for x, y in zip(a, b)]
+    with torch.no_grad():
+        logits = gen(conds, gen.step_inputs(tok.quantizer, conds, mix(own, z_hr)), cls)
+    want_ce = F.cross_entropy(logits.flatten(0, 1), flat_tokens(mix(got, z_hr)).flatten())
+    assert abs(parts['ce'].item() - want_ce.item()) < 1e-5
+    _, parts0, _ = hvar_losses(tok, gen, hr, lr, cls, **s, own_B=torch.tensor([False, False]))
+    _, parts1, _ = hvar_losses(tok, gen, hr, lr, cls, **s)
+    assert parts0['ce'].item() == parts1['ce'].item() != parts['ce'].item()
+
+
 def test_dpo_against_hand_computation_and_its_gradient():
     """Toy sequences of 2 tokens over K=3: log p by hand, L = -log sigmoid(beta (lp_HR - lp_LR));
     a gradient step on the logits raises log p(z_HR) and lowers log p(z_LR)."""
@@ -304,7 +341,8 @@ MSRQ = ['config/tiny.py', 'config/hvar.py', '--patch=8', '--batch_size=2', *SMAL
         '--codebook_size=16', '--max_minutes=0', '--threads=1', '--eval_interval=1000', '--max_iters=2']
 HVAR = ['config/tiny.py', 'config/hvar.py', '--batch_size=2', '--width=32', '--depth=1',
         '--n_head=2', '--max_minutes=0', '--threads=1', '--log_interval=1', '--warmup_iters=2',
-        '--bilinear_frac=0.25', '--free_frac=0.25', '--guidance_drop=0.25', '--dpo=True']   # with config/hvar.py's reg_weight
+        '--bilinear_frac=0.25', '--free_frac=0.25', '--guidance_drop=0.25', '--dpo=True',
+        '--self_correct=0.5']   # with config/hvar.py's reg_weight
 
 
 @pytest.fixture(scope='module')
@@ -354,6 +392,7 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
     ('--bilinear_frac=0.5', 'bilinear_frac=0.5 must be in [0, 0.25]'),
     ('--method=hitoksr', "unknown config key 'method'"),  # the tokenizer decides the method
     ('--reg_weight=1 --head=linear', "0 unless head='codebook'"),
+    ('--self_correct=1.5', 'self_correct=1.5 must be in [0, 1]'),
 ])
 def test_config_errors_are_one_line(run_script, hrq_tok, tiny_val, tmp_path, arg, words):
     p = run_script('generator.py', HVAR + [f'--tok_ckpt={hrq_tok}', f'--val_dir={tiny_val}', f'--out_dir={tmp_path}',
