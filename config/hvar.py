@@ -61,9 +61,11 @@ if stage == 'generator':
         # (docs/method.md#codebook-head); 'linear' is VAR's classifier. Width 96, 4 blocks, batch 8 (0.45M
         # parameters): small enough for 1500 or more steps, each with DPO's second sequence, in the
         # 10-minute budget on 2 cores.
-        # CE + the code regression (reg_weight: keeps the regressed residual among the codes, so that
-        # top-1 stays a sensible token; docs/method.md#codebook-head), no DPO: at this size every DPO
-        # form and CE alone made the x4 decode worse than the untrained start (docs/results.md, Table 1b).
+        # The code regression alone (reg_weight; docs/method.md#codebook-head): top-1 is the code nearest
+        # to the regressed residual. At this size CE alone, CE + either DPO form and CE + the regression
+        # end worse than or level with the untrained start; the regression alone ends below it at two
+        # seeds (docs/results.md, 2026-12-07, Table 1b). --ce_weight=1 adds CE back, --dpo=True the DPO.
+        ce_weight = 0.0
         dpo = False
         reg_weight = 1.0
         tok_ckpt = 'out/tokenizer_hrq_ft/ckpt.pt'   # the hierarchical fine-tuning (c) above
