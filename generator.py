@@ -24,7 +24,7 @@ tokens, REPA or LoRA), --use_sft=False, --cls_tokens=none|single, --lora_rank=0 
 --repa_weight=0, --l1_weight=0 --lpips_weight=0 --gan_weight=0 (CE only).
 H-VAR (losses.hvar_losses, docs/method.md#next-scale-generator): ce_weight * CE(z_HR) + dpo_weight *
 DPO(z_HR against z_LR, the tokens of the upsampled LR), both under teacher forcing, + reg_weight *
-the codebook head's code regression (the tiny config: CE + regression); self_correct: samples trained on
+the codebook head's code regression (the tiny config: the regression alone); self_correct: samples trained on
 their own generated prefix. Ablations: --dpo=True|False, --reg_weight=0, --self_correct=0,
 --hvar_tokens=plain (no valid x1 / x2), --bilinear_frac=0.
 """
