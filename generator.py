@@ -184,6 +184,8 @@ hvar, tvq = method == 'hvar', method == 'tvq'
 if tvq and crop_size % (patch * tcfg.tvq_struct_pool):
     fail(f"generator.py: crop_size={crop_size} must be a multiple of patch x tvq_struct_pool = "
          f"{patch * tcfg.tvq_struct_pool} (the tokenizer's structure cell)")
+if hvar and ce_weight == reg_weight == 0 and not (dpo and dpo_weight > 0):
+    fail("generator.py: ce_weight, reg_weight and dpo are all off: nothing would train the H-VAR generator")
 if hvar and crop_size != tcfg.rq_steps[-1] * tcfg.patch:
     fail(f"generator.py: crop_size={crop_size}, but the H-VAR generator works at its tokenizer's native size "
          f"rq_steps[-1] x patch = {tcfg.rq_steps[-1] * tcfg.patch} (set --crop_size to it)")
@@ -292,8 +294,8 @@ if hvar:
     log(f"H-VAR generator: {count_params(generator) / 1e6:.2f}M params, {tcfg.codebook_size} logits ({head} head), "
         f"{generator.n_cond} condition + {sum(generator.sizes[1:])} image tokens ({hvar_tokens} targets, steps "
         f"{tcfg.rq_steps}, scales {tcfg.rq_scales}), dpo {dpo} (beta {dpo_beta}, {dpo_reduce}, from step {dpo_start}"
-        f"{', reference policy' if dpo_ref else ''}), reg_weight {reg_weight}, self_correct {self_correct}, bilinear_frac {bilinear_frac}, free_frac {free_frac}, "
-        f"guidance_drop {guidance_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
+        f"{', reference policy' if dpo_ref else ''}), ce_weight {ce_weight}, reg_weight {reg_weight}, self_correct "
+        f"{self_correct}, bilinear_frac {bilinear_frac}, free_frac {free_frac}, guidance_drop {guidance_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
         + (f", DDP over {world} processes" if world > 1 else ''))
 else:
     log(f"generator: {count_params(generator) / 1e6:.2f}M params, LoRA "

@@ -393,6 +393,7 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
     ('--method=hitoksr', "unknown config key 'method'"),  # the tokenizer decides the method
     ('--reg_weight=1 --head=linear', "0 unless head='codebook'"),
     ('--self_correct=1.5', 'self_correct=1.5 must be in [0, 1]'),
+    ('--ce_weight=0 --reg_weight=0 --dpo=False', 'nothing would train the H-VAR generator'),
 ])
 def test_config_errors_are_one_line(run_script, hrq_tok, tiny_val, tmp_path, arg, words):
     p = run_script('generator.py', HVAR + [f'--tok_ckpt={hrq_tok}', f'--val_dir={tiny_val}', f'--out_dir={tmp_path}',
