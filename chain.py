@@ -165,24 +165,66 @@ def fix_colors(sr, lr, sigma):
     return torch.einsum('ij,bjhw->bihw', YCC_TO_RGB.to(sr.device), ycc).clamp(0, 1)
 
 
+def hvar_cell(generator):
+    """LR pixels per token side at an H-VAR generator's coarsest output scale (8 for patch 8, x4 and
+    scales (0.25, 0.5, 1)): the step of every tile offset and overlap of hvar_super_resolve, so that
+    each tile's token maps land on whole cells of every scale's grid."""
+    c = generator.config
+    per_token = [c.patch / (c.scale * s) for s in c.rq_scales]           # LR pixels per token side, per scale
+    off_lattice = lambda v: abs(v - round(v)) > 1e-6
+    if off_lattice(per_token[0]) or any(off_lattice(per_token[0] / p) for p in per_token):
+        raise ValueError(f"hvar_cell: rq_scales={c.rq_scales} with patch {c.patch} at x{c.scale} do not put "
+                         f"the scales' token grids on one lattice of LR pixels")
+    return round(per_token[0])
+
+
 @torch.no_grad()
 def hvar_super_resolve(lr, tokenizer, generator, cls=CLASS_DEGRADED, top_k=1, temperature=1.0, cfg=0.0,
-                       kv_cache=True, rng=None, return_indices=False):
-    """H-VAR: lr (B, 3, h, w) at the generator's native LR size -> [one image per target scale
-    s_n: (B, 3, 4 s_n h, 4 s_n w)], i.e. x1 (denoised), x2 and x4 for scales (0.25, 0.5, 1), all
-    from the one token sequence of one pass (decode n uses the steps of scales 1..n); with
-    return_indices also the tokens [idx (B, rho_i, rho_i)]. cls: the class (model.CLASS_*: 0 degraded,
-    1 bilinear-only, 2 class-free); sampling settings as NextScaleGenerator.generate."""
-    c = generator.config
+                       kv_cache=True, rng=None, return_indices=False, overlap=None):
+    """H-VAR: lr (B, 3, H, W) -> [one image per target scale s_n: (B, 3, 4 s_n H, 4 s_n W)], i.e. x1
+    (denoised), x2 and x4 for scales (0.25, 0.5, 1), all from the tokens of one pass (decode n uses
+    the steps of scales 1..n); cls: the class (model.CLASS_*: 0 degraded, 1 bilinear-only, 2
+    class-free); sampling settings as NextScaleGenerator.generate.
+    The generator works at its tokenizer's native LR size n (hr_size / scale). At that size it is one
+    token sequence per image (return_indices: also the tokens [idx (B, rho_i, rho_i)]). A larger
+    image, with sides multiples of hvar_cell(generator), is cut into n x n tiles overlapping by
+    `overlap` LR pixels (default n / 2, a multiple of the cell), all generated in one batch; at each
+    scale the tiles' latent maps (the sum of their steps' contributions on that scale's grid) are
+    blended with linear ramps over the overlap and the blend is decoded once
+    (docs/method.md#tiles-in-latent-space): the decoder sees one continuous map and paints no tile edges."""
+    c, cell = generator.config, hvar_cell(generator)
     side = c.hr_size // c.scale
-    if lr.dim() != 4 or tuple(lr.shape[-2:]) != (side, side):
-        raise ValueError(f"hvar_super_resolve: the generator works on {side}x{side} LR images "
-                         f"(its tokenizer's native {c.hr_size} px / {c.scale}), got {tuple(lr.shape)}; "
-                         f"sr.py tiles other sizes")
-    cls_B = torch.full((lr.shape[0],), cls, dtype=torch.long, device=lr.device)
-    _, conds = hvar_condition(tokenizer, generator, lr)
+    overlap = (side // 2 // cell * cell) if overlap is None else overlap
+    H, W = lr.shape[-2:]
+    if lr.dim() != 4 or H < side or W < side or H % cell or W % cell:
+        raise ValueError(f"hvar_super_resolve: the generator works on LR images of at least {side}x{side} "
+                         f"(its tokenizer's native {c.hr_size} px / {c.scale}) with sides multiples of {cell}, "
+                         f"got {tuple(lr.shape)}; sr.py pads and tiles other sizes")
+    if overlap % cell or not 0 <= overlap < side:
+        raise ValueError(f"hvar_super_resolve: overlap={overlap} must be a multiple of {cell} in [0, {side})")
+    B, ys, xs = len(lr), _starts(H, side, side - overlap), _starts(W, side, side - overlap)
+    tiles = torch.stack([lr[b, :, y:y + side, x:x + side] for b in range(B) for y in ys for x in xs])
+    cls_B = torch.full((len(tiles),), cls, dtype=torch.long, device=lr.device)
+    _, conds = hvar_condition(tokenizer, generator, tiles)
     idxs, _ = generator.generate(tokenizer.quantizer, conds, cls_B, top_k, temperature, cfg, kv_cache, rng)
-    outs = [tokenizer.decode_steps(idxs, n + 1).float().clamp(0, 1) for n in range(len(c.rq_scales))]
+    if return_indices and len(tiles) != B:
+        raise ValueError(f"hvar_super_resolve: return_indices needs {side}x{side} images (one tile each)")
+    q, outs = tokenizer.quantizer, []
+    for n in range(len(c.rq_scales)):
+        last = q.partition[n][-1]                                            # scale n's last step
+        g = idxs[last].shape[-1]                                             # its grid side per tile
+        z = q.decode_steps(idxs[:last + 1], (g, g)).unflatten(0, (B, len(ys), len(xs)))  # (B, ny, nx, C, g, g)
+        k = g / side                                                         # cells per LR pixel
+        o = round(overlap * k)                                               # overlap in cells
+        acc = z.new_zeros(B, z.shape[3] + 1, round(H * k), round(W * k))      # latent * weight, weight
+        for i, y in enumerate(ys):
+            wy = _ramp(g, o, y == 0, y + side == H, lr.device)
+            for j, x in enumerate(xs):
+                w = wy[:, None] * _ramp(g, o, x == 0, x + side == W, lr.device)[None, :]   # (g, g)
+                Y, X = round(y * k), round(x * k)
+                acc[:, :-1, Y:Y + g, X:X + g] += z[:, i, j] * w
+                acc[:, -1:, Y:Y + g, X:X + g] += w
+        outs.append(tokenizer.decoder(acc[:, :-1] / acc[:, -1:]).float().clamp(0, 1))
     return (outs, idxs) if return_indices else outs
 
 
@@ -266,7 +308,7 @@ def pad_to_multiple(lr, multiple, min_size=0):
 
 
 @torch.no_grad()
-def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1, batch_size=1, fixed_tile=False, on_band=None):
+def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1, batch_size=1, min_size=0, on_band=None):
     """Apply an x`scale` SR function `fn` ((n, 3, h, w) -> (n, 3, h*s, w*s), values in [0, 1]) to
     lr (B, 3, H, W) -> uint8 images (B, H*s, W*s, 3) on the host (common.to_uint8's rounding).
     scale may be a tuple of factors (s_1, ..., s_n) for a multi-scale fn that returns a list of n
@@ -279,15 +321,13 @@ def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1, batch_size=1, fix
     rows carry over. Memory: the output (3 bytes per pixel), one band (16 bytes per pixel of a
     band, tile*s rows) and one call's tiles. Blending in this order gives the float sums of blending
     into a whole-image canvas, bit for bit. The image is reflect-padded to a multiple of `multiple`
-    LR pixels (fixed_tile: to at least `tile` on each side, so fn always gets tile x tile inputs,
-    as a fixed-size generator needs) and the output cropped back. on_band(done, total), when given, is
+    LR pixels and to at least min_size on each side (the smallest input fn takes: H-VAR's native size)
+    and the output cropped back. on_band(done, total), when given, is
     called after each row band of tiles (sr.py's progress line for large images)."""
     scales = tuple(scale) if isinstance(scale, (tuple, list)) else (scale,)
     f = fn if isinstance(scale, (tuple, list)) else (lambda x: [fn(x)])
     B, _, H, W = lr.shape
-    lr = pad_to_multiple(lr, multiple)
-    if fixed_tile:
-        lr = pad_to_multiple(lr, multiple, min_size=tile)
+    lr = pad_to_multiple(lr, multiple, min_size)
     Hp, Wp = lr.shape[-2:]
     if tile <= 0 or (Hp <= tile and Wp <= tile):
         outs = [to_uint8(o[..., :H * s, :W * s]) for o, s in zip(f(lr), scales)]
@@ -326,14 +366,21 @@ def tiled_sr(lr, fn, scale=4, tile=64, overlap=16, multiple=1, batch_size=1, fix
     return outs if isinstance(scale, (tuple, list)) else outs[0]
 
 
+def hvar_padding(gen):
+    """tiled_sr's multiple and min_size for an H-VAR generator: LR sides in whole cells of its
+    coarsest scale (hvar_cell), at least its native size."""
+    return dict(multiple=hvar_cell(gen), min_size=gen.config.hr_size // gen.config.scale)
+
+
 @torch.no_grad()
-def hvar_sr(lr, tok, gen, device='cpu', batch_size=16):
-    """An H-VAR generator's top-1 outputs of lr (N, 3, h, w) at every factor f of its one pass,
-    tiled at its native LR size (as sr.py) -> {f: (N, 3, f h, f w) in [0, 1]}."""
-    factors, native = output_scales(gen), gen.config.hr_size // gen.config.scale
-    outs = tiled_sr(lr.to(device), lambda y: hvar_super_resolve(y, tok, gen), factors, tile=native,
-                    overlap=native // 4, batch_size=batch_size, fixed_tile=True)
-    return {f: torch.from_numpy(o).permute(0, 3, 1, 2).float() / 255 for f, o in zip(factors, outs)}
+def hvar_sr(lr, tok, gen, device='cpu', batch_size=4, tile=64, overlap=16):
+    """An H-VAR generator's top-1 outputs of lr (N, 3, h, w) at every factor f of its one pass, as
+    sr.py makes them (its default tile and overlap; hvar_super_resolve stitches the native tiles
+    inside each) -> {f: (N, 3, f h, f w) in [0, 1]}; batch_size images per pass."""
+    factors, fn = output_scales(gen), lambda y: hvar_super_resolve(y, tok, gen)
+    parts = [tiled_sr(lr[i:i + batch_size].to(device), fn, factors, tile, overlap, batch_size=batch_size,
+                      **hvar_padding(gen)) for i in range(0, len(lr), batch_size)]
+    return {f: torch.from_numpy(np.concatenate(o)).permute(0, 3, 1, 2).float() / 255 for f, o in zip(factors, zip(*parts))}
 
 
 @torch.no_grad()
@@ -358,7 +405,7 @@ def scale_decodes(tok, hr, tokenization='hierarchical', device='cpu', ctx=None, 
 @torch.no_grad()
 def preview(lr, tok, gen, prior=None, color_fix=0.0, device='cpu', batch_size=4):
     """coarse_to_fine on lr (N, 3, h, w), run as chain_rows and hvar_sr run the chain (whole images,
-    batch_size at a time; H-VAR tiled at its native LR size), every frame colour-corrected when
+    batch_size at a time; H-VAR in sr.py's default tiles), every frame colour-corrected when
     color_fix > 0 (fix_colors, sigma in LR pixels, as sr.py) -> [(label, uint8 (N, f h, f w, 3))]."""
     frames = preview_frames(tok, gen)
     factors = tuple(f for _, f in frames)
@@ -366,13 +413,10 @@ def preview(lr, tok, gen, prior=None, color_fix=0.0, device='cpu', batch_size=4)
     def fn(y):
         outs = coarse_to_fine(y, tok, gen, prior)
         return [fix_colors(o, y, color_fix * f) for o, f in zip(outs, factors)] if color_fix > 0 else outs
-    if isinstance(gen, NextScaleGenerator):
-        native = gen.config.hr_size // gen.config.scale
-        outs = tiled_sr(lr.to(device), fn, factors, tile=native, overlap=native // 4, batch_size=batch_size,
-                        fixed_tile=True)
-    else:
-        parts = [tiled_sr(lr[i:i + batch_size].to(device), fn, factors, tile=0) for i in range(0, len(lr), batch_size)]
-        outs = [np.concatenate(p) for p in zip(*parts)]
+    hvar = isinstance(gen, NextScaleGenerator)
+    tiles = dict(tile=64, overlap=16, batch_size=batch_size, **hvar_padding(gen)) if hvar else dict(tile=0)
+    parts = [tiled_sr(lr[i:i + batch_size].to(device), fn, factors, **tiles) for i in range(0, len(lr), batch_size)]
+    outs = [np.concatenate(p) for p in zip(*parts)]
     return [(label, o) for (label, _), o in zip(frames, outs)]
 
 

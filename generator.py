@@ -385,8 +385,8 @@ def hvar_references():
 
 @torch.no_grad()
 def hvar_evaluate(tag):
-    """x1, x2, x4 of the degraded validation LR from one top-1 pass per tile (tiles of the native
-    size, as sr.py), each scored against HR resized to its size next to bicubic; token accuracy per
+    """x1, x2, x4 of the degraded validation LR from one top-1 pass per native tile, stitched in
+    latent space (as sr.py), each scored against HR resized to its size next to bicubic; token accuracy per
     step and scale under teacher forcing on the top-left native crops."""
     outs = hvar_sr(val_lr, tokenizer, generator, device)                          # {f: (N, 3, f h, f w)}
     out = {f"x{r['f']}_{k}": r[k] for r in hvar_chain_rows(val, tokenizer, generator, lpips_net, 4, device,

@@ -1055,7 +1055,7 @@ def lr_anchor(tokenizer, lr, scale=4):
 #
 # Predicts the L steps of a multi-scale RQ tokenization one step at a time, conditioned on the
 # frozen tokenizer encoder's features of the LR image upsampled to the target size. It works at the
-# tokenizer's native size (token grid R = rq_steps[-1]), as VAR does; sr.py tiles larger images.
+# tokenizer's native size (token grid R = rq_steps[-1]), as VAR does; chain.hvar_super_resolve tiles larger images.
 
 CLASS_DEGRADED, CLASS_BILINEAR, CLASS_FREE = 0, 1, 2  # H-VAR's 3 classes (the LR given to all three)
 

@@ -15,8 +15,9 @@ Any size: the LR image is padded (reflect) to a multiple of the generator's LR p
 larger than `tile`, cut into overlapping tiles whose outputs are blended with linear ramps over the
 overlap, so there are no seams. The tiles are streamed into the output, one row band at a time, so
 memory is the uint8 output image plus one band of tiles, whatever the image size (tiled_sr).
-An H-VAR generator works at its tokenizer's native size only: every tile is that size (tile is
-set to it; smaller images are padded), and its one pass yields all of --scales.
+An H-VAR generator works at its tokenizer's native size: inside each tile it generates native-size
+tiles and stitches their latent maps before one decode (chain.hvar_super_resolve; smaller images are
+padded up to the native size), and its one pass yields all of --scales.
 Images that fit one tile and have the same size as the files before them in the folder go through
 the models together, `batch_size` at a time; a tiled image sends `batch_size` tiles per pass.
 Grayscale, palette, RGBA (composited on white) and 16-bit inputs are converted to RGB by
@@ -39,8 +40,8 @@ import time
 import torch
 
 import data
-from chain import (coarse_to_fine, fix_colors, load_sr_chain, output_scales, preview_frames, sr_function,
-                   tile_warning, tiled_sr)
+from chain import (coarse_to_fine, fix_colors, hvar_padding, load_sr_chain, output_scales, preview_frames,
+                   sr_function, tile_warning, tiled_sr)
 from common import weights_id
 from model import NextScaleGenerator
 
@@ -204,17 +205,17 @@ if __name__ == '__main__':
     if not scales or any(s not in output_scales(generator) for s in scales):
         fail(f"sr.py: scales={scales}: this generator ({gen_ckpt}) yields the factors "
              f"{output_scales(generator)} in one pass")
-    multiple = generator.config.patch // generator.config.scale     # LR pixels per token side
-    multiple *= getattr(generator.config, 'struct_pool', 1)           # texture VQ: per structure cell
-    if hvar:  # fixed size: the tokenizer's native grid
-        native = generator.config.hr_size // generator.config.scale
-        overlap = round(overlap * native / tile) if tile > 0 else native // 4   # the same share of the tile
-        if tile != native:
-            print(f"sr.py: tile={native} (the H-VAR generator's native LR size), overlap={overlap}", file=sys.stderr)
-        tile, multiple = native, 1
+    if hvar:  # windows of whole coarsest-scale cells, each at least the native size (hvar_padding)
+        multiple, native = hvar_padding(generator).values()
+        if 0 < tile < native:
+            fail(f"sr.py: tile={tile} is below the H-VAR generator's native LR size {native} (0 = whole image)")
+    else:
+        multiple = generator.config.patch // generator.config.scale     # LR pixels per token side
+        multiple *= getattr(generator.config, 'struct_pool', 1)           # texture VQ: per structure cell
     if tile % multiple or overlap % multiple:
-        fail(f"sr.py: tile={tile} and overlap={overlap} must be multiples of the generator's LR patch {multiple}")
-    if tile_warning(tile, overlap) and not hvar:  # H-VAR's tile is its native size, whatever it is
+        fail(f"sr.py: tile={tile} and overlap={overlap} must be multiples of the generator's LR patch {multiple}"
+             f"{' (H-VAR: a token side at its coarsest scale)' if hvar else ''}")
+    if tile_warning(tile, overlap):
         print(tile_warning(tile, overlap), file=sys.stderr)
     if cuda_graphs and not device.startswith('cuda'):
         print(f"sr.py: cuda_graphs=True has no effect on {device}", file=sys.stderr)
@@ -264,7 +265,7 @@ if __name__ == '__main__':
             continue
         total_px = total_px or image_pixels(paths)
         report = progress_printer(run[0][0], t0) if len(run) == 1 else None
-        srs = tiled_sr(lr, fn, factors, tile, overlap, multiple, batch_size, fixed_tile=hvar,
+        srs = tiled_sr(lr, fn, factors, tile, overlap, multiple, batch_size, min_size=native if hvar else 0,
                        on_band=report)                                   # [(n, f H, f W, 3) uint8] per factor
         dt = (time.time() - t0) / len(run)
         outs = [srs[k] for k in pick]

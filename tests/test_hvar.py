@@ -18,6 +18,7 @@ from losses import (calibrate_codebook_head, dpo_loss, flat_tokens, hvar_losses,
                     sequence_logp)
 from chain import hvar_super_resolve, load_sr_chain
 from chain import tiled_sr
+from common import to_uint8
 
 STEPS, SCALES = (1, 2, 3, 4, 6, 8), (0.25, 0.5, 1.0)   # grid 8: x1 = steps 1-3 (side 2), x2 = 4 (4), x4 = 5-6
 
@@ -310,16 +311,16 @@ def test_code_regression_by_hand():
 
 def test_multiscale_tiling_equals_one_scale_at_a_time():
     """tiled_sr with scales (1, 2, 4) and a multi-output fn blends each output exactly as a separate
-    single-scale run would; fixed_tile pads a small image up to the tile."""
+    single-scale run would; min_size pads a small image up to it."""
     f = lambda x: [x.clone(), F.interpolate(x, scale_factor=2, mode='bilinear'), F.interpolate(x, scale_factor=4)]
     lr = torch.rand(1, 3, 40, 52)
-    outs = tiled_sr(lr, f, (1, 2, 4), tile=16, overlap=4, fixed_tile=True)
+    outs = tiled_sr(lr, f, (1, 2, 4), tile=16, overlap=4, min_size=16)
     for k, s in enumerate((1, 2, 4)):
         one = tiled_sr(lr, lambda x: f(x)[k], s, tile=16, overlap=4)  # same process, tiles, ops: same bits
         assert outs[k].shape == (1, 40 * s, 52 * s, 3) and np.array_equal(outs[k], one), s
     seen = []
     small = tiled_sr(torch.rand(1, 3, 10, 12), lambda x: seen.append(x.shape) or f(x), (1, 2, 4), tile=16,
-                     overlap=4, fixed_tile=True)
+                     overlap=4, min_size=16)
     assert seen == [(1, 3, 16, 16)] and [o.shape[1:3] for o in small] == [(10, 12), (20, 24), (40, 48)]
 
 
@@ -331,8 +332,44 @@ def test_super_resolve_gives_each_scale_from_one_sequence():
     assert [o.shape[-1] for o in outs] == [16, 32, 64]
     for n, o in enumerate(outs):
         assert torch.equal(o, tok.decode_steps(idxs, n + 1).float().clamp(0, 1))
-    with pytest.raises(ValueError, match='16x16 LR'):
-        hvar_super_resolve(torch.rand(1, 3, 32, 32), tok, gen)
+    for bad in (torch.rand(1, 3, 16, 12), torch.rand(1, 3, 20, 16)):   # below the native 16, not whole cells of 8
+        with pytest.raises(ValueError, match='at least 16x16 .* multiples of 8'):
+            hvar_super_resolve(bad, tok, gen)
+
+
+def tile_latents(tok, gen, tile):
+    """One native tile (1, 3, 16, 16) alone -> its latent map at each scale [(C, g, g)], g = 2, 4, 8."""
+    _, idxs = hvar_super_resolve(tile, tok, gen, return_indices=True)
+    q = tok.quantizer
+    return [q.decode_steps(idxs[:q.partition[n][-1] + 1], (g, g))[0] for n, g in enumerate((2, 4, 8))]
+
+
+def test_tiles_are_stitched_in_latent_space():
+    """A larger image: each native tile's tokens are those of the tile alone, and one decode sees
+    their latent maps side by side (overlap 0) or, where two tiles overlap by 8 LR pixels, blended
+    with linear weights (hand-written here) over the 1 / 2 / 4 shared cells of x1 / x2 / x4."""
+    tok, gen = tiny_chain(head='codebook')
+    lr = torch.rand(2, 3, 32, 32)
+    outs = hvar_super_resolve(lr, tok, gen, overlap=0)
+    for b in range(2):
+        z = [[tile_latents(tok, gen, lr[b:b + 1, :, y:y + 16, x:x + 16]) for x in (0, 16)] for y in (0, 16)]
+        for n in range(3):
+            whole = torch.cat([torch.cat([z[r][c][n] for c in (0, 1)], -1) for r in (0, 1)], -2)  # (C, 2g, 2g)
+            want = tok.decoder(whole[None]).float().clamp(0, 1)
+            assert outs[n].shape == (2, 3, 32 * 2 ** n, 32 * 2 ** n)
+            assert torch.allclose(outs[n][b:b + 1], want, atol=1e-5), (b, n)
+    # 16 x 24: tiles at x = 0 and 8, sharing LR columns 8-15
+    lr = torch.rand(1, 3, 16, 24)
+    outs = hvar_super_resolve(lr, tok, gen, overlap=8)
+    a, c = tile_latents(tok, gen, lr[..., :16]), tile_latents(tok, gen, lr[..., 8:])
+    ramps = {1: [0.5], 2: [0.25, 0.75], 4: [0.125, 0.375, 0.625, 0.875]}  # the right tile's weight per shared cell
+    for n, g in enumerate((2, 4, 8)):
+        o = g // 2
+        w = torch.tensor(ramps[o])
+        shared = a[n][..., g - o:] * (1 - w) + c[n][..., :o] * w
+        whole = torch.cat([a[n][..., :g - o], shared, c[n][..., o:]], -1)   # (C, g, 3g / 2)
+        want = tok.decoder(whole[None]).float().clamp(0, 1)
+        assert outs[n].shape == want.shape and torch.allclose(outs[n], want, atol=1e-5), n
 
 
 # ----------------------------------------------------------------------------- the scripts
@@ -363,21 +400,32 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
     for f in ('log.txt', 'curves.png', 'summary.json', 'samples_000004.png'):
         assert (tmp_path / 'straight' / f).is_file(), f
     # sr.py --scales on a folder: NAME_x1 / x2 / x4, the chain's own pass on these 64 px LR images
-    # (tiles of the native 16 px, as the run's evaluation); sr.py is another process (torch's default
-    # thread count), so equal up to float noise: 1 grey level on a few pixels (conftest)
+    # (one tile of sr.py's default 64; native 16 px tiles stitched inside it, as the run's evaluation);
+    # sr.py is another process (torch's default thread count), so equal up to float noise: 1 grey
+    # level on a few pixels (conftest)
     ckpt, sr_out = tmp_path / 'straight' / 'ckpt.pt', tmp_path / 'sr'
     p = run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={ckpt}', f'--out_dir={sr_out}', '--scales=1,2,4',
                              '--color_fix=0'])
     pairs = data.load_val_pairs(str(tiny_val))
     tok, gen, _ = load_sr_chain(ckpt)
-    ref = tiled_sr(pairs['lr'], lambda y: hvar_super_resolve(y, tok, gen), (1, 2, 4), tile=16, overlap=4,
-                   fixed_tile=True)
+    ref = [to_uint8(o) for o in hvar_super_resolve(pairs['lr'], tok, gen)]
     for k, s in enumerate((1, 2, 4)):
         for i, name in enumerate(pairs['names']):
             img = (data.load_image(str(sr_out / f'{name}_x{s}.png')) * 255).round().byte().permute(1, 2, 0)
             assert img.shape == (64 * s, 64 * s, 3), (name, s)
             assert_images_close(img.numpy(), ref[k][i], what=f'sr.py {name}_x{s}.png vs the chain in this process')
     assert 'done: 2 written' in p.stdout
+    # windows of 32 LR px (two per side), each stitched from native tiles inside, blended in pixels
+    p = run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={ckpt}', f'--out_dir={tmp_path / "sr32"}',
+                             '--scales=4', '--color_fix=0', '--tile=32', '--overlap=8'])
+    ref = tiled_sr(pairs['lr'], lambda y: hvar_super_resolve(y, tok, gen), (1, 2, 4), tile=32, overlap=8,
+                   multiple=8, min_size=16)[2]
+    for i, name in enumerate(pairs['names']):
+        img = (data.load_image(str(tmp_path / 'sr32' / f'{name}_x4.png')) * 255).round().byte().permute(1, 2, 0)
+        assert_images_close(img.numpy(), ref[i], what=f'sr.py --tile=32 {name}_x4.png vs the chain in this process')
+    p = run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={ckpt}', f'--out_dir={tmp_path / "sr8"}',
+                             '--tile=8', '--overlap=0'], check=False)
+    assert p.returncode != 0 and 'tile=8 is below the H-VAR generator' in p.stderr, p.stderr
     # eval.py scores the same chain per scale; x4 equals the run's final evaluation
     p = run_script('eval.py', ['--sr=chain', f'--gen_ckpt={ckpt}', f'--val_dir={tiny_val}', f'--compare_ckpt={tiny_gen}',
                                f'--out_json={tmp_path / "eval.json"}'])

@@ -13,11 +13,11 @@ from PIL import Image
 
 import data
 import report
-from chain import load_sr_chain, super_resolve, tiled_sr
+from chain import hvar_super_resolve, load_sr_chain, super_resolve
 from common import to_uint8
 from conftest import assert_images_close
 from metrics import METRICS
-from model import hvar_condition, lr_anchor
+from model import lr_anchor
 from test_hvar import HVAR, MSRQ
 from test_tvq import GEN_TVQ, TOK_TVQ
 
@@ -187,15 +187,8 @@ def test_sr_preview_hvar_frames_are_x1_x2_x4_and_its_report(run_script, hvar_gen
     run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={hvar_gen}', f'--out_dir={tmp_path}', '--preview=True',
                          '--color_fix=0'])
     tok, gen, _ = load_sr_chain(hvar_gen)
-
-    def scales(y):  # one top-1 pass of class 0 (degraded LR), decoded with the steps of scales 1..n
-        cls = torch.zeros(len(y), dtype=torch.long)
-        _, conds = hvar_condition(tok, gen, y)
-        idxs, _ = gen.generate(tok.quantizer, conds, cls, 1)
-        return [tok.decode_steps(idxs, upto=n).float().clamp(0, 1) for n in (1, 2, 3)]
-    pairs = data.load_val_pairs(str(tiny_val))
-    native = gen.config.hr_size // gen.config.scale  # as sr.py tiles: its native LR size, overlap 16/64 of it
-    ref = tiled_sr(pairs['lr'], scales, (1, 2, 4), tile=native, overlap=round(16 * native / 64), fixed_tile=True)
+    pairs = data.load_val_pairs(str(tiny_val))  # 64 px LR: one tile of sr.py's default, one top-1 pass of class 0
+    ref = [to_uint8(o) for o in hvar_super_resolve(pairs['lr'], tok, gen, cls=0)]
     for i, name in enumerate(pairs['names']):
         frames = preview_files(tmp_path, name, 256)
         assert len(frames) == 3
