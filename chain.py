@@ -61,6 +61,8 @@ def load_sr_chain(gen_ckpt, device='cpu', decoder_ckpt=None):
         if d.get('tok_id') != tok_id:
             raise ValueError(f"{decoder_ckpt} is a decoder fine-tuned for another tokenizer (weights "
                              f"{d.get('tok_id')}) than the one of {gen_ckpt} ({tok_path}, weights {tok_id})")
+        if any(k.startswith('upsampler.guide.') for k in d['decoder']):  # stage 3 with lr_guide
+            tokenizer.decoder.add_lr_guide()
         tokenizer.decoder.load_state_dict(d['decoder'])
     if g.get('method', 'hitoksr') == 'hvar':
         generator = NextScaleGenerator(NextScaleConfig.from_dict(g['model_args']))
@@ -106,7 +108,7 @@ def super_resolve(lr, tokenizer, generator, prior=None, return_indices=False):
     channels-last (NHWC); its output, and so the result, equals the NCHW one bit for bit when
     load_sr_chain has made its weights channels-last too."""
     idx, f_l = predict_tokens(lr, tokenizer, generator, prior)
-    sr = tokenizer.decode_indices(idx, f_l=f_l).float().clamp(0, 1)
+    sr = tokenizer.decode_indices(idx, f_l=f_l, lr=lr).float().clamp(0, 1)   # lr: an LR-guided decoder's guide
     return (sr, idx) if return_indices else sr
 
 
@@ -132,13 +134,13 @@ def coarse_to_fine(lr, tokenizer, generator, prior=None, **sample):
     if isinstance(generator, NextScaleGenerator):
         return hvar_super_resolve(lr, tokenizer, generator, **sample)
     idx, f_l = predict_tokens(lr, tokenizer, generator, prior)
-    full = tokenizer.decode_indices(idx, f_l=f_l).float().clamp(0, 1)
+    full = tokenizer.decode_indices(idx, f_l=f_l, lr=lr).float().clamp(0, 1)
     if f_l is not None:
         down = tokenizer.struct_decoder(f_l).float().clamp(0, 1)          # (B, 3, H/down, W/down)
         r = tokenizer.config.tvq_down
         return [down.repeat_interleave(r, -2).repeat_interleave(r, -1), full]
     G = tokenizer.config.groups
-    return [tokenizer.decode_indices(idx, k=k).float().clamp(0, 1) for k in range(1, G)] + [full]
+    return [tokenizer.decode_indices(idx, k=k, lr=lr).float().clamp(0, 1) for k in range(1, G)] + [full]
 
 
 def gaussian_blur(x, sigma):
@@ -493,7 +495,7 @@ def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='
         raise ValueError(f"--decoder_ckpt: {gen_ckpt} is a texture-VQ chain, which has no stage 3")
     if decoder_ckpt:
         tok3, _, _ = load_sr_chain(gen_ckpt, device, decoder_ckpt)
-        sr = images(tok3.decode_indices(q) for q in idx)
+        sr = images(tok3.decode_indices(q, lr=y) for q, y in zip(idx, batches(pairs['lr'])))
         rows.append(row('stage 3: generator + fine-tuned decoder', sr))
     if color_fix > 0:
         rows.append(row(f"{rows[-1]['name']} + colour correction ({color_fix:g} LR px)",

@@ -294,8 +294,9 @@ def count_params(module, trainable_only=False):
 
 
 def set_learning_rate(optimizer, rate):
+    """Every parameter group at `rate`, times the group's 'lr_mult' where it has one."""
     for group in optimizer.param_groups:
-        group['lr'] = rate
+        group['lr'] = rate * group.get('lr_mult', 1.0)
 
 
 def rng_state():

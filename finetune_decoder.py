@@ -13,6 +13,9 @@ the prior and the codebooks are frozen and only the decoder trains: at every pos
 its input index is drawn from the generator's top-K candidates in proportion to their renormalised
 probabilities (model.sample_topk), so the decoder learns to turn plausible-but-wrong tokens into
 good images. Loss: l1_weight * L1 + lpips_weight * LPIPS + gan_weight * GAN_vanilla against HR.
+--lr_guide=True (our option, docs/method.md#lr-guided-decoder) also gives the conv head the LR image,
+bicubically upsampled, through a zero-initialised conv per level: edges where the LR has them,
+not where the token grid puts them.
 Inference (evaluation, sr.py, eval.py) always uses the top-1 tokens. The paper's Table 5 rows:
     --mode=frozen        no training: the stage-1 decoder, evaluated (and saved) as is
     --mode=top1          inputs are the generator's argmax tokens
@@ -63,6 +66,8 @@ jpeg_impl = 'torch'       # its JPEG (docs/method.md#jpeg): 'torch' (batched, on
 # what the decoder sees (the paper's Table 5)
 mode = 'topk'             # 'frozen' (no training) | 'top1' | 'topk'
 top_k = 5                 # candidates per position and group in mode 'topk'
+lr_guide = False          # True: the conv head also sees the upsampled LR (docs/method.md#lr-guided-decoder)
+guide_lr_mult = 20.0      # the guide's convs start at zero: their learning rate is this multiple of the decoder's
 # loss weights (the paper's L1 + LPIPS + 0.5 GAN_vanilla)
 l1_weight = 1.0
 lpips_weight = 1.0
@@ -99,6 +104,8 @@ def check_config():
         problems.append(f"mode={mode!r} must be 'frozen', 'top1' or 'topk'")
     if top_k < 1:
         problems.append(f"top_k={top_k} must be >= 1")
+    if guide_lr_mult <= 0:
+        problems.append(f"guide_lr_mult={guide_lr_mult} must be > 0")
     if mode != 'frozen' and l1_weight == lpips_weight == gan_weight == 0:
         problems.append("every loss weight is 0: nothing would train the decoder (use --mode=frozen)")
     if not os.path.isfile(gen_ckpt):
@@ -128,12 +135,15 @@ if tcfg.quantizer != 'grouped':
          f"fine-tunes the decoder of a grouped-VQ chain (method='hitoksr') only")
 if crop_size % tcfg.patch:
     fail(f"finetune_decoder.py: crop_size={crop_size} must be a multiple of the tokenizer's patch={tcfg.patch}")
-decoder = tokenizer.decoder
-decoder.requires_grad_(True)  # the only trainable module (mode 'frozen' never takes a step)
+if lr_guide and tcfg.dec_head != 'conv':
+    fail(f"finetune_decoder.py: lr_guide=True needs a conv decoder head; the tokenizer of {gen_ckpt} has "
+         f"dec_head='{tcfg.dec_head}'")
 # the chain this decoder is fine-tuned for, by the weights' ids (a resume must use the same chain;
-# sr.load_sr_chain refuses this decoder for any other tokenizer)
+# sr.load_sr_chain refuses this decoder for any other tokenizer): the stage-1 weights, before any guide
 chain = dict(tok_id=weights_id(tokenizer.state_dict()), gen_id=weights_id(generator.state_dict()),
-             tok_model_args=asdict(tcfg), gen_model_args=asdict(gcfg), mode=mode, top_k=k_train)
+             tok_model_args=asdict(tcfg), gen_model_args=asdict(gcfg), mode=mode, top_k=k_train, lr_guide=lr_guide)
+decoder = tokenizer.decoder.add_lr_guide() if lr_guide else tokenizer.decoder
+decoder.requires_grad_(True)  # the only trainable module (mode 'frozen' never takes a step)
 ckpt_path, ckpt = checkpoint_to_resume(out_dir, init_from, 'decoder', **chain)
 log = Logger(out_dir, config, notes) if master else (lambda msg: None)
 
@@ -150,7 +160,11 @@ topk_gen = torch.Generator(device=device).manual_seed(seed_r + 2)  # the top-K d
 disc = PatchDiscriminator().to(device).requires_grad_(False)  # trains only in discriminator_step
 lpips_net = metrics.load_lpips(device)            # the metric (evaluation only)
 loss_net = metrics.load_lpips(device, net=perceptual)  # the perceptual loss
-optimizer = torch.optim.AdamW(param_groups(decoder, weight_decay), lr=learning_rate, betas=betas)
+guide = list(decoder.upsampler.guide.parameters()) if lr_guide else []   # its own group: lr_mult (common)
+groups_ = [dict(g, params=[p for p in g['params'] if all(p is not q for q in guide)])
+           for g in param_groups(decoder, weight_decay)]
+groups_ += [dict(params=guide, weight_decay=0.0, lr_mult=guide_lr_mult)] if lr_guide else []
+optimizer = torch.optim.AdamW(groups_, lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)
 train_decoder = ddp_wrap(maybe_compile(decoder, compile, device))  # DDP: gradients averaged in backward
 train_disc = ddp_wrap(disc.requires_grad_(True))  # the discriminator's, in discriminator_step
@@ -167,7 +181,7 @@ saved_scores = (ckpt or {}).get('metrics')  # the evaluation of the checkpoint a
 log(f"resumed from {ckpt_path} at step {step}" if ckpt is not None else f"training from scratch into {out_dir}")
 ckpt = None  # free the loaded tensors
 log(f"finetune_decoder: mode {mode}" + (f" (top-{top_k})" if mode == 'topk' else '')
-    + f", decoder {count_params(decoder) / 1e6:.2f}M params trainable; generator "
+    + f", decoder {count_params(decoder) / 1e6:.2f}M params trainable{' (with the LR guide)' if lr_guide else ''}; generator "
       f"{gen_ckpt} (frozen), tokenizer grid {crop_size // tcfg.patch}x{crop_size // tcfg.patch}, "
       f"G {tcfg.groups} x K {tcfg.codebook_size}, device {device}, {dtype}"
     + (f", DDP over {world} processes" if world > 1 else ''))
@@ -189,8 +203,8 @@ log('references: ' + ' '.join(f"{k} {v:.4f}" for k, v in ref.items()))
 def evaluate(tag):
     """Decode the generator's top-1 validation tokens with the current decoder (inference = top-1)."""
     decoder.eval()
-    sr, = batched(lambda q: (tokenizer.decode(tokenizer.quantizer.lookup(q)).float().clamp(0, 1).cpu(),), val_idx,
-                  device=device)
+    sr, = batched(lambda q, y: (tokenizer.decode(tokenizer.quantizer.lookup(q), lr=y).float().clamp(0, 1).cpu(),),
+                  val_idx, val_lr, device=device)
     m = metrics.evaluate(sr, val_hr, crop_border=4, lpips_net=lpips_net, patch=tcfg.patch)
     out = dict({k: m[k] for k in metrics.METRICS},
                lpips_vs_stage2=m['lpips'] / ref['stage2_lpips'])
@@ -246,7 +260,7 @@ while True:
         # decoder step (the discriminator is frozen outside discriminator_step)
         with no_sync(train_decoder, micro == grad_accum - 1):  # DDP: one gradient all-reduce per step
             with ctx:
-                sr = train_decoder(zq).float()              # (B, 3, crop, crop)
+                sr = train_decoder(zq, lr).float()          # (B, 3, crop, crop); lr: the guide's, if any
                 l1 = (sr - hr).abs().mean()
                 lp = metrics.lpips_dist(loss_net, sr, hr).mean() if lpips_weight > 0 else l1 * 0
                 g = g_loss_vanilla(disc(sr)) if gan_on else l1 * 0

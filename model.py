@@ -228,6 +228,7 @@ class ConvUpsampler(nn.Module):
         if patch != 1 << n_up:
             raise ValueError(f"ConvUpsampler: the x2 steps need a power-of-two patch, got {patch}")
         chs = [min(ch << (n_up - i), width) for i in range(n_up + 1)]   # token grid .. full resolution
+        self.chs, self.guide = chs, None                                 # guide: add_guide (stage 3's option)
         self.conv_in = nn.Conv2d(width, chs[0], 3, padding=1)
         self.levels = nn.ModuleList([nn.ModuleList([res_block(c) for _ in range(n_blocks)]) for c in chs])
         self.ups = nn.ModuleList([nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chs, chs[1:])])
@@ -239,11 +240,24 @@ class ConvUpsampler(nn.Module):
             nn.init.zeros_(blk[-1].weight)   # each residual block starts as the identity
             nn.init.zeros_(blk[-1].bias)
 
-    def forward(self, t_BTd, h, w):
-        """(B, h*w, width) token features -> (B, 3, h*p, w*p)."""
+    def add_guide(self):
+        """The LR guide (docs/method.md#lr-guided-decoder): one 3x3 conv per level from the guide
+        image, area-resized to that level, into the level's features; zero at first, so the head
+        decodes exactly as before until the convs train."""
+        self.guide = nn.ModuleList([nn.Conv2d(3, c, 3, padding=1) for c in self.chs])
+        for conv in self.guide:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        return self
+
+    def forward(self, t_BTd, h, w, guide=None):
+        """(B, h*w, width) token features -> (B, 3, h*p, w*p); guide (B, 3, h*p, w*p) in [0, 1], the
+        upsampled LR, is used (and needed) when add_guide was called."""
         t = rearrange(t_BTd, 'b (h w) c -> b c h w', h=h, w=w)
         x = self.conv_in(t)                                                      # (B, ch_0, h, w)
         for i, blocks in enumerate(self.levels):
+            if self.guide is not None:                                           # (B, ch_i, 2^i h, 2^i w)
+                x = x + self.guide[i](F.interpolate(guide.to(x.dtype) * 2 - 1, size=x.shape[-2:], mode='area'))
             for blk in blocks:
                 x = x + blk(x)
             if i < len(self.ups):                                                # (B, ch_i+1, 2^i+1 h, ...)
@@ -279,19 +293,38 @@ class ViTDecoder(nn.Module):
         """The weight nearest the output, where adaptive_gan_weight compares gradients."""
         return self.to_pixels.weight if self.upsampler is None else self.upsampler.conv_out.weight
 
-    def forward(self, z):
-        """z: (B, C, h, w) -> x: (B, 3, h*p, w*p)."""
+    @property
+    def lr_guided(self):
+        """Whether this decoder has the LR guide (add_lr_guide) and so needs the LR to decode."""
+        return self.upsampler is not None and self.upsampler.guide is not None
+
+    def add_lr_guide(self):
+        """Give the conv head the LR guide (stage 3's lr_guide; docs/method.md#lr-guided-decoder)."""
+        if self.upsampler is None:
+            raise ValueError("ViTDecoder: the LR guide needs the conv head (dec_head='conv')")
+        self.upsampler.add_guide()
+        return self
+
+    def forward(self, z, lr=None):
+        """z: (B, C, h, w) -> x: (B, 3, h*p, w*p). lr (B, 3, h', w'): the LR image, bicubically
+        upsampled to the output's size as the guide of an LR-guided decoder (ignored by others)."""
         if z.dim() != 4 or z.shape[1] != self.from_latent.in_features:
             raise ValueError(f"ViTDecoder: expected latents (B, {self.from_latent.in_features}, h, w), "
                              f"got shape {tuple(z.shape)}")
         B, C, h, w = z.shape
+        guide = None
+        if self.lr_guided:
+            if lr is None:
+                raise ValueError("ViTDecoder: this decoder has the LR guide: decode with the LR image (lr=...)")
+            guide = F.interpolate(lr.float(), size=(h * self.patch, w * self.patch), mode='bicubic',
+                                  align_corners=False).clamp(0, 1)                # (B, 3, h*p, w*p)
         t = self.from_latent(z.flatten(2).transpose(1, 2))  # (B, h*w, width)
         rope = rope_2d(h, w, t.shape[-1] // self.n_head, self.rope_base, z.device)
         for blk in self.blocks:
             t = blk(t, rope)
         t = self.norm(t)
         if self.upsampler is not None:
-            return self.upsampler(t, h, w)
+            return self.upsampler(t, h, w, guide)
         px = self.to_pixels(t)  # (B, h*w, 3*p*p), or 3*(2p)^2 with overlap
         return overlap_add(px, h, w, self.patch) if self.overlap else unpatchify(px, h, w, self.patch)
 
@@ -692,26 +725,26 @@ class Tokenizer(nn.Module):
             return self.encode_tvq(x)[:4]
         return self.quantizer(self.encoder(x))
 
-    def decode(self, zq_BChw, f_l=None):
+    def decode(self, zq_BChw, f_l=None, lr=None):
         """Latents -> image. tvq: zq is F_H^vq and f_l (B, C_L, h/pool, w/pool) the structure map,
-        x_hat = D(F_H^vq, F_L) (TVQ&RAP Eq. 3)."""
+        x_hat = D(F_H^vq, F_L) (TVQ&RAP Eq. 3). lr: the LR image, for a stage-3 LR-guided decoder."""
         if self.tvq:
             if f_l is None:
                 raise ValueError("Tokenizer.decode: a texture-VQ tokenizer decodes its texture codes together "
                                  "with the structure map f_l (B, C_L, h/pool, w/pool)")
             up = F.interpolate(f_l.to(zq_BChw.dtype), size=zq_BChw.shape[-2:], mode='bilinear', align_corners=False)
             zq_BChw = torch.cat([zq_BChw, up], dim=1)                        # (B, C + C_L, h, w)
-        return self.decoder(zq_BChw)
+        return self.decoder(zq_BChw, lr)
 
-    def decode_indices(self, idx_BGhw, k=None, f_l=None):
+    def decode_indices(self, idx_BGhw, k=None, f_l=None, lr=None):
         """Decode from indices; k (int or (B,)) active groups decodes a prefix (coarse image);
-        tvq: f_l is the structure map that goes with the texture indices."""
+        tvq: f_l is the structure map that goes with the texture indices; lr as decode."""
         if isinstance(self.quantizer, MultiScaleRQ):
             return self.decode_steps(idx_BGhw)
         z = self.quantizer.lookup(idx_BGhw)
         if k is not None:
             z = mask_groups(z, k, self.config.groups)
-        return self.decode(z, f_l)
+        return self.decode(z, f_l, lr)
 
     def forward(self, x, k=None):
         """-> xrec (B, 3, H, W), idx (B, G, h, w) (msrq: a list of L step maps), commit_loss, stats.

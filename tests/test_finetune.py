@@ -12,7 +12,7 @@ import metrics
 from common import resolve_record
 from conftest import LPIPS_TOL, generator_args, psnr_tol_db, tokenizer_args
 from model import Generator, GeneratorConfig, Tokenizer, TokenizerConfig, sample_topk
-from chain import fix_colors, load_sr_chain, super_resolve
+from chain import chain_rows, fix_colors, load_sr_chain, super_resolve
 
 # ----------------------------------------------------------------------------- top-K sampling
 
@@ -91,7 +91,7 @@ def tiny(tiny_val, tiny_gen):
 
 
 def test_bad_config_is_one_clear_message(tiny, run_script, tmp_path):
-    for arg, words in (('--mode=top3', "mode='top3'"), ('--top_k=0', 'top_k=0'),
+    for arg, words in (('--mode=top3', "mode='top3'"), ('--top_k=0', 'top_k=0'), ('--guide_lr_mult=0', 'guide_lr_mult=0'),
                        (f'--gen_ckpt={tmp_path}/none.pt', 'python generator.py'), ('--crop_size=36', 'patch=8')):
         p = run_script('finetune_decoder.py', tiny + [arg, f'--out_dir={tmp_path}'], check=False)
         assert p.returncode != 0 and words in p.stderr and 'config error' in p.stderr, p.stderr
@@ -152,3 +152,25 @@ def test_smoke_exact_resume_frozen_mode_and_chain(tiny, tiny_val, tiny_gen, run_
     summ = json.loads((frozen / 'summary.json').read_text())  # one process, one chain on one batch: exact
     assert summ['steps'] == 0 and summ['psnr_y'] == pytest.approx(summ['stage2_psnr_y'], abs=1e-9)
     assert summ['lpips'] == pytest.approx(summ['stage2_lpips'], abs=1e-9)
+
+
+def test_lr_guide_trains_resumes_exactly_and_decodes_with_each_images_lr(tiny, tiny_val, tiny_gen, check_exact_resume,
+                                                                          tmp_path):
+    """--lr_guide=True: the guide's zero-initialised convs train, an interrupted run resumes to the
+    same bits, and the saved decoder, loaded by load_sr_chain, decodes with each image's LR: it gives
+    the run's own evaluation (super_resolve, eval.py's chain_rows) and the same tokens decode to
+    another image with another LR."""
+    out, a = check_exact_resume('finetune_decoder.py', tiny + ['--lr_guide=True'], tmp_path, 1, ('decoder',))
+    assert '(with the LR guide)' in out
+    guide = [v for k, v in a['decoder'].items() if k.startswith('upsampler.guide.') and k.endswith('weight')]
+    assert guide and all(v.abs().sum() > 0 for v in guide)
+    ckpt = tmp_path / 'straight' / 'ckpt.pt'
+    tok, g, prior = load_sr_chain(tiny_gen, 'cpu', decoder_ckpt=ckpt)
+    assert tok.decoder.lr_guided
+    pairs = data.load_val_pairs(str(tiny_val))
+    sr, idx = super_resolve(pairs['lr'], tok, g, prior, return_indices=True)
+    m = metrics.evaluate(sr, pairs['hr'], crop_border=4, lpips_net=False)
+    assert abs(m['psnr_y'] - a['metrics']['psnr_y']) < psnr_tol_db(m['psnr_y']), (m['psnr_y'], a['metrics']['psnr_y'])
+    rows = chain_rows(pairs, tiny_gen, ckpt, False)
+    assert rows[3]['name'].startswith('stage 3') and abs(rows[3]['psnr_y'] - m['psnr_y']) < psnr_tol_db(m['psnr_y'])
+    assert not torch.equal(tok.decode_indices(idx, lr=pairs['lr'].flip(-1)).float().clamp(0, 1), sr)

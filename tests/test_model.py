@@ -315,6 +315,33 @@ def test_linear_head_pixels_belong_to_one_token():
     assert z.grad[0, :, 0, 0].abs().sum() == 0 and z.grad[0, :, 0, 1].abs().sum() > 0
 
 
+def test_lr_guide_starts_as_the_plain_head_and_adds_the_lr_locally():
+    """Stage 3's LR guide (ViTDecoder.add_lr_guide): zero at first, so the decoder decodes bit for bit
+    as before; it then needs the LR; once its convs are non-zero an output pixel depends on the LR
+    near it only (no transformer block here: the tokens' path does not see the LR); the linear head
+    has no levels to guide."""
+    torch.manual_seed(0)
+    dec = ViTDecoder(4, 32, 0, 2, 8, head='conv', conv_ch=8, conv_up='bilinear')
+    with torch.no_grad():
+        for conv in [blk[-1] for level in dec.upsampler.levels for blk in level] + [dec.upsampler.conv_out]:
+            conv.weight.normal_(0, 0.1)          # as after training: the convs reach the output
+    z, lr = torch.randn(2, 8, 32, 32), torch.rand(2, 3, 32, 32, requires_grad=True)  # 128 px out: x4 of the LR
+    before = dec(z)
+    assert not dec.lr_guided and dec.add_lr_guide() is dec and dec.lr_guided
+    assert torch.equal(dec(z, lr), before)
+    with pytest.raises(ValueError, match='LR guide'):
+        dec(z)
+    with torch.no_grad():
+        for conv in dec.upsampler.guide:
+            conv.weight.normal_(0, 0.1)
+    dec(z, lr)[0, :, 66, 66].sum().backward()    # the output pixel in the middle of LR pixel (16, 16)
+    g = lr.grad[0].abs().sum(0)                  # (32, 32)
+    assert g[16, 16] > 0 and g[:4].sum() == 0 and g[-4:].sum() == 0 and g[:, :4].sum() == 0
+    assert lr.grad[1].abs().sum() == 0           # nor on another image's LR
+    with pytest.raises(ValueError, match="dec_head='conv'"):
+        ViTDecoder(4, 32, 0, 2, 8).add_lr_guide()
+
+
 def test_conv_head_couples_tokens_and_shifts_with_them():
     """head='conv' (ConvUpsampler): any image size of whole tokens; with no transformer block, a pixel
     just across a token border depends on the neighbouring token (the linear head's does not, test
