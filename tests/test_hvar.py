@@ -17,7 +17,7 @@ from model import (CLASS_FREE, NextScaleConfig, NextScaleGenerator, Tokenizer, T
 from losses import (calibrate_codebook_head, dpo_loss, flat_tokens, hvar_losses, msrq_tokens, prefix_targets,
                     sequence_logp)
 from chain import hvar_super_resolve, load_sr_chain
-from chain import tiled_sr
+from chain import hvar_padding, tiled_sr
 from common import to_uint8
 
 STEPS, SCALES = (1, 2, 3, 4, 6, 8), (0.25, 0.5, 1.0)   # grid 8: x1 = steps 1-3 (side 2), x2 = 4 (4), x4 = 5-6
@@ -370,6 +370,14 @@ def test_tiles_are_stitched_in_latent_space():
         whole = torch.cat([a[n][..., :g - o], shared, c[n][..., o:]], -1)   # (C, g, 3g / 2)
         want = tok.decoder(whole[None]).float().clamp(0, 1)
         assert outs[n].shape == want.shape and torch.allclose(outs[n], want, atol=1e-5), n
+    # any size through sr.py's tiling: padded to whole cells of 8 LR px and at least 16, cropped back
+    for h, w in ((37, 50), (9, 12)):
+        lr = torch.rand(1, 3, h, w)
+        outs = tiled_sr(lr, lambda y: hvar_super_resolve(y, tok, gen), (1, 2, 4), tile=64, overlap=16,
+                        **hvar_padding(gen))
+        padded = F.pad(lr, (0, max(-w % 8, 16 - w), 0, max(-h % 8, 16 - h)), mode='reflect')
+        for o, r, f in zip(outs, hvar_super_resolve(padded, tok, gen), (1, 2, 4)):
+            assert o.shape == (1, f * h, f * w, 3) and np.array_equal(o, to_uint8(r[..., :f * h, :f * w])), (h, w, f)
 
 
 # ----------------------------------------------------------------------------- the scripts
