@@ -205,12 +205,12 @@ def hvar_super_resolve(lr, tokenizer, generator, cls=CLASS_DEGRADED, top_k=1, te
     if overlap % cell or not 0 <= overlap < side:
         raise ValueError(f"hvar_super_resolve: overlap={overlap} must be a multiple of {cell} in [0, {side})")
     B, ys, xs = len(lr), _starts(H, side, side - overlap), _starts(W, side, side - overlap)
+    if return_indices and len(ys) * len(xs) > 1:
+        raise ValueError(f"hvar_super_resolve: return_indices needs {side}x{side} images (one tile each)")
     tiles = torch.stack([lr[b, :, y:y + side, x:x + side] for b in range(B) for y in ys for x in xs])
     cls_B = torch.full((len(tiles),), cls, dtype=torch.long, device=lr.device)
     _, conds = hvar_condition(tokenizer, generator, tiles)
     idxs, _ = generator.generate(tokenizer.quantizer, conds, cls_B, top_k, temperature, cfg, kv_cache, rng)
-    if return_indices and len(tiles) != B:
-        raise ValueError(f"hvar_super_resolve: return_indices needs {side}x{side} images (one tile each)")
     q, outs = tokenizer.quantizer, []
     for n in range(len(c.rq_scales)):
         last = q.partition[n][-1]                                            # scale n's last step

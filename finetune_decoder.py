@@ -161,8 +161,8 @@ disc = PatchDiscriminator().to(device).requires_grad_(False)  # trains only in d
 lpips_net = metrics.load_lpips(device)            # the metric (evaluation only)
 loss_net = metrics.load_lpips(device, net=perceptual)  # the perceptual loss
 guide = list(decoder.upsampler.guide.parameters()) if lr_guide else []   # its own group: lr_mult (common)
-groups_ = [dict(g, params=[p for p in g['params'] if all(p is not q for q in guide)])
-           for g in param_groups(decoder, weight_decay)]
+in_guide = {id(p) for p in guide}
+groups_ = [dict(g, params=[p for p in g['params'] if id(p) not in in_guide]) for g in param_groups(decoder, weight_decay)]
 groups_ += [dict(params=guide, weight_decay=0.0, lr_mult=guide_lr_mult)] if lr_guide else []
 optimizer = torch.optim.AdamW(groups_, lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)

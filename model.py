@@ -228,7 +228,7 @@ class ConvUpsampler(nn.Module):
         if patch != 1 << n_up:
             raise ValueError(f"ConvUpsampler: the x2 steps need a power-of-two patch, got {patch}")
         chs = [min(ch << (n_up - i), width) for i in range(n_up + 1)]   # token grid .. full resolution
-        self.chs, self.guide = chs, None                                 # guide: add_guide (stage 3's option)
+        self.chs, self.guide = chs, None                   # guide: ViTDecoder.add_lr_guide (stage 3's option)
         self.conv_in = nn.Conv2d(width, chs[0], 3, padding=1)
         self.levels = nn.ModuleList([nn.ModuleList([res_block(c) for _ in range(n_blocks)]) for c in chs])
         self.ups = nn.ModuleList([nn.Conv2d(a, b, 3, padding=1) for a, b in zip(chs, chs[1:])])
@@ -240,19 +240,9 @@ class ConvUpsampler(nn.Module):
             nn.init.zeros_(blk[-1].weight)   # each residual block starts as the identity
             nn.init.zeros_(blk[-1].bias)
 
-    def add_guide(self):
-        """The LR guide (docs/method.md#lr-guided-decoder): one 3x3 conv per level from the guide
-        image, area-resized to that level, into the level's features; zero at first, so the head
-        decodes exactly as before until the convs train."""
-        self.guide = nn.ModuleList([nn.Conv2d(3, c, 3, padding=1) for c in self.chs])
-        for conv in self.guide:
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
-        return self
-
     def forward(self, t_BTd, h, w, guide=None):
         """(B, h*w, width) token features -> (B, 3, h*p, w*p); guide (B, 3, h*p, w*p) in [0, 1], the
-        upsampled LR, is used (and needed) when add_guide was called."""
+        upsampled LR, is used (and needed) when the head has the LR guide."""
         t = rearrange(t_BTd, 'b (h w) c -> b c h w', h=h, w=w)
         x = self.conv_in(t)                                                      # (B, ch_0, h, w)
         for i, blocks in enumerate(self.levels):
@@ -299,10 +289,15 @@ class ViTDecoder(nn.Module):
         return self.upsampler is not None and self.upsampler.guide is not None
 
     def add_lr_guide(self):
-        """Give the conv head the LR guide (stage 3's lr_guide; docs/method.md#lr-guided-decoder)."""
+        """Stage 3's LR guide (docs/method.md#lr-guided-decoder): one 3x3 conv per level of the conv
+        head from the upsampled LR, area-resized to that level, into the level's features; zero at
+        first, so the decoder decodes exactly as before until the convs train."""
         if self.upsampler is None:
             raise ValueError("ViTDecoder: the LR guide needs the conv head (dec_head='conv')")
-        self.upsampler.add_guide()
+        self.upsampler.guide = nn.ModuleList([nn.Conv2d(3, c, 3, padding=1) for c in self.upsampler.chs])
+        for conv in self.upsampler.guide:
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
         return self
 
     def forward(self, z, lr=None):

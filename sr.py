@@ -206,7 +206,8 @@ if __name__ == '__main__':
         fail(f"sr.py: scales={scales}: this generator ({gen_ckpt}) yields the factors "
              f"{output_scales(generator)} in one pass")
     if hvar:  # windows of whole coarsest-scale cells, each at least the native size (hvar_padding)
-        multiple, native = hvar_padding(generator).values()
+        pad = hvar_padding(generator)
+        multiple, native = pad['multiple'], pad['min_size']
         if 0 < tile < native:
             fail(f"sr.py: tile={tile} is below the H-VAR generator's native LR size {native} (0 = whole image)")
     else:
