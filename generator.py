@@ -24,8 +24,9 @@ tokens, REPA or LoRA), --use_sft=False, --cls_tokens=none|single, --lora_rank=0 
 --repa_weight=0, --l1_weight=0 --lpips_weight=0 --gan_weight=0 (CE only).
 H-VAR (losses.hvar_losses, docs/method.md#next-scale-generator): ce_weight * CE(z_HR) + dpo_weight *
 DPO(z_HR against z_LR, the tokens of the upsampled LR), both under teacher forcing, + reg_weight *
-the codebook head's code regression (the tiny config: the regression alone); self_correct: samples trained on
-their own generated prefix. Ablations: --dpo=True|False, --reg_weight=0, --self_correct=0,
+the codebook head's code regression (the tiny config: the regression alone); self_correct: samples trained
+on their own generated prefix; l1_weight / lpips_weight (0 in config/hvar.py): HiTokSR's pixel terms on the
+decode of the predicted tokens. Ablations: --dpo=True|False, --reg_weight=0, --self_correct=0,
 --hvar_tokens=plain (no valid x1 / x2), --bilinear_frac=0.
 """
 import copy
@@ -184,8 +185,9 @@ hvar, tvq = method == 'hvar', method == 'tvq'
 if tvq and crop_size % (patch * tcfg.tvq_struct_pool):
     fail(f"generator.py: crop_size={crop_size} must be a multiple of patch x tvq_struct_pool = "
          f"{patch * tcfg.tvq_struct_pool} (the tokenizer's structure cell)")
-if hvar and ce_weight == reg_weight == 0 and not (dpo and dpo_weight > 0):
-    fail("generator.py: ce_weight, reg_weight and dpo are all off: nothing would train the H-VAR generator")
+if hvar and ce_weight == reg_weight == l1_weight == lpips_weight == 0 and not (dpo and dpo_weight > 0):
+    fail("generator.py: ce_weight, reg_weight, l1_weight, lpips_weight and dpo are all off: nothing would train "
+         "the H-VAR generator")
 if hvar and crop_size != tcfg.rq_steps[-1] * tcfg.patch:
     fail(f"generator.py: crop_size={crop_size}, but the H-VAR generator works at its tokenizer's native size "
          f"rq_steps[-1] x patch = {tcfg.rq_steps[-1] * tcfg.patch} (set --crop_size to it)")
@@ -294,7 +296,8 @@ if hvar:
     log(f"H-VAR generator: {count_params(generator) / 1e6:.2f}M params, {tcfg.codebook_size} logits ({head} head), "
         f"{generator.n_cond} condition + {sum(generator.sizes[1:])} image tokens ({hvar_tokens} targets, steps "
         f"{tcfg.rq_steps}, scales {tcfg.rq_scales}), dpo {dpo} (beta {dpo_beta}, {dpo_reduce}, from step {dpo_start}"
-        f"{', reference policy' if dpo_ref else ''}), ce_weight {ce_weight}, reg_weight {reg_weight}, self_correct "
+        f"{', reference policy' if dpo_ref else ''}), ce_weight {ce_weight}, reg_weight {reg_weight}, l1_weight "
+        f"{l1_weight}, lpips_weight {lpips_weight} ({perceptual}), self_correct "
         f"{self_correct}, bilinear_frac {bilinear_frac}, free_frac {free_frac}, guidance_drop {guidance_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
         + (f", DDP over {world} processes" if world > 1 else ''))
 else:
@@ -422,7 +425,7 @@ def hvar_batch(hr, lr, gan_on):
         loss, parts, acc = train_step(hvar_losses, tokenizer, train_gen, hr, lr, cls, ce_weight=ce_weight,
                                       dpo=dpo and step >= dpo_start, dpo_weight=dpo_weight, dpo_beta=dpo_beta,
                                       dpo_reduce=dpo_reduce, reference=reference, drop_B=drop, reg_weight=reg_weight,
-                                      own_B=own)
+                                      own_B=own, l1_weight=l1_weight, lpips_weight=lpips_weight, lpips_fn=lpips_fn)
     parts.update({f'acc_s{n + 1}': a.detach()
                   for n, a in enumerate(scale_accuracy(acc, tcfg.rq_steps, tokenizer.quantizer.partition))})
     return loss, parts, None

@@ -292,7 +292,8 @@ def code_regression(r_BNC, tokens_BN, codes):
 
 
 def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weight, dpo_beta, dpo_reduce='sum',
-                reference=None, drop_B=None, reg_weight=0.0, own_B=None):
+                reference=None, drop_B=None, reg_weight=0.0, own_B=None, l1_weight=0.0, lpips_weight=0.0,
+                lpips_fn=None):
     """The H-VAR stage-2 loss of one batch (docs/method.md#next-scale-generator, #dpo), for
     generator.py and bench.py: ce_weight * CE(z_HR) + dpo_weight * L_DPO, both under teacher
     forcing; L_DPO needs a second sequence, z_LR (the tokens of the upsampled LR), run in the same
@@ -306,7 +307,10 @@ def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weig
     regressed residual to the target's code, so that top-1 (its nearest code) follows it.
     own_B (B,) bool (self-correction): these samples' steps see the generator's own top-1 tokens as
     in generation, and their targets are HR's tokens given that prefix (prefix_targets).
-    -> (loss, parts (ce, dpo, logp_gap, reg), per-step accuracy (L,))."""
+    l1_weight, lpips_weight > 0: HiTokSR's reconstruction-aware terms on the full-size decode of the
+    teacher-forced top-1 tokens of every step, D(sum_i phi_i(up(sum_k w_ik e_k))) with w = ste_onehot
+    (docs/method.md#pixel-terms-for-h-var): the frozen decoder passes gradients to the logits.
+    -> (loss, parts (ce, dpo, logp_gap, reg, l1, lpips), per-step accuracy (L,))."""
     c = generator.config
     reg = reg_weight > 0
     up, conds = hvar_condition(tokenizer, generator, lr, drop_B)
@@ -342,6 +346,15 @@ def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weig
         l_dpo = gap = zero
     ce = F.cross_entropy(logits.float().flatten(0, 1), t_hr.flatten())
     l_reg = code_regression(r, t_hr, generator.codes) if reg else zero
-    loss = ce_weight * ce + dpo_weight * l_dpo + reg_weight * l_reg
+    l1 = lp = zero
+    if l1_weight > 0 or lpips_weight > 0:  # the x4 decode of the predicted tokens, straight through
+        q, R = tokenizer.quantizer, c.rq_steps[-1]
+        codes = ste_onehot(logits) @ q.codebook[0].float()                  # (B, N, C), one-hot forward
+        maps = [m.unflatten(1, (n, n)).permute(0, 3, 1, 2)                 # [(B, C, rho_i, rho_i)]
+                for m, n in zip(codes.split([n * n for n in c.rq_steps], 1), c.rq_steps)]
+        sr = tokenizer.decoder(q.decode_steps(maps, (R, R))).float()       # (B, 3, H, W), H = R x patch
+        l1 = (sr - hr).abs().mean() if l1_weight > 0 else zero
+        lp = lpips_fn(sr, hr).mean() if lpips_weight > 0 else zero
+    loss = ce_weight * ce + dpo_weight * l_dpo + reg_weight * l_reg + l1_weight * l1 + lpips_weight * lp
     acc = step_accuracy(logits.detach(), t_hr, [n * n for n in c.rq_steps])
-    return loss, dict(ce=ce, dpo=l_dpo, logp_gap=gap, reg=l_reg), acc
+    return loss, dict(ce=ce, dpo=l_dpo, logp_gap=gap, reg=l_reg, l1=l1, lpips=lp), acc

@@ -453,6 +453,7 @@ class GroupedVQ(nn.Module):
         zhat = torch.einsum('bghwk,gkd->bgdhw', w_BGhwK.to(self.codebook.dtype), self.codebook)
         return rearrange(zhat, 'b g d h w -> b (g d) h w')
 
+
 def step_partition(steps, scales):
     """Hierarchical tokenization's split of the steps over the target scales (docs/method.md#hierarchical-tokenization):
     scale n owns the steps whose sides lie in (s_{n-1} R, s_n R], R = steps[-1], s_0 = 0, and the
@@ -513,9 +514,11 @@ class MultiScaleRQ(GroupedVQ):
         R = self.steps[-1]
         return [(max(1, round(r * h / R)), max(1, round(r * w / R))) for r in self.steps]
 
-    def contribution(self, i, idx_Bhw, size):
-        """phi_i(bicubic(e[idx], size)): step i's tokens as a (B, C, *size) feature map."""
-        q = F.embedding(idx_Bhw, self.codebook[0]).permute(0, 3, 1, 2).float()   # (B, C, h_i, w_i)
+    def contribution(self, i, tokens, size):
+        """phi_i(bicubic(e[idx], size)): step i's tokens idx (B, h_i, w_i), or their codes as a float
+        map (B, C, h_i, w_i) (a straight-through mix, losses.hvar_losses), as a (B, C, *size) feature map."""
+        q = (tokens.float() if tokens.is_floating_point() else
+             F.embedding(tokens, self.codebook[0]).permute(0, 3, 1, 2).float())   # (B, C, h_i, w_i)
         if tuple(q.shape[-2:]) != tuple(size):
             q = F.interpolate(q, size=size, mode='bicubic', align_corners=False)
         return self.phis[self.phi_of_step[i]](q) if self.phis else q
@@ -576,7 +579,8 @@ class MultiScaleRQ(GroupedVQ):
         return zq, idxs, commit, stats
 
     def decode_steps(self, idxs, size):
-        """Sum of the contributions of steps 0..len(idxs)-1 on a (h, w) grid: (B, C, h, w)."""
+        """Sum of the contributions of steps 0..len(idxs)-1 on a (h, w) grid: (B, C, h, w) (idxs: each
+        step's tokens or code maps, as contribution)."""
         return sum(self.contribution(i, idx, size) for i, idx in enumerate(idxs))
 
 

@@ -53,6 +53,8 @@ if stage == 'generator':
     tok_ckpt = tok_ckpt.replace('tokenizer', 'tokenizer_hrq')   # the tokenizer above
     learning_rate = 1e-3      # the paper's
     weight_decay = 0.005
+    l1_weight = 0.0           # no pixel terms (the paper's losses: CE + DPO); --l1_weight / --lpips_weight add
+    lpips_weight = 0.0        # HiTokSR's on the decode of the predicted tokens (docs/method.md#pixel-terms-for-h-var)
     if crop_size == 128:      # config/tiny.py
         # 64x64 HR crops (the tokenizer's native size: 8 x patch 8) <- 16x16 LR; sequence = 64 condition
         # tokens + 130 image tokens (steps 1,2,3,4,6,8; x1 = steps 1-2 at 16 px, x2 = 1-4 at 32 px, x4 =

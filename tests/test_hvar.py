@@ -309,6 +309,38 @@ def test_code_regression_by_hand():
         assert abs(loss.item() - loss0.item() - 0.5 * want.item()) < 1e-4 and parts0['reg'].item() == 0
 
 
+def test_pixel_terms_decode_the_predicted_tokens():
+    """l1_weight / lpips_weight: the terms score the decoder's image of the teacher-forced top-1 tokens
+    of every step, made here by hand as sr.py decodes tokens (each step's codes looked up, phi of their
+    bicubic upsampling summed on the full grid, the decoder); the loss adds the weighted terms, and
+    their gradient reaches the generator through the frozen decoder (straight through the one-hot)."""
+    tok, gen = tiny_chain(head='codebook')
+    gen.train()
+    hr, lr, cls = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 16, 16), torch.tensor([0, 1])
+    _, conds = hvar_condition(tok, gen, lr)
+    z_hr = msrq_tokens(tok, hr, True)
+    with torch.no_grad():
+        top1 = gen(conds, gen.step_inputs(tok.quantizer, conds, z_hr), cls).argmax(-1)     # (2, 130)
+        idxs = [t.unflatten(1, (n, n)) for t, n in zip(top1.split(sizes(), 1), STEPS)]
+        sr = sum(tok.quantizer.phis[tok.quantizer.phi_of_step[i]](F.interpolate(
+            tok.quantizer.codebook[0][idx].permute(0, 3, 1, 2), size=(8, 8), mode='bicubic', align_corners=False))
+            if idx.shape[-1] != 8 else tok.quantizer.phis[tok.quantizer.phi_of_step[i]](
+                tok.quantizer.codebook[0][idx].permute(0, 3, 1, 2)) for i, idx in enumerate(idxs))
+        sr = tok.decoder(sr)
+    dist = lambda x, y: (x - y).pow(2).mean(dim=(1, 2, 3))                    # a stand-in perceptual distance
+    s = dict(dpo=False, dpo_beta=0.2, ce_weight=1.0, dpo_weight=0.0)
+    loss0, parts0, _ = hvar_losses(tok, gen, hr, lr, cls, **s)
+    loss, parts, _ = hvar_losses(tok, gen, hr, lr, cls, **s, l1_weight=0.5, lpips_weight=2.0, lpips_fn=dist)
+    want_l1, want_lp = (sr - hr).abs().mean().item(), dist(sr, hr).mean().item()
+    assert abs(parts['l1'].item() - want_l1) < 1e-5 and abs(parts['lpips'].item() - want_lp) < 1e-5
+    assert abs(loss.item() - loss0.item() - 0.5 * want_l1 - 2.0 * want_lp) < 1e-5
+    assert parts0['l1'].item() == parts0['lpips'].item() == 0
+    gen.zero_grad()
+    (parts['l1'] + parts['lpips']).backward()                               # the pixel terms alone
+    assert sum(float(p.grad.abs().sum()) for p in gen.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in tok.parameters())
+
+
 def test_multiscale_tiling_equals_one_scale_at_a_time():
     """tiled_sr with scales (1, 2, 4) and a multi-output fn blends each output exactly as a separate
     single-scale run would; min_size pads a small image up to it."""
