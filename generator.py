@@ -292,22 +292,22 @@ ckpt = None  # free the loaded tensors
 train_gen = maybe_compile(generator, compile, device)
 n_lora = sum(p.numel() for p in LoRAWeights(prior).state_dict().values())
 h_tok = crop_size // patch
-if hvar:
+run = f", tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}" + (f", DDP over {world} processes"
+                                                                            if world > 1 else '')
+if hvar:  # the loss's terms (the other H-VAR settings: the config line)
+    terms = [(ce_weight, 'CE'), (reg_weight, 'code regression'), (l1_weight, 'L1'),
+             (lpips_weight, f'LPIPS-{perceptual}'), (dpo_weight if dpo else 0, f"DPO (beta {dpo_beta}, {dpo_reduce}, "
+                                                    f"from step {dpo_start}{', reference policy' if dpo_ref else ''})")]
     log(f"H-VAR generator: {count_params(generator) / 1e6:.2f}M params, {tcfg.codebook_size} logits ({head} head), "
         f"{generator.n_cond} condition + {sum(generator.sizes[1:])} image tokens ({hvar_tokens} targets, steps "
-        f"{tcfg.rq_steps}, scales {tcfg.rq_scales}), dpo {dpo} (beta {dpo_beta}, {dpo_reduce}, from step {dpo_start}"
-        f"{', reference policy' if dpo_ref else ''}), ce_weight {ce_weight}, reg_weight {reg_weight}, l1_weight "
-        f"{l1_weight}, lpips_weight {lpips_weight} ({perceptual}), self_correct "
-        f"{self_correct}, bilinear_frac {bilinear_frac}, free_frac {free_frac}, guidance_drop {guidance_drop}, tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
-        + (f", DDP over {world} processes" if world > 1 else ''))
+        f"{tcfg.rq_steps}, scales {tcfg.rq_scales}); loss " + ' + '.join(f'{w:g} {t}' for w, t in terms if w) + run)
 else:
     log(f"generator: {count_params(generator) / 1e6:.2f}M params, LoRA "
         f"{n_lora / 1e6:.3f}M, {tcfg.groups} heads x {tcfg.codebook_size} logits ({head} head), grid {h_tok}x{h_tok}, "
         + (f"structure map {tcfg.tvq_struct_dim} x {h_tok // tcfg.tvq_struct_pool}x{h_tok // tcfg.tvq_struct_pool}, "
            if tvq else '') +
         f"prior {prior_name if prior else 'none'} (sft {use_sft}, cls {cls_tokens}, lora rank {lora_rank}, "
-        f"repa {'on' if repa_on else 'off'}), tokenizer {tok_ckpt} step {tok_step}, device {device}, {dtype}"
-        + (f", DDP over {world} processes" if world > 1 else ''))
+        f"repa {'on' if repa_on else 'off'})" + run)
 
 
 METRICS = metrics.METRICS  # psnr_y, ssim_y, lpips, grid, periodic, color_err

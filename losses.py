@@ -312,7 +312,7 @@ def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weig
     (docs/method.md#pixel-terms-for-h-var): the frozen decoder passes gradients to the logits.
     -> (loss, parts (ce, dpo, logp_gap, reg, l1, lpips), per-step accuracy (L,))."""
     c = generator.config
-    reg = reg_weight > 0
+    reg, sizes = reg_weight > 0, [n * n for n in c.rq_steps]           # sizes: tokens per step
     up, conds = hvar_condition(tokenizer, generator, lr, drop_B)
     z_hr = msrq_tokens(tokenizer, hr, c.hierarchical)
     prefix = z_hr                                                       # the tokens the inputs are made of
@@ -351,10 +351,10 @@ def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weig
         q, R = tokenizer.quantizer, c.rq_steps[-1]
         codes = ste_onehot(logits) @ q.codebook[0].float()                  # (B, N, C), one-hot forward
         maps = [m.unflatten(1, (n, n)).permute(0, 3, 1, 2)                 # [(B, C, rho_i, rho_i)]
-                for m, n in zip(codes.split([n * n for n in c.rq_steps], 1), c.rq_steps)]
+                for m, n in zip(codes.split(sizes, 1), c.rq_steps)]
         sr = tokenizer.decoder(q.decode_steps(maps, (R, R))).float()       # (B, 3, H, W), H = R x patch
         l1 = (sr - hr).abs().mean() if l1_weight > 0 else zero
         lp = lpips_fn(sr, hr).mean() if lpips_weight > 0 else zero
     loss = ce_weight * ce + dpo_weight * l_dpo + reg_weight * l_reg + l1_weight * l1 + lpips_weight * lp
-    acc = step_accuracy(logits.detach(), t_hr, [n * n for n in c.rq_steps])
+    acc = step_accuracy(logits.detach(), t_hr, sizes)
     return loss, dict(ce=ce, dpo=l_dpo, logp_gap=gap, reg=l_reg, l1=l1, lpips=lp), acc
