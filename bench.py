@@ -19,7 +19,7 @@ the step on one pre-made batch; the difference of the last two is what the data 
 tokenizer mode times one full stage-1 training step (encode, grouped VQ, decode, L1 + LPIPS +
 commitment, backward, AdamW; + discriminator and GAN terms with --tok_gan=True) on random crops
 of the config's size, so it measures the model, not the data pipeline.
-sr mode times inference (prior + generator + top-1 decode, sr.super_resolve) per LR size in
+sr mode times inference (prior + generator + top-1 decode, chain.super_resolve) per LR size in
 sr_sizes: ms per image at batch 1 and images/s at batch sr_batch, eager and, with --compile=True,
 compiled (--cuda_graphs=True: CUDA graphs); an H-VAR chain (configs with config/hvar.py)
 is timed at its native LR size, with and without the KV cache. The models of the chain have random
@@ -312,7 +312,7 @@ def bench_generator(dev):
 
 
 def random_chain(dev):
-    """build_chain in eval mode, frozen, the prior channels-last as sr.load_sr_chain makes it."""
+    """build_chain in eval mode, frozen, the prior channels-last as chain.load_sr_chain makes it."""
     tok, gen, prior, _ = build_chain(dev)
     for m in (tok, gen):
         m.eval().requires_grad_(False)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import load_checkpoint, resolve_record, to_uint8, weights_id
+from common import batched, load_checkpoint, resolve_record, to_uint8, weights_id
 from degradation import RGB_TO_YCC, YCC_TO_RGB, bicubic_upsample
 from metrics import METRICS, evaluate
 from model import (CLASS_DEGRADED, Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator,
@@ -463,6 +463,25 @@ def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', kin
 
 
 @torch.no_grad()
+def onepass_chain_rows(pairs, tok, gen, prior, lpips_net, crop_border=4, device='cpu', kinds=('base', 'decode', 'sr'),
+                       outs=None, keep_images=False):
+    """Rows for a one-pass chain (HiTokSR, texture VQ), of the kinds asked for: 'base' (bicubic from
+    the degraded LR), 'decode' (the tokenizer's reconstruction of HR: an upper bound for any SR
+    through this decoder) and 'sr' (the generator's top-1 tokens through the same decoder, or outs
+    when given). Every row also holds its kind (and with keep_images its images, as score)."""
+    images = lambda fn, xs: batched(lambda x: (fn(x).float().clamp(0, 1).cpu(),), xs, device=device)[0]
+    made = dict(base=lambda: ('bicubic (degraded LR)', bicubic_upsample(pairs['lr'])),
+                decode=lambda: ('stage 1: tokenizer reconstruction of HR', images(lambda x: tok(x)[0], pairs['hr'])),
+                sr=lambda: ('stage 2: generator + stage-1 decoder', images(lambda y: super_resolve(y, tok, gen, prior),
+                                                                          pairs['lr']) if outs is None else outs))
+    rows = []
+    for k in kinds:
+        name, imgs = made[k]()
+        rows.append(dict(score(name, imgs, pairs, lpips_net, crop_border, tok.config.patch, keep_images), kind=k))
+    return rows
+
+
+@torch.no_grad()
 def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='cpu', compare_ckpt='',
                color_fix=0.0, keep_images=False):
     """Rows for a checkpoint chain on the degraded validation pairs: bicubic, the tokenizer's
@@ -481,21 +500,15 @@ def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='
             other = chain_rows(pairs, compare_ckpt, '', lpips_net, crop_border, device, keep_images=keep_images)[-1]
             rows.insert(len(rows) - 1, dict(other, name=f"x4: {compare_ckpt} ({other['name']})"))  # H-VAR's x4 stays last
         return rows
-    batches = lambda xs, bs=4: (xs[i:i + bs].to(device) for i in range(0, len(xs), bs))
-    images = lambda outs: torch.cat([o.float().clamp(0, 1).cpu() for o in outs])
-    outs = [super_resolve(y, tok, gen, prior, True) for y in batches(pairs['lr'])]  # top-1 (b, G, h, w)
-    idx = [q for _, q in outs]
-    p = tok.config.patch  # the grid score looks for this tokenizer's patch grid
-    sr = images(sr for sr, _ in outs)
-    row = lambda name, imgs: score(name, imgs, pairs, lpips_net, crop_border, p, keep_images)
-    rows = [row('bicubic (degraded LR)', bicubic_upsample(pairs['lr'])),
-            row('stage 1: tokenizer reconstruction of HR', images(tok(x)[0] for x in batches(pairs['hr']))),
-            row('stage 2: generator + stage-1 decoder', sr)]
     if decoder_ckpt and tok.config.quantizer == 'tvq':
         raise ValueError(f"--decoder_ckpt: {gen_ckpt} is a texture-VQ chain, which has no stage 3")
-    if decoder_ckpt:
+    sr, idx = batched(lambda y: [t.cpu() for t in super_resolve(y, tok, gen, prior, True)], pairs['lr'], device=device)
+    rows = onepass_chain_rows(pairs, tok, gen, prior, lpips_net, crop_border, device, outs=sr, keep_images=keep_images)
+    row = lambda name, imgs: score(name, imgs, pairs, lpips_net, crop_border, tok.config.patch, keep_images)
+    if decoder_ckpt:  # the same top-1 tokens (b, G, h, w) through the fine-tuned decoder
         tok3, _, _ = load_sr_chain(gen_ckpt, device, decoder_ckpt)
-        sr = images(tok3.decode_indices(q, lr=y) for q, y in zip(idx, batches(pairs['lr'])))
+        sr, = batched(lambda q, y: (tok3.decode_indices(q, lr=y).float().clamp(0, 1).cpu(),), idx, pairs['lr'],
+                      device=device)
         rows.append(row('stage 3: generator + fine-tuned decoder', sr))
     if color_fix > 0:
         rows.append(row(f"{rows[-1]['name']} + colour correction ({color_fix:g} LR px)",

@@ -139,7 +139,7 @@ if lr_guide and tcfg.dec_head != 'conv':
     fail(f"finetune_decoder.py: lr_guide=True needs a conv decoder head; the tokenizer of {gen_ckpt} has "
          f"dec_head='{tcfg.dec_head}'")
 # the chain this decoder is fine-tuned for, by the weights' ids (a resume must use the same chain;
-# sr.load_sr_chain refuses this decoder for any other tokenizer): the stage-1 weights, before any guide
+# chain.load_sr_chain refuses this decoder for any other tokenizer): the stage-1 weights, before any guide
 chain = dict(tok_id=weights_id(tokenizer.state_dict()), gen_id=weights_id(generator.state_dict()),
              tok_model_args=asdict(tcfg), gen_model_args=asdict(gcfg), mode=mode, top_k=k_train, lr_guide=lr_guide)
 decoder = tokenizer.decoder.add_lr_guide() if lr_guide else tokenizer.decoder

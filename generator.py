@@ -1,13 +1,19 @@
 """
 Stage 2: train the token generator. The method follows from the tokenizer it predicts the tokens of
-(tok_ckpt), one loop for all three:
-  grouped-VQ tokenizer -> HiTokSR: the semantic-guided generator with reconstruction-aware losses
-             (docs/method.md#generator): all tokens in one pass.
-  multi-scale RQ       -> H-VAR: the next-scale generator (docs/method.md#next-scale-generator): step
-             by step, CE + DPO; one pass yields the x1, x2 and x4 outputs.
-  texture VQ           -> TVQ&RAP's predictor (docs/method.md#texture-predictor): HiTokSR's one-pass
-             generator with one texture head and a structure-map head, + struct_weight * MSE(F_L).
-Each method's references, evaluation and batch loss are one function each, in its own section below.
+(tok_ckpt), one loop for all three, each method's references, evaluation and batch loss in a section:
+  grouped-VQ tokenizer -> HiTokSR: the semantic-guided generator, every token in one pass
+             (docs/method.md#generator); losses.generator_losses: ce_weight * CE + repa_weight * REPA +
+             l1_weight * L1 + lpips_weight * LPIPS + gan_weight * GAN, the pixel terms on the decoded
+             straight-through one-hot (the frozen decoder passes gradients to the logits).
+  multi-scale RQ       -> H-VAR: the next-scale generator (docs/method.md#next-scale-generator), x1, x2 and
+             x4 from one pass; losses.hvar_losses: ce_weight * CE + dpo_weight * DPO (z_HR against z_LR, the
+             upsampled LR's tokens) + reg_weight * the codebook head's code regression (the tiny recipe: it alone),
+             optionally self_correct and HiTokSR's pixel terms.
+  texture VQ           -> TVQ&RAP's predictor (docs/method.md#texture-predictor): HiTokSR's generator with a
+             texture head and a structure-map head, + struct_weight * MSE(F_L).
+Ablations are one flag away: --use_prior=False (no SFT, CLS tokens, REPA or LoRA), --use_sft=False,
+--cls_tokens=none|single, --lora_rank=0, --repa_weight=0, --gan_weight=0; H-VAR: --dpo=True|False,
+--ce_weight=1, --reg_weight=0, --self_correct=0.5, --hvar_tokens=plain, --bilinear_frac=0.
 
     python generator.py config/tiny.py                           # 2-core CPU, ~10 minutes
     python generator.py config/paper.py                          # paper sizes, one GPU
@@ -15,19 +21,6 @@ Each method's references, evaluation and batch loss are one function each, in it
     python generator.py config/tiny.py config/tvq.py             # texture VQ
     python generator.py config/tiny.py --init_from=resume        # continue exactly
     torchrun --standalone --nproc_per_node=8 generator.py config/paper.py   # 8 GPUs (DDP)
-
-HiTokSR (losses.generator_losses, docs/method.md#generator-loss): the tokenizer's indices of the HR
-crop are the targets; ce_weight * CE + repa_weight * REPA + l1_weight * L1 + lpips_weight * LPIPS +
-gan_weight * GAN, the pixel terms on the decoded straight-through one-hot (the frozen decoder passes
-gradients to the logits). Ablations are one flag away: --use_prior=False (no prior: no SFT, CLS
-tokens, REPA or LoRA), --use_sft=False, --cls_tokens=none|single, --lora_rank=0 (a frozen prior),
---repa_weight=0, --l1_weight=0 --lpips_weight=0 --gan_weight=0 (CE only).
-H-VAR (losses.hvar_losses, docs/method.md#next-scale-generator): ce_weight * CE(z_HR) + dpo_weight *
-DPO(z_HR against z_LR, the tokens of the upsampled LR), both under teacher forcing, + reg_weight *
-the codebook head's code regression (the tiny config: the regression alone); self_correct: samples trained
-on their own generated prefix; l1_weight / lpips_weight (0 in config/hvar.py): HiTokSR's pixel terms on the
-decode of the predicted tokens. Ablations: --dpo=True|False, --reg_weight=0, --self_correct=0,
---hvar_tokens=plain (no valid x1 / x2), --bilinear_frac=0.
 """
 import copy
 import math
@@ -48,11 +41,11 @@ from common import (Logger, Timer, TrainStep, autocast_ctx, batched, check_befor
                     write_json)
 from configurator import config_from_settings, configure, fail
 from degradation import DegradeConfig, bicubic_upsample
-from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_FREE, Generator, GeneratorConfig, NextScaleConfig,
-                   NextScaleGenerator, TextureGenerator, TextureGeneratorConfig, Tokenizer, TokenizerConfig)
-from losses import (PatchDiscriminator, calibrate_codebook_head, discriminator_step, generator_losses, hvar_losses,
-                    scale_accuracy, vanilla_d_loss)
-from chain import hvar_chain_rows, hvar_sr, output_scales, super_resolve
+from model import (CLASS_DEGRADED, Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator, TextureGenerator,
+                   TextureGeneratorConfig, Tokenizer, TokenizerConfig)
+from losses import (PatchDiscriminator, calibrate_codebook_head, discriminator_step, generator_losses, hvar_inputs,
+                    hvar_losses, scale_accuracy, vanilla_d_loss)
+from chain import hvar_chain_rows, hvar_sr, onepass_chain_rows, output_scales, super_resolve
 from prior import LoRAWeights, build_sr_prior
 
 # -----------------------------------------------------------------------------
@@ -230,7 +223,7 @@ tokenizer = Tokenizer(tcfg)
 tokenizer.load_state_dict(tok.get('ema') or tok['model'])  # the EMA weights when stage 1 kept them
 tokenizer.to(device).eval().requires_grad_(False)  # eval: no dead-code restarts, no hit counts
 tok_step = tok.get('step')
-tok_id = weights_id(tokenizer.state_dict())  # the chain's identity check (sr.load_sr_chain)
+tok_id = weights_id(tokenizer.state_dict())  # the chain's identity check (chain.load_sr_chain)
 del tok
 
 # data: (HR crop, degraded LR) pairs; the fixed degraded validation pairs
@@ -324,22 +317,20 @@ def grid_png(tag, rows, labels):
 # -----------------------------------------------------------------------------
 # HiTokSR and TVQ&RAP: every token in one pass (docs/method.md#generator, #texture-predictor)
 
+def hr_targets(hr):
+    """The frozen tokenizer's targets of HR: its indices q (B, G, h, w) [, texture VQ: its structure map
+    F_L (B, C_L, h/r, w/r)]."""
+    _, q, _, _, *f_l = tokenizer.encode_tvq(hr) if tvq else tokenizer.encode(hr)
+    return [q, *f_l]
+
+
 def onepass_references():
-    """Fixed rows on the validation pairs: the tokenizer's reconstruction of HR (its indices are the
-    targets of the token accuracy; an upper bound for SR through this decoder) and bicubic.
-    -> (rows, fixed targets: HR's indices q and, for texture VQ, its structure map f_l)."""
-    val_q, = batched(lambda x: (tokenizer.encode(x)[1].cpu(),), val_hr, device=device)  # (N, G, h, w)
-    if tvq:  # texture indices decoded with the tokenizer's own structure map of HR (also a target)
-        val_rec, val_fl = batched(lambda x: (tokenizer(x)[0].float().clamp(0, 1).cpu(), tokenizer.encode_tvq(x)[4].cpu()),
-                                  val_hr, device=device)
-    else:
-        val_rec, = batched(lambda q: (tokenizer.decode_indices(q).float().clamp(0, 1).cpu(),), val_q, device=device)
-        val_fl = None
-    ref = {}
-    for name, imgs in (('r', val_rec), ('bicubic', val_bic)):
-        m = metrics.evaluate(imgs, val_hr, 4, lpips_net, patch=patch)
-        ref.update({f'{name}_{k}': m[k] for k in METRICS})
-    return ref, dict(q=val_q, f_l=val_fl)
+    """Fixed rows on the validation pairs: bicubic and the tokenizer's reconstruction of HR (an upper
+    bound for SR through this decoder). -> (rows, HR's fixed targets: q for the token accuracy [, f_l])."""
+    rows = onepass_chain_rows(val, tokenizer, generator, prior, lpips_net, 4, device, kinds=('base', 'decode'))
+    val_q, *val_fl = batched(lambda x: [t.cpu() for t in hr_targets(x)], val_hr, device=device)
+    return ({f"{'bicubic' if r['kind'] == 'base' else 'r'}_{k}": r[k] for r in rows for k in METRICS},
+            dict(q=val_q, f_l=val_fl[0] if tvq else None))
 
 
 @torch.no_grad()
@@ -362,8 +353,8 @@ def onepass_evaluate(tag):
 def onepass_batch(hr, lr, gan_on):
     """One micro-batch: the frozen tokenizer's targets of HR, then losses.generator_losses.
     -> (loss, parts to log, the decoded prediction for the discriminator)."""
-    with torch.no_grad():  # q_HR (B, G, h, w) [, texture VQ: F_L (B, C_L, h/r, w/r)]
-        _, q_hr, _, _, *f_l_hr = tokenizer.encode_tvq(hr) if tvq else tokenizer.encode(hr)
+    with torch.no_grad():
+        q_hr, *f_l_hr = hr_targets(hr)
     with ctx:  # generator + LoRA (the discriminator is frozen outside discriminator_step)
         loss, parts, logits, sr = train_step(generator_losses, tokenizer, train_gen, prior, hr, lr, q_hr, *f_l_hr,
                                              **weights, train_prior=lora_rank > 0, lpips_fn=lpips_fn, disc=disc,
@@ -410,15 +401,9 @@ def hvar_evaluate(tag):
 
 
 def hvar_batch(hr, lr, gan_on):
-    """One micro-batch: classes 0 (degraded) or 1 (the LR replaced by HR's bilinear downsample), free_frac
-    labelled 2 (class-free, the LR kept), guidance_drop class-free with zero conditions; self_correct of
-    them on the generator's own prefix. -> (loss, parts, None)."""
-    u = torch.rand(3, hr.shape[0]).to(device)
-    bilinear, drop = u[0] < bilinear_frac, u[2] < guidance_drop
-    cls = torch.where((u[1] < free_frac) | drop, CLASS_FREE, torch.where(bilinear, CLASS_BILINEAR, CLASS_DEGRADED))
-    bil = F.interpolate(hr, scale_factor=0.25, mode='bilinear', align_corners=False, antialias=True)
-    lr = torch.where(bilinear[:, None, None, None], bil.clamp(0, 1), lr)
-    own = torch.rand(hr.shape[0]).to(device) < self_correct if self_correct > 0 else None  # their own prefix
+    """One micro-batch: its classes, bilinear LR, class-free and own-prefix samples (losses.hvar_inputs),
+    then losses.hvar_losses. -> (loss, parts, None)."""
+    lr, cls, drop, own = hvar_inputs(hr, lr, bilinear_frac, free_frac, guidance_drop, self_correct)
     if reference is not None and step == dpo_start:  # DPO starts: the reference is the generator now
         reference.load_state_dict(generator.state_dict())
     with ctx:

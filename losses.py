@@ -6,7 +6,8 @@ method adds its loss here and a setting that selects it in its stage script
     1. Stage 1               codebook usage, group masking draws, frequency-matched (Haar low-pass) targets, edge loss
     2. GAN                   PatchDiscriminator, hinge and vanilla losses, adaptive weight, discriminator_step
     3. Stage 2, HiTokSR/TVQ  straight-through one-hot, generator_losses (CE + REPA + pixel terms)
-    4. Stage 2, H-VAR        sequence log-likelihood, DPO, hvar_losses (CE + DPO under teacher forcing)
+    4. Stage 2, H-VAR        the inputs' classes, sequence log-likelihood, DPO, hvar_losses (CE + DPO under
+                             teacher forcing)
 
 The models they train are in model.py; the VQ commitment terms live with the quantizers there.
 """
@@ -16,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (CLASS_DEGRADED, NextScaleGenerator, code_counts, hvar_condition, lr_anchor, nearest_code, resize_image,
-                   stats_from_counts)
+from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_FREE, NextScaleGenerator, code_counts, hvar_condition, lr_anchor,
+                   nearest_code, resize_image, stats_from_counts)
 from wavelets import lowpass
 
 # -----------------------------------------------------------------------------
@@ -289,6 +290,22 @@ def code_regression(r_BNC, tokens_BN, codes):
     residuals (B, N, C), e_z the target tokens' codes, s the RMS of a code entry (codes: CodebookHead)."""
     e = codes.codebook.float()[0][tokens_BN]                                     # (B, N, C)
     return (r_BNC - e).pow(2).mean() / codes.code_scale.pow(2)
+
+
+def hvar_inputs(hr, lr, bilinear_frac, free_frac, guidance_drop, self_correct=0.0):
+    """A training batch's H-VAR inputs (docs/method.md#next-scale-generator): each sample is class 1
+    with probability bilinear_frac (its LR replaced by HR's antialiased bilinear downsample), else 0
+    (the degraded LR); free_frac of either kind are labelled class 2 (class-free, the LR kept), and
+    guidance_drop are class 2 with zero conditions (drop_B); self_correct of them train on their own
+    prefix (own_B; None when 0). hr (B, 3, H, W), lr (B, 3, H/4, W/4) -> (lr, cls_B, drop_B, own_B)."""
+    B, dev = hr.shape[0], hr.device
+    u = torch.rand(3, B).to(dev)  # drawn on the CPU: the same draws on every device
+    bilinear, drop = u[0] < bilinear_frac, u[2] < guidance_drop
+    cls = torch.where((u[1] < free_frac) | drop, CLASS_FREE, torch.where(bilinear, CLASS_BILINEAR, CLASS_DEGRADED))
+    bil = F.interpolate(hr, scale_factor=0.25, mode='bilinear', align_corners=False, antialias=True)
+    lr = torch.where(bilinear[:, None, None, None], bil.clamp(0, 1), lr)
+    own = torch.rand(B).to(dev) < self_correct if self_correct > 0 else None
+    return lr, cls, drop, own
 
 
 def hvar_losses(tokenizer, generator, hr, lr, cls_B, *, ce_weight, dpo, dpo_weight, dpo_beta, dpo_reduce='sum',

@@ -14,7 +14,7 @@ papers, is in docs/method.md; comments here point to its sections.
     6. Helpers                 group masking, top-K sampling
 
 The losses of every stage (and the GAN discriminator) and the codebooks' usage statistics are in
-losses.py; loading a trained chain and running it (load_sr_chain, super_resolve) in sr.py; a
+losses.py; loading a trained chain and running it (load_sr_chain, super_resolve) in chain.py; a
 tokenizer's FLOPs for MFU in common.py. Of the project this file imports only configurator's ModelConfig
 (the configs' field checks).
 

@@ -323,7 +323,7 @@ def upsample_for_prior(lr, scale=4):
 
 def build_sr_prior(prior_args, pretrained=True):
     """prior_args = dict(name, feat_tap, lora_rank, lora_alpha) -> prior (+ LoRA when lora_rank > 0,
-    else frozen), or None for prior_args None. Shared by generator.py and sr.load_sr_chain."""
+    else frozen), or None for prior_args None. Shared by generator.py and chain.load_sr_chain."""
     if prior_args is None:
         return None
     p = build_prior(prior_args['name'], pretrained=pretrained, feat_tap=prior_args['feat_tap'])

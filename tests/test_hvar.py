@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 import data
 from conftest import SMALL_TOK, assert_images_close, tokenizer_args
-from model import (CLASS_FREE, NextScaleConfig, NextScaleGenerator, Tokenizer, TokenizerConfig,
+from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_FREE, NextScaleConfig, NextScaleGenerator, Tokenizer, TokenizerConfig,
                    hvar_condition, nearest_code, resize_image, rope_2d, rope_angles)
-from losses import (calibrate_codebook_head, dpo_loss, flat_tokens, hvar_losses, msrq_tokens, prefix_targets,
-                    sequence_logp)
+from losses import (calibrate_codebook_head, dpo_loss, flat_tokens, hvar_inputs, hvar_losses, msrq_tokens,
+                    prefix_targets, sequence_logp)
 from chain import hvar_super_resolve, load_sr_chain
 from chain import hvar_padding, tiled_sr
 from common import to_uint8
@@ -231,6 +231,33 @@ def test_self_correction_targets(hierarchical):
     _, parts0, _ = hvar_losses(tok, gen, hr, lr, cls, **s, own_B=torch.tensor([False, False]))
     _, parts1, _ = hvar_losses(tok, gen, hr, lr, cls, **s)
     assert parts0['ce'].item() == parts1['ce'].item() != parts['ce'].item()
+
+
+def test_input_classes_and_the_bilinear_lr():
+    """hvar_inputs: class 1 carries HR's antialiased bilinear downsample (by hand: the x1/4 tent of
+    radius 4 px around each output pixel's centre, cut at the border and renormalised, as PIL does),
+    class 0 its own LR, class 2 (free_frac, guidance_drop) either of them; the fractions are the
+    settings' (B = 4000: 3 binomial sigmas)."""
+    torch.manual_seed(0)
+    B = 4000
+    hr, lr = torch.rand(B, 3, 8, 8), torch.rand(B, 3, 2, 2)
+    out, cls, drop, own = hvar_inputs(hr, lr, bilinear_frac=0.25, free_frac=0.1, guidance_drop=0.05, self_correct=0.3)
+    x = torch.arange(8) + 0.5                                          # HR pixel centres
+    M = (1 - (x[None] - torch.tensor([[2.0], [6.0]])).abs() / 4).clamp_min(0)   # (2, 8): output centres 2, 6
+    M = M / M.sum(1, keepdim=True)
+    by_hand = M @ hr @ M.T                                             # (B, 3, 2, 2)
+    is_bil = (out - by_hand).abs().amax((1, 2, 3)) < 1e-5
+    is_own = (out == lr).flatten(1).all(1)
+    assert is_bil[cls == CLASS_BILINEAR].all() and is_own[cls == CLASS_DEGRADED].all()
+    assert (is_bil ^ is_own).all()                                     # class 2: either kind, as drawn
+    assert abs(is_bil.float().mean() - 0.25) < 3 * math.sqrt(0.25 * 0.75 / B)
+    for frac, sel in ((0.05, drop), (0.3, own)):
+        assert abs(sel.float().mean() - frac) < 3 * math.sqrt(frac * (1 - frac) / B)
+    assert (cls[drop] == CLASS_FREE).all()
+    p_free = 1 - 0.9 * 0.95                                           # free_frac or guidance_drop
+    for c, p in ((CLASS_FREE, p_free), (CLASS_BILINEAR, 0.25 * (1 - p_free)), (CLASS_DEGRADED, 0.75 * (1 - p_free))):
+        assert abs((cls == c).float().mean() - p) < 3 * math.sqrt(p * (1 - p) / B)
+    assert hvar_inputs(hr[:4], lr[:4], 0.1, 0.1, 0.0)[3] is None      # no self-correction: no draw
 
 
 def test_dpo_against_hand_computation_and_its_gradient():
