@@ -7,6 +7,7 @@ from losses import frequency_targets, gradient_l1
 
 # A model small enough for seconds per run on 2 cores; every code path of the loop stays on
 # (group masking, DWT targets, LPIPS, edge loss, GAN from step 2, data init, dead-code restart).
+# The runs evaluate on conftest's tiny_val (2 pairs): the 11 pairs' LPIPS would double their time.
 TINY = ['config/tiny.py', '--crop_size=32', '--patch=8', '--batch_size=2', *SMALL_TOK,
         '--codebook_size=16', '--grad_weight=0.5', '--max_minutes=0', '--eval_interval=1000',
         '--log_interval=1', '--gan_start=2', '--warmup_iters=2', '--p_full=0.5', '--decay_iters=6']
@@ -72,26 +73,26 @@ def test_bad_config_is_one_clear_message_before_training(arg, words):
     assert 'Traceback' not in p.stderr and 'step ' not in p.stdout
 
 
-def test_smoke_and_exact_resume(check_exact_resume, tmp_path):
+def test_smoke_and_exact_resume(check_exact_resume, tiny_val, tmp_path):
     """3 steps + resume + 3 steps must give bit-identical weights to 6 straight steps (CPU), the
     EMA copy of the weights included."""
-    out, _ = check_exact_resume('tokenizer.py', TINY + ['--ema_decay=0.9'], tmp_path, 3, ('model', 'disc', 'ema'))
+    out, _ = check_exact_resume('tokenizer.py', TINY + ['--ema_decay=0.9', f'--val_dir={tiny_val}'], tmp_path, 3, ('model', 'disc', 'ema'))
     assert 'r_psnr_y:' in out and 'code_usage_min:' in out and 'prefix_psnr_k1:' in out
     for f in ('ckpt.pt', 'log.txt', 'curves.png', 'summary.json', 'samples_000000.png', 'samples_000006.png'):
         assert (tmp_path / 'straight' / f).is_file(), f
 
 
-def test_resume_refuses_a_different_model(tmp_path):
-    run(TINY + [f'--out_dir={tmp_path}', '--max_iters=1'])
-    p = run(TINY + [f'--out_dir={tmp_path}', '--max_iters=2', '--init_from=resume', '--dec_width=64'],
-            check=False)
+def test_resume_refuses_a_different_model(tiny_val, tmp_path):
+    run(TINY + [f'--out_dir={tmp_path}', '--max_iters=1', f'--val_dir={tiny_val}'])
+    p = run(TINY + [f'--out_dir={tmp_path}', f'--val_dir={tiny_val}', '--max_iters=2', '--init_from=resume',
+                    '--dec_width=64'], check=False)
     assert p.returncode != 0 and 'model settings differ' in p.stderr
 
 
-def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tiny_val, tmp_path):
     """A resumed run with an absurd learning rate blows up within a few steps: it must stop with
     a message naming the step and the loss parts, exit non-zero, and leave ckpt.pt byte-identical."""
-    args = TINY + [f'--out_dir={tmp_path}', '--threads=1']
+    args = TINY + [f'--out_dir={tmp_path}', '--threads=1', f'--val_dir={tiny_val}']
     run(args + ['--max_iters=2', '--eval_interval=2'])
     before = (tmp_path / 'ckpt.pt').read_bytes()
     p = run(args + ['--max_iters=30', '--eval_interval=1000', '--init_from=resume', '--learning_rate=1e9'],
