@@ -1,6 +1,9 @@
 """Every relative link of the README and docs/*.md leads somewhere: the file exists, and a #fragment
 names a heading of the target file, spelled as GitHub spells heading anchors (lower case, punctuation
-dropped, spaces to hyphens, -1, -2 ... for repeats). A renamed section cannot leave a dead link."""
+dropped, spaces to hyphens, -1, -2 ... for repeats). A renamed section cannot leave a dead link. And
+every `module.name` the docs cite (`losses.hvar_losses`, `model.Tokenizer.decode`) is defined there:
+a moved function cannot leave a reader searching the wrong file."""
+import ast
 import glob
 import os
 import re
@@ -8,6 +11,7 @@ import re
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ['README.md'] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'docs', '*.md')))
 LINK = re.compile(r'\]\(([^)\s#]*)(?:#([^)\s]+))?\)')         # [text](path#fragment), either part may be empty
+CITE = re.compile(r'`(\w+)\.(\w+)(?:\.(\w+))?(?:\([^`]*\))?`')    # `module.name`, `module.Class.method(...)`
 
 
 def heading_anchors(text):
@@ -68,3 +72,49 @@ def test_every_relative_link_leads_somewhere():
         dead += dead_links(doc, text)
     assert n > 30, f"only {n} links found: the pattern no longer matches the docs' links"
     assert not dead, '\n'.join(f'{doc}: ({link}): {why}' for doc, link, why in dead)
+
+
+def top_level_names(source):
+    """{name: the set of its methods (empty for a function or a global)} of a module's source."""
+    names = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names[node.name] = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update({n.id: set() for n in ast.walk(t) if isinstance(n, ast.Name)})
+    return names
+
+
+def missing_citations(text, modules):
+    """[citation] of `text`'s `module.name[.method]` whose module is one of `modules` ({module: its
+    top_level_names}) but which it does not define; `module.py`, a file, is no citation."""
+    missing = []
+    for mod, name, method in CITE.findall(text):
+        if name == 'py' or mod not in modules:                         # a file name (`mod.py`), or not ours
+            continue
+        if name not in modules[mod] or (method and method not in modules[mod][name]):
+            missing.append(f"{mod}.{name}{'.' + method if method else ''}")
+    return missing
+
+
+def test_a_missing_citation_is_found():
+    modules = top_level_names("X = 1\ndef f(): pass\nclass C:\n    def m(self): pass\n")
+    assert set(modules) == {'X', 'f', 'C'} and modules['C'] == {'m'}
+    text = "`mod.f` `mod.f(x, y)` `mod.C.m` `mod.X` `mod.g` `mod.C.n` `other.g` `mod.py` `torch.load`"
+    assert missing_citations(text, {'mod': modules}) == ['mod.g', 'mod.C.n']
+
+
+def test_every_cited_function_exists():
+    modules = {}
+    for path in glob.glob(os.path.join(ROOT, '*.py')):
+        with open(path) as f:
+            modules[os.path.basename(path)[:-3]] = top_level_names(f.read())
+    missing, n = [], 0
+    for doc in DOCS:
+        with open(os.path.join(ROOT, doc)) as f:
+            text = f.read()
+        n += sum(m in modules and name != 'py' for m, name, _ in CITE.findall(text))
+        missing += [f'{doc}: `{c}`' for c in missing_citations(text, modules)]
+    assert n > 20, f"only {n} citations found: the pattern no longer matches the docs' citations"
+    assert not missing, 'not defined where the docs say:\n' + '\n'.join(missing)
