@@ -355,7 +355,7 @@ class OneProcess:
     """What a quantizer's codebook updates need of data-parallel training, for one process: nothing
     to share (the default of model.GroupedVQ.ranks). Under torchrun, tokenizer.py sets
     `quantizer.ranks = Ranks()`: the same three operations over all ranks
-    (docs/method.md#data-parallel-training)."""
+    (docs/method.md#grouped-vq, the paragraph on torchrun)."""
     gather = sum = staticmethod(lambda x, dim=0: x)   # every rank's x concatenated / summed
     from_rank0_ = staticmethod(lambda x: x)           # overwrite x with rank 0's, in place
 

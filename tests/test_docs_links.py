@@ -1,6 +1,7 @@
 """Every relative link of the README and docs/*.md leads somewhere: the file exists, and a #fragment
 names a heading of the target file, spelled as GitHub spells heading anchors (lower case, punctuation
-dropped, spaces to hyphens, -1, -2 ... for repeats). A renamed section cannot leave a dead link. And
+dropped, spaces to hyphens, -1, -2 ... for repeats); so does every `docs/method.md#section` a code
+comment points to. A renamed section cannot leave a dead link. And
 every `module.name` the docs cite (`losses.hvar_losses`, `model.Tokenizer.decode`) is defined there:
 a moved function cannot leave a reader searching the wrong file."""
 import ast
@@ -47,6 +48,27 @@ def dead_links(doc, text):
             if fragment not in anchors:
                 dead.append((doc, link, f'no heading of {target} has the anchor #{fragment}'))
     return dead
+
+
+def test_every_section_the_code_points_to_exists():
+    anchors = {}
+    for name in ('method.md', 'results.md'):
+        with open(os.path.join(ROOT, 'docs', name)) as f:
+            anchors[name] = heading_anchors(f.read())
+    sources = [p for pattern in ('*.py', '*.sh', 'config/*.py', 'tests/*.py')
+               for p in glob.glob(os.path.join(ROOT, pattern))]
+    dead, n = [], 0
+    for path in sources:
+        if os.path.basename(path) == 'test_docs_links.py':            # its own examples of dead links
+            continue
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                for doc, anchor in re.findall(r'\b(method|results)\.md#([\w\-]+)', line):
+                    n += 1
+                    if anchor not in anchors[doc + '.md']:
+                        dead.append(f'{os.path.relpath(path, ROOT)}:{i}: docs/{doc}.md#{anchor}')
+    assert n > 50, f"only {n} pointers found: the pattern no longer matches the code's comments"
+    assert not dead, 'no such section:\n' + '\n'.join(dead)
 
 
 def test_heading_anchors_as_github_spells_them():
