@@ -42,12 +42,10 @@ import metrics
 from common import (autocast_ctx, count_params, flops_per_image, maybe_compile, param_groups, peak_flops, pick_device,
                     save_png)
 from degradation import DegradeConfig, degrade
-from model import (Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator, TextureGenerator,
-                   TextureGeneratorConfig, Tokenizer, TokenizerConfig, resize_image)
+from model import Generator, NextScaleGenerator, TextureGenerator, Tokenizer, TokenizerConfig, resize_image
 from losses import (PatchDiscriminator, discriminator_step, g_loss_hinge, generator_losses, hinge_d_loss,
                     hvar_losses, vanilla_d_loss)
-from chain import sr_function
-from prior import build_sr_prior
+from chain import METHODS, sr_function, stage2_models
 
 # -----------------------------------------------------------------------------
 mode = 'degrade'            # degrade | generator | tokenizer | sr | sr_large
@@ -216,30 +214,12 @@ def build_chain(dev):
     prior has its ImageNet weights) -> (tokenizer, generator, prior or None, generator settings)."""
     tcfg = config_from_settings(TokenizerConfig, script_settings('tokenizer.py', [*configs.split(), *tok_args.split()]))
     g = script_settings('generator.py', configs.split())
-    g['method'] = dict(grouped='hitoksr', msrq='hvar', tvq='tvq')[tcfg.quantizer]  # as generator.py: the tokens decide
-    prior = None
-    if g['method'] == 'hvar':  # H-VAR: the next-scale generator on a multi-scale RQ tokenizer, no prior
-        gcfg = config_from_settings(NextScaleConfig, g, patch=tcfg.patch, scale=4, latent_dim=tcfg.latent_dim,
-                                    codebook_size=tcfg.codebook_size, rq_steps=tcfg.rq_steps,
-                                    rq_scales=tcfg.rq_scales, hierarchical=g['hvar_tokens'] == 'hierarchical',
-                                    scale_starts=True)
-        tok, gen = Tokenizer(tcfg).to(dev), NextScaleGenerator(gcfg).to(dev)
-        if gcfg.head == 'codebook':
-            gen.codes.tie_codebook(tok.quantizer.codebook)
-        return tok, gen, None, g
-    if g['use_prior']:
-        prior = build_sr_prior(dict(name=g['prior_name'], feat_tap=g['prior_feat_tap'], lora_rank=g['lora_rank'],
-                                    lora_alpha=g['lora_alpha']))
-    else:  # as generator.py: no prior switches off what needs it
-        g.update(use_sft=False, cls_tokens='none', repa_weight=0.0, lora_rank=0)
-    derived = dict(patch=tcfg.patch, scale=4, groups=tcfg.groups, codebook_size=tcfg.codebook_size,
-                   latent_dim=tcfg.latent_dim, feat_dim=prior.feat_dim if prior else 0,
-                   pooled_dims=tuple(prior.pooled_dims) if prior else ())
-    tvq = g['method'] == 'tvq'  # texture VQ: the generator with the structure head
-    if tvq:
-        derived.update(struct_dim=tcfg.tvq_struct_dim, struct_pool=tcfg.tvq_struct_pool)
-    gcfg = config_from_settings(TextureGeneratorConfig if tvq else GeneratorConfig, g, **derived)
-    tok, gen = Tokenizer(tcfg).to(dev), (TextureGenerator if tvq else Generator)(gcfg).to(dev)
+    g['method'] = METHODS[tcfg.quantizer]  # as generator.py: the tokens decide
+    _, prior, gcfg = stage2_models(tcfg, g)
+    gen = {'hvar': NextScaleGenerator, 'tvq': TextureGenerator}.get(g['method'], Generator)(gcfg).to(dev)
+    tok = Tokenizer(tcfg).to(dev)
+    if gcfg.head == 'codebook':  # a frozen copy of the codes, as generator.py
+        gen.codes.tie_codebook(tok.quantizer.codebook)
     return tok, gen, prior.to(dev) if prior is not None else None, g
 
 

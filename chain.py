@@ -1,9 +1,9 @@
 """
-A trained checkpoint chain as functions: load it (load_sr_chain), run it on LR images
-(super_resolve, hvar_super_resolve, sr_function; coarse_to_fine, the preview), tile any size through it
-(tiled_sr), correct its colours (fix_colors) and score it on the validation pairs (score,
-chain_rows, hvar_chain_rows). sr.py, eval.py, bench.py, ablate.py and the stage scripts import them;
-docs/method.md#inference.
+A checkpoint chain as functions: build stage 2's models for a tokenizer (stage2_models), load a
+trained chain (load_sr_chain), run it on LR images (super_resolve, hvar_super_resolve, sr_function;
+coarse_to_fine, the preview), tile any size through it (tiled_sr), correct its colours (fix_colors)
+and score it on the validation pairs (score, chain_rows, onepass_chain_rows, hvar_chain_rows).
+sr.py, eval.py, bench.py, ablate.py and the stage scripts import them; docs/method.md#inference.
 """
 import math
 from contextlib import nullcontext
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from common import batched, load_checkpoint, resolve_record, to_uint8, weights_id
+from configurator import config_from_settings
 from degradation import RGB_TO_YCC, YCC_TO_RGB, bicubic_upsample
 from metrics import METRICS, evaluate
 from model import (CLASS_DEGRADED, Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator,
@@ -20,10 +21,38 @@ from model import (CLASS_DEGRADED, Generator, GeneratorConfig, NextScaleConfig, 
                    resize_image)
 
 MIN_TILE = 32  # LR pixels: smaller tiles give the generator and the prior little context
+METHODS = dict(grouped='hitoksr', msrq='hvar', tvq='tvq')  # a tokenizer's quantizer -> the method its tokens call for
 
 
 # -----------------------------------------------------------------------------
-# chain loading and inference (docs/method.md#inference)
+# building and loading a chain, inference (docs/method.md#inference)
+
+def stage2_models(tcfg, s):
+    """What stage 2 trains on a tokenizer of config tcfg, from generator.py's settings s (a dict; bench.py
+    builds the same): the prior and the config of the generator of the method its tokens call for
+    (METHODS: Generator, TextureGenerator or NextScaleGenerator). H-VAR has no prior, and
+    use_prior=False switches off in s everything that needs one (SFT, CLS tokens, REPA, LoRA: the
+    one-flag ablation). The prior's LoRA matrices are drawn from torch's global RNG.
+    -> (prior_args or None, prior or None, config of the generator); s is updated in place."""
+    from prior import build_sr_prior  # local: model.py works without the prior's packages
+    method = METHODS[tcfg.quantizer]
+    if not s['use_prior'] or method == 'hvar':
+        s.update(use_prior=False, use_sft=False, cls_tokens='none', repa_weight=0.0, lora_rank=0)
+    prior_args = (dict(name=s['prior_name'], feat_tap=s['prior_feat_tap'], lora_rank=s['lora_rank'],
+                       lora_alpha=s['lora_alpha']) if s['use_prior'] else None)
+    prior = build_sr_prior(prior_args)
+    shared = dict(patch=tcfg.patch, scale=4, latent_dim=tcfg.latent_dim, codebook_size=tcfg.codebook_size)
+    if method == 'hvar':
+        gcfg = config_from_settings(NextScaleConfig, s, **shared, rq_steps=tcfg.rq_steps, rq_scales=tcfg.rq_scales,
+                                    hierarchical=s['hvar_tokens'] == 'hierarchical', scale_starts=True)
+    else:  # HiTokSR's generator; texture VQ's adds the tokenizer's structure-map shape
+        derived = dict(shared, groups=tcfg.groups, feat_dim=prior.feat_dim if prior else 0,
+                       pooled_dims=tuple(prior.pooled_dims) if prior else ())
+        if method == 'tvq':
+            derived.update(struct_dim=tcfg.tvq_struct_dim, struct_pool=tcfg.tvq_struct_pool)
+        gcfg = config_from_settings(TextureGeneratorConfig if method == 'tvq' else GeneratorConfig, s, **derived)
+    return prior_args, prior, gcfg
+
 
 def load_tokenizer(path, device='cpu', what='--tok_ckpt'):
     """A stage-1 checkpoint -> Tokenizer (its EMA weights when kept) in eval mode, frozen, on device."""

@@ -39,14 +39,13 @@ from common import (Logger, Timer, TrainStep, autocast_ctx, batched, check_befor
                     param_groups, path_record, rank0_number, rank_states, save_curves, save_grid, save_state,
                     set_learning_rate, setting_problems, stop_if_diverged, summary, time_left, weights_id,
                     write_json)
-from configurator import config_from_settings, configure, fail
+from configurator import configure, fail
 from degradation import DegradeConfig, bicubic_upsample
-from model import (CLASS_DEGRADED, Generator, GeneratorConfig, NextScaleConfig, NextScaleGenerator, TextureGenerator,
-                   TextureGeneratorConfig, Tokenizer, TokenizerConfig)
+from model import CLASS_DEGRADED, Generator, NextScaleGenerator, TextureGenerator, Tokenizer, TokenizerConfig
 from losses import (PatchDiscriminator, calibrate_codebook_head, discriminator_step, generator_losses, hvar_inputs,
                     hvar_losses, scale_accuracy, vanilla_d_loss)
-from chain import hvar_chain_rows, hvar_sr, onepass_chain_rows, output_scales, super_resolve
-from prior import LoRAWeights, build_sr_prior
+from chain import METHODS, hvar_chain_rows, hvar_sr, onepass_chain_rows, output_scales, stage2_models, super_resolve
+from prior import LoRAWeights
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -173,7 +172,7 @@ try:
 except ValueError as e:
     fail(f"generator.py: {e}")
 tcfg = TokenizerConfig.from_dict(tok['model_args'])
-method = dict(grouped='hitoksr', msrq='hvar', tvq='tvq')[tcfg.quantizer]  # what the tokens call for
+method = METHODS[tcfg.quantizer]  # what the tokens call for
 hvar, tvq = method == 'hvar', method == 'tvq'
 if tvq and crop_size % (patch * tcfg.tvq_struct_pool):
     fail(f"generator.py: crop_size={crop_size} must be a multiple of patch x tvq_struct_pool = "
@@ -187,28 +186,13 @@ if hvar and crop_size != tcfg.rq_steps[-1] * tcfg.patch:
 if tcfg.patch != patch:
     fail(f"generator.py: patch={patch} but the tokenizer {tok_ckpt} has patch={tcfg.patch}: the "
          f"generator predicts one index per tokenizer token, set --patch={tcfg.patch}")
-if not use_prior or hvar:  # the one-flag "no prior" ablation switches off everything that needs it
-    use_prior, use_sft, cls_tokens, repa_weight, lora_rank = False, False, 'none', 0.0, 0  # (H-VAR has none)
-    config.update(use_prior=use_prior, use_sft=use_sft, cls_tokens=cls_tokens, repa_weight=repa_weight,
-                  lora_rank=lora_rank)
 torch.manual_seed(seed)  # before the prior: its LoRA A matrices are drawn at construction
-prior_args = dict(name=prior_name, feat_tap=prior_feat_tap, lora_rank=lora_rank,
-                  lora_alpha=lora_alpha) if use_prior else None
-try:
-    prior = build_sr_prior(prior_args)
-    if hvar:
-        gcfg = config_from_settings(NextScaleConfig, config, scale=4, latent_dim=tcfg.latent_dim,
-                                    codebook_size=tcfg.codebook_size, rq_steps=tcfg.rq_steps,
-                                    rq_scales=tcfg.rq_scales, hierarchical=hvar_tokens == 'hierarchical',
-                                    scale_starts=True)
-    else:  # the texture-VQ generator: the same, plus the tokenizer's structure-map shape
-        derived = dict(scale=4, groups=tcfg.groups, codebook_size=tcfg.codebook_size, latent_dim=tcfg.latent_dim,
-                       feat_dim=prior.feat_dim if prior else 0, pooled_dims=tuple(prior.pooled_dims) if prior else ())
-        if tvq:
-            derived.update(struct_dim=tcfg.tvq_struct_dim, struct_pool=tcfg.tvq_struct_pool)
-        gcfg = config_from_settings(TextureGeneratorConfig if tvq else GeneratorConfig, config, **derived)
+try:  # the prior and the generator's config; config gets the no-prior switches (H-VAR has no prior)
+    prior_args, prior, gcfg = stage2_models(tcfg, config)
 except (ValueError, ImportError) as e:
     fail(f"generator.py: {e}")
+use_prior, use_sft, cls_tokens, repa_weight, lora_rank = (config[k] for k in ('use_prior', 'use_sft', 'cls_tokens',
+                                                                               'repa_weight', 'lora_rank'))
 model_args = asdict(gcfg)
 repa_on = repa_weight > 0 and lora_rank > 0  # a frozen prior has nothing for REPA to train
 if threads:

@@ -9,9 +9,11 @@ import data
 import metrics
 from common import path_record, resolve_record
 from conftest import GEN_TINY, generator_args, psnr_tol_db, tokenizer_args
-from model import Generator, GeneratorConfig, Tokenizer, TokenizerConfig, rope_2d
+from configurator import script_settings
+from model import (Generator, GeneratorConfig, NextScaleConfig, TextureGeneratorConfig, Tokenizer, TokenizerConfig,
+                   rope_2d)
 from losses import PatchDiscriminator, calibrate_codebook_head, g_loss_vanilla, generator_losses, ste_onehot
-from chain import load_sr_chain, super_resolve
+from chain import load_sr_chain, stage2_models, super_resolve
 from prior import LoRA, build_sr_prior, frozen_features, repa_loss, upsample_for_prior
 
 TOK = tokenizer_args(patch=8, latent_dim=8, groups=4, codebook_size=16, enc_width=32, enc_depth=1, enc_heads=2,
@@ -328,3 +330,28 @@ def test_codebook_head_chain(tiny, tiny_val, run_script, tmp_path):
                                        f'--val_dir={tiny_val}', f'--gen_ckpt={tmp_path}/straight/ckpt.pt',
                                        f'--out_dir={tmp_path}/ft'])
     assert (tmp_path / 'ft' / 'summary.json').is_file()
+
+
+@pytest.mark.parametrize('quantizer, use_prior', [('grouped', True), ('grouped', False), ('tvq', True), ('msrq', True)])
+def test_stage2_models_follow_the_tokenizer(quantizer, use_prior):
+    """chain.stage2_models, the one path of generator.py and bench.py: the config of the generator the
+    quantizer calls for, with the tokenizer's shapes and the prior's dims in it; no prior for H-VAR or
+    with use_prior=False, and then everything that needs one switched off in the settings."""
+    extra = dict(msrq=dict(groups=1, rq_steps=(1, 2, 3, 4, 6, 8), rq_scales=(0.25, 0.5, 1.0)), tvq=dict(groups=1))
+    tcfg = TokenizerConfig(**tokenizer_args(quantizer=quantizer, patch=8, latent_dim=16, codebook_size=64,
+                                            **extra.get(quantizer, {})))
+    s = script_settings('generator.py', [f'--use_prior={use_prior}', '--lora_rank=2', '--patch=8'])
+    prior_args, prior, gcfg = stage2_models(tcfg, s)
+    assert type(gcfg) is dict(grouped=GeneratorConfig, tvq=TextureGeneratorConfig, msrq=NextScaleConfig)[quantizer]
+    assert (gcfg.patch, gcfg.scale, gcfg.latent_dim, gcfg.codebook_size) == (8, 4, 16, 64)
+    with_prior = use_prior and quantizer != 'msrq'
+    assert (prior is not None) == (prior_args is not None) == s['use_prior'] == with_prior
+    if with_prior:
+        assert (gcfg.feat_dim, gcfg.pooled_dims) == (prior.feat_dim, tuple(prior.pooled_dims))
+        assert (gcfg.groups, prior_args['lora_rank']) == (tcfg.groups, 2)
+    else:
+        assert (s['use_sft'], s['cls_tokens'], s['repa_weight'], s['lora_rank']) == (False, 'none', 0.0, 0)
+    if quantizer == 'tvq':
+        assert (gcfg.struct_dim, gcfg.struct_pool) == (tcfg.tvq_struct_dim, tcfg.tvq_struct_pool)
+    if quantizer == 'msrq':
+        assert (gcfg.rq_steps, gcfg.rq_scales, gcfg.hierarchical) == ((1, 2, 3, 4, 6, 8), (0.25, 0.5, 1.0), True)
