@@ -22,7 +22,7 @@ config/tiny.py and trains on 128-px crops, batch 8, no hue augmentation, with L1
 ordinary stage-script run with its own out_dir under out_dir/KIND/ (log, PNGs, checkpoint,
 summary.json) and its console output in out_dir/KIND/NAME.out. A run whose summary.json exists and
 whose command is unchanged is not run again, so a killed ablate.py continues where it stopped (an
-unfinished run restarts from scratch). At the end the chains are scored by sr.chain_rows (top-1
+unfinished run restarts from scratch). At the end the chains are scored by chain.chain_rows (top-1
 tokens, the last row: 4x SR, no colour correction) and the table is written to out_dir/table.md and
 out_dir/table.json.
 """

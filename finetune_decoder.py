@@ -40,7 +40,7 @@ from configurator import configure, fail
 from degradation import DegradeConfig, bicubic_upsample
 from model import lr_anchor, sample_topk
 from losses import PatchDiscriminator, adaptive_gan_weight, discriminator_step, g_loss_vanilla, vanilla_d_loss
-from chain import load_sr_chain, super_resolve
+from chain import load_sr_chain, onepass_chain_rows, super_resolve
 from prior import upsample_for_prior
 
 # -----------------------------------------------------------------------------
@@ -192,10 +192,8 @@ log(f"finetune_decoder: mode {mode}" + (f" (top-{top_k})" if mode == 'topk' else
 val_sr2, val_idx = batched(lambda y: [t.cpu() for t in super_resolve(y, tokenizer, generator, prior, True)],
                            val_lr, device=device)              # (N, 3, 256, 256), (N, G, h, w)
 val_bic = bicubic_upsample(val_lr)
-ref = {}
-for name, imgs in (('stage2', val_sr2), ('bicubic', val_bic)):
-    ref.update({f'{name}_{k}': v for k, v in metrics.evaluate(imgs, val_hr, 4, lpips_net, patch=tcfg.patch).items()
-                if k != 'per_image'})
+rows = onepass_chain_rows(val, tokenizer, generator, prior, lpips_net, 4, device, kinds=('sr', 'base'), outs=val_sr2)
+ref = {f"{'stage2' if r['kind'] == 'sr' else 'bicubic'}_{k}": r[k] for r in rows for k in metrics.METRICS}
 log('references: ' + ' '.join(f"{k} {v:.4f}" for k, v in ref.items()))
 
 
