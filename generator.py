@@ -12,8 +12,9 @@ Stage 2: train the token generator. The method follows from the tokenizer it pre
   texture VQ           -> TVQ&RAP's predictor (docs/method.md#texture-predictor): HiTokSR's generator with a
              texture head and a structure-map head, + struct_weight * MSE(F_L).
 Ablations are one flag away: --use_prior=False (no SFT, CLS tokens, REPA or LoRA), --use_sft=False,
---cls_tokens=none|single, --lora_rank=0, --repa_weight=0, --gan_weight=0; H-VAR: --dpo=True|False,
---ce_weight=1, --reg_weight=0, --self_correct=0.5, --hvar_tokens=plain, --bilinear_frac=0.
+--cls_tokens=none|single, --lora_rank=0 (a frozen prior), --repa_weight=0, --l1_weight=0 --lpips_weight=0
+--gan_weight=0 (CE only); H-VAR: --dpo=True|False, --ce_weight=1, --reg_weight=0, --self_correct=0.5,
+--hvar_tokens=plain (no valid x1 / x2), --bilinear_frac=0.
 
     python generator.py config/tiny.py                           # 2-core CPU, ~10 minutes
     python generator.py config/paper.py                          # paper sizes, one GPU
