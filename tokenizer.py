@@ -112,6 +112,8 @@ l2_weight = 0.0           # H-VAR's hierarchical fine-tuning: l2 1, LPIPS 5, l1 
 lpips_weight = 1.0
 perceptual = 'vgg'        # LPIPS network of the loss: 'vgg' (VGG16) | 'alex' (the evaluation metric's own: it then
                           # measures what was optimised; docs/method.md#metrics)
+lpips_batch = 0           # > 0: LPIPS on the first N crops of each micro-batch only (the crops are random, so a
+                          # random subset; L1 keeps all): VGG16 is ~85% of a tiny CPU step (bench.py)
 grad_weight = 0.0         # edge loss: L1 of the neighbour differences (losses.gradient_l1; docs/results.md "Image quality")
 gan_weight = 0.8          # hinge GAN weight
 adaptive_gan = False      # VQGAN's adaptive GAN weight (gradient-norm ratio at the decoder's last layer)
@@ -159,6 +161,8 @@ def check_config():
     if quantizer == 'tvq' and crop_size % (patch * tvq_struct_pool):
         problems.append(f"crop_size={crop_size} must be a multiple of patch x tvq_struct_pool = "
                         f"{patch * tvq_struct_pool} (the structure map's cell)")
+    if lpips_batch < 0:
+        problems.append(f"lpips_batch={lpips_batch} must be >= 0 (0: every crop)")
     if not 0.0 <= quant_dropout <= 1.0:
         problems.append(f"quant_dropout={quant_dropout} must be in [0, 1]")
     if problems:
@@ -372,8 +376,9 @@ while True:
                 l1 = sum((d.float() - t).abs().mean() for d, t in pairs) / n
                 l2 = sum((d.float() - t).pow(2).mean() for d, t in pairs) / n
                 edge = sum(gradient_l1(d.float(), t) for d, t in pairs) / n if grad_weight > 0 else l1 * 0
-                lp = (sum(metrics.lpips_dist(loss_net, d.float(), t).mean() for d, t in pairs) / n if lpips_weight > 0
-                      else l1 * 0)
+                k = lpips_batch if lpips_batch > 0 else B
+                lp = (sum(metrics.lpips_dist(loss_net, d[:k].float(), t[:k]).mean() for d, t in pairs) / n
+                      if lpips_weight > 0 else l1 * 0)
                 xrec, target = pairs[-1]                         # full size: the GAN's pair
                 g = g_loss_hinge(disc(xrec)) if gan_on else l1 * 0
                 rec_loss = l1_weight * l1 + l2_weight * l2 + lpips_weight * lp + grad_weight * edge
