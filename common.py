@@ -208,6 +208,8 @@ def setting_problems(s):
         problems.append(f"learning_rate_floor={s['learning_rate_floor']} must be in [0, 1]")
     if s.get('perceptual', 'vgg') not in ('vgg', 'alex'):
         problems.append(f"perceptual={s['perceptual']!r} must be 'vgg' or 'alex' (the LPIPS network of the loss)")
+    if s.get('lpips_batch', 0) < 0:
+        problems.append(f"lpips_batch={s['lpips_batch']} must be >= 0 (0: every crop of the batch)")
     if 'threads' in s and s['threads'] < 0:
         problems.append(f"threads={s['threads']} must be >= 0 (0 = torch's default)")
     if s['max_iters'] <= 0 and s['max_minutes'] <= 0:

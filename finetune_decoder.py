@@ -71,6 +71,7 @@ guide_lr_mult = 20.0      # the guide's convs start at zero: their learning rate
 # loss weights (the paper's L1 + LPIPS + 0.5 GAN_vanilla)
 l1_weight = 1.0
 lpips_weight = 1.0
+lpips_batch = 0           # > 0: LPIPS on the first N crops of each micro-batch only (L1 keeps all; tokenizer.py)
 perceptual = 'vgg'        # LPIPS network of the loss: 'vgg' (VGG16) | 'alex' (the evaluation metric's own: it then
                           # measures what was optimised; docs/method.md#metrics)
 gan_weight = 0.5
@@ -260,7 +261,8 @@ while True:
             with ctx:
                 sr = train_decoder(zq, lr).float()          # (B, 3, crop, crop); lr: the guide's, if any
                 l1 = (sr - hr).abs().mean()
-                lp = metrics.lpips_dist(loss_net, sr, hr).mean() if lpips_weight > 0 else l1 * 0
+                k = lpips_batch if lpips_batch > 0 else B           # LPIPS on the first k (random) crops
+                lp = metrics.lpips_dist(loss_net, sr[:k], hr[:k]).mean() if lpips_weight > 0 else l1 * 0
                 g = g_loss_vanilla(disc(sr)) if gan_on else l1 * 0
                 rec_loss = l1_weight * l1 + lpips_weight * lp
                 g_scale = adaptive_gan_weight(rec_loss, g, decoder.last_layer) if gan_on and adaptive_gan else 1.0

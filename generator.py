@@ -109,6 +109,7 @@ ce_weight = 1.0           # (TVQ&RAP: 0.5)
 repa_weight = 1.0
 l1_weight = 1.0
 lpips_weight = 1.0
+lpips_batch = 0           # > 0: LPIPS on the first N crops of each micro-batch only (L1 keeps all; tokenizer.py)
 perceptual = 'vgg'        # LPIPS network of the loss: 'vgg' (VGG16) | 'alex' (the evaluation metric's own: it then
                           # measures what was optimised; docs/method.md#metrics)
 gan_weight = 0.5          # vanilla (non-saturating) GAN, fixed weight
@@ -232,7 +233,8 @@ if prior is not None:
 disc = PatchDiscriminator().to(device).requires_grad_(False)
 lpips_net = metrics.load_lpips(device)                                  # the metric (evaluation only)
 loss_net = metrics.load_lpips(device, net=perceptual)
-lpips_fn = lambda x, y: metrics.lpips_dist(loss_net, x, y)  # (B,) distances: the perceptual loss
+k_lp = lpips_batch if lpips_batch > 0 else None                       # the first k crops (random crops)
+lpips_fn = lambda x, y: metrics.lpips_dist(loss_net, x[:k_lp], y[:k_lp])  # (k,) distances: the perceptual loss
 groups_ = param_groups(generator, weight_decay) + (param_groups(prior, weight_decay) if prior else [])
 optimizer = torch.optim.AdamW([g for g in groups_ if g['params']], lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)

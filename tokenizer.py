@@ -161,8 +161,6 @@ def check_config():
     if quantizer == 'tvq' and crop_size % (patch * tvq_struct_pool):
         problems.append(f"crop_size={crop_size} must be a multiple of patch x tvq_struct_pool = "
                         f"{patch * tvq_struct_pool} (the structure map's cell)")
-    if lpips_batch < 0:
-        problems.append(f"lpips_batch={lpips_batch} must be >= 0 (0: every crop)")
     if not 0.0 <= quant_dropout <= 1.0:
         problems.append(f"quant_dropout={quant_dropout} must be in [0, 1]")
     if problems:

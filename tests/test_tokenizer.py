@@ -108,6 +108,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(tiny_val, tmp_pa
     ('--eval_interval=0', 'eval_interval=0 must be >= 1'),
     ('--learning_rate=-1', 'learning_rate=-1.0 must be > 0'),
     ('--learning_rate_floor=2', 'learning_rate_floor=2.0 must be in [0, 1]'),
+    ('--lpips_batch=-1', 'lpips_batch=-1 must be >= 0'),
 ])
 def test_out_of_range_settings_fail_before_any_work(arg, words, tmp_path):
     p = run(['config/tiny.py', arg, f'--out_dir={tmp_path / "o"}'], check=False)
