@@ -55,10 +55,10 @@ config = configure(globals())
 TINY, HVAR, TVQ = ('config/tiny.py',), ('config/tiny.py', 'config/hvar.py'), ('config/tiny.py', 'config/tvq.py')
 # the recipe every kind shares (128-px crops, batch 8, L1 + LPIPS 1:1, as config/tvq.py sets it
 # on top of config/tiny.py); config/tiny.py's own tokenizer trains on 64-px crops with random hues, half the
-# LPIPS weight and 2 + 4 blocks, and its generator has the codebook head (docs/results.md "Image quality" and
+# LPIPS weight on 4 crops of 16 and 2 + 4 blocks, and its generator has the codebook head (docs/results.md "Image quality" and
 # "The main job"); the table keeps the first recipe
 SAME = ['--crop_size=128', '--batch_size=8', '--hue_aug=0', '--grad_weight=0', '--lpips_weight=1',
-        '--enc_depth=3', '--dec_depth=3']
+        '--lpips_batch=0', '--enc_depth=3', '--dec_depth=3']
 GEN = (TINY, ['--head=linear'])
 # H-VAR at these crops: 10 steps on the 16 x 16 grid (config/hvar.py's tiny size is 64 px, 6 steps), the
 # generator at config/tiny.py's width

@@ -160,6 +160,7 @@ def bench_tokenizer(dev):
 
     hier = settings['quantizer'] == 'msrq' and settings['hierarchical']
     scales = cfg.rq_scales if hier else (1.0,)
+    k = min(settings['lpips_batch'] or batch, batch)  # LPIPS on the first k crops, as tokenizer.py
 
     def step(net=fwd):
         with ctx:
@@ -173,7 +174,7 @@ def bench_tokenizer(dev):
             else:
                 xrec, _, commit, _ = net(x)
                 pairs = [(xrec, x)]
-            loss = commit + sum((d.float() - t).abs().mean() + metrics.lpips_dist(lpips_net, d.float(), t).mean()
+            loss = commit + sum((d.float() - t).abs().mean() + metrics.lpips_dist(lpips_net, d[:k].float(), t[:k]).mean()
                                 for d, t in pairs)
             xrec = pairs[-1][0]
             if tok_gan:
@@ -196,7 +197,7 @@ def bench_tokenizer(dev):
     dt = (time.perf_counter() - t0) / iters
     print(f"tokenizer: {configs} {tok_args}, {count_params(model) / 1e6:.2f}M params, {settings['quantizer']} "
           f"{'hierarchical ' if hier else ''}quantizer, batch {batch} x {crop_}x{crop_}, {dt_name}, "
-          f"compile={compile and dev.startswith('cuda') and not hier}, gan={tok_gan}, on {dev}")
+          f"LPIPS on {k} crops, compile={compile and dev.startswith('cuda') and not hier}, gan={tok_gan}, on {dev}")
     print(f"tokenizer_ms_per_iter: {1000 * dt:.1f}")
     print(f"tokenizer_img_per_s: {batch / dt:.1f}")
     if dev.startswith('cuda'):

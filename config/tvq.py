@@ -28,6 +28,7 @@ if stage == 'tokenizer':
         enc_depth = 3
         dec_depth = 3
         hue_aug = 0.0
+        lpips_batch = 0       # LPIPS on every crop: config/tiny.py's subset was measured on HiTokSR's only
         tvq_struct_dim = 16       # structure channels (paper 64)
         tvq_down_width = 64       # E_down and D_down: one small ViT each
         tvq_down_depth = 1
