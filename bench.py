@@ -43,7 +43,7 @@ from common import (autocast_ctx, count_params, flops_per_image, maybe_compile, 
                     save_png)
 from degradation import DegradeConfig, degrade
 from model import Generator, NextScaleGenerator, TextureGenerator, Tokenizer, TokenizerConfig, resize_image
-from losses import (PatchDiscriminator, discriminator_step, g_loss_hinge, generator_losses, hinge_d_loss,
+from losses import (PatchDiscriminator, discriminator_step, g_loss_hinge, generator_losses, hinge_d_loss, perceptual_fn,
                     hvar_losses, vanilla_d_loss)
 from chain import METHODS, sr_function, stage2_models
 
@@ -153,14 +153,14 @@ def bench_tokenizer(dev):
     dt_name, ctx = autocast_ctx(dev, dtype)
     model = Tokenizer(cfg).to(dev)
     disc = PatchDiscriminator().to(dev)
-    lpips_net = metrics.load_lpips(dev, net=settings['perceptual'])  # the stage's perceptual loss
+    lpips_fn = perceptual_fn(metrics.load_lpips(dev, net=settings['perceptual']), settings['lpips_batch'])  # as tokenizer.py
     opt = torch.optim.AdamW(list(model.parameters()) + list(disc.parameters()), lr=1e-4)
     fwd = maybe_compile(model, compile, dev)
     x = torch.rand(batch, 3, crop_, crop_, device=dev)
 
     hier = settings['quantizer'] == 'msrq' and settings['hierarchical']
     scales = cfg.rq_scales if hier else (1.0,)
-    k = min(settings['lpips_batch'] or batch, batch)  # LPIPS on the first k crops, as tokenizer.py
+    k = min(settings['lpips_batch'] or batch, batch)  # the crops LPIPS sees (for the log line)
 
     def step(net=fwd):
         with ctx:
@@ -174,7 +174,7 @@ def bench_tokenizer(dev):
             else:
                 xrec, _, commit, _ = net(x)
                 pairs = [(xrec, x)]
-            loss = commit + sum((d.float() - t).abs().mean() + metrics.lpips_dist(lpips_net, d[:k].float(), t[:k]).mean()
+            loss = commit + sum((d.float() - t).abs().mean() + lpips_fn(d.float(), t).mean()
                                 for d, t in pairs)
             xrec = pairs[-1][0]
             if tok_gan:
@@ -232,8 +232,7 @@ def bench_generator(dev):
                                deg_cfg=DegradeConfig(mode=g['degradation'], jpeg_impl=jpeg_impl))
     dt_name, ctx = autocast_ctx(dev, dtype)
     disc = PatchDiscriminator().to(dev).requires_grad_(False)
-    lpips_net = metrics.load_lpips(dev, net=g['perceptual'])  # the stage's perceptual loss
-    lpips_fn = lambda x, y: metrics.lpips_dist(lpips_net, x, y)
+    lpips_fn = perceptual_fn(metrics.load_lpips(dev, net=g['perceptual']), g['lpips_batch'])  # as generator.py
     groups_ = param_groups(gen, g['weight_decay']) + (param_groups(prior, g['weight_decay']) if prior else [])
     opt = torch.optim.AdamW([p for p in groups_ if p['params']], lr=g['learning_rate'], betas=g['betas'])
     d_opt = torch.optim.AdamW(disc.parameters(), lr=g['d_learning_rate'], betas=g['d_betas'],

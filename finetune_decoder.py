@@ -39,7 +39,8 @@ from common import (Logger, Timer, autocast_ctx, batched, check_before_save, che
 from configurator import configure, fail
 from degradation import DegradeConfig, bicubic_upsample
 from model import lr_anchor, sample_topk
-from losses import PatchDiscriminator, adaptive_gan_weight, discriminator_step, g_loss_vanilla, vanilla_d_loss
+from losses import (PatchDiscriminator, adaptive_gan_weight, discriminator_step, g_loss_vanilla, perceptual_fn,
+                    vanilla_d_loss)
 from chain import load_sr_chain, onepass_chain_rows, super_resolve
 from prior import upsample_for_prior
 
@@ -160,7 +161,7 @@ topk_gen = torch.Generator(device=device).manual_seed(seed_r + 2)  # the top-K d
 
 disc = PatchDiscriminator().to(device).requires_grad_(False)  # trains only in discriminator_step
 lpips_net = metrics.load_lpips(device)            # the metric (evaluation only)
-loss_net = metrics.load_lpips(device, net=perceptual)  # the perceptual loss
+lpips_fn = perceptual_fn(metrics.load_lpips(device, net=perceptual), lpips_batch)  # the perceptual loss
 guide = list(decoder.upsampler.guide.parameters()) if lr_guide else []   # its own group: lr_mult (common)
 in_guide = {id(p) for p in guide}
 groups_ = [dict(g, params=[p for p in g['params'] if id(p) not in in_guide]) for g in param_groups(decoder, weight_decay)]
@@ -261,8 +262,7 @@ while True:
             with ctx:
                 sr = train_decoder(zq, lr).float()          # (B, 3, crop, crop); lr: the guide's, if any
                 l1 = (sr - hr).abs().mean()
-                k = lpips_batch if lpips_batch > 0 else B           # LPIPS on the first k (random) crops
-                lp = metrics.lpips_dist(loss_net, sr[:k], hr[:k]).mean() if lpips_weight > 0 else l1 * 0
+                lp = lpips_fn(sr, hr).mean() if lpips_weight > 0 else l1 * 0
                 g = g_loss_vanilla(disc(sr)) if gan_on else l1 * 0
                 rec_loss = l1_weight * l1 + lpips_weight * lp
                 g_scale = adaptive_gan_weight(rec_loss, g, decoder.last_layer) if gan_on and adaptive_gan else 1.0

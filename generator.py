@@ -44,7 +44,7 @@ from configurator import configure, fail
 from degradation import DegradeConfig, bicubic_upsample
 from model import CLASS_DEGRADED, Generator, NextScaleGenerator, TextureGenerator, Tokenizer, TokenizerConfig
 from losses import (PatchDiscriminator, calibrate_codebook_head, discriminator_step, generator_losses, hvar_inputs,
-                    hvar_losses, scale_accuracy, vanilla_d_loss)
+                    hvar_losses, perceptual_fn, scale_accuracy, vanilla_d_loss)
 from chain import METHODS, hvar_chain_rows, hvar_sr, onepass_chain_rows, output_scales, stage2_models, super_resolve
 from prior import LoRAWeights
 
@@ -232,9 +232,7 @@ if prior is not None:
     prior.to(device)
 disc = PatchDiscriminator().to(device).requires_grad_(False)
 lpips_net = metrics.load_lpips(device)                                  # the metric (evaluation only)
-loss_net = metrics.load_lpips(device, net=perceptual)
-k_lp = lpips_batch if lpips_batch > 0 else None                       # the first k crops (random crops)
-lpips_fn = lambda x, y: metrics.lpips_dist(loss_net, x[:k_lp], y[:k_lp])  # (k,) distances: the perceptual loss
+lpips_fn = perceptual_fn(metrics.load_lpips(device, net=perceptual), lpips_batch)  # the perceptual loss
 groups_ = param_groups(generator, weight_decay) + (param_groups(prior, weight_decay) if prior else [])
 optimizer = torch.optim.AdamW([g for g in groups_ if g['params']], lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=d_betas, weight_decay=weight_decay)

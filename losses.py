@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_FREE, NextScaleGenerator, code_counts, hvar_condition, lr_anchor,
                    nearest_code, resize_image, stats_from_counts)
 from wavelets import lowpass
+import metrics
 
 # -----------------------------------------------------------------------------
 # 1. Stage 1: codebook usage, group masking and frequency-matched targets
@@ -68,6 +69,14 @@ def gradient_l1(x, target):
     dx = lambda t: t[..., :, 1:] - t[..., :, :-1]                      # (B, 3, H, W-1)
     dy = lambda t: t[..., 1:, :] - t[..., :-1, :]                      # (B, 3, H-1, W)
     return ((dx(x) - dx(target)).abs().mean() + (dy(x) - dy(target)).abs().mean()) / 2
+
+
+def perceptual_fn(net, lpips_batch=0):
+    """The stages' perceptual loss: (x, y) (B, 3, H, W) in [0, 1] -> (k,) LPIPS distances under net of
+    the first k = lpips_batch crops (all when 0). The crops are random, so the first k are a random
+    subset: VGG16 is most of a CPU step (docs/method.md#metrics)."""
+    k = lpips_batch if lpips_batch > 0 else None
+    return lambda x, y: metrics.lpips_dist(net, x[:k], y[:k])
 
 
 # -----------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from configurator import config_from_settings, configure, fail
 from degradation import DegradeConfig
 from model import Tokenizer, TokenizerConfig, resize_image
 from losses import (PatchDiscriminator, adaptive_gan_weight, discriminator_step, frequency_targets,
-                    g_loss_hinge, gradient_l1, hinge_d_loss, sample_active_groups, step_usage, usage_stats)
+                    g_loss_hinge, gradient_l1, hinge_d_loss, perceptual_fn, sample_active_groups, step_usage,
+                    usage_stats)
 from chain import scale_decodes  # an RQ tokenizer's decodes at every scale
 from wavelets import lowpass  # prefix-decode targets at eval
 
@@ -216,7 +217,7 @@ if init_from not in ('scratch', 'resume'):
 model.encoder.requires_grad_(not freeze_encoder)
 disc = PatchDiscriminator().to(device).requires_grad_(False)
 lpips_net = metrics.load_lpips(device)            # the metric (evaluation only)
-loss_net = metrics.load_lpips(device, net=perceptual)  # the perceptual loss
+lpips_fn = perceptual_fn(metrics.load_lpips(device, net=perceptual), lpips_batch)  # the perceptual loss
 optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=learning_rate, betas=betas)
 d_optimizer = torch.optim.AdamW(disc.parameters(), lr=d_learning_rate, betas=betas, weight_decay=weight_decay)
 ema = copy.deepcopy(model).requires_grad_(False) if ema_decay > 0 else None
@@ -374,9 +375,7 @@ while True:
                 l1 = sum((d.float() - t).abs().mean() for d, t in pairs) / n
                 l2 = sum((d.float() - t).pow(2).mean() for d, t in pairs) / n
                 edge = sum(gradient_l1(d.float(), t) for d, t in pairs) / n if grad_weight > 0 else l1 * 0
-                k = lpips_batch if lpips_batch > 0 else B
-                lp = (sum(metrics.lpips_dist(loss_net, d[:k].float(), t[:k]).mean() for d, t in pairs) / n
-                      if lpips_weight > 0 else l1 * 0)
+                lp = sum(lpips_fn(d.float(), t).mean() for d, t in pairs) / n if lpips_weight > 0 else l1 * 0
                 xrec, target = pairs[-1]                         # full size: the GAN's pair
                 g = g_loss_hinge(disc(xrec)) if gan_on else l1 * 0
                 rec_loss = l1_weight * l1 + l2_weight * l2 + lpips_weight * lp + grad_weight * edge

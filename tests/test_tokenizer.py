@@ -116,3 +116,17 @@ def test_out_of_range_settings_fail_before_any_work(arg, words, tmp_path):
     p = run(['config/tiny.py', arg, f'--out_dir={tmp_path / "o"}'], check=False)
     assert p.returncode != 0 and words in p.stderr and 'Traceback' not in p.stderr, p.stderr
     assert not (tmp_path / 'o').exists()  # nothing was created
+
+
+def test_perceptual_fn_scores_the_first_k_crops_only():
+    """lpips_batch = k: the distances of crops 0..k-1, each as LPIPS scores it alone (1e-5: a batch
+    of one against a batch of four); 0 scores every crop."""
+    from losses import perceptual_fn
+    import metrics
+    net = metrics.load_lpips('cpu', net='vgg')
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(4, 3, 32, 32, generator=g), torch.rand(4, 3, 32, 32, generator=g)
+    alone = torch.cat([metrics.lpips_dist(net, x[i:i + 1], y[i:i + 1]) for i in range(4)])
+    assert torch.allclose(perceptual_fn(net, 2)(x, y), alone[:2], atol=1e-5)
+    assert torch.allclose(perceptual_fn(net, 0)(x, y), alone, atol=1e-5)
+    assert not torch.allclose(alone[:2], alone[2:], atol=1e-3)  # the crops' distances differ: a wrong pick shows
