@@ -518,16 +518,23 @@ def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='
     stage-1 decoder) and, with decoder_ckpt, stage 3 (the fine-tuned decoder). Top-1 tokens.
     An H-VAR chain gives its rows per output scale (hvar_chain_rows); compare_ckpt adds the x4
     row of another chain (e.g. HiTokSR's stage 2 next to H-VAR). color_fix > 0 adds the last stage
-    again after fix_colors with that sigma in LR pixels (HiTokSR and texture-VQ chains). keep_images:
-    every row also holds its images (score)."""
+    again after fix_colors with that sigma in LR pixels (H-VAR: its x4; a compared chain's row too), so
+    that the last row scores what sr.py writes. keep_images: every row also holds its images (score)."""
     tok, gen, prior = load_sr_chain(gen_ckpt, device)
     if isinstance(gen, NextScaleGenerator):
         if decoder_ckpt:
             raise ValueError(f"--decoder_ckpt: {gen_ckpt} is an H-VAR chain, which has no stage 3")
-        rows = hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border, device, keep_images=keep_images)
-        if compare_ckpt:
-            other = chain_rows(pairs, compare_ckpt, '', lpips_net, crop_border, device, keep_images=keep_images)[-1]
-            rows.insert(len(rows) - 1, dict(other, name=f"x4: {compare_ckpt} ({other['name']})"))  # H-VAR's x4 stays last
+        outs = hvar_sr(pairs['lr'], tok, gen, device)
+        rows = hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border, device, outs=outs, keep_images=keep_images)
+        f = max(outs)
+        if color_fix > 0:  # sr.py's output at x4
+            rows.append(dict(score(f"{rows[-1]['name']} + colour correction ({color_fix:g} LR px)",
+                                   fix_colors(outs[f], pairs['lr'], color_fix * f), pairs, lpips_net, crop_border,
+                                   tok.config.patch, keep_images), f=f, kind='sr'))
+        if compare_ckpt:  # H-VAR's x4 stays last
+            other = chain_rows(pairs, compare_ckpt, '', lpips_net, crop_border, device, color_fix=color_fix,
+                               keep_images=keep_images)[-1]
+            rows.insert(len(rows) - 1, dict(other, name=f"x{f}: {compare_ckpt} ({other['name']})", f=f, kind='compare'))
         return rows
     if decoder_ckpt and tok.config.quantizer == 'tvq':
         raise ValueError(f"--decoder_ckpt: {gen_ckpt} is a texture-VQ chain, which has no stage 3")

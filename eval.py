@@ -214,11 +214,9 @@ if __name__ == '__main__':
     if images:  # sr='chain': what a person looks at, every number from `result`
         from chain import load_sr_chain, preview
         from common import to_uint8
-        from model import NextScaleGenerator
         from report import write_report
         tok, gen, prior = load_sr_chain(gen_ckpt, device, decoder_ckpt or None)
-        hvar = isinstance(gen, NextScaleGenerator)
-        frames = preview(pairs['lr'], tok, gen, prior, 0.0 if hvar else color_fix, device)  # the last = the last row
+        frames = preview(pairs['lr'], tok, gen, prior, color_fix, device)  # the last = the last row
         report = report or os.path.join(os.path.dirname(out_json), 'index.html')
         columns = ([('LR (nearest)', None, to_uint8(pairs['lr']))] +
                    [(n, n, to_uint8(imgs)) for n, imgs in images.items()] + [('HR', None, to_uint8(pairs['hr']))])

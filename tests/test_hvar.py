@@ -3,6 +3,7 @@ masked forward, the block-causal mask, the teacher-forcing inputs against the to
 quantization, DPO against a hand computation, multi-scale tiling, and the scripts (generator.py
 smoke run and exact resume, sr.py --scales, eval.py on the chain, one-line config errors)."""
 import copy
+import json
 import math
 
 import numpy as np
@@ -11,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 import data
-from conftest import SMALL_TOK, assert_images_close, tokenizer_args
+import metrics
+from conftest import LPIPS_TOL, SMALL_TOK, assert_images_close, psnr_tol_db, tokenizer_args
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_FREE, NextScaleConfig, NextScaleGenerator, Tokenizer, TokenizerConfig,
                    hvar_condition, nearest_code, resize_image, rope_2d, rope_angles)
 from losses import (calibrate_codebook_head, dpo_loss, flat_tokens, hvar_inputs, hvar_losses, msrq_tokens,
                     prefix_targets, sequence_logp)
-from chain import hvar_super_resolve, load_sr_chain
+from chain import fix_colors, hvar_super_resolve, load_sr_chain
 from chain import hvar_padding, tiled_sr
 from common import to_uint8
 
@@ -493,13 +495,23 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
     p = run_script('sr.py', [f'--input={tiny_val}/lr', f'--gen_ckpt={ckpt}', f'--out_dir={tmp_path / "sr8"}',
                              '--tile=8', '--overlap=0'], check=False)
     assert p.returncode != 0 and 'tile=8 is below the H-VAR generator' in p.stderr, p.stderr
-    # eval.py scores the same chain per scale; x4 equals the run's final evaluation
+    # eval.py scores the same chain per scale; x4 equals the run's final evaluation (another process:
+    # LPIPS_TOL); the last row is sr.py's output, x4 with its default colour correction (2 LR px)
+    js = tmp_path / 'eval.json'
     p = run_script('eval.py', ['--sr=chain', f'--gen_ckpt={ckpt}', f'--val_dir={tiny_val}', f'--compare_ckpt={tiny_gen}',
-                               f'--out_json={tmp_path / "eval.json"}'])
+                               f'--out_json={js}', '--report=none'])
+    rows = json.loads(js.read_text())['rows']
+    assert [r['name'] for r in rows[-3:]] == [
+        'x4: H-VAR generator (top-1)',
+        f'x4: {tiny_gen} (stage 2: generator + stage-1 decoder + colour correction (2 LR px))',  # HiTokSR's beside
+        'x4: H-VAR generator (top-1) + colour correction (2 LR px)']
     assert 'x1: degraded LR itself' in p.stdout and 'x2: H-VAR generator (top-1)' in p.stdout
-    assert f'x4: {tiny_gen} (stage 2: generator + stage-1 decoder)' in p.stdout  # HiTokSR's row beside
-    lpips_x4 = float(p.stdout.split('lpips: ')[1].split()[0])  # printed to 4 decimals, by another process
-    assert abs(lpips_x4 - a['metrics']['x4_lpips']) < 1e-3, (lpips_x4, a['metrics']['x4_lpips'])
+    assert abs(rows[-3]['lpips'] - a['metrics']['x4_lpips']) < LPIPS_TOL, (rows[-3]['lpips'], a['metrics']['x4_lpips'])
+    x4 = torch.from_numpy(to_uint8(hvar_super_resolve(pairs['lr'], tok, gen)[2])).permute(0, 3, 1, 2).float() / 255
+    fixed = fix_colors(x4, pairs['lr'], 2 * 4)  # on the 8-bit images, as sr.py writes them
+    psnr = metrics.evaluate(fixed, pairs['hr'], crop_border=4, lpips_net=False)['psnr_y']
+    assert rows[-1]['psnr_y'] == pytest.approx(psnr, abs=psnr_tol_db(psnr))
+    assert abs(rows[-1]['psnr_y'] - rows[-3]['psnr_y']) > 1e-3  # the correction changed the images
 
 
 @pytest.mark.parametrize('arg, words', [
