@@ -464,16 +464,18 @@ def score(name, sr, pairs, lpips_net, crop_border=4, patch=8, keep_images=False)
 
 
 @torch.no_grad()
-def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', kinds=('base', 'decode', 'sr'),
-                    outs=None, keep_images=False):
+def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu',
+                    kinds=('base', 'decode', 'sr_vs_decode', 'sr'), outs=None, keep_images=False):
     """Rows for an H-VAR chain: per output factor f of its one pass (x1 = denoising, x2, x4), of the
     kinds asked for: 'base' (x1: the degraded LR itself; else bicubic from it), 'decode' (the
-    tokenizer's decode of HR's own tokens at that scale) and 'sr' (the generator's top-1 output,
+    tokenizer's decode of HR's own tokens at that scale), 'sr' (the generator's top-1 output,
     hvar_sr, or outs[f] when given), each scored against HR resized by f / 4 with crop_border * f / 4
-    pixels. Every row also holds its f and kind (and with keep_images its images, as score)."""
-    if 'sr' in kinds and outs is None:
+    pixels, and 'sr_vs_decode' (the same output scored against that decode: how far the generator
+    is from the best its tokenizer can give). Every row also holds its f and kind (and with
+    keep_images its images, as score)."""
+    if {'sr', 'sr_vs_decode'} & set(kinds) and outs is None:
         outs = hvar_sr(pairs['lr'], tok, gen, device)
-    if 'decode' in kinds:
+    if {'decode', 'sr_vs_decode'} & set(kinds):
         recs = scale_decodes(tok, pairs['hr'], 'hierarchical' if gen.config.hierarchical else 'plain', device)[0]
     rows = []
     for n, f in enumerate(output_scales(gen)):
@@ -483,10 +485,14 @@ def hvar_chain_rows(pairs, tok, gen, lpips_net, crop_border=4, device='cpu', kin
             if k == 'base':
                 images, name = ((pairs['lr'], 'degraded LR itself') if f == 1 else
                                 (bicubic_upsample(pairs['lr'], f), 'bicubic (degraded LR)'))
+            elif k == 'decode':
+                images, name = recs[n][1], "tokenizer decode of HR's tokens"
             else:
-                images, name = ((recs[n][1], "tokenizer decode of HR's tokens") if k == 'decode' else
-                                (outs[f], 'H-VAR generator (top-1)'))
-            rows.append(dict(score(f"x{f}: {name}", images, target, lpips_net, border, tok.config.patch, keep_images),
+                images, name = outs[f], 'H-VAR generator (top-1)'
+            ref = target
+            if k == 'sr_vs_decode':
+                name, ref = f"{name} against the decode of HR's tokens", dict(hr=recs[n][1], names=pairs['names'])
+            rows.append(dict(score(f"x{f}: {name}", images, ref, lpips_net, border, tok.config.patch, keep_images),
                              f=f, kind=k))
     return rows
 

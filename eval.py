@@ -13,7 +13,9 @@ No module imports this file.
     python eval.py --sr=out/my_model/val_png            # a folder of PNGs named like the val pairs
     python eval.py --sr=chain --gen_ckpt=out/generator/ckpt.pt   # a trained chain (HiTokSR or H-VAR)
     python eval.py --sr=chain --gen_ckpt=out/generator_hvar/ckpt.pt --compare_ckpt=out/generator/ckpt.pt
-                                                        # H-VAR's x1 / x2 / x4 rows, HiTokSR's x4 beside
+                                                        # H-VAR's x1 / x2 / x4 rows (each against HR resized
+                                                        # and against the tokenizer's decode of HR's tokens),
+                                                        # HiTokSR's x4 beside
     python eval.py --sr=scales --tok_ckpt=out/tokenizer_hrq/ckpt.pt   # a multi-scale RQ tokenizer
     python eval.py --sr=realesrgan                      # the published peer alone (peer.py; optional install)
 """

@@ -18,7 +18,7 @@ from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_FREE, NextScaleConfig, 
                    hvar_condition, nearest_code, resize_image, rope_2d, rope_angles)
 from losses import (calibrate_codebook_head, dpo_loss, flat_tokens, hvar_inputs, hvar_losses, msrq_tokens,
                     prefix_targets, sequence_logp)
-from chain import fix_colors, hvar_super_resolve, load_sr_chain
+from chain import fix_colors, hvar_super_resolve, load_sr_chain, scale_decodes
 from chain import hvar_padding, tiled_sr
 from common import to_uint8
 
@@ -512,6 +512,15 @@ def test_generator_smoke_exact_resume_sr_and_eval(run_script, check_exact_resume
     psnr = metrics.evaluate(fixed, pairs['hr'], crop_border=4, lpips_net=False)['psnr_y']
     assert rows[-1]['psnr_y'] == pytest.approx(psnr, abs=psnr_tol_db(psnr))
     assert abs(rows[-1]['psnr_y'] - rows[-3]['psnr_y']) > 1e-3  # the correction changed the images
+    # each scale's output also scored against the tokenizer's decode of HR's own tokens at that scale
+    decodes = scale_decodes(tok, pairs['hr'], 'hierarchical' if gen.config.hierarchical else 'plain')[0]
+    by_name = {r['name']: r for r in rows}
+    for (s, dec, _), out in zip(decodes, hvar_super_resolve(pairs['lr'], tok, gen)):
+        f = round(4 * s)
+        r = by_name[f"x{f}: H-VAR generator (top-1) against the decode of HR's tokens"]
+        psnr = metrics.evaluate(out, dec, crop_border=max(1, f), lpips_net=False)['psnr_y']
+        assert r['psnr_y'] == pytest.approx(psnr, abs=psnr_tol_db(psnr)), f
+        assert abs(r['psnr_y'] - by_name[f'x{f}: H-VAR generator (top-1)']['psnr_y']) > 1e-3, f  # not HR's score
 
 
 @pytest.mark.parametrize('arg, words', [
