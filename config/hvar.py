@@ -29,7 +29,8 @@ if stage == 'tokenizer':
         # = 2048). The rest is config/tiny.py's tokenizer (batch 16, 2 + 4 blocks, random hues, L1 + 0.5
         # LPIPS). The training LPIPS (VGG16) takes the 16 px decode of the fine-tuning.
         max_minutes = 7.0     # bash run.sh hvar: 7 + 4 (the fine-tuning) + 10 (the generator) minutes
-        lpips_batch = 0       # LPIPS on every crop: config/tiny.py's subset was measured on HiTokSR's only
+        lpips_batch = 0       # LPIPS on every crop: with config/tiny.py's 4 of 16 in both stages (2x the steps) the
+                              # decodes were a little better, the generator's x4 no better (docs/results.md)
     if crop_size == 512:      # config/paper.py: the H-VAR paper fine-tunes a pretrained RQ-VAE
         # for 25k steps (batch 384, AdamW lr 2.5e-4, weight decay 0.05, l2 + 5 LPIPS, quantization
         # dropout 0.5 (the default)); here on a plain RQ run of this file (see the commands above).
