@@ -536,7 +536,7 @@ def chain_rows(pairs, gen_ckpt, decoder_ckpt, lpips_net, crop_border=4, device='
         if color_fix > 0:  # sr.py's output at x4
             rows.append(dict(score(f"{rows[-1]['name']} + colour correction ({color_fix:g} LR px)",
                                    fix_colors(outs[f], pairs['lr'], color_fix * f), pairs, lpips_net, crop_border,
-                                   tok.config.patch, keep_images), f=f, kind='sr'))
+                                   tok.config.patch, keep_images), f=f, kind='sr_color_fix'))
         if compare_ckpt:  # H-VAR's x4 stays last
             other = chain_rows(pairs, compare_ckpt, '', lpips_net, crop_border, device, color_fix=color_fix,
                                keep_images=keep_images)[-1]
