@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import metrics
 from model import (CLASS_BILINEAR, CLASS_DEGRADED, CLASS_FREE, NextScaleGenerator, code_counts, hvar_condition, lr_anchor,
                    nearest_code, resize_image, stats_from_counts)
 from wavelets import lowpass
-import metrics
 
 # -----------------------------------------------------------------------------
 # 1. Stage 1: codebook usage, group masking and frequency-matched targets
